@@ -1,0 +1,111 @@
+//! Who is asking: the proxy behind an ADS stream, read from the Envoy `Node` of its first
+//! request.
+//!
+//! The agent writes these fields into Envoy's bootstrap (`node.id` and `node.metadata`), so the
+//! metadata keys below are the contract between agent and discovery:
+//!
+//! | key | meaning |
+//! |---|---|
+//! | `pilotfish.address` | where peers reach this host (the mesh listener binds it) |
+//! | `pilotfish.mesh_port` | the host's mesh (inbound) port |
+//! | `pilotfish.outbound` | `ip:port` of the outbound listener for local apps |
+//! | `pilotfish.app_address` | where local apps listen |
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::{value::Kind, Struct};
+use pilotfish_registries::model::DEFAULT_MESH_PORT;
+
+pub const META_ADDRESS: &str = "pilotfish.address";
+pub const META_MESH_PORT: &str = "pilotfish.mesh_port";
+pub const META_OUTBOUND: &str = "pilotfish.outbound";
+pub const META_APP_ADDRESS: &str = "pilotfish.app_address";
+
+/// The proxy a stream serves, as translation needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Proxy {
+    /// The host's node name (Envoy `node.id`), as used by instances in the registry.
+    pub node: String,
+    /// Where peers reach this host; the mesh listener binds `address:mesh_port`.
+    pub address: IpAddr,
+    pub mesh_port: u16,
+    pub outbound: SocketAddr,
+    pub app_address: IpAddr,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NodeError {
+    #[error("missing node information")]
+    Missing,
+    #[error("node.id is empty")]
+    EmptyId,
+    #[error("node.metadata[\"{key}\"]: {message}")]
+    BadMetadata { key: &'static str, message: String },
+}
+
+impl Proxy {
+    pub fn from_node(node: Option<&Node>) -> Result<Proxy, NodeError> {
+        let node = node.ok_or(NodeError::Missing)?;
+        if node.id.is_empty() {
+            return Err(NodeError::EmptyId);
+        }
+        let meta = node.metadata.as_ref();
+        let mesh_port = match field(meta, META_MESH_PORT) {
+            None => DEFAULT_MESH_PORT,
+            Some(Kind::NumberValue(n)) if *n >= 1.0 && *n <= 65535.0 && n.fract() == 0.0 => {
+                *n as u16
+            }
+            Some(Kind::StringValue(s)) => s.parse().map_err(|_| NodeError::BadMetadata {
+                key: META_MESH_PORT,
+                message: format!("\"{s}\" is not a port"),
+            })?,
+            Some(_) => {
+                return Err(NodeError::BadMetadata {
+                    key: META_MESH_PORT,
+                    message: "expected a port number".into(),
+                })
+            }
+        };
+        let outbound = match field(meta, META_OUTBOUND) {
+            None => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15001),
+            Some(Kind::StringValue(s)) => s.parse().map_err(|_| NodeError::BadMetadata {
+                key: META_OUTBOUND,
+                message: format!("\"{s}\" is not an ip:port"),
+            })?,
+            Some(_) => {
+                return Err(NodeError::BadMetadata {
+                    key: META_OUTBOUND,
+                    message: "expected \"ip:port\"".into(),
+                })
+            }
+        };
+        let address = ip_field(meta, META_ADDRESS, IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+        let app_address = ip_field(meta, META_APP_ADDRESS, IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        Ok(Proxy {
+            node: node.id.clone(),
+            address,
+            mesh_port,
+            outbound,
+            app_address,
+        })
+    }
+}
+
+fn ip_field(meta: Option<&Struct>, key: &'static str, default: IpAddr) -> Result<IpAddr, NodeError> {
+    match field(meta, key) {
+        None => Ok(default),
+        Some(Kind::StringValue(s)) => s.parse().map_err(|_| NodeError::BadMetadata {
+            key,
+            message: format!("\"{s}\" is not an IP address"),
+        }),
+        Some(_) => Err(NodeError::BadMetadata {
+            key,
+            message: "expected an IP address".into(),
+        }),
+    }
+}
+
+fn field<'a>(meta: Option<&'a Struct>, key: &str) -> Option<&'a Kind> {
+    meta?.fields.get(key)?.kind.as_ref()
+}

@@ -1,0 +1,79 @@
+//! Encoded xDS resources, shared by every proxy that receives them.
+//!
+//! A resource is encoded to an `Any` once, when a snapshot is translated, and handed to every
+//! stream as an `Arc`. Its version is a content hash of the encoded bytes, so replicas and a
+//! restarted discovery give the same versions for the same input. Translation must therefore
+//! encode deterministically: prost encodes `map` fields in `HashMap` order, so no map we build
+//! holds more than one entry (see `translate::labels_metadata`).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// The resource kinds discovery serves, in the order additions are pushed (make-before-break).
+pub const PUSH_ORDER: [&str; 4] = [CLUSTER, ENDPOINT, LISTENER, ROUTE];
+
+/// Whether an empty subscription of this type means "everything" (LDS and CDS only).
+pub fn is_wildcard_type(type_url: &str) -> bool {
+    type_url == LISTENER || type_url == CLUSTER
+}
+
+/// One named, encoded resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resource {
+    pub name: String,
+    /// Hex content hash of `body.value`.
+    pub version: String,
+    pub body: Any,
+}
+
+impl Resource {
+    pub fn encode<M: Message + prost::Name>(name: impl Into<String>, message: &M) -> Arc<Resource> {
+        let value = message.encode_to_vec();
+        let version = content_hash(&[&value]);
+        Arc::new(Resource {
+            name: name.into(),
+            version,
+            body: Any {
+                type_url: M::type_url(),
+                value,
+            },
+        })
+    }
+}
+
+/// Resources of one type, by name.
+pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
+
+/// A short hex SHA-256 over the given byte strings.
+pub fn content_hash(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The version of a whole set of resources of one type (SotW `version_info`).
+pub fn set_version(resources: &ResourceMap) -> String {
+    let mut hasher = Sha256::new();
+    for (name, r) in resources {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(r.version.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hasher.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}

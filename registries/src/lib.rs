@@ -1,0 +1,6 @@
+//! The mesh model operators declare, and the registry adapters that fill it.
+//!
+//! Each adapter publishes whole [`model::Catalog`] snapshots on a `tokio::sync::watch` channel;
+//! consumers compute what changed. Restarting an adapter is therefore harmless.
+
+pub mod model;

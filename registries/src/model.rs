@@ -1,0 +1,234 @@
+//! The mesh model operators declare: services with their instances, and the traffic rules
+//! (routes and policies) that shape calls to them.
+//!
+//! Every registry adapter (TOML files, Consul, memory) produces a whole [`Catalog`]; discovery
+//! turns one into Envoy configuration. Collections are `BTreeMap`s so that iteration, and hence
+//! every resource derived from a catalog, is deterministic.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Labels attached to an instance (`version = "v1"`), and the selectors of subsets.
+pub type Labels = BTreeMap<String, String>;
+
+/// The mesh port a host's Envoy listens on for traffic from peers, unless configured otherwise.
+pub const DEFAULT_MESH_PORT: u16 = 15006;
+
+/// Everything the registries know, merged: services, routes and policies by service name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Catalog {
+    pub services: BTreeMap<String, Service>,
+    pub routes: BTreeMap<String, Route>,
+    pub policies: BTreeMap<String, Policy>,
+}
+
+impl Catalog {
+    /// Services whose instances are placed on `node` (fronted by that host's agent).
+    pub fn services_on_node<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Service> + 'a {
+        self.services
+            .values()
+            .filter(move |s| s.instances.iter().any(|i| i.node.as_deref() == Some(node)))
+    }
+
+    /// The subsets declared for `service` (empty when it has no policy).
+    pub fn subsets(&self, service: &str) -> Option<&BTreeMap<String, Labels>> {
+        self.policies.get(service).map(|p| &p.subsets)
+    }
+}
+
+/// Where a declaration came from, so that errors found later can name it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Origin {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Protocol {
+    #[default]
+    Http,
+    Http2,
+    Grpc,
+    Tcp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http => "http",
+            Protocol::Http2 => "http2",
+            Protocol::Grpc => "grpc",
+            Protocol::Tcp => "tcp",
+        }
+    }
+
+    /// HTTP/2 between proxies and to the app (h2 and gRPC services).
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+
+    pub fn is_http(self) -> bool {
+        !matches!(self, Protocol::Tcp)
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "http" => Ok(Protocol::Http),
+            "http2" => Ok(Protocol::Http2),
+            "grpc" => Ok(Protocol::Grpc),
+            "tcp" => Ok(Protocol::Tcp),
+            other => Err(format!(
+                "unknown protocol \"{other}\" (expected http, http2, grpc or tcp)"
+            )),
+        }
+    }
+}
+
+/// A named service: the port clients address it by, and where its instances run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub protocol: Protocol,
+    /// The port clients address the service by (`Host: reviews:9080`).
+    pub port: u16,
+    /// Services this one calls. `None` means every service (no scoping).
+    pub upstreams: Option<Vec<String>>,
+    pub instances: Vec<Instance>,
+    pub origin: Origin,
+}
+
+/// One running copy of a service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    /// The host whose Pilotfish agent fronts this instance; `None` = not in the mesh, reached
+    /// directly at `address:port`.
+    pub node: Option<String>,
+    /// The host's address (an IP address; a DNS name for external services).
+    pub address: String,
+    /// The app's port on that host.
+    pub port: u16,
+    /// The host's mesh (inbound) port, used when `node` is set.
+    pub mesh_port: u16,
+    pub labels: Labels,
+    /// Relative load-balancing weight (1 when not declared).
+    pub weight: u32,
+    pub healthy: bool,
+    /// Where it runs (a datacenter or zone), when known.
+    pub locality: Option<String>,
+}
+
+impl Instance {
+    /// The address and port a peer proxy sends traffic to for this instance.
+    pub fn target(&self) -> (&str, u16) {
+        if self.node.is_some() {
+            (&self.address, self.mesh_port)
+        } else {
+            (&self.address, self.port)
+        }
+    }
+
+    /// Whether the instance carries every label of `selector`.
+    pub fn matches(&self, selector: &Labels) -> bool {
+        selector.iter().all(|(k, v)| self.labels.get(k) == Some(v))
+    }
+}
+
+/// How calls to a service are routed: rules tried in order, first match wins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Route {
+    pub service: String,
+    pub timeout: Option<Duration>,
+    pub retries: Option<Retries>,
+    pub rules: Vec<RouteRule>,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Retries {
+    pub attempts: u32,
+    pub per_try_timeout: Option<Duration>,
+    /// Envoy retry-on conditions (`5xx`, `connect-failure`, `reset`, ...).
+    pub on: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteRule {
+    pub matches: RouteMatch,
+    /// Where matching requests go; weights are relative.
+    pub to: Vec<Destination>,
+    pub origin: Origin,
+}
+
+/// Conditions a request must meet; an empty match matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteMatch {
+    /// Exact header values, by lower-case header name.
+    pub headers: BTreeMap<String, String>,
+    pub path_prefix: Option<String>,
+    pub path_exact: Option<String>,
+    pub method: Option<String>,
+}
+
+impl RouteMatch {
+    pub fn is_empty(&self) -> bool {
+        self.headers.is_empty()
+            && self.path_prefix.is_none()
+            && self.path_exact.is_none()
+            && self.method.is_none()
+    }
+}
+
+/// A traffic target: a subset of the routed service (or all of it), with a relative weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    /// `None` = every instance of the service.
+    pub subset: Option<String>,
+    pub weight: u32,
+}
+
+/// How connections to a service behave.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Policy {
+    pub service: String,
+    /// Named subsets of instances, by label selector.
+    pub subsets: BTreeMap<String, Labels>,
+    pub load_balancer: LoadBalancer,
+    pub connect_timeout: Option<Duration>,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum LoadBalancer {
+    #[default]
+    RoundRobin,
+    LeastRequest,
+    Random,
+    RingHash,
+    Maglev,
+}
+
+impl std::str::FromStr for LoadBalancer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "round_robin" => Ok(LoadBalancer::RoundRobin),
+            "least_request" => Ok(LoadBalancer::LeastRequest),
+            "random" => Ok(LoadBalancer::Random),
+            "ring_hash" => Ok(LoadBalancer::RingHash),
+            "maglev" => Ok(LoadBalancer::Maglev),
+            other => Err(format!(
+                "unknown load_balancer \"{other}\" (expected round_robin, least_request, random, ring_hash or maglev)"
+            )),
+        }
+    }
+}
