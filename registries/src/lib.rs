@@ -3,4 +3,5 @@
 //! Each adapter publishes whole [`model::Catalog`] snapshots on a `tokio::sync::watch` channel;
 //! consumers compute what changed. Restarting an adapter is therefore harmless.
 
+pub mod files;
 pub mod model;

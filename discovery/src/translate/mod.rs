@@ -6,13 +6,58 @@
 //! see and adds the few resources that are its own (listeners, inbound clusters and routes).
 //! Results are memoized per scope, so 2000 proxies with the same upstreams share one set of
 //! `Arc`s, and an endpoint-only change re-encodes only endpoint assignments.
+//!
+//! # Resource names
+//!
+//! | type | name | what |
+//! |---|---|---|
+//! | cluster | `outbound\|<svc>` | every instance of a service (EDS, ADS config source) |
+//! | cluster | `outbound\|<svc>\|<subset>` | the instances of a subset declared in `[policies.<svc>]` |
+//! | endpoints | same as the cluster | `ClusterLoadAssignment`; EDS `service_name` = cluster name |
+//! | cluster | `inbound\|<svc>` | STATIC, the local app(s) at `app_address:instance.port` |
+//! | listener | `outbound` | binds `proxy.outbound`; HTTP, RDS `outbound` |
+//! | listener | `outbound\|<svc>` | TCP services: binds `outbound.ip():service.port`, tcp_proxy |
+//! | listener | `inbound` | binds `address:mesh_port`; HTTP, RDS `inbound` (only with local HTTP services) |
+//! | route | `outbound` | one virtual host per HTTP service in scope |
+//! | route | `inbound` | one virtual host per local HTTP service |
+//!
+//! Virtual hosts are named after the service, with domains `svc`, `svc:port`, `svc.mesh` and
+//! `svc.mesh:port`. A service whose instances include a DNS name (not an IP address) gets
+//! STRICT_DNS clusters with the assignment inline instead of EDS, since EDS needs IP addresses.
+//!
+//! # Scope
+//!
+//! A proxy whose node hosts services that all declare `upstreams` receives only the union of
+//! those upstreams; otherwise (a local service without `upstreams`, or no local service) it
+//! receives every service.
+//!
+//! # Determinism
+//!
+//! Versions are hashes of the encoded bytes and prost encodes `map` fields in `HashMap` order,
+//! so no map built here holds more than one entry: labels go into one `Struct` encoded entry by
+//! entry in key order ([`labels_metadata`]).
 
-use std::sync::Arc;
+mod clusters;
+mod endpoints;
+mod listeners;
+mod routes;
+#[cfg(test)]
+mod tests;
 
-use pilotfish_registries::model::Catalog;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use envoy_types::pb::envoy::config::core::v3::{
+    config_source::ConfigSourceSpecifier, AggregatedConfigSource, ApiVersion, ConfigSource,
+};
+use envoy_types::pb::google::protobuf::{Any, Duration};
+use pilotfish_registries::model::{Catalog, Protocol};
+use prost::Message;
 
 use crate::proxy::Proxy;
-use crate::xds::resource::{self, ResourceMap};
+use crate::xds::resource::{self, Resource, ResourceMap};
+
+pub use endpoints::labels_metadata;
 
 /// What one proxy receives, by type.
 #[derive(Debug, Clone, Default)]
@@ -35,19 +80,239 @@ impl ProxyResources {
     }
 }
 
+/// The outbound name of a service's cluster, endpoints and TCP listener.
+pub fn outbound_name(service: &str) -> String {
+    format!("outbound|{service}")
+}
+
+/// The outbound name of one subset of a service.
+pub fn subset_name(service: &str, subset: &str) -> String {
+    format!("outbound|{service}|{subset}")
+}
+
+/// The cluster for a service's local instances on the proxy's own host.
+pub fn inbound_name(service: &str) -> String {
+    format!("inbound|{service}")
+}
+
+/// Listener and route configuration names.
+pub const OUTBOUND: &str = "outbound";
+pub const INBOUND: &str = "inbound";
+
+/// The services a proxy may call, in name order; `None` = all of them.
+type ScopeKey = Option<BTreeSet<String>>;
+
+/// Everything proxy-independent about one service, encoded once per snapshot.
+#[derive(Debug)]
+struct ServiceOutbound {
+    protocol: Protocol,
+    port: u16,
+    clusters: Vec<Arc<Resource>>,
+    endpoints: Vec<Arc<Resource>>,
+    /// The outbound virtual host (HTTP services only); encoded as part of a route configuration.
+    vhost: Option<envoy_types::pb::envoy::config::route::v3::VirtualHost>,
+}
+
+/// The resources of one upstream scope, shared by every proxy with that scope.
+#[derive(Debug)]
+struct Scoped {
+    clusters: Arc<ResourceMap>,
+    endpoints: Arc<ResourceMap>,
+    outbound_route: Arc<Resource>,
+    /// TCP services in scope: (service, port); their listeners bind per proxy.
+    tcp: Vec<(String, u16)>,
+}
+
 /// The proxy-independent part of a translated catalog, shared by every stream.
 #[derive(Debug)]
 pub struct Shared {
     pub catalog: Arc<Catalog>,
-    // filled in by the translation module
+    services: BTreeMap<String, ServiceOutbound>,
+    all: Arc<Scoped>,
+    scopes: Mutex<HashMap<BTreeSet<String>, Arc<Scoped>>>,
+    proxies: Mutex<HashMap<Proxy, ProxyResources>>,
 }
 
 impl Shared {
     pub fn build(catalog: Arc<Catalog>) -> Shared {
-        Shared { catalog }
+        let services: BTreeMap<String, ServiceOutbound> = catalog
+            .services
+            .values()
+            .map(|svc| {
+                let (clusters, endpoints) = clusters::outbound(&catalog, svc);
+                let vhost = svc
+                    .protocol
+                    .is_http()
+                    .then(|| routes::outbound_vhost(&catalog, svc));
+                let out = ServiceOutbound {
+                    protocol: svc.protocol,
+                    port: svc.port,
+                    clusters,
+                    endpoints,
+                    vhost,
+                };
+                (svc.name.clone(), out)
+            })
+            .collect();
+        let all = Arc::new(scoped(&services, None));
+        Shared {
+            catalog,
+            services,
+            all,
+            scopes: Mutex::new(HashMap::new()),
+            proxies: Mutex::new(HashMap::new()),
+        }
     }
 
-    pub fn for_proxy(&self, _proxy: &Proxy) -> ProxyResources {
-        ProxyResources::default()
+    pub fn for_proxy(&self, proxy: &Proxy) -> ProxyResources {
+        if let Some(done) = lock(&self.proxies).get(proxy) {
+            return done.clone();
+        }
+        let scoped = self.scoped(scope_of(&self.catalog, &proxy.node));
+        let resources = self.per_proxy(proxy, &scoped);
+        lock(&self.proxies)
+            .entry(proxy.clone())
+            .or_insert(resources)
+            .clone()
+    }
+
+    fn scoped(&self, key: ScopeKey) -> Arc<Scoped> {
+        let Some(names) = key else {
+            return self.all.clone();
+        };
+        if let Some(found) = lock(&self.scopes).get(&names) {
+            return found.clone();
+        }
+        // Built outside the lock: two streams racing build the same value, one is kept.
+        let built = Arc::new(scoped(&self.services, Some(&names)));
+        lock(&self.scopes).entry(names).or_insert(built).clone()
+    }
+
+    fn per_proxy(&self, proxy: &Proxy, scoped: &Scoped) -> ProxyResources {
+        let local: Vec<_> = self
+            .catalog
+            .services_on_node(&proxy.node)
+            .filter(|s| s.protocol.is_http())
+            .collect();
+
+        let clusters = if local.is_empty() {
+            scoped.clusters.clone()
+        } else {
+            let mut clusters = ResourceMap::clone(&scoped.clusters);
+            for svc in &local {
+                let cluster = clusters::inbound(&self.catalog, svc, proxy);
+                clusters.insert(cluster.name.clone(), cluster);
+            }
+            Arc::new(clusters)
+        };
+
+        let mut listeners = ResourceMap::new();
+        let mut routes = ResourceMap::new();
+        let mut bound = BTreeSet::new();
+        let outbound = listeners::outbound(proxy);
+        bound.insert(proxy.outbound);
+        listeners.insert(outbound.name.clone(), outbound);
+        routes.insert(OUTBOUND.to_string(), scoped.outbound_route.clone());
+        if !local.is_empty() {
+            let addr = std::net::SocketAddr::new(proxy.address, proxy.mesh_port);
+            if bound.insert(addr) {
+                let inbound = listeners::inbound(proxy);
+                listeners.insert(inbound.name.clone(), inbound);
+                let route = routes::inbound(&local);
+                routes.insert(route.name.clone(), route);
+            } else {
+                tracing::warn!(node = %proxy.node, %addr, "mesh port collides with the outbound listener; no inbound listener");
+            }
+        }
+        for (service, port) in &scoped.tcp {
+            let addr = std::net::SocketAddr::new(proxy.outbound.ip(), *port);
+            // Envoy rejects two listeners on one address; the first service (by name) keeps it.
+            if !bound.insert(addr) {
+                tracing::warn!(node = %proxy.node, service, %addr, "TCP service port already bound; no outbound listener");
+                continue;
+            }
+            let listener = listeners::tcp_outbound(service, addr);
+            listeners.insert(listener.name.clone(), listener);
+        }
+
+        ProxyResources {
+            clusters,
+            endpoints: scoped.endpoints.clone(),
+            listeners: Arc::new(listeners),
+            routes: Arc::new(routes),
+        }
+    }
+}
+
+/// Which services `node`'s proxy may call (see the module comment).
+fn scope_of(catalog: &Catalog, node: &str) -> ScopeKey {
+    let mut names = BTreeSet::new();
+    let mut hosts_any = false;
+    for svc in catalog.services_on_node(node) {
+        hosts_any = true;
+        match &svc.upstreams {
+            None => return None,
+            Some(upstreams) => names.extend(upstreams.iter().cloned()),
+        }
+    }
+    hosts_any.then_some(names)
+}
+
+fn scoped(services: &BTreeMap<String, ServiceOutbound>, names: Option<&BTreeSet<String>>) -> Scoped {
+    let in_scope = services
+        .iter()
+        .filter(|(name, _)| names.is_none_or(|n| n.contains(*name)));
+    let mut clusters = ResourceMap::new();
+    let mut endpoints = ResourceMap::new();
+    let mut vhosts = Vec::new();
+    let mut tcp = Vec::new();
+    for (name, svc) in in_scope {
+        for c in &svc.clusters {
+            clusters.insert(c.name.clone(), c.clone());
+        }
+        for e in &svc.endpoints {
+            endpoints.insert(e.name.clone(), e.clone());
+        }
+        if let Some(vhost) = &svc.vhost {
+            vhosts.push(vhost.clone());
+        }
+        if svc.protocol == Protocol::Tcp {
+            tcp.push((name.clone(), svc.port));
+        }
+    }
+    Scoped {
+        clusters: Arc::new(clusters),
+        endpoints: Arc::new(endpoints),
+        outbound_route: routes::route_config(OUTBOUND, vhosts),
+        tcp,
+    }
+}
+
+/// The maps above only cache derived values, so a panic elsewhere cannot leave them wrong.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A message packed into an `Any`, for typed_config fields.
+fn any<M: Message + prost::Name>(message: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: message.encode_to_vec(),
+    }
+}
+
+fn duration(d: std::time::Duration) -> Duration {
+    Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Dynamic resources come over the ADS stream the agent relays.
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        ..Default::default()
     }
 }

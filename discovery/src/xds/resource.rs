@@ -77,3 +77,43 @@ pub fn set_version(resources: &ResourceMap) -> String {
     let digest = hasher.finalize();
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A version over `(name, version)` pairs: Delta's `system_version_info`, which only helps
+/// debugging.
+pub fn versions_hash<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut hasher = Sha256::new();
+    for (name, version) in pairs {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(version.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hasher.finalize();
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// An empty ClusterLoadAssignment for `cluster`: the answer to an EDS request for a name
+/// discovery does not know, so a warming cluster completes instead of waiting for
+/// `initial_fetch_timeout` (Envoy #9934).
+pub fn empty_assignment(cluster: &str) -> Arc<Resource> {
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    Resource::encode(
+        cluster,
+        &ClusterLoadAssignment {
+            cluster_name: cluster.to_string(),
+            ..Default::default()
+        },
+    )
+}
+
+/// A short name for a type URL, for logs and metric labels.
+pub fn short_name(type_url: &str) -> &'static str {
+    match type_url {
+        LISTENER => "lds",
+        ROUTE => "rds",
+        CLUSTER => "cds",
+        ENDPOINT => "eds",
+        SECRET => "sds",
+        _ => "other",
+    }
+}

@@ -1,0 +1,699 @@
+//! `agent.toml`: the file layer (serde structs that mirror the file, unknown keys rejected) and
+//! the runtime layer ([`AgentConfig`], real types) that every other module sees.
+//!
+//! Validation collects every problem before failing, so `pilotfish-agent --check` lists them all
+//! at once, each under the key it belongs to. Relative paths are resolved against the directory
+//! of the config file, so an agent started from any working directory reads the same files.
+
+use std::ffi::{OsStr, OsString};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub const DEFAULT_OUTBOUND: &str = "127.0.0.1:15001";
+pub const DEFAULT_MESH_PORT: u16 = 15006;
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pilotfish";
+pub const DEFAULT_RUN_DIR: &str = "/run/pilotfish";
+pub const DEFAULT_HEALTH: &str = "127.0.0.1:15020";
+pub const DEFAULT_ENVOY_BINARY: &str = "envoy";
+pub const DEFAULT_ENVOY_ADMIN: &str = "127.0.0.1:15000";
+pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(5);
+pub const DEFAULT_LOG_LEVEL: &str = "warning";
+
+/// The socket Envoy's `pilotfish-xds` cluster dials, inside `run_dir`.
+pub const XDS_SOCKET: &str = "xds.sock";
+/// The bootstrap the agent writes for Envoy, inside `run_dir`.
+pub const BOOTSTRAP_FILE: &str = "envoy-bootstrap.json";
+/// The last accepted xDS resources, inside `state_dir`.
+pub const CACHE_FILE: &str = "xds-cache.bin";
+
+/// Envoy's log levels, as its `--log-level` flag accepts them.
+const LOG_LEVELS: &[&str] = &[
+    "trace", "debug", "info", "warning", "warn", "error", "critical", "off",
+];
+
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+
+// ---- file layer -------------------------------------------------------------------------------
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentFile {
+    node: Option<String>,
+    address: Option<String>,
+    discovery: Option<Vec<String>>,
+    token_file: Option<String>,
+    ca_file: Option<String>,
+    insecure: Option<bool>,
+    outbound: Option<String>,
+    app_address: Option<String>,
+    mesh_port: Option<i64>,
+    state_dir: Option<String>,
+    run_dir: Option<String>,
+    health: Option<String>,
+    envoy: Option<EnvoyFile>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EnvoyFile {
+    binary: Option<String>,
+    admin: Option<String>,
+    concurrency: Option<i64>,
+    drain_time: Option<String>,
+    log_level: Option<String>,
+    xds: Option<String>,
+}
+
+// ---- runtime layer ----------------------------------------------------------------------------
+
+/// Which ADS flavour Envoy speaks to the agent (and the agent, in turn, to discovery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdsFlavor {
+    Delta,
+    Sotw,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// This host's node name (Envoy `node.id`).
+    pub node: String,
+    /// Where peers reach this host.
+    pub address: IpAddr,
+    /// Discovery replicas as `host:port`, tried in order.
+    pub discovery: Vec<String>,
+    pub token_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub insecure: bool,
+    pub outbound: SocketAddr,
+    pub app_address: IpAddr,
+    pub mesh_port: u16,
+    pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// Agent health and metrics HTTP.
+    pub health: SocketAddr,
+    pub envoy: EnvoyConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoyConfig {
+    /// Resolved to an existing file (PATH searched when the config gives a bare name).
+    pub binary: PathBuf,
+    pub admin: SocketAddr,
+    pub concurrency: Option<u32>,
+    pub drain_time: Duration,
+    pub log_level: String,
+    pub xds: XdsFlavor,
+}
+
+impl AgentConfig {
+    pub fn xds_socket(&self) -> PathBuf {
+        self.run_dir.join(XDS_SOCKET)
+    }
+
+    pub fn bootstrap_path(&self) -> PathBuf {
+        self.run_dir.join(BOOTSTRAP_FILE)
+    }
+
+    pub fn cache_path(&self) -> PathBuf {
+        self.state_dir.join(CACHE_FILE)
+    }
+}
+
+/// One problem with the config, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: Box<toml::de::Error>,
+    },
+    #[error("{}: {} problem(s):\n{}", path.display(), problems.len(), list(problems))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<ConfigProblem>,
+    },
+}
+
+fn list(problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  - {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Reads and validates `path`. Bare binary names are looked up on the process's `PATH`.
+pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+    let path_env = std::env::var_os("PATH");
+    parse(&text, &base, path_env.as_deref()).map_err(|e| match e {
+        ParseError::Toml(source) => ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        },
+        ParseError::Invalid(problems) => ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        },
+    })
+}
+
+#[derive(Debug)]
+pub enum ParseError {
+    Toml(Box<toml::de::Error>),
+    Invalid(Vec<ConfigProblem>),
+}
+
+/// Parses and validates config text; no I/O except checking that the Envoy binary exists.
+/// `base` resolves relative paths; `path_env` is the `PATH` searched for a bare binary name.
+pub fn parse(text: &str, base: &Path, path_env: Option<&OsStr>) -> Result<AgentConfig, ParseError> {
+    let file: AgentFile = toml::from_str(text).map_err(|e| ParseError::Toml(Box::new(e)))?;
+    let mut v = Validator::default();
+
+    let node = match file.node {
+        Some(n) if !n.trim().is_empty() => n,
+        Some(_) => v.fail("node", "must not be empty"),
+        None => v.fail("node", "is required (this host's name in the registry)"),
+    };
+    let address = match file.address {
+        Some(a) => v.parse_ip("address", &a),
+        None => v.fail("address", "is required (where peers reach this host)"),
+    };
+    let discovery = match file.discovery {
+        Some(list) if list.is_empty() => v.fail("discovery", "needs at least one host:port"),
+        Some(list) => {
+            for (i, d) in list.iter().enumerate() {
+                if let Err(m) = check_host_port(d) {
+                    v.problem(format!("discovery[{i}]"), m);
+                }
+            }
+            list
+        }
+        None => v.fail("discovery", "is required (one or more host:port)"),
+    };
+    let insecure = file.insecure.unwrap_or(false);
+    if !insecure {
+        v.problem(
+            "insecure",
+            "mTLS to discovery is not implemented yet; set insecure = true (plaintext, local \
+             experiments only)",
+        );
+    }
+    let token_file = file.token_file.map(|p| resolve(base, &p));
+    let ca_file = file.ca_file.map(|p| resolve(base, &p));
+    let outbound = v.parse_socket(
+        "outbound",
+        file.outbound.as_deref().unwrap_or(DEFAULT_OUTBOUND),
+    );
+    let app_address = match file.app_address {
+        Some(a) => v.parse_ip("app_address", &a),
+        None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+    };
+    let mesh_port = match file.mesh_port {
+        None => DEFAULT_MESH_PORT,
+        Some(p) => match u16::try_from(p) {
+            Ok(p) if p != 0 => p,
+            _ => v.fail("mesh_port", format!("{p} is not a port (1-65535)")),
+        },
+    };
+    let state_dir = resolve(base, file.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
+    let run_dir = resolve(base, file.run_dir.as_deref().unwrap_or(DEFAULT_RUN_DIR));
+    let socket = run_dir.join(XDS_SOCKET);
+    if socket.as_os_str().len() > MAX_SOCKET_PATH {
+        v.problem(
+            "run_dir",
+            format!(
+                "{} is too long for a Unix socket path ({} bytes max)",
+                socket.display(),
+                MAX_SOCKET_PATH
+            ),
+        );
+    }
+    let health = v.parse_socket("health", file.health.as_deref().unwrap_or(DEFAULT_HEALTH));
+
+    let envoy = file.envoy.unwrap_or_default();
+    let binary_name = envoy.binary.as_deref().unwrap_or(DEFAULT_ENVOY_BINARY);
+    let binary = match resolve_binary(base, binary_name, path_env) {
+        Ok(b) => b,
+        Err(m) => v.fail("envoy.binary", m),
+    };
+    let admin = v.parse_socket(
+        "envoy.admin",
+        envoy.admin.as_deref().unwrap_or(DEFAULT_ENVOY_ADMIN),
+    );
+    let concurrency = match envoy.concurrency {
+        None => None,
+        Some(n) => match u32::try_from(n) {
+            Ok(n) if n >= 1 => Some(n),
+            _ => v.fail("envoy.concurrency", format!("{n} is not a positive integer")),
+        },
+    };
+    let drain_time = match envoy.drain_time.as_deref() {
+        None => DEFAULT_DRAIN_TIME,
+        Some(s) => match parse_duration(s) {
+            Ok(d) => d,
+            Err(m) => v.fail("envoy.drain_time", m),
+        },
+    };
+    let log_level = envoy
+        .log_level
+        .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string());
+    if !LOG_LEVELS.contains(&log_level.as_str()) {
+        v.problem(
+            "envoy.log_level",
+            format!("\"{log_level}\" is not one of {}", LOG_LEVELS.join(", ")),
+        );
+    }
+    let xds = match envoy.xds.as_deref() {
+        None | Some("delta") => XdsFlavor::Delta,
+        Some("sotw") => XdsFlavor::Sotw,
+        Some(other) => v.fail(
+            "envoy.xds",
+            format!("\"{other}\" is not \"delta\" or \"sotw\""),
+        ),
+    };
+
+    let mut used = vec![("health", health), ("envoy.admin", admin)];
+    if !v.failed() {
+        used.push(("outbound", outbound));
+        if let Some((a, b)) = first_clash(&used) {
+            v.problem(b, format!("uses the same address as {a}"));
+        }
+    }
+
+    if !v.problems.is_empty() {
+        return Err(ParseError::Invalid(v.problems));
+    }
+    Ok(AgentConfig {
+        node,
+        address,
+        discovery,
+        token_file,
+        ca_file,
+        insecure,
+        outbound,
+        app_address,
+        mesh_port,
+        state_dir,
+        run_dir,
+        health,
+        envoy: EnvoyConfig {
+            binary,
+            admin,
+            concurrency,
+            drain_time,
+            log_level,
+            xds,
+        },
+    })
+}
+
+fn first_clash(used: &[(&'static str, SocketAddr)]) -> Option<(&'static str, &'static str)> {
+    for (i, (a, addr_a)) in used.iter().enumerate() {
+        for (b, addr_b) in &used[i + 1..] {
+            if addr_a == addr_b {
+                return Some((a, b));
+            }
+        }
+    }
+    None
+}
+
+/// Collects problems; the placeholder values it returns on failure are never used because
+/// `parse` returns the problem list instead.
+#[derive(Default)]
+struct Validator {
+    problems: Vec<ConfigProblem>,
+}
+
+impl Validator {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(ConfigProblem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn failed(&self) -> bool {
+        !self.problems.is_empty()
+    }
+
+    fn fail<T: Placeholder>(&mut self, key: &str, message: impl Into<String>) -> T {
+        self.problem(key, message);
+        T::placeholder()
+    }
+
+    fn parse_ip(&mut self, key: &str, s: &str) -> IpAddr {
+        match s.parse() {
+            Ok(ip) => ip,
+            Err(_) => self.fail(key, format!("\"{s}\" is not an IP address")),
+        }
+    }
+
+    fn parse_socket(&mut self, key: &str, s: &str) -> SocketAddr {
+        match s.parse() {
+            Ok(a) => a,
+            Err(_) => self.fail(key, format!("\"{s}\" is not an ip:port")),
+        }
+    }
+}
+
+trait Placeholder {
+    fn placeholder() -> Self;
+}
+impl Placeholder for String {
+    fn placeholder() -> Self {
+        String::new()
+    }
+}
+impl<T> Placeholder for Vec<T> {
+    fn placeholder() -> Self {
+        Vec::new()
+    }
+}
+impl<T> Placeholder for Option<T> {
+    fn placeholder() -> Self {
+        None
+    }
+}
+impl Placeholder for IpAddr {
+    fn placeholder() -> Self {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    }
+}
+impl Placeholder for SocketAddr {
+    fn placeholder() -> Self {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+    }
+}
+impl Placeholder for u16 {
+    fn placeholder() -> Self {
+        0
+    }
+}
+impl Placeholder for PathBuf {
+    fn placeholder() -> Self {
+        PathBuf::new()
+    }
+}
+impl Placeholder for Duration {
+    fn placeholder() -> Self {
+        Duration::ZERO
+    }
+}
+impl Placeholder for XdsFlavor {
+    fn placeholder() -> Self {
+        XdsFlavor::Delta
+    }
+}
+
+fn resolve(base: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn check_host_port(s: &str) -> Result<(), String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("\"{s}\" is not host:port"));
+    };
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || host.contains(['/', ' ', '@']) {
+        return Err(format!("\"{s}\" has no valid host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(()),
+        _ => Err(format!("\"{s}\" has no valid port")),
+    }
+}
+
+/// A name containing '/' is a path (relative to the config's directory); a bare name is looked
+/// up on `PATH` like a shell would.
+fn resolve_binary(base: &Path, name: &str, path_env: Option<&OsStr>) -> Result<PathBuf, String> {
+    if name.is_empty() {
+        return Err("must not be empty".into());
+    }
+    if name.contains('/') {
+        let p = resolve(base, name);
+        return if is_executable(&p) {
+            Ok(p)
+        } else {
+            Err(format!("{} does not exist or is not executable", p.display()))
+        };
+    }
+    let path_env = path_env.map(OsString::from).unwrap_or_default();
+    std::env::split_paths(&path_env)
+        .map(|dir| dir.join(name))
+        .find(|p| is_executable(p))
+        .ok_or_else(|| {
+            format!(
+                "\"{name}\" was not found on PATH; install Envoy or give its full path in \
+                 [envoy] binary"
+            )
+        })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// `"5s"`, `"500ms"`, `"2m"`, `"1h"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("\"{s}\" is not a duration like \"5s\" or \"500ms\""))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "\"{s}\" has no unit (ms, s, m or h), e.g. \"5s\" or \"500ms\""
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent config from DESIGN.md, with `insecure` switched on (TLS is not built yet).
+    const DESIGN_EXAMPLE: &str = r#"
+node = "vm-b"                          # this host's name in the registry
+address = "10.0.0.12"                  # where peers reach this host
+discovery = ["10.0.0.2:15012"]         # one or more discovery replicas
+token_file = "/etc/pilotfish/token"    # this host's join token (used once, to enrol)
+ca_file = "/etc/pilotfish/root.pem"    # the mesh root, to verify discovery
+insecure = true                        # must match discovery's; local experiments only
+outbound = "127.0.0.1:15001"           # local apps send mesh traffic here (Host: reviews)
+app_address = "127.0.0.1"              # where local apps listen
+mesh_port = 15006
+state_dir = "/var/lib/pilotfish"       # keys, certs, last accepted config
+run_dir = "/run/pilotfish"             # UDS sockets for Envoy
+[envoy]
+binary = "envoy"                       # found on PATH unless given
+admin = "127.0.0.1:15000"
+"#;
+
+    /// A directory holding an executable named `envoy`, to stand in for PATH.
+    fn fake_path() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("envoy");
+        std::fs::write(&bin, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        dir
+    }
+
+    fn problems(text: &str, path: &Path) -> Vec<ConfigProblem> {
+        match parse(text, Path::new("/etc/pilotfish"), Some(path.as_os_str())) {
+            Err(ParseError::Invalid(p)) => p,
+            other => panic!("expected validation problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn design_example_parses_with_defaults() {
+        let bin = fake_path();
+        let c = parse(
+            DESIGN_EXAMPLE,
+            Path::new("/etc/pilotfish"),
+            Some(bin.path().as_os_str()),
+        )
+        .unwrap();
+        assert_eq!(c.node, "vm-b");
+        assert_eq!(c.address, "10.0.0.12".parse::<IpAddr>().unwrap());
+        assert_eq!(c.discovery, vec!["10.0.0.2:15012".to_string()]);
+        assert_eq!(c.mesh_port, 15006);
+        assert!(c.insecure);
+        assert_eq!(c.run_dir, PathBuf::from("/run/pilotfish"));
+        assert_eq!(c.xds_socket(), PathBuf::from("/run/pilotfish/xds.sock"));
+        assert_eq!(c.health, "127.0.0.1:15020".parse().unwrap());
+        assert_eq!(c.envoy.binary, bin.path().join("envoy"));
+        assert_eq!(c.envoy.admin, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(c.envoy.drain_time, Duration::from_secs(5));
+        assert_eq!(c.envoy.log_level, "warning");
+        assert_eq!(c.envoy.xds, XdsFlavor::Delta);
+        assert_eq!(c.envoy.concurrency, None);
+    }
+
+    #[test]
+    fn envoy_options_and_relative_paths() {
+        let dir = fake_path();
+        let text = r#"
+node = "a"
+address = "127.0.0.2"
+discovery = ["localhost:15012", "[::1]:15012"]
+insecure = true
+state_dir = "state"
+run_dir = "run"
+token_file = "token"
+health = "127.0.0.2:15020"
+[envoy]
+binary = "./bin/envoy"
+admin = "127.0.0.2:15000"
+concurrency = 2
+drain_time = "1500ms"
+log_level = "debug"
+xds = "sotw"
+"#;
+        let base = dir.path().join("conf");
+        std::fs::create_dir_all(base.join("bin")).unwrap();
+        std::fs::rename(dir.path().join("envoy"), base.join("bin/envoy")).unwrap();
+        let c = parse(text, &base, None).unwrap();
+        assert_eq!(c.state_dir, base.join("state"));
+        assert_eq!(c.run_dir, base.join("run"));
+        assert_eq!(c.token_file, Some(base.join("token")));
+        assert_eq!(c.envoy.binary, base.join("./bin/envoy"));
+        assert_eq!(c.envoy.concurrency, Some(2));
+        assert_eq!(c.envoy.drain_time, Duration::from_millis(1500));
+        assert_eq!(c.envoy.xds, XdsFlavor::Sotw);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let bin = fake_path();
+        let text = format!("{DESIGN_EXAMPLE}\nadmn = \"x\"\n");
+        let err = parse(&text, Path::new("/"), Some(bin.path().as_os_str())).unwrap_err();
+        let ParseError::Toml(e) = err else {
+            panic!("expected a TOML error")
+        };
+        assert!(e.to_string().contains("admn"), "{e}");
+
+        let text = DESIGN_EXAMPLE.replace("node =", "nodes =");
+        let err = parse(&text, Path::new("/"), Some(bin.path().as_os_str())).unwrap_err();
+        assert!(matches!(err, ParseError::Toml(e) if e.to_string().contains("nodes")));
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let empty = tempfile::tempdir().unwrap();
+        let text = r#"
+address = "10.0.0.300"
+discovery = ["nope", "10.0.0.2:0"]
+outbound = "127.0.0.1"
+mesh_port = 70000
+[envoy]
+drain_time = "5"
+log_level = "loud"
+xds = "rest"
+concurrency = 0
+"#;
+        let p = problems(text, empty.path());
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "node",
+            "address",
+            "discovery[0]",
+            "discovery[1]",
+            "insecure",
+            "outbound",
+            "mesh_port",
+            "envoy.binary",
+            "envoy.drain_time",
+            "envoy.log_level",
+            "envoy.xds",
+            "envoy.concurrency",
+        ] {
+            assert!(keys.contains(&key), "missing {key} in {keys:?}");
+        }
+        let err = ConfigError::Invalid {
+            path: "agent.toml".into(),
+            problems: p,
+        };
+        let shown = err.to_string();
+        assert!(shown.contains("mesh_port: 70000 is not a port"), "{shown}");
+        assert!(shown.contains("envoy.binary: \"envoy\" was not found on PATH"));
+    }
+
+    #[test]
+    fn secure_mode_is_refused_until_mtls_exists() {
+        let bin = fake_path();
+        let text = DESIGN_EXAMPLE.replace("insecure = true", "");
+        let p = problems(&text, bin.path());
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].key, "insecure");
+        assert!(p[0].message.contains("mTLS"));
+    }
+
+    #[test]
+    fn clashing_addresses_are_reported() {
+        let bin = fake_path();
+        let text = format!("health = \"127.0.0.1:15000\"\n{DESIGN_EXAMPLE}");
+        let p = problems(&text, bin.path());
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].key, "envoy.admin");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

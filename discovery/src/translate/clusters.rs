@@ -1,0 +1,133 @@
+//! Services -> clusters: outbound ones (per service and per subset, with their endpoint
+//! assignments) and the inbound one that leads to a local app.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig, LbPolicy},
+    Cluster,
+};
+use envoy_types::pb::envoy::config::core::v3::{Http2ProtocolOptions, TransportSocket};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options::{
+        explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
+    },
+    HttpProtocolOptions,
+};
+use pilotfish_registries::model::{Catalog, Instance, LoadBalancer, Service};
+
+use super::endpoints::{lb_endpoint, load_assignment};
+use super::{ads, any, duration, inbound_name, outbound_name, subset_name};
+use crate::proxy::Proxy;
+use crate::xds::resource::Resource;
+
+const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// The outbound clusters of `svc` (whole service, then each subset) and the endpoint
+/// assignments of those that use EDS.
+pub(super) fn outbound(catalog: &Catalog, svc: &Service) -> (Vec<Arc<Resource>>, Vec<Arc<Resource>>) {
+    // EDS carries IP addresses only; a DNS name needs a cluster that resolves it.
+    let dns = svc.instances.iter().any(|i| i.address.parse::<IpAddr>().is_err());
+    let mut targets: Vec<(String, Vec<&Instance>)> =
+        vec![(outbound_name(&svc.name), svc.instances.iter().collect())];
+    for (subset, selector) in catalog.subsets(&svc.name).into_iter().flatten() {
+        let members = svc.instances.iter().filter(|i| i.matches(selector)).collect();
+        targets.push((subset_name(&svc.name, subset), members));
+    }
+
+    let mut clusters = Vec::with_capacity(targets.len());
+    let mut endpoints = Vec::new();
+    for (name, members) in targets {
+        let assignment = load_assignment(&name, members);
+        let mut cluster = base(catalog, svc, &name);
+        cluster.transport_socket = transport_socket(svc);
+        if dns {
+            cluster.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
+                DiscoveryType::StrictDns as i32,
+            ));
+            cluster.dns_lookup_family = DnsLookupFamily::V4Preferred as i32;
+            cluster.load_assignment = Some(assignment);
+        } else {
+            cluster.cluster_discovery_type =
+                Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32));
+            cluster.eds_cluster_config = Some(EdsClusterConfig {
+                eds_config: Some(ads()),
+                service_name: name.clone(),
+            });
+            endpoints.push(Resource::encode(name.clone(), &assignment));
+        }
+        clusters.push(Resource::encode(name, &cluster));
+    }
+    (clusters, endpoints)
+}
+
+/// `inbound|<svc>`: the instances of `svc` on the proxy's own host, at `app_address:port`.
+pub(super) fn inbound(catalog: &Catalog, svc: &Service, proxy: &Proxy) -> Arc<Resource> {
+    let name = inbound_name(&svc.name);
+    let app = proxy.app_address.to_string();
+    let lb_endpoints = svc
+        .instances
+        .iter()
+        .filter(|i| i.node.as_deref() == Some(proxy.node.as_str()))
+        // Peers already steer around unhealthy instances; locally the app gets what arrives.
+        .map(|i| lb_endpoint(&app, i.port, i.weight, true, &Default::default()))
+        .collect();
+    let mut cluster = base(catalog, svc, &name);
+    cluster.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
+    cluster.load_assignment = Some(ClusterLoadAssignment {
+        cluster_name: name.clone(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints,
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    Resource::encode(name, &cluster)
+}
+
+/// What every cluster of `svc` shares: timeouts, balancing, upstream protocol.
+fn base(catalog: &Catalog, svc: &Service, name: &str) -> Cluster {
+    let policy = catalog.policies.get(&svc.name);
+    let connect_timeout = policy
+        .and_then(|p| p.connect_timeout)
+        .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    let lb_policy = match policy.map(|p| p.load_balancer).unwrap_or_default() {
+        LoadBalancer::RoundRobin => LbPolicy::RoundRobin,
+        LoadBalancer::LeastRequest => LbPolicy::LeastRequest,
+        LoadBalancer::Random => LbPolicy::Random,
+        // Without a hash policy on the route these pick hosts at random (a later issue).
+        LoadBalancer::RingHash => LbPolicy::RingHash,
+        LoadBalancer::Maglev => LbPolicy::Maglev,
+    };
+    let mut cluster = Cluster {
+        name: name.to_string(),
+        connect_timeout: Some(duration(connect_timeout)),
+        lb_policy: lb_policy as i32,
+        ..Default::default()
+    };
+    if svc.protocol.is_http2() {
+        let options = HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+                ExplicitHttpConfig {
+                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
+                        Http2ProtocolOptions::default(),
+                    )),
+                },
+            )),
+            ..Default::default()
+        };
+        // A single entry: prost encodes maps in HashMap order (see the module comment).
+        cluster.typed_extension_protocol_options =
+            [(HTTP_PROTOCOL_OPTIONS.to_string(), any(&options))].into();
+    }
+    cluster
+}
+
+/// The transport to a peer's mesh port (mTLS comes with the identity issue); plaintext now.
+/// Inbound clusters talk to the local app and stay plaintext.
+fn transport_socket(_svc: &Service) -> Option<TransportSocket> {
+    None
+}

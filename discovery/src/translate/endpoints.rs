@@ -1,0 +1,123 @@
+//! Instances -> `ClusterLoadAssignment`: one `LbEndpoint` per instance, grouped by locality,
+//! with health, weight and labels (as metadata).
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    address, socket_address::PortSpecifier, Address, HealthStatus, Locality, Metadata,
+    SocketAddress,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint::HostIdentifier, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::google::protobuf::{value::Kind, Any, Struct, UInt32Value, Value};
+use pilotfish_registries::model::{Instance, Labels};
+use prost::Message;
+
+/// The `typed_filter_metadata` key our labels live under.
+pub const METADATA_KEY: &str = "pilotfish";
+
+/// The assignment for `cluster_name`: every given instance at the address peers reach it by.
+pub(super) fn load_assignment<'a>(
+    cluster_name: &str,
+    instances: impl IntoIterator<Item = &'a Instance>,
+) -> ClusterLoadAssignment {
+    // BTreeMap: localities in a stable order, the unknown locality first.
+    let mut by_locality: BTreeMap<Option<&str>, Vec<LbEndpoint>> = BTreeMap::new();
+    for instance in instances {
+        let (host, port) = instance.target();
+        by_locality
+            .entry(instance.locality.as_deref())
+            .or_default()
+            .push(lb_endpoint(
+                host,
+                port,
+                instance.weight,
+                instance.healthy,
+                &instance.labels,
+            ));
+    }
+    ClusterLoadAssignment {
+        cluster_name: cluster_name.to_string(),
+        endpoints: by_locality
+            .into_iter()
+            .map(|(locality, lb_endpoints)| LocalityLbEndpoints {
+                locality: locality.map(|zone| Locality {
+                    zone: zone.to_string(),
+                    ..Default::default()
+                }),
+                lb_endpoints,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+pub(super) fn lb_endpoint(
+    host: &str,
+    port: u16,
+    weight: u32,
+    healthy: bool,
+    labels: &Labels,
+) -> LbEndpoint {
+    let health = if healthy {
+        HealthStatus::Healthy
+    } else {
+        HealthStatus::Unhealthy
+    };
+    LbEndpoint {
+        health_status: health as i32,
+        metadata: labels_metadata(labels),
+        // Envoy requires weights >= 1; a weight of 0 in the registry is read as the minimum.
+        load_balancing_weight: Some(UInt32Value {
+            value: weight.max(1),
+        }),
+        host_identifier: Some(HostIdentifier::Endpoint(Endpoint {
+            address: Some(socket_address(host, port)),
+            ..Default::default()
+        })),
+    }
+}
+
+pub(super) fn socket_address(host: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: host.to_string(),
+            port_specifier: Some(PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Labels as `typed_filter_metadata["pilotfish"]`, a `google.protobuf.Struct` of strings.
+///
+/// prost encodes `Struct.fields` (a map) in `HashMap` order, which would make versions random.
+/// Protobuf merges repeated map entries, so the encodings of single-entry Structs concatenated
+/// in key order decode as the whole Struct, and encode the same way every time.
+pub fn labels_metadata(labels: &Labels) -> Option<Metadata> {
+    if labels.is_empty() {
+        return None;
+    }
+    let mut value = Vec::new();
+    for (k, v) in labels {
+        let one = Struct {
+            fields: [(
+                k.clone(),
+                Value {
+                    kind: Some(Kind::StringValue(v.clone())),
+                },
+            )]
+            .into(),
+        };
+        value.extend(one.encode_to_vec());
+    }
+    let body = Any {
+        type_url: <Struct as prost::Name>::type_url(),
+        value,
+    };
+    Some(Metadata {
+        typed_filter_metadata: [(METADATA_KEY.to_string(), body)].into(),
+        ..Default::default()
+    })
+}

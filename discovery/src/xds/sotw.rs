@@ -1,0 +1,197 @@
+//! State of the World ADS, one stream: subscriptions, nonces, ACK/NACK and versions per type.
+//!
+//! Inputs are requests ([`SotwState::on_request`]) and new resources for the proxy
+//! ([`SotwState::on_resources`]); outputs are the responses to send, in push order, and events.
+//! The rules are those of `shared/reference/xds-protocol.md` (b.2-b.6), after Istio's
+//! `ShouldRespond`: a NACK is an `error_detail`; a stale nonce is ignored; an ACK with unchanged
+//! names gets no answer, except the first EDS request after a CDS response (AlwaysRespond).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+use super::resource::{self, ResourceMap, PUSH_ORDER};
+use super::subscription::Subscription;
+use super::{check_node, control_plane, Event, ProtocolError, Step};
+use crate::translate::ProxyResources;
+
+/// Per-type state on one stream.
+#[derive(Debug, Default)]
+struct TypeState {
+    sub: Subscription,
+    /// Nonce of the last response sent for this type; `None` until the first.
+    last_nonce: Option<String>,
+    /// Version of the last response sent.
+    sent_version: Option<String>,
+    /// Answer the next request even when it looks like an ACK (EDS after a CDS response).
+    always_respond: bool,
+}
+
+#[derive(Debug)]
+pub struct SotwState {
+    control_plane: String,
+    node: String,
+    seen_first: bool,
+    resources: ProxyResources,
+    /// Types the client has asked for; discovery never answers a type before that.
+    types: BTreeMap<String, TypeState>,
+    nonce_counter: u64,
+}
+
+impl SotwState {
+    /// `node` is the id of the proxy the stream serves (from its first request).
+    pub fn new(control_plane: &str, node: &str, resources: ProxyResources) -> SotwState {
+        SotwState {
+            control_plane: control_plane.to_string(),
+            node: node.to_string(),
+            seen_first: false,
+            resources,
+            types: BTreeMap::new(),
+            nonce_counter: 0,
+        }
+    }
+
+    pub fn on_request(
+        &mut self,
+        req: DiscoveryRequest,
+    ) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+        check_node(&self.node, &mut self.seen_first, req.node.as_ref())?;
+        let mut step = Step::default();
+        let type_url = req.type_url.clone();
+        if !PUSH_ORDER.contains(&type_url.as_str()) {
+            step.events.push(Event::UnknownType { type_url });
+            return Ok(step);
+        }
+        let state = self.types.entry(type_url.clone()).or_default();
+        let nonce = req.response_nonce.as_str();
+        // An empty nonce, or none sent yet for the type, is an initial request or a reconnect.
+        let initial = nonce.is_empty() || state.last_nonce.is_none();
+        if !initial && state.last_nonce.as_deref() != Some(nonce) {
+            step.events.push(Event::StaleNonce {
+                type_url,
+                nonce: nonce.to_string(),
+            });
+            return Ok(step);
+        }
+        let before = state.sub.clone();
+        state.sub.set_sotw(&type_url, &req.resource_names);
+
+        if let Some(error) = &req.error_detail {
+            step.events.push(Event::Nack {
+                type_url: type_url.clone(),
+                version: req.version_info.clone(),
+                nonce: nonce.to_string(),
+                message: error.message.clone(),
+            });
+            // Never resend the rejected version: wait for the next real change. A NACK that
+            // opens a stream still gets the current state, like any first request.
+            if !initial {
+                return Ok(step);
+            }
+        }
+
+        let respond = if initial {
+            true
+        } else {
+            step.events.push(Event::Ack {
+                type_url: type_url.clone(),
+                version: req.version_info.clone(),
+                nonce: nonce.to_string(),
+            });
+            let added = (state.sub.wildcard && !before.wildcard)
+                || state.sub.names.iter().any(|n| !before.covers(n));
+            added || state.always_respond
+        };
+        if respond {
+            state.always_respond = false;
+            self.respond(&type_url, true, &mut step);
+        }
+        Ok(step)
+    }
+
+    /// New resources for the proxy: push every requested type whose content changed.
+    pub fn on_resources(&mut self, resources: ProxyResources) -> Step<DiscoveryResponse> {
+        self.resources = resources;
+        let mut step = Step::default();
+        for type_url in PUSH_ORDER {
+            let subscribed = self
+                .types
+                .get(type_url)
+                .is_some_and(|s| s.last_nonce.is_some() && !s.sub.is_empty());
+            if subscribed {
+                self.respond(type_url, false, &mut step);
+            }
+        }
+        step
+    }
+
+    /// What the client would get for `type_url` now: LDS/CDS the full subscribed set, EDS/RDS
+    /// the subscribed names (EDS answers unknown names with an empty assignment).
+    fn contents(&self, type_url: &str, sub: &Subscription) -> ResourceMap {
+        let empty = Arc::default();
+        let all = self.resources.of_type(type_url).unwrap_or(&empty);
+        if sub.wildcard {
+            return (**all).clone();
+        }
+        sub.names
+            .iter()
+            .filter_map(|name| match all.get(name) {
+                Some(r) => Some((name.clone(), r.clone())),
+                None if type_url == resource::ENDPOINT => {
+                    Some((name.clone(), resource::empty_assignment(name)))
+                }
+                None => None,
+            })
+            .collect()
+    }
+
+    fn respond(&mut self, type_url: &str, force: bool, step: &mut Step<DiscoveryResponse>) {
+        let Some(state) = self.types.get(type_url) else {
+            return;
+        };
+        let contents = self.contents(type_url, &state.sub);
+        let version = resource::set_version(&contents);
+        if !force && state.sent_version.as_deref() == Some(version.as_str()) {
+            return;
+        }
+        self.nonce_counter += 1;
+        let nonce = self.nonce_counter.to_string();
+        if let Some(state) = self.types.get_mut(type_url) {
+            state.last_nonce = Some(nonce.clone());
+            state.sent_version = Some(version.clone());
+        }
+        if type_url == resource::CLUSTER {
+            // A cluster warms only once an assignment arrives for it, so the next EDS request
+            // is answered even if it looks like an ACK.
+            self.types
+                .entry(resource::ENDPOINT.to_string())
+                .or_default()
+                .always_respond = true;
+        }
+        step.events.push(Event::Pushed {
+            type_url: type_url.to_string(),
+            version: version.clone(),
+            resources: contents.len(),
+        });
+        step.responses.push(DiscoveryResponse {
+            version_info: version,
+            resources: contents.values().map(|r| r.body.clone()).collect(),
+            type_url: type_url.to_string(),
+            nonce,
+            control_plane: control_plane(&self.control_plane),
+            ..Default::default()
+        });
+    }
+
+    /// Names sent in the last response of a type (for tests and debugging).
+    pub fn subscription(&self, type_url: &str) -> Option<(bool, BTreeSet<String>)> {
+        self.types
+            .get(type_url)
+            .map(|s| (s.sub.wildcard, s.sub.names.clone()))
+    }
+}
+
+#[cfg(test)]
+#[path = "sotw_tests.rs"]
+mod tests;

@@ -1,0 +1,137 @@
+//! What a client subscribed to for one resource type, with the xDS wildcard rules.
+//!
+//! LDS and CDS have a legacy wildcard: a client that never named a resource of the type gets
+//! everything. Once it names anything (including `"*"`), an empty subscription means nothing.
+//! EDS and RDS have no wildcard: an empty subscription always means nothing. Both protocol
+//! variants share this struct; SotW replaces the whole set per request, Delta adds and removes.
+
+use std::collections::BTreeSet;
+
+use super::resource::is_wildcard_type;
+
+/// The explicit wildcard name.
+pub const WILDCARD: &str = "*";
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscription {
+    /// Subscribed to every resource of the type (explicit `"*"` or the legacy empty request).
+    pub wildcard: bool,
+    /// Names subscribed explicitly (never contains `"*"`).
+    pub names: BTreeSet<String>,
+    /// The client has named something (`"*"` included), so the legacy wildcard is gone.
+    explicit: bool,
+}
+
+impl Subscription {
+    /// Applies a SotW request's `resource_names`, which replace the previous subscription.
+    pub fn set_sotw(&mut self, type_url: &str, names: &[String]) {
+        if names.is_empty() {
+            self.wildcard = is_wildcard_type(type_url) && !self.explicit;
+            self.names.clear();
+            return;
+        }
+        self.explicit = true;
+        self.wildcard = is_wildcard_type(type_url) && names.iter().any(|n| n == WILDCARD);
+        self.names = names
+            .iter()
+            .filter(|n| n.as_str() != WILDCARD)
+            .cloned()
+            .collect();
+    }
+
+    /// Applies a Delta request's subscribe and unsubscribe lists. `first` is true for the first
+    /// request of the type on the stream, the only one that can start the legacy wildcard.
+    pub fn apply_delta(
+        &mut self,
+        type_url: &str,
+        first: bool,
+        subscribe: &[String],
+        unsubscribe: &[String],
+    ) {
+        let wildcard_type = is_wildcard_type(type_url);
+        if first && subscribe.is_empty() && !self.explicit {
+            self.wildcard = wildcard_type;
+        }
+        for name in subscribe {
+            self.explicit = true;
+            if name == WILDCARD {
+                self.wildcard = wildcard_type;
+            } else {
+                self.names.insert(name.clone());
+            }
+        }
+        for name in unsubscribe {
+            if name == WILDCARD {
+                self.wildcard = false;
+            } else {
+                self.names.remove(name);
+            }
+        }
+    }
+
+    /// Whether a resource of this name is wanted.
+    pub fn covers(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    /// Subscribed to nothing at all.
+    pub fn is_empty(&self) -> bool {
+        !self.wildcard && self.names.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::resource::{CLUSTER, ENDPOINT};
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn sotw_wildcard_four_steps() {
+        let mut s = Subscription::default();
+        // 1. Empty, never named: wildcard.
+        s.set_sotw(CLUSTER, &[]);
+        assert!(s.wildcard && s.names.is_empty());
+        // 2. "*" and "A": wildcard plus A.
+        s.set_sotw(CLUSTER, &names(&["*", "A"]));
+        assert!(s.wildcard && s.names.contains("A"));
+        // 3. "A": wildcard dropped, A kept.
+        s.set_sotw(CLUSTER, &names(&["A"]));
+        assert!(!s.wildcard && s.covers("A") && !s.covers("B"));
+        // 4. Empty again: unsubscribe from everything, not a wildcard.
+        s.set_sotw(CLUSTER, &[]);
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn delta_wildcard_four_steps() {
+        let mut s = Subscription::default();
+        s.apply_delta(CLUSTER, true, &[], &[]);
+        assert!(s.wildcard);
+        s.apply_delta(CLUSTER, false, &names(&["A"]), &[]);
+        assert!(s.wildcard && s.names.contains("A"));
+        s.apply_delta(CLUSTER, false, &[], &names(&["*"]));
+        assert!(!s.wildcard && s.covers("A"));
+        s.apply_delta(CLUSTER, false, &[], &names(&["A"]));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn eds_empty_is_unsubscribe() {
+        let mut s = Subscription::default();
+        s.set_sotw(ENDPOINT, &[]);
+        assert!(s.is_empty());
+        s.set_sotw(ENDPOINT, &names(&["a"]));
+        assert!(s.covers("a"));
+        s.set_sotw(ENDPOINT, &[]);
+        assert!(s.is_empty());
+        let mut d = Subscription::default();
+        d.apply_delta(ENDPOINT, true, &[], &[]);
+        assert!(d.is_empty());
+        d.apply_delta(ENDPOINT, false, &names(&["*"]), &[]);
+        assert!(!d.wildcard, "no wildcard for EDS");
+    }
+}

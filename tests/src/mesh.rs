@@ -1,0 +1,250 @@
+//! A whole mesh on one machine: discovery, N simulated hosts (agent + Envoy each, on their own
+//! loopback address), sample apps, and the registry directory the test edits.
+
+use std::fs;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::{binary, envoy_binary, free_port, wait_for, Net, Process};
+
+/// One simulated host: an agent and its Envoy.
+#[derive(Debug)]
+pub struct Host {
+    pub node: String,
+    pub ip: IpAddr,
+    pub outbound: SocketAddr,
+    pub mesh_port: u16,
+    pub admin: SocketAddr,
+    pub health: SocketAddr,
+    pub config: PathBuf,
+    pub dir: PathBuf,
+    pub agent: Process,
+}
+
+impl Host {
+    /// Block until Envoy answers `/ready` with 200 on this host.
+    pub async fn wait_ready(&self, deadline: Duration) -> Result<()> {
+        let admin = self.admin;
+        wait_for(&format!("envoy of {} ready", self.node), deadline, || async move {
+            Ok(crate::blocking(move || crate::http_get(admin, "admin", "/ready"))
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+                .map(|_| ()))
+        })
+        .await
+    }
+
+    /// The pid of this host's Envoy (a child of the agent).
+    pub fn envoy_pid(&self) -> Option<u32> {
+        let agent = self.agent.pid()?;
+        let children = fs::read_to_string(format!("/proc/{agent}/task/{agent}/children")).ok()?;
+        children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+            .find(|pid| {
+                fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|c| c.trim().starts_with("envoy"))
+                    .unwrap_or(false)
+            })
+    }
+}
+
+/// Discovery plus hosts, all torn down on drop.
+#[derive(Debug)]
+pub struct Mesh {
+    pub net: Net,
+    pub dir: PathBuf,
+    pub registry: PathBuf,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub discovery: Process,
+    pub hosts: Vec<Host>,
+    pub apps: Vec<Process>,
+    /// Which ADS flavour the agents' Envoys use ("delta" or "sotw").
+    pub xds: &'static str,
+    _tmp: tempfile::TempDir,
+}
+
+impl Mesh {
+    /// Start discovery (insecure, local experiment) on host 1 of a fresh address block, with an
+    /// empty registry directory.
+    pub fn start() -> Result<Mesh> {
+        Mesh::start_with("delta")
+    }
+
+    pub fn start_with(xds: &'static str) -> Result<Mesh> {
+        let net = Net::new();
+        let tmp = tempfile::Builder::new().prefix("pilotfish-e2e-").tempdir()?;
+        let dir = tmp.path().to_path_buf();
+        let registry = dir.join("registry.d");
+        fs::create_dir_all(&registry)?;
+        let ip = net.host(1);
+        let grpc = SocketAddr::new(ip, free_port(ip));
+        let http = SocketAddr::new(ip, free_port(ip));
+        let config = dir.join("discovery.toml");
+        fs::write(
+            &config,
+            format!(
+                "insecure = true\nstate_dir = \"state\"\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\n[registry.files]\npaths = [\"registry.d\"]\n"
+            ),
+        )?;
+        let discovery = Process::spawn(
+            "discovery",
+            &binary("pilotfish-discovery")?,
+            &["--config", &config.display().to_string()],
+            dir.join("discovery.log"),
+        )?;
+        Ok(Mesh {
+            net,
+            dir,
+            registry,
+            grpc,
+            http,
+            discovery,
+            hosts: Vec::new(),
+            apps: Vec::new(),
+            xds,
+            _tmp: tmp,
+        })
+    }
+
+    /// Write (or replace, atomically) a registry file.
+    pub fn write_registry(&self, name: &str, content: &str) -> Result<()> {
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        fs::write(&tmp, content)?;
+        fs::rename(&tmp, self.registry.join(name))?;
+        Ok(())
+    }
+
+    /// Add simulated host `i` (its address is `net.host(i)`) running an agent for `node`.
+    pub fn add_host(&mut self, node: &str, i: u8) -> Result<&Host> {
+        let ip = self.net.host(i);
+        let dir = self.dir.join(node);
+        fs::create_dir_all(&dir)?;
+        let outbound = SocketAddr::new(ip, free_port(ip));
+        let mesh_port = free_port(ip);
+        let admin = SocketAddr::new(ip, free_port(ip));
+        let health = SocketAddr::new(ip, free_port(ip));
+        let config = dir.join("agent.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"node = "{node}"
+address = "{ip}"
+discovery = ["{grpc}"]
+insecure = true
+outbound = "{outbound}"
+app_address = "{ip}"
+mesh_port = {mesh_port}
+state_dir = "state"
+run_dir = "run"
+health = "{health}"
+
+[envoy]
+binary = "{envoy}"
+admin = "{admin}"
+concurrency = 1
+drain_time = "2s"
+xds = "{xds}"
+"#,
+                grpc = self.grpc,
+                envoy = envoy_binary()?.display(),
+                xds = self.xds,
+            ),
+        )?;
+        let agent = Process::spawn(
+            node,
+            &binary("pilotfish-agent")?,
+            &["--config", &config.display().to_string()],
+            dir.join("agent.log"),
+        )?;
+        self.hosts.push(Host {
+            node: node.to_string(),
+            ip,
+            outbound,
+            mesh_port,
+            admin,
+            health,
+            config,
+            dir,
+            agent,
+        });
+        Ok(self.hosts.last().context("host just added")?)
+    }
+
+    pub fn host(&self, node: &str) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.node == node)
+            .unwrap_or_else(|| panic!("no host {node}"))
+    }
+
+    pub fn host_mut(&mut self, node: &str) -> &mut Host {
+        self.hosts
+            .iter_mut()
+            .find(|h| h.node == node)
+            .unwrap_or_else(|| panic!("no host {node}"))
+    }
+
+    /// Start a sample app `name`/`version` on `ip`; returns its port.
+    pub fn start_app(&mut self, name: &str, version: &str, ip: IpAddr, extra: &[&str]) -> Result<u16> {
+        let port = free_port(ip);
+        let listen = SocketAddr::new(ip, port).to_string();
+        let mut args = vec!["--listen", &listen, "--name", name, "--version", version];
+        args.extend_from_slice(extra);
+        let app = Process::spawn(
+            &format!("{name}-{version}"),
+            &binary("pilotfish-sample-app")?,
+            &args,
+            self.dir.join(format!("app-{name}-{version}-{port}.log")),
+        )?;
+        self.apps.push(app);
+        let addr: SocketAddr = listen.parse()?;
+        wait_port(addr, Duration::from_secs(10))?;
+        Ok(port)
+    }
+
+    /// Every process's log, for a failing test's output.
+    pub fn logs(&self) -> String {
+        let mut out = format!("--- discovery ---\n{}\n", tail(&self.discovery.log_text()));
+        for h in &self.hosts {
+            out.push_str(&format!("--- agent {} ---\n{}\n", h.node, tail(&h.agent.log_text())));
+        }
+        out
+    }
+
+    pub fn discovery_log(&self) -> String {
+        self.discovery.log_text()
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        Path::new(&self.dir).join(rel)
+    }
+}
+
+fn tail(s: &str) -> &str {
+    let start = s.len().saturating_sub(6000);
+    let mut i = start;
+    while !s.is_char_boundary(i) {
+        i += 1;
+    }
+    &s[i..]
+}
+
+/// Wait until something accepts TCP connections on `addr`.
+pub fn wait_port(addr: SocketAddr, deadline: Duration) -> Result<()> {
+    let end = std::time::Instant::now() + deadline;
+    loop {
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > end {
+            anyhow::bail!("nothing listens on {addr} after {deadline:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
