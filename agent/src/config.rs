@@ -277,7 +277,10 @@ pub fn parse(text: &str, base: &Path, path_env: Option<&OsStr>) -> Result<AgentC
         None => None,
         Some(n) => match u32::try_from(n) {
             Ok(n) if n >= 1 => Some(n),
-            _ => v.fail("envoy.concurrency", format!("{n} is not a positive integer")),
+            _ => v.fail(
+                "envoy.concurrency",
+                format!("{n} is not a positive integer"),
+            ),
         },
     };
     let drain_time = match envoy.drain_time.as_deref() {
@@ -476,7 +479,10 @@ fn resolve_binary(base: &Path, name: &str, path_env: Option<&OsStr>) -> Result<P
         return if is_executable(&p) {
             Ok(p)
         } else {
-            Err(format!("{} does not exist or is not executable", p.display()))
+            Err(format!(
+                "{} does not exist or is not executable",
+                p.display()
+            ))
         };
     }
     let path_env = path_env.map(OsString::from).unwrap_or_default();
@@ -516,6 +522,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -1,1 +1,183 @@
-//! placeholder
+//! Pilotfish agent: one per host. It writes Envoy's bootstrap, keeps Envoy running, relays
+//! Envoy's ADS stream to discovery over a Unix socket (serving the last accepted config from
+//! disk when discovery is unreachable), and reports health and metrics.
+//!
+//! [`run`] wires the parts. Envoy is drained and stopped first on shutdown; the xDS proxy,
+//! health endpoint and cache writer keep running until it is gone, so Envoy keeps its xDS
+//! stream and probes keep answering (503) while connections drain.
+
+pub mod config;
+pub mod envoy;
+pub mod health;
+pub mod status;
+pub mod xds;
+
+#[cfg(test)]
+mod testutil;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+pub use config::AgentConfig;
+use envoy::admin::Admin;
+use envoy::supervisor::Supervisor;
+use health::Health;
+use status::AgentStatus;
+use xds::proxy::{ProxyError, XdsProxy};
+use xds::store::SharedCache;
+use xds::upstream::{DialBackoff, Upstream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot create {}: {source}", path.display())]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write the Envoy bootstrap {}: {source}", path.display())]
+    Bootstrap {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Proxy(#[from] ProxyError),
+    #[error("health endpoint {addr}: {source}")]
+    Health {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("agent task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+enum Part {
+    Supervisor,
+    Proxy(Result<(), ProxyError>),
+    Health(std::io::Result<()>),
+    Persist,
+}
+
+/// Runs the agent until `shutdown` is cancelled (then drains Envoy and returns `Ok`) or a part
+/// fails (then stops Envoy the same way and returns the error).
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    if config.insecure {
+        warn!(
+            discovery = ?config.discovery,
+            "INSECURE: xDS to discovery is plaintext and unauthenticated; local experiments only"
+        );
+    }
+    create_dir(&config.run_dir, 0o755)?;
+    create_dir(&config.state_dir, 0o700)?;
+    write_bootstrap(&config)?;
+
+    let cache = SharedCache::new(xds::store::load(&config.cache_path()).await);
+    let xds_listener = xds::proxy::bind(&config.xds_socket())?;
+    let health_listener =
+        TcpListener::bind(config.health)
+            .await
+            .map_err(|source| AgentError::Health {
+                addr: config.health,
+                source,
+            })?;
+    info!(
+        node = %config.node,
+        xds_socket = %config.xds_socket().display(),
+        health = %config.health,
+        admin = %config.envoy.admin,
+        "agent starting"
+    );
+
+    let status = Arc::new(AgentStatus::default());
+    // Stops the parts Envoy depends on, once Envoy is gone.
+    let services = CancellationToken::new();
+    let mut parts = JoinSet::new();
+    let supervisor = Supervisor::new(&config, status.clone());
+    let sd = shutdown.clone();
+    parts.spawn(async move {
+        supervisor.run(sd).await;
+        Part::Supervisor
+    });
+    let proxy = XdsProxy::new(
+        Upstream::new(config.discovery.clone(), DialBackoff::default()),
+        cache.clone(),
+        status.clone(),
+    );
+    let sd = services.clone();
+    parts.spawn(async move { Part::Proxy(proxy.run(xds_listener, sd).await) });
+    let health = Health {
+        status,
+        admin: Admin::new(config.envoy.admin),
+    };
+    let sd = services.clone();
+    parts.spawn(async move { Part::Health(health.run(health_listener, sd).await) });
+    let sd = services.clone();
+    let cache_path = config.cache_path();
+    parts.spawn(async move {
+        xds::store::persist(cache, cache_path, sd).await;
+        Part::Persist
+    });
+
+    let mut failure = None;
+    while let Some(joined) = parts.join_next().await {
+        let err = match joined {
+            Ok(Part::Supervisor) => {
+                services.cancel();
+                continue;
+            }
+            Ok(Part::Proxy(Err(e))) => AgentError::Proxy(e),
+            Ok(Part::Health(Err(source))) => AgentError::Health {
+                addr: config.health,
+                source,
+            },
+            Ok(_) => continue,
+            Err(e) => {
+                services.cancel();
+                AgentError::Task(e)
+            }
+        };
+        error!(error = %err, "agent part failed; shutting down");
+        shutdown.cancel();
+        failure.get_or_insert(err);
+    }
+    let _ = std::fs::remove_file(config.xds_socket());
+    match failure {
+        Some(e) => Err(e),
+        None => {
+            info!("agent stopped");
+            Ok(())
+        }
+    }
+}
+
+fn create_dir(path: &Path, mode: u32) -> Result<(), AgentError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(path)
+        .map_err(|source| AgentError::Dir {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn write_bootstrap(config: &AgentConfig) -> Result<(), AgentError> {
+    let path = config.bootstrap_path();
+    let err = |source| AgentError::Bootstrap {
+        path: path.clone(),
+        source,
+    };
+    let doc = envoy::bootstrap::bootstrap(config, &config.xds_socket());
+    let json = serde_json::to_vec_pretty(&doc).map_err(|e| err(e.into()))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, json).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)
+}

@@ -2,24 +2,29 @@
 //! proxy) and the one that reports it (`health`). Plain atomics: every reader wants a
 //! snapshot, never a consistent transaction across fields.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug, Default)]
 pub struct AgentStatus {
-    envoy_up: AtomicBool,
+    /// 0 while no Envoy runs.
+    envoy_pid: AtomicU32,
     envoy_restarts: AtomicU64,
     upstream_streams: AtomicU64,
     cache_streams: AtomicU64,
 }
 
 impl AgentStatus {
-    pub fn set_envoy_up(&self, up: bool) {
-        self.envoy_up.store(up, Ordering::Relaxed);
+    pub fn set_envoy_pid(&self, pid: Option<u32>) {
+        self.envoy_pid.store(pid.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn envoy_pid(&self) -> Option<u32> {
+        Some(self.envoy_pid.load(Ordering::Relaxed)).filter(|p| *p != 0)
     }
 
     pub fn envoy_up(&self) -> bool {
-        self.envoy_up.load(Ordering::Relaxed)
+        self.envoy_pid().is_some()
     }
 
     pub fn envoy_restarted(&self) {

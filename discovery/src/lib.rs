@@ -1,6 +1,152 @@
 //! Pilotfish discovery: builds the mesh snapshot from the registries, translates it into Envoy
 //! resources per proxy, and serves them over ADS.
+//!
+//! [`run`] wires the parts: the file registry publishes catalogs -> the [`mesh::Debouncer`]
+//! turns bursts into one [`mesh::MeshSnapshot`] -> the [`xds::server::AdsServer`] streams
+//! per-proxy resources; the [`http::HttpServer`] reports on all of them.
 
+pub mod config;
+pub mod http;
+pub mod mesh;
 pub mod proxy;
 pub mod translate;
 pub mod xds;
+
+use std::sync::Arc;
+
+use pilotfish_registries::files::{load_once, FileRegistry, FilesError, FilesStatus};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::http::{HttpServer, HttpState};
+use crate::mesh::{Debouncer, MeshSnapshot};
+use crate::xds::connections::Connections;
+use crate::xds::metrics::XdsMetrics;
+use crate::xds::server::{AdsOptions, AdsServer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("the file registry failed")]
+    Registry(#[source] FilesError),
+    #[error("the ADS server failed")]
+    Ads(#[source] tonic::transport::Error),
+    #[error("the HTTP server failed")]
+    Http(#[source] std::io::Error),
+    #[error("a discovery task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Runs discovery on the given listeners until `shutdown` is cancelled or a part fails; then
+/// stops every part and waits for it. Each part is expected to run until shutdown, so one that
+/// ends early stops the others too.
+pub async fn run(
+    config: Config,
+    grpc_listener: TcpListener,
+    http_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    if config.insecure {
+        warn!(
+            grpc = %config.grpc,
+            "INSECURE MODE: xDS is served in plaintext with no authentication; any host that \
+             reaches this port can read the mesh configuration. Local experiments only."
+        );
+    }
+    if config.consul.is_some() {
+        warn!("[registry.consul] is not implemented yet and is ignored");
+    }
+    let stop = shutdown.child_token();
+
+    // Load the files once before serving, so the first snapshot is the real catalog rather
+    // than an empty one that would make reconnecting proxies drop their config. The registry
+    // loads them again as it starts watching, and logs any problems then.
+    let paths = config.registry_files.clone();
+    let (catalog, _problems) = tokio::task::spawn_blocking(move || load_once(&paths))
+        .await
+        .map_err(RunError::Task)?;
+    let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
+    let (status_tx, status_rx) = watch::channel(Arc::new(FilesStatus::default()));
+    let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(MeshSnapshot::placeholder()));
+    let connections = Connections::default();
+    let metrics = Arc::new(XdsMetrics::default());
+
+    let registry = FileRegistry::new(config.registry_files.clone());
+    let debouncer = Debouncer::new(catalog_rx, snapshot_tx, config.debounce);
+    let ads = AdsServer::new(
+        snapshot_rx.clone(),
+        connections.clone(),
+        metrics.clone(),
+        AdsOptions {
+            control_plane: control_plane_identifier(),
+            ..AdsOptions::default()
+        },
+    );
+    let http = HttpServer::new(HttpState {
+        files: status_rx,
+        snapshots: snapshot_rx,
+        connections,
+        metrics,
+    });
+    info!(grpc = %config.grpc, http = %config.http, "discovery starting");
+
+    let mut tasks = JoinSet::new();
+    let token = stop.clone();
+    tasks.spawn(async move {
+        registry
+            .run(catalog_tx, status_tx, token)
+            .await
+            .map_err(RunError::Registry)
+    });
+    let token = stop.clone();
+    tasks.spawn(async move {
+        debouncer.run(token).await;
+        Ok(())
+    });
+    let token = stop.clone();
+    tasks.spawn(async move { ads.run(grpc_listener, token).await.map_err(RunError::Ads) });
+    let token = stop.clone();
+    tasks.spawn(async move { http.run(http_listener, token).await.map_err(RunError::Http) });
+
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let outcome = joined.map_err(RunError::Task).and_then(|r| r);
+        if let Err(e) = outcome {
+            error!(error = %error_chain(&e), "stopping discovery");
+            if result.is_ok() {
+                result = Err(e);
+            }
+        } else if !stop.is_cancelled() {
+            warn!("a discovery task ended before shutdown; stopping discovery");
+        }
+        stop.cancel();
+    }
+    info!("discovery stopped");
+    result
+}
+
+/// `control_plane.identifier` in responses: which discovery replica answered.
+fn control_plane_identifier() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".into());
+    format!("pilotfish-discovery@{host}")
+}
+
+/// An error and its sources, `: `-separated, for one log line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

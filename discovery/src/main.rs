@@ -1,1 +1,207 @@
-fn main() {}
+//! `pilotfish-discovery`: parse flags, load the config, run discovery until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pilotfish_discovery::config::Config;
+use pilotfish_discovery::error_chain;
+use pilotfish_registries::files::load_once;
+use pilotfish_registries::model::Catalog;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+/// Exit code for bad configuration or registry files (sysexits EX_USAGE).
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pilotfish-discovery",
+    version,
+    about = "Pilotfish discovery: the mesh's xDS control plane"
+)]
+struct Cli {
+    /// The discovery config file.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "/etc/pilotfish/discovery.toml"
+    )]
+    config: PathBuf,
+    /// Validate the config and the registry files it names, print every problem, and exit
+    /// (0: good, 64: bad).
+    #[arg(long)]
+    check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check registry files (every *.toml under each DIR) and print every problem.
+    Validate {
+        #[arg(required = true, value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    if let Some(Command::Validate { dirs }) = cli.command {
+        return validate(&dirs);
+    }
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => {
+            for problem in e.problems() {
+                eprintln!("{problem}");
+            }
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    if cli.check {
+        return check(&config);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+fn init_logging() {
+    let filter =
+        EnvFilter::try_from_env("PILOTFISH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if std::env::var("PILOTFISH_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// `validate DIR...`: problems on stdout, one per line; a summary when there are none.
+fn validate(dirs: &[PathBuf]) -> ExitCode {
+    let (catalog, problems) = load_once(dirs);
+    for problem in &problems {
+        println!("{problem}");
+    }
+    if problems.is_empty() {
+        println!("{}", summary(&catalog));
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} problem(s)", problems.len());
+        ExitCode::from(EXIT_BAD_CONFIG)
+    }
+}
+
+/// `--check`: the config is valid; now the registry files it names.
+fn check(config: &Config) -> ExitCode {
+    let (catalog, problems) = load_once(&config.registry_files);
+    for problem in &problems {
+        eprintln!("{problem}");
+    }
+    if problems.is_empty() {
+        println!(
+            "{}: ok; registry: {}",
+            config.source.display(),
+            summary(&catalog)
+        );
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} problem(s)", problems.len());
+        ExitCode::from(EXIT_BAD_CONFIG)
+    }
+}
+
+fn summary(catalog: &Catalog) -> String {
+    let instances: usize = catalog.services.values().map(|s| s.instances.len()).sum();
+    let names = |keys: Vec<&String>| {
+        if keys.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " ({})",
+                keys.iter()
+                    .map(|k| k.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    format!(
+        "{} services{} with {} instances, {} routes{}, {} policies{}",
+        catalog.services.len(),
+        names(catalog.services.keys().collect()),
+        instances,
+        catalog.routes.len(),
+        names(catalog.routes.keys().collect()),
+        catalog.policies.len(),
+        names(catalog.policies.keys().collect()),
+    )
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let grpc = match bind("grpc", config.grpc).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let http = match bind("http", config.http).await {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let shutdown = CancellationToken::new();
+    let run = pilotfish_discovery::run(config, grpc, http, shutdown.clone());
+    tokio::pin!(run);
+    let result = tokio::select! {
+        result = &mut run => result,
+        () = terminated() => {
+            info!("signal received; shutting down");
+            shutdown.cancel();
+            run.await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!(error = %error_chain(&e), "discovery failed");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bind(what: &str, addr: std::net::SocketAddr) -> Result<TcpListener, ExitCode> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        error!("cannot bind the {what} listener on {addr}: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn terminated() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM; only SIGINT stops discovery");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -92,7 +92,11 @@ impl Proxy {
     }
 }
 
-fn ip_field(meta: Option<&Struct>, key: &'static str, default: IpAddr) -> Result<IpAddr, NodeError> {
+fn ip_field(
+    meta: Option<&Struct>,
+    key: &'static str,
+    default: IpAddr,
+) -> Result<IpAddr, NodeError> {
     match field(meta, key) {
         None => Ok(default),
         Some(Kind::StringValue(s)) => s.parse().map_err(|_| NodeError::BadMetadata {

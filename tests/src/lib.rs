@@ -135,7 +135,10 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
-            .env("PILOTFISH_LOG", std::env::var("PILOTFISH_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "PILOTFISH_LOG",
+                std::env::var("PILOTFISH_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .spawn()
             .with_context(|| format!("start {}", program.display()))?;
         let mut command = vec![program.display().to_string()];
@@ -157,8 +160,8 @@ impl Process {
         self.kill();
         let program = PathBuf::from(&self.command[0]);
         let args: Vec<&str> = self.command[1..].iter().map(String::as_str).collect();
-        let fresh = Process::spawn(&self.name, &program, &args, self.log.clone())?;
-        self.child = fresh.child;
+        let mut fresh = Process::spawn(&self.name, &program, &args, self.log.clone())?;
+        self.child = fresh.child.take();
         Ok(())
     }
 
@@ -233,7 +236,9 @@ where
         }
         if Instant::now() >= end {
             return Err(match last_err {
-                Some(e) => anyhow!("timed out after {deadline:?} waiting for {what}: last error: {e:#}"),
+                Some(e) => {
+                    anyhow!("timed out after {deadline:?} waiting for {what}: last error: {e:#}")
+                }
                 None => anyhow!("timed out after {deadline:?} waiting for {what}"),
             });
         }
@@ -269,8 +274,8 @@ pub fn http_request(
     body: &str,
 ) -> Result<Response> {
     let timeout = Duration::from_secs(10);
-    let mut stream = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("connect {addr}"))?;
+    let mut stream =
+        TcpStream::connect_timeout(&addr, timeout).with_context(|| format!("connect {addr}"))?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
@@ -307,7 +312,11 @@ fn parse_response(raw: &[u8]) -> Result<Response> {
     let chunked = headers
         .iter()
         .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
-    let body = if chunked { dechunk(body) } else { body.to_string() };
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
     Ok(Response {
         status,
         headers,
@@ -347,7 +356,10 @@ pub fn admin_get(addr: SocketAddr, path: &str) -> Result<String> {
 
 /// Read one counter or gauge from Envoy's admin `/stats` (plain text `name: value`).
 pub fn envoy_stat(admin: SocketAddr, name: &str) -> Result<Option<u64>> {
-    let body = admin_get(admin, &format!("/stats?filter=^{}$", name.replace('|', "\\|")))?;
+    let body = admin_get(
+        admin,
+        &format!("/stats?filter=^{}$", name.replace('|', "\\|")),
+    )?;
     Ok(body
         .lines()
         .filter_map(|l| l.split_once(": "))

@@ -28,20 +28,32 @@ impl Host {
     /// Block until Envoy answers `/ready` with 200 on this host.
     pub async fn wait_ready(&self, deadline: Duration) -> Result<()> {
         let admin = self.admin;
-        wait_for(&format!("envoy of {} ready", self.node), deadline, || async move {
-            Ok(crate::blocking(move || crate::http_get(admin, "admin", "/ready"))
-                .await
-                .ok()
-                .filter(|r| r.status == 200)
-                .map(|_| ()))
-        })
+        wait_for(
+            &format!("envoy of {} ready", self.node),
+            deadline,
+            || async move {
+                Ok(
+                    crate::blocking(move || crate::http_get(admin, "admin", "/ready"))
+                        .await
+                        .ok()
+                        .filter(|r| r.status == 200)
+                        .map(|_| ()),
+                )
+            },
+        )
         .await
     }
 
     /// The pid of this host's Envoy (a child of the agent).
     pub fn envoy_pid(&self) -> Option<u32> {
         let agent = self.agent.pid()?;
-        let children = fs::read_to_string(format!("/proc/{agent}/task/{agent}/children")).ok()?;
+        // Children are listed per thread, and the agent spawns Envoy from a worker thread.
+        let mut children = String::new();
+        for task in fs::read_dir(format!("/proc/{agent}/task")).ok()?.flatten() {
+            let path = task.path().join("children");
+            children.push_str(&fs::read_to_string(path).unwrap_or_default());
+            children.push(' ');
+        }
         children
             .split_whitespace()
             .filter_map(|p| p.parse::<u32>().ok())
@@ -78,7 +90,9 @@ impl Mesh {
 
     pub fn start_with(xds: &'static str) -> Result<Mesh> {
         let net = Net::new();
-        let tmp = tempfile::Builder::new().prefix("pilotfish-e2e-").tempdir()?;
+        let tmp = tempfile::Builder::new()
+            .prefix("pilotfish-e2e-")
+            .tempdir()?;
         let dir = tmp.path().to_path_buf();
         let registry = dir.join("registry.d");
         fs::create_dir_all(&registry)?;
@@ -173,7 +187,7 @@ xds = "{xds}"
             dir,
             agent,
         });
-        Ok(self.hosts.last().context("host just added")?)
+        self.hosts.last().context("host just added")
     }
 
     pub fn host(&self, node: &str) -> &Host {
@@ -191,7 +205,13 @@ xds = "{xds}"
     }
 
     /// Start a sample app `name`/`version` on `ip`; returns its port.
-    pub fn start_app(&mut self, name: &str, version: &str, ip: IpAddr, extra: &[&str]) -> Result<u16> {
+    pub fn start_app(
+        &mut self,
+        name: &str,
+        version: &str,
+        ip: IpAddr,
+        extra: &[&str],
+    ) -> Result<u16> {
         let port = free_port(ip);
         let listen = SocketAddr::new(ip, port).to_string();
         let mut args = vec!["--listen", &listen, "--name", name, "--version", version];
@@ -212,7 +232,11 @@ xds = "{xds}"
     pub fn logs(&self) -> String {
         let mut out = format!("--- discovery ---\n{}\n", tail(&self.discovery.log_text()));
         for h in &self.hosts {
-            out.push_str(&format!("--- agent {} ---\n{}\n", h.node, tail(&h.agent.log_text())));
+            out.push_str(&format!(
+                "--- agent {} ---\n{}\n",
+                h.node,
+                tail(&h.agent.log_text())
+            ));
         }
         out
     }

@@ -8,7 +8,9 @@ use pilotfish_tests::{binary, envoy_binary, workspace_root};
 fn path_with_envoy() -> Result<std::ffi::OsString> {
     let envoy = envoy_binary()?;
     let mut dirs = vec![envoy.parent().map(|p| p.to_path_buf()).unwrap_or_default()];
-    dirs.extend(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()));
+    dirs.extend(std::env::split_paths(
+        &std::env::var_os("PATH").unwrap_or_default(),
+    ));
     Ok(std::env::join_paths(dirs)?)
 }
 
@@ -19,7 +21,11 @@ fn example_discovery_config_checks_clean() -> Result<()> {
         .args(["--check", "--config"])
         .arg(&config)
         .output()?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -55,7 +61,10 @@ fn example_registry_validates() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    assert!(text.contains("reviews"), "validate summarises the services: {text}");
+    assert!(
+        text.contains("reviews"),
+        "validate summarises the services: {text}"
+    );
     Ok(())
 }
 
@@ -63,13 +72,17 @@ fn example_registry_validates() -> Result<()> {
 fn a_typo_in_a_config_is_an_error_naming_the_key() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let agent = dir.path().join("agent.toml");
-    std::fs::write(&agent, "node = \"vm-x\"\naddres = \"10.0.0.1\"\ninsecure = true\n")?;
+    std::fs::write(
+        &agent,
+        "node = \"vm-x\"\naddres = \"10.0.0.1\"\ninsecure = true\n",
+    )?;
     let out = Command::new(binary("pilotfish-agent")?)
         .args(["--check", "--config"])
         .arg(&agent)
         .output()?;
     assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let err =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(err.contains("addres"), "names the unknown key: {err}");
 
     let discovery = dir.path().join("discovery.toml");
@@ -79,7 +92,8 @@ fn a_typo_in_a_config_is_an_error_naming_the_key() -> Result<()> {
         .arg(&discovery)
         .output()?;
     assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
+    let err =
+        String::from_utf8_lossy(&out.stderr).to_string() + &String::from_utf8_lossy(&out.stdout);
     assert!(err.contains("grcp"), "names the unknown key: {err}");
     Ok(())
 }
@@ -98,7 +112,10 @@ fn the_demo_runs() -> Result<()> {
         "demo failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("reviews-v1") && stdout.contains("reviews-v2"), "{stdout}");
+    assert!(
+        stdout.contains("reviews-v1") && stdout.contains("reviews-v2"),
+        "{stdout}"
+    );
     assert!(stdout.contains("applied within"), "{stdout}");
     Ok(())
 }

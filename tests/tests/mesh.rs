@@ -98,7 +98,10 @@ async fn reviews_mesh(xds: &'static str, v1: u32, v2: u32) -> Result<Reviews> {
     let out = mesh.host("vm-a").outbound;
     // Ready means Envoy has its first config; wait until the route actually serves.
     if let Err(e) = wait_for("reviews reachable through vm-a", READY, || async move {
-        Ok(call(out, &[]).await.ok().filter(|r| r.starts_with("reviews-")))
+        Ok(call(out, &[])
+            .await
+            .ok()
+            .filter(|r| r.starts_with("reviews-")))
     })
     .await
     {
@@ -125,10 +128,16 @@ async fn call(outbound: SocketAddr, headers: &[(&'static str, &'static str)]) ->
 }
 
 /// Send `n` calls and count who answered (failures count under "error").
-async fn split(outbound: SocketAddr, n: usize, headers: &[(&'static str, &'static str)]) -> BTreeMap<String, usize> {
+async fn split(
+    outbound: SocketAddr,
+    n: usize,
+    headers: &[(&'static str, &'static str)],
+) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
     for _ in 0..n {
-        let who = call(outbound, headers).await.unwrap_or_else(|_| "error".into());
+        let who = call(outbound, headers)
+            .await
+            .unwrap_or_else(|_| "error".into());
         *seen.entry(who).or_insert(0) += 1;
     }
     seen
@@ -139,7 +148,11 @@ fn count(seen: &BTreeMap<String, usize>, who: &str) -> usize {
 }
 
 /// Wait until every one of `probe` consecutive calls is answered by `who`.
-async fn wait_all_to(outbound: SocketAddr, who: &'static str, deadline: Duration) -> Result<Duration> {
+async fn wait_all_to(
+    outbound: SocketAddr,
+    who: &'static str,
+    deadline: Duration,
+) -> Result<Duration> {
     let start = Instant::now();
     wait_for(&format!("all traffic to {who}"), deadline, || async move {
         let seen = split(outbound, 20, &[]).await;
@@ -154,12 +167,24 @@ async fn weighted_split_and_header_rule(xds: &'static str) -> Result<()> {
 
     let seen = split(out, 500, &[]).await;
     let (v1, v2) = (count(&seen, "reviews-v1"), count(&seen, "reviews-v2"));
-    assert_eq!(v1 + v2, 500, "every request answered: {seen:?}\n{}", r.mesh.logs());
+    assert_eq!(
+        v1 + v2,
+        500,
+        "every request answered: {seen:?}\n{}",
+        r.mesh.logs()
+    );
     // 20% of 500 = 100; binomial sd ~ 9; accept +-4 sd.
-    assert!((64..=136).contains(&v2), "v2 got {v2}/500, want ~100: {seen:?}");
+    assert!(
+        (64..=136).contains(&v2),
+        "v2 got {v2}/500, want ~100: {seen:?}"
+    );
 
     let canary = split(out, 50, &[("x-canary", "1")]).await;
-    assert_eq!(count(&canary, "reviews-v2"), 50, "x-canary: 1 goes only to v2: {canary:?}");
+    assert_eq!(
+        count(&canary, "reviews-v2"),
+        50,
+        "x-canary: 1 goes only to v2: {canary:?}"
+    );
     Ok(())
 }
 
@@ -195,13 +220,21 @@ async fn toml_edits_move_live_traffic_without_restart() -> Result<()> {
     ));
     let start = Instant::now();
     r.mesh.write_registry("services.toml", &services)?;
-    wait_for("the new instance on vm-d receives traffic", Duration::from_secs(2), || async move {
-        let seen = split(out, 20, &[]).await;
-        Ok((count(&seen, "reviews-v3") > 0).then_some(()))
-    })
+    wait_for(
+        "the new instance on vm-d receives traffic",
+        Duration::from_secs(2),
+        || async move {
+            let seen = split(out, 20, &[]).await;
+            Ok((count(&seen, "reviews-v3") > 0).then_some(()))
+        },
+    )
     .await?;
     eprintln!("new instance served after {:?}", start.elapsed());
-    assert_eq!(r.mesh.host("vm-a").envoy_pid(), envoy_before, "Envoy was not restarted");
+    assert_eq!(
+        r.mesh.host("vm-a").envoy_pid(),
+        envoy_before,
+        "Envoy was not restarted"
+    );
     Ok(())
 }
 
@@ -212,27 +245,43 @@ async fn broken_toml_leaves_traffic_as_it_was() -> Result<()> {
     wait_all_to(out, "reviews-v2", Duration::from_secs(5)).await?;
 
     // A syntax error in the routes file.
-    r.mesh.write_registry("routes.toml", "[routes.reviews]\ntimeout = \n")?;
+    r.mesh
+        .write_registry("routes.toml", "[routes.reviews]\ntimeout = \n")?;
     let log = &r.mesh;
-    wait_for("the syntax error in the discovery log", Duration::from_secs(5), || async move {
-        Ok(log.discovery_log().contains("routes.toml:2").then_some(()))
-    })
+    wait_for(
+        "the syntax error in the discovery log",
+        Duration::from_secs(5),
+        || async move { Ok(log.discovery_log().contains("routes.toml:2").then_some(())) },
+    )
     .await?;
     let seen = split(out, 50, &[]).await;
-    assert_eq!(count(&seen, "reviews-v2"), 50, "traffic unchanged after a syntax error: {seen:?}");
+    assert_eq!(
+        count(&seen, "reviews-v2"),
+        50,
+        "traffic unchanged after a syntax error: {seen:?}"
+    );
 
     // A route to an unknown subset (valid TOML, invalid meaning).
     let bad = routes_toml(50, 50).replace("subset = \"v1\"", "subset = \"v9\"");
     r.mesh.write_registry("routes.toml", &bad)?;
-    wait_for("the unknown-subset error in the discovery log", Duration::from_secs(5), || async move {
-        Ok(log.discovery_log().contains("v9").then_some(()))
-    })
+    wait_for(
+        "the unknown-subset error in the discovery log",
+        Duration::from_secs(5),
+        || async move { Ok(log.discovery_log().contains("v9").then_some(())) },
+    )
     .await?;
     let text = r.mesh.discovery_log();
     let line = text.lines().find(|l| l.contains("v9")).unwrap_or_default();
-    assert!(line.contains("routes.toml:"), "the error names file:line: {line}");
+    assert!(
+        line.contains("routes.toml:"),
+        "the error names file:line: {line}"
+    );
     let seen = split(out, 50, &[]).await;
-    assert_eq!(count(&seen, "reviews-v2"), 50, "traffic unchanged after a bad subset: {seen:?}");
+    assert_eq!(
+        count(&seen, "reviews-v2"),
+        50,
+        "traffic unchanged after a bad subset: {seen:?}"
+    );
 
     // And a good edit afterwards still applies.
     r.mesh.write_registry("routes.toml", &routes_toml(100, 0))?;
@@ -246,11 +295,15 @@ async fn killed_envoy_is_restarted_by_its_agent() -> Result<()> {
     let out = r.mesh.host("vm-a").outbound;
     let c = r.mesh.host("vm-c");
     let old = c.envoy_pid().expect("vm-c runs an envoy");
-    std::process::Command::new("kill").args(["-9", &old.to_string()]).status()?;
+    std::process::Command::new("kill")
+        .args(["-9", &old.to_string()])
+        .status()?;
     let killed = Instant::now();
-    wait_for("vm-c's envoy back and serving", Duration::from_secs(5), || async move {
-        Ok(call(out, &[]).await.ok().filter(|w| w == "reviews-v2"))
-    })
+    wait_for(
+        "vm-c's envoy back and serving",
+        Duration::from_secs(5),
+        || async move { Ok(call(out, &[]).await.ok().filter(|w| w == "reviews-v2")) },
+    )
     .await?;
     eprintln!("traffic back {:?} after kill -9", killed.elapsed());
     let new = c.envoy_pid().expect("a new envoy runs");
@@ -266,12 +319,20 @@ async fn traffic_survives_a_discovery_outage_and_catches_up() -> Result<()> {
 
     r.mesh.discovery.kill();
     let seen = split(out, 50, &[]).await;
-    assert_eq!(count(&seen, "reviews-v2"), 50, "traffic keeps flowing without discovery: {seen:?}");
+    assert_eq!(
+        count(&seen, "reviews-v2"),
+        50,
+        "traffic keeps flowing without discovery: {seen:?}"
+    );
 
     // A change made while discovery is down reaches the proxies once it is back.
     r.mesh.write_registry("routes.toml", &routes_toml(100, 0))?;
     let seen = split(out, 20, &[]).await;
-    assert_eq!(count(&seen, "reviews-v2"), 20, "nothing changes while discovery is down");
+    assert_eq!(
+        count(&seen, "reviews-v2"),
+        20,
+        "nothing changes while discovery is down"
+    );
     r.mesh.discovery.restart()?;
     // Envoy reconnects with jittered backoff (up to 30 s in the worst case).
     wait_all_to(out, "reviews-v1", Duration::from_secs(40)).await?;
@@ -282,7 +343,11 @@ async fn traffic_survives_a_discovery_outage_and_catches_up() -> Result<()> {
 async fn agent_stops_cleanly_on_sigterm() -> Result<()> {
     let mut r = reviews_mesh("delta", 100, 0).await?;
     let envoy = r.mesh.host("vm-b").envoy_pid().expect("vm-b runs an envoy");
-    let status = r.mesh.host_mut("vm-b").agent.terminate(Duration::from_secs(15));
+    let status = r
+        .mesh
+        .host_mut("vm-b")
+        .agent
+        .terminate(Duration::from_secs(15));
     let status = status.expect("agent exits within its drain time");
     assert!(status.success(), "agent exits 0 on SIGTERM: {status:?}");
     assert!(

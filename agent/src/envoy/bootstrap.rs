@@ -90,6 +90,7 @@ pub fn bootstrap(config: &AgentConfig, xds_socket: &Path) -> Value {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::config::parse;
@@ -109,11 +110,17 @@ mod tests {
         assert_eq!(meta["pilotfish.outbound"], "127.0.0.1:15001");
         assert_eq!(meta["pilotfish.app_address"], "127.0.0.1");
         assert_eq!(meta.as_object().unwrap().len(), 4);
-        assert_eq!(b["admin"]["address"]["socket_address"]["port_value"], config.envoy.admin.port());
+        assert_eq!(
+            b["admin"]["address"]["socket_address"]["port_value"],
+            config.envoy.admin.port()
+        );
         let pipe = &b["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]
             ["lb_endpoints"][0]["endpoint"]["address"]["pipe"]["path"];
         assert_eq!(pipe, &json!(config.xds_socket().to_string_lossy()));
-        assert_eq!(b["dynamic_resources"]["ads_config"]["api_type"], "DELTA_GRPC");
+        assert_eq!(
+            b["dynamic_resources"]["ads_config"]["api_type"],
+            "DELTA_GRPC"
+        );
     }
 
     #[test]
@@ -142,7 +149,8 @@ mod tests {
             );
             let config = parse(&text, dir.path(), None).unwrap();
             let file = dir.path().join(format!("bootstrap-{flavour}.json"));
-            let json = serde_json::to_vec_pretty(&bootstrap(&config, &config.xds_socket())).unwrap();
+            let json =
+                serde_json::to_vec_pretty(&bootstrap(&config, &config.xds_socket())).unwrap();
             std::fs::write(&file, json).unwrap();
             let out = std::process::Command::new(&envoy)
                 .args(["--mode", "validate", "--disable-hot-restart", "-c"])

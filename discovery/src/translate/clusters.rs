@@ -28,13 +28,23 @@ const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProt
 
 /// The outbound clusters of `svc` (whole service, then each subset) and the endpoint
 /// assignments of those that use EDS.
-pub(super) fn outbound(catalog: &Catalog, svc: &Service) -> (Vec<Arc<Resource>>, Vec<Arc<Resource>>) {
+pub(super) fn outbound(
+    catalog: &Catalog,
+    svc: &Service,
+) -> (Vec<Arc<Resource>>, Vec<Arc<Resource>>) {
     // EDS carries IP addresses only; a DNS name needs a cluster that resolves it.
-    let dns = svc.instances.iter().any(|i| i.address.parse::<IpAddr>().is_err());
+    let dns = svc
+        .instances
+        .iter()
+        .any(|i| i.address.parse::<IpAddr>().is_err());
     let mut targets: Vec<(String, Vec<&Instance>)> =
         vec![(outbound_name(&svc.name), svc.instances.iter().collect())];
     for (subset, selector) in catalog.subsets(&svc.name).into_iter().flatten() {
-        let members = svc.instances.iter().filter(|i| i.matches(selector)).collect();
+        let members = svc
+            .instances
+            .iter()
+            .filter(|i| i.matches(selector))
+            .collect();
         targets.push((subset_name(&svc.name, subset), members));
     }
 
@@ -45,9 +55,8 @@ pub(super) fn outbound(catalog: &Catalog, svc: &Service) -> (Vec<Arc<Resource>>,
         let mut cluster = base(catalog, svc, &name);
         cluster.transport_socket = transport_socket(svc);
         if dns {
-            cluster.cluster_discovery_type = Some(ClusterDiscoveryType::Type(
-                DiscoveryType::StrictDns as i32,
-            ));
+            cluster.cluster_discovery_type =
+                Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
             cluster.dns_lookup_family = DnsLookupFamily::V4Preferred as i32;
             cluster.load_assignment = Some(assignment);
         } else {

@@ -11,9 +11,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_connection_manager::{CodecType, RouteSpecifier},
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
-use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
-    tcp_proxy, TcpProxy,
-};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::google::protobuf::BoolValue;
 
 use super::endpoints::socket_address;
@@ -44,7 +42,13 @@ pub(super) fn tcp_outbound(service: &str, addr: SocketAddr) -> Arc<Resource> {
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(name.clone())),
         ..Default::default()
     };
-    let listener = listener(&name, addr, TrafficDirection::Outbound, TCP_PROXY, any(&proxy));
+    let listener = listener(
+        &name,
+        addr,
+        TrafficDirection::Outbound,
+        TCP_PROXY,
+        any(&proxy),
+    );
     Resource::encode(name, &listener)
 }
 
@@ -57,7 +61,9 @@ fn http_listener(name: &str, addr: SocketAddr, direction: TrafficDirection) -> A
         use_remote_address: Some(BoolValue { value: false }),
         http_filters: vec![HttpFilter {
             name: ROUTER.to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router::default()))),
+            config_type: Some(http_filter::ConfigType::TypedConfig(
+                any(&Router::default()),
+            )),
             ..Default::default()
         }],
         route_specifier: Some(RouteSpecifier::Rds(Rds {

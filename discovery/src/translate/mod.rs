@@ -45,6 +45,7 @@ mod routes;
 mod tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -208,14 +209,13 @@ impl Shared {
 
         let mut listeners = ResourceMap::new();
         let mut routes = ResourceMap::new();
-        let mut bound = BTreeSet::new();
+        let mut bound = vec![proxy.outbound];
         let outbound = listeners::outbound(proxy);
-        bound.insert(proxy.outbound);
         listeners.insert(outbound.name.clone(), outbound);
         routes.insert(OUTBOUND.to_string(), scoped.outbound_route.clone());
         if !local.is_empty() {
-            let addr = std::net::SocketAddr::new(proxy.address, proxy.mesh_port);
-            if bound.insert(addr) {
+            let addr = SocketAddr::new(proxy.address, proxy.mesh_port);
+            if claim(&mut bound, addr) {
                 let inbound = listeners::inbound(proxy);
                 listeners.insert(inbound.name.clone(), inbound);
                 let route = routes::inbound(&local);
@@ -225,9 +225,9 @@ impl Shared {
             }
         }
         for (service, port) in &scoped.tcp {
-            let addr = std::net::SocketAddr::new(proxy.outbound.ip(), *port);
+            let addr = SocketAddr::new(proxy.outbound.ip(), *port);
             // Envoy rejects two listeners on one address; the first service (by name) keeps it.
-            if !bound.insert(addr) {
+            if !claim(&mut bound, addr) {
                 tracing::warn!(node = %proxy.node, service, %addr, "TCP service port already bound; no outbound listener");
                 continue;
             }
@@ -244,6 +244,19 @@ impl Shared {
     }
 }
 
+/// Records a listener address unless one already bound overlaps it (same port, and the same IP
+/// or either one the wildcard), which would fail to bind.
+fn claim(bound: &mut Vec<SocketAddr>, addr: SocketAddr) -> bool {
+    let overlaps = bound.iter().any(|b| {
+        b.port() == addr.port()
+            && (b.ip() == addr.ip() || b.ip().is_unspecified() || addr.ip().is_unspecified())
+    });
+    if !overlaps {
+        bound.push(addr);
+    }
+    !overlaps
+}
+
 /// Which services `node`'s proxy may call (see the module comment).
 fn scope_of(catalog: &Catalog, node: &str) -> ScopeKey {
     let mut names = BTreeSet::new();
@@ -258,7 +271,10 @@ fn scope_of(catalog: &Catalog, node: &str) -> ScopeKey {
     hosts_any.then_some(names)
 }
 
-fn scoped(services: &BTreeMap<String, ServiceOutbound>, names: Option<&BTreeSet<String>>) -> Scoped {
+fn scoped(
+    services: &BTreeMap<String, ServiceOutbound>,
+    names: Option<&BTreeSet<String>>,
+) -> Scoped {
     let in_scope = services
         .iter()
         .filter(|(name, _)| names.is_none_or(|n| n.contains(*name)));

@@ -5,13 +5,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::route::v3::{
-    header_matcher::HeaderMatchSpecifier,
-    route::Action,
-    route_action::ClusterSpecifier,
-    route_match::PathSpecifier,
-    weighted_cluster::ClusterWeight,
-    HeaderMatcher, RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-    WeightedCluster,
+    header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier,
+    route_match::PathSpecifier, weighted_cluster::ClusterWeight, HeaderMatcher, RetryPolicy, Route,
+    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
 use envoy_types::pb::google::protobuf::UInt32Value;
@@ -77,7 +73,10 @@ pub(super) fn outbound_vhost(catalog: &Catalog, svc: &Service) -> VirtualHost {
     if !catch_all {
         routes.push(Route {
             r#match: Some(prefix("/")),
-            action: Some(Action::Route(action(rule, ClusterSpecifier::Cluster(whole)))),
+            action: Some(Action::Route(action(
+                rule,
+                ClusterSpecifier::Cluster(whole),
+            ))),
             ..Default::default()
         });
     }
@@ -136,7 +135,9 @@ fn cluster_specifier(mut to: Vec<(String, u32)>) -> Option<ClusterSpecifier> {
     }
     match to.len() {
         0 => None,
-        1 => to.pop().map(|(cluster, _)| ClusterSpecifier::Cluster(cluster)),
+        1 => to
+            .pop()
+            .map(|(cluster, _)| ClusterSpecifier::Cluster(cluster)),
         _ => Some(ClusterSpecifier::WeightedClusters(WeightedCluster {
             clusters: to
                 .into_iter()
@@ -189,8 +190,11 @@ fn route_match(m: &model::RouteMatch) -> RouteMatch {
     if let Some(method) = &m.method {
         out.headers.push(exact_header(":method", method));
     }
-    out.headers
-        .extend(m.headers.iter().map(|(name, value)| exact_header(name, value)));
+    out.headers.extend(
+        m.headers
+            .iter()
+            .map(|(name, value)| exact_header(name, value)),
+    );
     out
 }
 

@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -10,7 +12,9 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 use envoy_types::pb::envoy::config::core::v3::{
     address, socket_address::PortSpecifier, Address, HealthStatus, Metadata,
 };
-use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint::HostIdentifier, ClusterLoadAssignment};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint::HostIdentifier, ClusterLoadAssignment,
+};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier,
@@ -80,15 +84,30 @@ fn demo() -> Catalog {
         9080,
         Some(&["ratings"]),
         vec![
-            instance(Some("vm-b"), "10.0.0.12", 9080, &[("version", "v1"), ("team", "books")]),
-            instance(Some("vm-c"), "10.0.0.13", 9080, &[("version", "v2"), ("team", "books")]),
+            instance(
+                Some("vm-b"),
+                "10.0.0.12",
+                9080,
+                &[("version", "v1"), ("team", "books")],
+            ),
+            instance(
+                Some("vm-c"),
+                "10.0.0.13",
+                9080,
+                &[("version", "v2"), ("team", "books")],
+            ),
         ],
     );
     let productpage = service(
         "productpage",
         9080,
         Some(&["reviews"]),
-        vec![instance(Some("vm-a"), "10.0.0.11", 9081, &[("version", "v1")])],
+        vec![instance(
+            Some("vm-a"),
+            "10.0.0.11",
+            9081,
+            &[("version", "v1")],
+        )],
     );
     let ratings = service(
         "ratings",
@@ -155,7 +174,9 @@ fn proxy(node: &str, address: &str) -> Proxy {
 }
 
 fn decode<M: Message + Default + prost::Name>(map: &ResourceMap, name: &str) -> M {
-    let r = map.get(name).unwrap_or_else(|| panic!("no resource {name}"));
+    let r = map
+        .get(name)
+        .unwrap_or_else(|| panic!("no resource {name}"));
     assert_eq!(r.body.type_url, M::type_url(), "{name}");
     M::decode(r.body.value.as_slice()).unwrap()
 }
@@ -215,11 +236,20 @@ fn demo_outbound_clusters_and_endpoints() {
     let res = shared.for_proxy(&proxy("vm-a", "10.0.0.11"));
     assert_eq!(
         names(&res.clusters),
-        ["inbound|productpage", "outbound|reviews", "outbound|reviews|v1", "outbound|reviews|v2"]
+        [
+            "inbound|productpage",
+            "outbound|reviews",
+            "outbound|reviews|v1",
+            "outbound|reviews|v2"
+        ]
     );
     assert_eq!(
         names(&res.endpoints),
-        ["outbound|reviews", "outbound|reviews|v1", "outbound|reviews|v2"]
+        [
+            "outbound|reviews",
+            "outbound|reviews|v1",
+            "outbound|reviews|v2"
+        ]
     );
 
     let c: Cluster = decode(&res.clusters, "outbound|reviews|v1");
@@ -250,7 +280,13 @@ fn demo_outbound_clusters_and_endpoints() {
     );
 
     let all: ClusterLoadAssignment = decode(&res.endpoints, "outbound|reviews");
-    assert_eq!(all.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>(), 2);
+    assert_eq!(
+        all.endpoints
+            .iter()
+            .map(|l| l.lb_endpoints.len())
+            .sum::<usize>(),
+        2
+    );
 }
 
 #[test]
@@ -287,7 +323,12 @@ fn outbound_routes_follow_rules_in_order() {
     let vh = vhost(&rc, "reviews");
     assert_eq!(
         vh.domains,
-        ["reviews", "reviews:9080", "reviews.mesh", "reviews.mesh:9080"]
+        [
+            "reviews",
+            "reviews:9080",
+            "reviews.mesh",
+            "reviews.mesh:9080"
+        ]
     );
     assert_eq!(vh.routes.len(), 2, "no fallback after a catch-all rule");
 
@@ -311,7 +352,8 @@ fn outbound_routes_follow_rules_in_order() {
     assert_eq!(retry.num_retries.unwrap().value, 2);
     assert_eq!(retry.per_try_timeout.unwrap().seconds, 1);
 
-    let Some(ClusterSpecifier::WeightedClusters(wc)) = &route_action(&vh.routes[1]).cluster_specifier
+    let Some(ClusterSpecifier::WeightedClusters(wc)) =
+        &route_action(&vh.routes[1]).cluster_specifier
     else {
         panic!()
     };
@@ -320,8 +362,10 @@ fn outbound_routes_follow_rules_in_order() {
         .iter()
         .map(|c| (c.name.as_str(), c.weight.unwrap().value))
         .collect();
-    assert_eq!(split, [("outbound|reviews|v1", 80), ("outbound|reviews|v2", 20)]);
-    assert!(wc.total_weight.is_none());
+    assert_eq!(
+        split,
+        [("outbound|reviews|v1", 80), ("outbound|reviews|v2", 20)]
+    );
 }
 
 #[test]
@@ -347,21 +391,34 @@ fn default_route_fallback_and_undeclared_subsets() {
     let res = shared.for_proxy(&proxy("vm-x", "10.0.0.99"));
     let rc: RouteConfiguration = decode(&res.routes, "outbound");
     assert_eq!(
-        rc.virtual_hosts.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+        rc.virtual_hosts
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect::<Vec<_>>(),
         ["productpage", "ratings", "reviews"],
         "an unscoped proxy sees every service"
     );
     let vh = vhost(&rc, "reviews");
-    assert_eq!(vh.routes.len(), 2, "rule to an undeclared subset skipped, fallback added");
+    assert_eq!(
+        vh.routes.len(),
+        2,
+        "rule to an undeclared subset skipped, fallback added"
+    );
     let m = vh.routes[0].r#match.as_ref().unwrap();
-    assert_eq!(m.path_specifier, Some(PathSpecifier::Path("/health".into())));
+    assert_eq!(
+        m.path_specifier,
+        Some(PathSpecifier::Path("/health".into()))
+    );
     assert_eq!(m.headers[0].name, ":method");
     let fallback = route_action(&vh.routes[1]);
     assert_eq!(
         fallback.cluster_specifier,
         Some(ClusterSpecifier::Cluster("outbound|reviews".into()))
     );
-    assert!(fallback.timeout.is_none(), "Envoy's default unless configured");
+    assert!(
+        fallback.timeout.is_none(),
+        "Envoy's default unless configured"
+    );
     assert!(fallback.retry_policy.is_none());
 
     let pp = vhost(&rc, "productpage");
@@ -377,7 +434,10 @@ fn scoping_limits_a_proxy_to_its_upstreams() {
     let shared = Shared::build(Arc::new(demo()));
     // vm-a hosts productpage (upstreams = [reviews]).
     let a = shared.for_proxy(&proxy("vm-a", "10.0.0.11"));
-    assert!(a.clusters.keys().all(|n| n.contains("reviews") || n == "inbound|productpage"));
+    assert!(a
+        .clusters
+        .keys()
+        .all(|n| n.contains("reviews") || n == "inbound|productpage"));
     assert!(!a.endpoints.contains_key("outbound|ratings"));
     assert!(!a.endpoints.contains_key("outbound|productpage"));
     // vm-d hosts ratings (no upstreams declared): everything.
@@ -392,12 +452,11 @@ fn scoping_limits_a_proxy_to_its_upstreams() {
     assert_eq!(names(&x.routes), ["outbound"]);
     // Same scope, different hosts: one set of shared resources.
     let mut c = demo();
-    c.services.get_mut("productpage").unwrap().instances.push(instance(
-        Some("vm-e"),
-        "10.0.0.15",
-        9081,
-        &[],
-    ));
+    c.services
+        .get_mut("productpage")
+        .unwrap()
+        .instances
+        .push(instance(Some("vm-e"), "10.0.0.15", 9081, &[]));
     let shared = Shared::build(Arc::new(c));
     let a = shared.for_proxy(&proxy("vm-a", "10.0.0.11"));
     let e = shared.for_proxy(&proxy("vm-e", "10.0.0.15"));
@@ -461,7 +520,7 @@ fn outbound_listener_uses_rds_and_router() {
     assert_eq!(socket(&l.address), ("127.0.0.1".into(), 15001));
     let hcm = hcm_of(&l);
     assert_eq!(hcm.stat_prefix, "outbound");
-    assert_eq!(hcm.use_remote_address.unwrap().value, false);
+    assert!(!hcm.use_remote_address.unwrap().value);
     assert_eq!(hcm.http_filters.len(), 1);
     assert_eq!(hcm.http_filters[0].name, "envoy.filters.http.router");
     let Some(RouteSpecifier::Rds(rds)) = &hcm.route_specifier else {
@@ -473,10 +532,25 @@ fn outbound_listener_uses_rds_and_router() {
 #[test]
 fn http2_dns_and_tcp_services() {
     let mut c = demo();
-    let mut grpc = service("ledger", 7000, None, vec![instance(Some("vm-b"), "10.0.0.12", 7000, &[])]);
+    let mut grpc = service(
+        "ledger",
+        7000,
+        None,
+        vec![instance(Some("vm-b"), "10.0.0.12", 7000, &[])],
+    );
     grpc.protocol = Protocol::Grpc;
-    let ext = service("payments", 443, None, vec![instance(None, "pay.example.com", 443, &[])]);
-    let mut db = service("db", 5432, None, vec![instance(None, "10.0.0.50", 5432, &[])]);
+    let ext = service(
+        "payments",
+        443,
+        None,
+        vec![instance(None, "pay.example.com", 443, &[])],
+    );
+    let mut db = service(
+        "db",
+        5432,
+        None,
+        vec![instance(None, "10.0.0.50", 5432, &[])],
+    );
     db.protocol = Protocol::Tcp;
     for s in [grpc, ext, db] {
         c.services.insert(s.name.clone(), s);
@@ -486,7 +560,8 @@ fn http2_dns_and_tcp_services() {
 
     let ledger: Cluster = decode(&res.clusters, "outbound|ledger");
     let opts: HttpProtocolOptions = unpack(
-        &ledger.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"],
+        &ledger.typed_extension_protocol_options
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"],
     );
     assert!(matches!(
         opts.upstream_protocol_options,
@@ -513,7 +588,10 @@ fn http2_dns_and_tcp_services() {
         Some(tcp_proxy::ClusterSpecifier::Cluster("outbound|db".into()))
     );
     let rc: RouteConfiguration = decode(&res.routes, "outbound");
-    assert!(rc.virtual_hosts.iter().all(|v| v.name != "db"), "TCP is not routed by Host");
+    assert!(
+        rc.virtual_hosts.iter().all(|v| v.name != "db"),
+        "TCP is not routed by Host"
+    );
 }
 
 #[test]
@@ -528,7 +606,11 @@ fn duplicate_domains_are_dropped() {
     let shared = Shared::build(Arc::new(c));
     let res = shared.for_proxy(&proxy("vm-x", "10.0.0.99"));
     let rc: RouteConfiguration = decode(&res.routes, "outbound");
-    let mut all: Vec<_> = rc.virtual_hosts.iter().flat_map(|v| v.domains.clone()).collect();
+    let mut all: Vec<_> = rc
+        .virtual_hosts
+        .iter()
+        .flat_map(|v| v.domains.clone())
+        .collect();
     let n = all.len();
     all.sort();
     all.dedup();
@@ -541,7 +623,9 @@ fn duplicate_domains_are_dropped() {
 #[test]
 fn translation_is_deterministic() {
     let mut c = demo();
-    let many: Vec<(String, String)> = (0..20).map(|i| (format!("k{i}"), format!("v{i}"))).collect();
+    let many: Vec<(String, String)> = (0..20)
+        .map(|i| (format!("k{i}"), format!("v{i}")))
+        .collect();
     for svc in c.services.values_mut() {
         for inst in &mut svc.instances {
             inst.labels.extend(many.iter().cloned());

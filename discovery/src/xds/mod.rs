@@ -85,8 +85,13 @@ fn check_node(
     }
 }
 
-fn control_plane(identifier: &str) -> Option<envoy_types::pb::envoy::config::core::v3::ControlPlane> {
+fn control_plane(
+    identifier: &str,
+) -> Option<envoy_types::pb::envoy::config::core::v3::ControlPlane> {
     Some(envoy_types::pb::envoy::config::core::v3::ControlPlane {
         identifier: identifier.to_string(),
     })
 }
+
+#[cfg(test)]
+pub(crate) mod testing;

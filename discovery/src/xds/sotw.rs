@@ -184,7 +184,7 @@ impl SotwState {
         });
     }
 
-    /// Names sent in the last response of a type (for tests and debugging).
+    /// The subscription of a type: wildcard, and the names asked for explicitly.
     pub fn subscription(&self, type_url: &str) -> Option<(bool, BTreeSet<String>)> {
         self.types
             .get(type_url)

@@ -17,7 +17,8 @@ const UNITS: [(&str, u128); 4] = [
 /// Parses `text` into a duration; the error is a sentence fragment without the field name,
 /// which the caller prefixes.
 pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
-    let expected = "expected a number and a unit, like \"250ms\", \"3s\", \"1.5s\", \"1m\" or \"1h\"";
+    let expected =
+        "expected a number and a unit, like \"250ms\", \"3s\", \"1.5s\", \"1m\" or \"1h\"";
     let number_len = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(text.len());
@@ -73,8 +74,7 @@ mod tests {
     #[test]
     fn rejects_malformed() {
         for bad in [
-            "", "3", "s", "3 s", "-1s", "1.s", ".5s", "1..5s", "3sec", "3S", "1d", "1e3s",
-            "1.5.5s",
+            "", "3", "s", "3 s", "-1s", "1.s", ".5s", "1..5s", "3sec", "3S", "1d", "1e3s", "1.5.5s",
         ] {
             let err = parse_duration(bad).expect_err(bad);
             assert!(err.contains("is not a duration"), "{bad}: {err}");

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pilotfish_tests::mesh::wait_port;
-use pilotfish_tests::{binary, blocking, envoy_binary, http_request, wait_for, workspace_root, Process};
+use pilotfish_tests::{
+    binary, blocking, envoy_binary, http_request, wait_for, workspace_root, Process,
+};
 
 const OUTBOUND_A: &str = "127.0.0.2:15001";
 
@@ -32,7 +34,11 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn split(outbound: SocketAddr, n: usize, headers: &[(&'static str, &'static str)]) -> BTreeMap<String, usize> {
+async fn split(
+    outbound: SocketAddr,
+    n: usize,
+    headers: &[(&'static str, &'static str)],
+) -> BTreeMap<String, usize> {
     let headers = headers.to_vec();
     blocking(move || {
         let mut seen = BTreeMap::new();
@@ -65,7 +71,9 @@ fn set_weights(routes: &Path, v1: u32, v2: u32) -> Result<()> {
         .lines()
         .find(|l| l.contains("subset = \"v1\", weight"))
         .context("weighted rule in routes file")?;
-    let new = format!("to = [{{ subset = \"v1\", weight = {v1} }}, {{ subset = \"v2\", weight = {v2} }}]");
+    let new = format!(
+        "to = [{{ subset = \"v1\", weight = {v1} }}, {{ subset = \"v2\", weight = {v2} }}]"
+    );
     // Write a new file and rename it over the old one, as editors do: discovery never sees a
     // half-written file.
     let tmp = routes.with_extension("toml.tmp");
@@ -95,11 +103,18 @@ async fn main() -> Result<()> {
         std::env::set_var("PATH", std::env::join_paths(dirs)?);
     }
 
-    println!("Pilotfish demo (work dir {}, logs in {})", work.display(), logs.display());
+    println!(
+        "Pilotfish demo (work dir {}, logs in {})",
+        work.display(),
+        logs.display()
+    );
     let discovery = Process::spawn(
         "discovery",
         &binary("pilotfish-discovery")?,
-        &["--config", &work.join("discovery.toml").display().to_string()],
+        &[
+            "--config",
+            &work.join("discovery.toml").display().to_string(),
+        ],
         logs.join("discovery.log"),
     )?;
     wait_port("127.0.0.1:15012".parse()?, Duration::from_secs(10))
@@ -112,7 +127,14 @@ async fn main() -> Result<()> {
         apps.push(Process::spawn(
             &format!("reviews-{version}"),
             &binary("pilotfish-sample-app")?,
-            &["--listen", &listen, "--name", "reviews", "--version", version],
+            &[
+                "--listen",
+                &listen,
+                "--name",
+                "reviews",
+                "--version",
+                version,
+            ],
             logs.join(format!("reviews-{version}.log")),
         )?);
         wait_port(listen.parse()?, Duration::from_secs(10))?;
@@ -120,7 +142,11 @@ async fn main() -> Result<()> {
     }
 
     let mut agents = Vec::new();
-    for (node, ip) in [("vm-a", "127.0.0.2"), ("vm-b", "127.0.0.3"), ("vm-c", "127.0.0.4")] {
+    for (node, ip) in [
+        ("vm-a", "127.0.0.2"),
+        ("vm-b", "127.0.0.3"),
+        ("vm-c", "127.0.0.4"),
+    ] {
         let config = work.join("agents").join(format!("{node}.toml"));
         agents.push(Process::spawn(
             node,
@@ -132,21 +158,31 @@ async fn main() -> Result<()> {
     }
     for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4"] {
         let admin: SocketAddr = format!("{ip}:15000").parse()?;
-        wait_for(&format!("envoy on {ip} ready"), Duration::from_secs(60), || async move {
-            Ok(blocking(move || http_request(admin, "GET", "admin", "/ready", &[], ""))
-                .await
-                .ok()
-                .filter(|r| r.status == 200)
-                .map(|_| ()))
-        })
+        wait_for(
+            &format!("envoy on {ip} ready"),
+            Duration::from_secs(60),
+            || async move {
+                Ok(
+                    blocking(move || http_request(admin, "GET", "admin", "/ready", &[], ""))
+                        .await
+                        .ok()
+                        .filter(|r| r.status == 200)
+                        .map(|_| ()),
+                )
+            },
+        )
         .await
         .with_context(|| format!("see the logs in {}", logs.display()))?;
     }
     let out: SocketAddr = OUTBOUND_A.parse()?;
-    wait_for("reviews reachable through vm-a", Duration::from_secs(30), || async move {
-        let seen = split(out, 1, &[]).await;
-        Ok(seen.keys().any(|k| k.starts_with("reviews-")).then_some(()))
-    })
+    wait_for(
+        "reviews reachable through vm-a",
+        Duration::from_secs(30),
+        || async move {
+            let seen = split(out, 1, &[]).await;
+            Ok(seen.keys().any(|k| k.starts_with("reviews-")).then_some(()))
+        },
+    )
     .await?;
 
     println!("\nThe mesh is up. productpage on vm-a calls reviews through its Envoy:");
@@ -155,30 +191,49 @@ async fn main() -> Result<()> {
     let seen = split(out, 500, &[]).await;
     show("500 requests, routes say v1 80% / v2 20%:", &seen);
     let canary = split(out, 50, &[("x-canary", "1")]).await;
-    show("50 requests with header x-canary: 1 (rule: only v2):", &canary);
+    show(
+        "50 requests with header x-canary: 1 (rule: only v2):",
+        &canary,
+    );
 
     let routes = work.join("registry.d/reviews-routes.toml");
-    println!("\nEditing {} while traffic flows: v1 20% / v2 80% ...", routes.display());
+    println!(
+        "\nEditing {} while traffic flows: v1 20% / v2 80% ...",
+        routes.display()
+    );
     let edited = Instant::now();
     set_weights(&routes, 20, 80)?;
-    let took = wait_for("the new weights to apply", Duration::from_secs(10), || async move {
-        let seen = split(out, 100, &[]).await;
-        let v2 = seen.get("reviews-v2").copied().unwrap_or(0);
-        Ok((v2 >= 65).then(|| edited.elapsed()))
-    })
+    let took = wait_for(
+        "the new weights to apply",
+        Duration::from_secs(10),
+        || async move {
+            let seen = split(out, 100, &[]).await;
+            let v2 = seen.get("reviews-v2").copied().unwrap_or(0);
+            Ok((v2 >= 65).then(|| edited.elapsed()))
+        },
+    )
     .await?;
     println!("  applied within {:.1} s, no restart", took.as_secs_f64());
     let seen = split(out, 500, &[]).await;
     show("500 requests after the edit:", &seen);
 
-    println!("\nA broken edit (a route to an unknown subset) is refused and traffic stays as it was:");
+    println!(
+        "\nA broken edit (a route to an unknown subset) is refused and traffic stays as it was:"
+    );
     let text = fs::read_to_string(&routes)?;
-    fs::write(&routes, text.replace("subset = \"v1\", weight", "subset = \"v9\", weight"))?;
+    fs::write(
+        &routes,
+        text.replace("subset = \"v1\", weight", "subset = \"v9\", weight"),
+    )?;
     let log = logs.join("discovery.log");
-    wait_for("discovery to report the error", Duration::from_secs(10), || {
-        let log = log.clone();
-        async move { Ok(fs::read_to_string(&log)?.contains("v9").then_some(())) }
-    })
+    wait_for(
+        "discovery to report the error",
+        Duration::from_secs(10),
+        || {
+            let log = log.clone();
+            async move { Ok(fs::read_to_string(&log)?.contains("v9").then_some(())) }
+        },
+    )
     .await?;
     if let Some(line) = fs::read_to_string(&log)?.lines().find(|l| l.contains("v9")) {
         println!("  discovery log: {}", line.trim());

@@ -1,0 +1,128 @@
+//! The agent's own HTTP endpoint (`health`, default 127.0.0.1:15020): readiness for load
+//! balancers and systemd, and Prometheus metrics.
+//!
+//! Readiness asks Envoy's admin `/ready` at request time rather than caching it, so it is
+//! never staler than the probe that reads it.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::envoy::admin::Admin;
+use crate::status::AgentStatus;
+
+#[derive(Clone)]
+pub struct Health {
+    pub status: Arc<AgentStatus>,
+    pub admin: Admin,
+}
+
+impl Health {
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        let app = Router::new()
+            .route("/healthz/ready", get(ready))
+            .route("/metrics", get(metrics))
+            .with_state(self);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    }
+}
+
+async fn ready(State(h): State<Health>) -> impl IntoResponse {
+    if h.status.envoy_up() && h.admin.ready().await {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "envoy not ready\n")
+    }
+}
+
+async fn metrics(State(h): State<Health>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render_metrics(&h.status),
+    )
+}
+
+pub fn render_metrics(s: &AgentStatus) -> String {
+    let mut out = String::new();
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    metric(
+        "pilotfish_agent_envoy_restarts_total",
+        "counter",
+        "Times the agent restarted Envoy after it exited or failed to start.",
+        s.envoy_restarts(),
+    );
+    metric(
+        "pilotfish_agent_envoy_up",
+        "gauge",
+        "1 while an Envoy process is running.",
+        u64::from(s.envoy_up()),
+    );
+    metric(
+        "pilotfish_agent_xds_upstream_connected",
+        "gauge",
+        "1 while Envoy's xDS stream is relayed to discovery.",
+        u64::from(s.upstream_connected()),
+    );
+    metric(
+        "pilotfish_agent_xds_served_from_cache",
+        "gauge",
+        "1 while Envoy is served from the agent's xDS cache because discovery is unreachable.",
+        u64::from(s.served_from_cache()),
+    );
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn serves_metrics_and_readiness() {
+        let status = Arc::new(AgentStatus::default());
+        status.envoy_restarted();
+        let admin_port = crate::testutil::free_port();
+        let health = Health {
+            status: status.clone(),
+            admin: Admin::new(([127, 0, 0, 1], admin_port).into()),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(health.run(listener, shutdown.clone()));
+
+        let (code, body) = crate::testutil::http_get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(
+            body.contains("pilotfish_agent_envoy_restarts_total 1"),
+            "{body}"
+        );
+        assert!(body.contains("pilotfish_agent_envoy_up 0"));
+        assert!(body.contains("pilotfish_agent_xds_upstream_connected 0"));
+        assert!(body.contains("pilotfish_agent_xds_served_from_cache 0"));
+        // No Envoy behind the admin address: not ready.
+        let (code, _) = crate::testutil::http_get(addr, "/healthz/ready").await;
+        assert_eq!(code, 503);
+
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+    }
+}

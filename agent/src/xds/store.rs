@@ -1,0 +1,136 @@
+//! The cache on disk (`state_dir/xds-cache.bin`): loaded once at start, rewritten (temp file +
+//! rename, so a crash never leaves half a file) whenever Envoy accepts a change.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::cache::XdsCache;
+
+/// The cache shared by the relay (writes on ACK), the fallback (reads) and the persister.
+#[derive(Debug, Clone, Default)]
+pub struct SharedCache {
+    inner: Arc<Mutex<XdsCache>>,
+    dirty: Arc<Notify>,
+}
+
+impl SharedCache {
+    pub fn new(cache: XdsCache) -> Self {
+        SharedCache {
+            inner: Arc::new(Mutex::new(cache)),
+            dirty: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Runs `f` on the cache; when it reports a change the persister is woken.
+    pub fn update(&self, f: impl FnOnce(&mut XdsCache) -> bool) {
+        let changed = {
+            let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut guard)
+        };
+        if changed {
+            self.dirty.notify_one();
+        }
+    }
+
+    pub fn snapshot(&self) -> XdsCache {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {source}", path.display())]
+pub struct StoreError {
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// Reads the cache file. A missing file is an empty cache; an unreadable or corrupt one is
+/// logged and ignored, since discovery will refill it.
+pub async fn load(path: &Path) -> XdsCache {
+    match tokio::fs::read(path).await {
+        Ok(bytes) => match XdsCache::decode(&bytes) {
+            Ok(cache) => {
+                info!(path = %path.display(), types = cache.type_urls().count(), "loaded xDS cache");
+                cache
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "ignoring corrupt xDS cache");
+                XdsCache::default()
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => XdsCache::default(),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot read xDS cache");
+            XdsCache::default()
+        }
+    }
+}
+
+pub async fn save(path: &Path, cache: &XdsCache) -> Result<(), StoreError> {
+    let tmp = path.with_extension("bin.tmp");
+    let err = |source| StoreError {
+        path: path.to_path_buf(),
+        source,
+    };
+    tokio::fs::write(&tmp, cache.encode()).await.map_err(err)?;
+    tokio::fs::rename(&tmp, path).await.map_err(err)
+}
+
+/// Writes the cache whenever it changes, and once more on shutdown. Bursts of ACKs coalesce
+/// into one write because `Notify` keeps at most one pending wake-up.
+pub async fn persist(cache: SharedCache, path: PathBuf, shutdown: CancellationToken) {
+    // What is on disk: the file was loaded into the cache at start.
+    let mut on_disk = cache.snapshot();
+    loop {
+        let stop = tokio::select! {
+            _ = cache.dirty.notified() => false,
+            _ = shutdown.cancelled() => true,
+        };
+        let snapshot = cache.snapshot();
+        if snapshot != on_disk {
+            match save(&path, &snapshot).await {
+                Ok(()) => {
+                    debug!(path = %path.display(), "xDS cache written");
+                    on_disk = snapshot;
+                }
+                Err(e) => warn!(error = %e, "cannot write xDS cache"),
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::xds::cache::tests::{cluster, sotw};
+    use crate::xds::cache::CLUSTER;
+
+    #[tokio::test]
+    async fn saves_and_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xds-cache.bin");
+        assert!(load(&path).await.is_empty());
+        let mut c = XdsCache::default();
+        c.apply_sotw(&sotw(CLUSTER, "1", vec![cluster("a")]));
+        save(&path, &c).await.unwrap();
+        assert_eq!(load(&path).await, c);
+        std::fs::write(&path, b"junk").unwrap();
+        assert!(load(&path).await.is_empty());
+    }
+}

@@ -1,0 +1,303 @@
+//! The HTTP listener: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus text).
+//!
+//! Handlers only read shared state: the registry's file status and the mesh snapshot from
+//! their watch channels, the ADS connection registry and the xDS counters.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use pilotfish_registries::files::FilesStatus;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::mesh::MeshSnapshot;
+use crate::xds::connections::{Connections, ProxyStatus};
+use crate::xds::metrics::XdsMetrics;
+use crate::xds::resource::short_name;
+
+/// What the handlers read. Cheap to clone.
+#[derive(Clone)]
+pub struct HttpState {
+    pub files: watch::Receiver<Arc<FilesStatus>>,
+    pub snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    pub connections: Connections,
+    pub metrics: Arc<XdsMetrics>,
+}
+
+pub struct HttpServer {
+    state: HttpState,
+}
+
+impl HttpServer {
+    pub fn new(state: HttpState) -> HttpServer {
+        HttpServer { state }
+    }
+
+    pub fn router(state: HttpState) -> Router {
+        Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route("/status", get(status))
+            .route("/metrics", get(metrics))
+            .with_state(state)
+    }
+
+    /// Serves until `shutdown`.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> std::io::Result<()> {
+        axum::serve(listener, HttpServer::router(self.state))
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub snapshot: SnapshotStatus,
+    pub registry: RegistryStatus,
+    pub proxies: Vec<ProxyStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SnapshotStatus {
+    /// 0 until the first catalog is translated.
+    pub generation: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RegistryStatus {
+    pub files: BTreeMap<String, FileStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FileStatus {
+    pub in_force: bool,
+    /// `file:line:col: message`.
+    pub problems: Vec<String>,
+}
+
+pub fn status_of(state: &HttpState) -> Status {
+    let files = state.files.borrow().clone();
+    Status {
+        snapshot: SnapshotStatus {
+            generation: state.snapshots.borrow().generation,
+        },
+        registry: RegistryStatus {
+            files: files
+                .files
+                .iter()
+                .map(|(path, f)| {
+                    (
+                        path.display().to_string(),
+                        FileStatus {
+                            in_force: f.in_force,
+                            problems: f.problems.iter().map(|p| p.to_string()).collect(),
+                        },
+                    )
+                })
+                .collect(),
+        },
+        proxies: state.connections.list(),
+    }
+}
+
+async fn status(State(state): State<HttpState>) -> Json<Status> {
+    Json(status_of(&state))
+}
+
+async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        render_metrics(&state),
+    )
+}
+
+pub fn render_metrics(state: &HttpState) -> String {
+    let mut out = String::new();
+    let problems: usize = state
+        .files
+        .borrow()
+        .files
+        .values()
+        .map(|f| f.problems.len())
+        .sum();
+    let m = &state.metrics;
+    metric(
+        &mut out,
+        "pilotfish_xds_connected_proxies",
+        "gauge",
+        "Open ADS streams.",
+        &[("", state.connections.count() as u64)],
+    );
+    let pushes: Vec<(String, u64)> = m
+        .pushes()
+        .map(|(t, n)| (format!("{{type=\"{}\"}}", short_name(t)), n))
+        .collect();
+    let pushes: Vec<(&str, u64)> = pushes.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    metric(
+        &mut out,
+        "pilotfish_xds_pushes_total",
+        "counter",
+        "xDS responses sent, by type.",
+        &pushes,
+    );
+    metric(
+        &mut out,
+        "pilotfish_xds_nacks_total",
+        "counter",
+        "xDS responses rejected by proxies.",
+        &[("", m.nacks())],
+    );
+    metric(
+        &mut out,
+        "pilotfish_xds_stale_nonces_total",
+        "counter",
+        "SotW requests ignored for a superseded nonce.",
+        &[("", m.stale_nonces())],
+    );
+    metric(
+        &mut out,
+        "pilotfish_xds_send_timeouts_total",
+        "counter",
+        "ADS streams closed because the proxy did not take a response in time.",
+        &[("", m.send_timeouts())],
+    );
+    metric(
+        &mut out,
+        "pilotfish_registry_file_problems",
+        "gauge",
+        "Problems in registry files (their last good version stays in force).",
+        &[("", problems as u64)],
+    );
+    metric(
+        &mut out,
+        "pilotfish_snapshot_generation",
+        "gauge",
+        "Generation of the mesh snapshot being served.",
+        &[("", state.snapshots.borrow().generation)],
+    );
+    out
+}
+
+fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use pilotfish_registries::files::{FileState, Problem};
+
+    use super::*;
+    use crate::xds::connections::StreamKind;
+    use crate::xds::resource::CLUSTER;
+    use crate::xds::Event;
+
+    fn state() -> (HttpState, watch::Sender<Arc<FilesStatus>>) {
+        let mut files = FilesStatus::default();
+        files.files.insert(
+            PathBuf::from("/r/services.toml"),
+            FileState {
+                in_force: true,
+                problems: vec![Problem {
+                    file: PathBuf::from("/r/services.toml"),
+                    line: 3,
+                    column: 7,
+                    message: "services.reviews.port: expected a number".into(),
+                }],
+            },
+        );
+        let (files_tx, files_rx) = watch::channel(Arc::new(files));
+        let (_snap_tx, snapshots) = watch::channel(Arc::new(MeshSnapshot::placeholder()));
+        let state = HttpState {
+            files: files_rx,
+            snapshots,
+            connections: Connections::default(),
+            metrics: Arc::new(XdsMetrics::default()),
+        };
+        (state, files_tx)
+    }
+
+    #[test]
+    fn status_shows_problems_as_file_line_col_and_proxies() {
+        let (state, _keep) = state();
+        let guard = state.connections.register("vm-a", StreamKind::Sotw);
+        guard.record(&Event::Nack {
+            type_url: CLUSTER.into(),
+            version: "".into(),
+            nonce: "1".into(),
+            message: "bad".into(),
+        });
+        let json = serde_json::to_value(status_of(&state)).expect("serializes");
+        assert_eq!(
+            json["registry"]["files"]["/r/services.toml"]["problems"][0],
+            "/r/services.toml:3:7: services.reviews.port: expected a number"
+        );
+        assert_eq!(json["snapshot"]["generation"], 0);
+        assert_eq!(json["proxies"][0]["node"], "vm-a");
+        assert_eq!(json["proxies"][0]["stream"], "sotw");
+        assert_eq!(json["proxies"][0]["types"]["cds"]["nacks"], 1);
+        assert_eq!(json["proxies"][0]["types"]["cds"]["last_nack"], "bad");
+    }
+
+    #[test]
+    fn metrics_text() {
+        let (state, _keep) = state();
+        let _guard = state.connections.register("vm-a", StreamKind::Delta);
+        state.metrics.record(&Event::Pushed {
+            type_url: CLUSTER.into(),
+            version: "v".into(),
+            resources: 1,
+        });
+        let text = render_metrics(&state);
+        for line in [
+            "pilotfish_xds_connected_proxies 1",
+            "pilotfish_xds_pushes_total{type=\"cds\"} 1",
+            "pilotfish_xds_pushes_total{type=\"eds\"} 0",
+            "pilotfish_xds_nacks_total 0",
+            "pilotfish_registry_file_problems 1",
+            "pilotfish_snapshot_generation 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line} in:\n{text}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn serves_healthz_over_tcp() {
+        let (state, _keep) = state();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(HttpServer::new(state).run(listener, shutdown.clone()));
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut reply = String::new();
+        stream.read_to_string(&mut reply).await.expect("read");
+        assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+        assert!(reply.ends_with("ok"), "{reply}");
+        shutdown.cancel();
+        server.await.expect("joins").expect("serves");
+    }
+}

@@ -1,0 +1,240 @@
+//! Delta (incremental) ADS, one stream: subscriptions and what the client holds, per type.
+//!
+//! Each type tracks the version of every resource the client holds (from what was sent and from
+//! `initial_resource_versions`), so a response carries only resources whose version differs and
+//! names that went away (`removed_resources`). Unlike SotW, subscription changes are honoured
+//! even when the request carries a stale nonce; the nonce only correlates ACKs and NACKs.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
+};
+
+use super::resource::{self, ResourceMap, PUSH_ORDER};
+use super::subscription::{Subscription, WILDCARD};
+use super::{check_node, control_plane, Event, ProtocolError, Step};
+use crate::translate::ProxyResources;
+
+/// How many unanswered responses per type are remembered for ACK correlation.
+const PENDING_NONCES: usize = 64;
+
+#[derive(Debug, Default)]
+struct TypeState {
+    sub: Subscription,
+    /// What the client holds, by name: the version of each resource.
+    held: BTreeMap<String, String>,
+    /// Requested names known not to exist, already reported in `removed_resources`.
+    reported_absent: BTreeSet<String>,
+    /// Names to send (or report removed) on the next response whatever the client holds.
+    force: BTreeSet<String>,
+    /// Responses not yet ACKed or NACKed: nonce and `system_version_info`.
+    pending: VecDeque<(String, String)>,
+    /// Resend the names of the next EDS request even if held (after a CDS response).
+    always_respond: bool,
+    /// The client has sent a request of this type.
+    requested: bool,
+}
+
+#[derive(Debug)]
+pub struct DeltaState {
+    control_plane: String,
+    node: String,
+    seen_first: bool,
+    resources: ProxyResources,
+    types: BTreeMap<String, TypeState>,
+    nonce_counter: u64,
+}
+
+impl DeltaState {
+    pub fn new(control_plane: &str, node: &str, resources: ProxyResources) -> DeltaState {
+        DeltaState {
+            control_plane: control_plane.to_string(),
+            node: node.to_string(),
+            seen_first: false,
+            resources,
+            types: BTreeMap::new(),
+            nonce_counter: 0,
+        }
+    }
+
+    pub fn on_request(
+        &mut self,
+        req: DeltaDiscoveryRequest,
+    ) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+        check_node(&self.node, &mut self.seen_first, req.node.as_ref())?;
+        let mut step = Step::default();
+        let type_url = req.type_url.clone();
+        if !PUSH_ORDER.contains(&type_url.as_str()) {
+            step.events.push(Event::UnknownType { type_url });
+            return Ok(step);
+        }
+        let state = self.types.entry(type_url.clone()).or_default();
+        let first = !state.requested;
+        state.requested = true;
+
+        let nonce = req.response_nonce.as_str();
+        if !nonce.is_empty() {
+            match state.pending.iter().position(|(n, _)| n == nonce) {
+                Some(at) => {
+                    let version = state.pending[at].1.clone();
+                    state.pending.drain(..=at);
+                    step.events.push(match &req.error_detail {
+                        Some(error) => Event::Nack {
+                            type_url: type_url.clone(),
+                            version,
+                            nonce: nonce.to_string(),
+                            message: error.message.clone(),
+                        },
+                        None => Event::Ack {
+                            type_url: type_url.clone(),
+                            version,
+                            nonce: nonce.to_string(),
+                        },
+                    });
+                }
+                // Still honour the subscription changes below (spec, Envoy #16659).
+                None => step.events.push(Event::StaleNonce {
+                    type_url: type_url.clone(),
+                    nonce: nonce.to_string(),
+                }),
+            }
+        }
+
+        for (name, version) in &req.initial_resource_versions {
+            state.held.insert(name.clone(), version.clone());
+        }
+        state.sub.apply_delta(
+            &type_url,
+            first,
+            &req.resource_names_subscribe,
+            &req.resource_names_unsubscribe,
+        );
+        for name in &req.resource_names_unsubscribe {
+            if name == WILDCARD {
+                let sub = &state.sub;
+                state.held.retain(|n, _| sub.covers(n));
+            } else if state.sub.covers(name) {
+                // Still covered by the wildcard: the client must hear about it either way.
+                state.force.insert(name.clone());
+            } else {
+                state.held.remove(name);
+                state.reported_absent.remove(name);
+            }
+        }
+        if state.always_respond && type_url == resource::ENDPOINT {
+            state.always_respond = false;
+            state.force.extend(
+                req.resource_names_subscribe
+                    .iter()
+                    .filter(|n| n.as_str() != WILDCARD)
+                    .cloned(),
+            );
+        }
+        self.respond(&type_url, first, &mut step);
+        Ok(step)
+    }
+
+    /// New resources for the proxy: send what changed for every requested type, in push order.
+    pub fn on_resources(&mut self, resources: ProxyResources) -> Step<DeltaDiscoveryResponse> {
+        self.resources = resources;
+        let mut step = Step::default();
+        for type_url in PUSH_ORDER {
+            if self.types.get(type_url).is_some_and(|s| s.requested) {
+                self.respond(type_url, false, &mut step);
+            }
+        }
+        step
+    }
+
+    /// Sends the difference between what the client holds and what it should hold. `always`
+    /// sends even an empty response (the first request of a type must be answered).
+    fn respond(&mut self, type_url: &str, always: bool, step: &mut Step<DeltaDiscoveryResponse>) {
+        let empty: Arc<ResourceMap> = Arc::default();
+        let all = self.resources.of_type(type_url).unwrap_or(&empty).clone();
+        let Some(state) = self.types.get_mut(type_url) else {
+            return;
+        };
+        let mut candidates: BTreeSet<String> = state.sub.names.clone();
+        candidates.extend(state.held.keys().cloned());
+        candidates.extend(state.force.iter().cloned());
+        if state.sub.wildcard {
+            candidates.extend(all.keys().cloned());
+        }
+        let force = std::mem::take(&mut state.force);
+
+        let mut send = Vec::new();
+        let mut removed = Vec::new();
+        for name in candidates {
+            if !state.sub.covers(&name) {
+                state.held.remove(&name);
+                continue;
+            }
+            match all.get(&name) {
+                Some(r) => {
+                    if force.contains(&name) || state.held.get(&name) != Some(&r.version) {
+                        state.held.insert(name.clone(), r.version.clone());
+                        send.push(r.clone());
+                    }
+                    state.reported_absent.remove(&name);
+                }
+                None => {
+                    let held = state.held.remove(&name).is_some();
+                    let explicit = state.sub.names.contains(&name);
+                    let unreported = explicit && !state.reported_absent.contains(&name);
+                    if held || force.contains(&name) || unreported {
+                        removed.push(name.clone());
+                    }
+                    if explicit {
+                        state.reported_absent.insert(name);
+                    }
+                }
+            }
+        }
+        if send.is_empty() && removed.is_empty() && !always {
+            return;
+        }
+
+        self.nonce_counter += 1;
+        let nonce = self.nonce_counter.to_string();
+        let version =
+            resource::versions_hash(state.held.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        state.pending.push_back((nonce.clone(), version.clone()));
+        if state.pending.len() > PENDING_NONCES {
+            state.pending.pop_front();
+        }
+        if type_url == resource::CLUSTER && !send.is_empty() {
+            self.types
+                .entry(resource::ENDPOINT.to_string())
+                .or_default()
+                .always_respond = true;
+        }
+        step.events.push(Event::Pushed {
+            type_url: type_url.to_string(),
+            version: version.clone(),
+            resources: send.len(),
+        });
+        step.responses.push(DeltaDiscoveryResponse {
+            system_version_info: version,
+            resources: send
+                .iter()
+                .map(|r| WireResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: type_url.to_string(),
+            removed_resources: removed,
+            nonce,
+            control_plane: control_plane(&self.control_plane),
+            ..Default::default()
+        });
+    }
+}
+
+#[cfg(test)]
+#[path = "delta_tests.rs"]
+mod tests;

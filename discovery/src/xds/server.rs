@@ -1,0 +1,376 @@
+//! The gRPC shell around the protocol state: one task per ADS stream.
+//!
+//! Each stream task reads requests and watches the mesh snapshot channel, feeds both to its
+//! [`SotwState`] or [`DeltaState`], and writes the responses into a small bounded channel that
+//! tonic drains. A client that does not take a response within the send timeout loses its
+//! stream (it reconnects and gets full state), so a slow proxy never holds up the others. While
+//! a task waits on a slow client, snapshot changes collapse in the watch channel: a proxy gets
+//! the latest snapshot, never a queue of stale ones.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use super::connections::{ConnectionGuard, Connections, StreamKind};
+use super::delta::DeltaState;
+use super::metrics::XdsMetrics;
+use super::resource::short_name;
+use super::sotw::SotwState;
+use super::{Event, ProtocolError, Step};
+use crate::mesh::MeshSnapshot;
+use crate::proxy::Proxy;
+use crate::translate::ProxyResources;
+
+/// Largest gRPC message accepted or sent; xDS responses for a large mesh exceed tonic's 4 MiB.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Responses buffered per stream before the stream task waits on the client.
+const RESPONSE_QUEUE: usize = 2;
+
+#[derive(Debug, Clone)]
+pub struct AdsOptions {
+    /// `control_plane.identifier` in every response.
+    pub control_plane: String,
+    /// How long a client may take to accept a response before its stream is dropped.
+    pub send_timeout: Duration,
+    /// Streams are closed after this long so clients rebalance across replicas.
+    pub max_connection_age: Duration,
+}
+
+impl Default for AdsOptions {
+    fn default() -> Self {
+        AdsOptions {
+            control_plane: "pilotfish-discovery".into(),
+            send_timeout: Duration::from_secs(30),
+            max_connection_age: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// The ADS server: serves both protocol variants on one listener.
+pub struct AdsServer {
+    service: AdsService,
+    max_connection_age: Duration,
+}
+
+impl AdsServer {
+    pub fn new(
+        snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+        connections: Connections,
+        metrics: Arc<XdsMetrics>,
+        options: AdsOptions,
+    ) -> AdsServer {
+        AdsServer {
+            service: AdsService {
+                snapshots,
+                connections,
+                metrics,
+                control_plane: options.control_plane.into(),
+                send_timeout: options.send_timeout,
+                shutdown: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            },
+            max_connection_age: options.max_connection_age,
+        }
+    }
+
+    /// Serves until `shutdown`, then waits for every stream task to finish.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), tonic::transport::Error> {
+        let mut service = self.service;
+        service.shutdown = shutdown.clone();
+        let tracker = service.tracker.clone();
+        let grpc = AggregatedDiscoveryServiceServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .max_connection_age(self.max_connection_age)
+            .add_service(grpc)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                shutdown.cancelled_owned(),
+            )
+            .await;
+        tracker.close();
+        tracker.wait().await;
+        result
+    }
+}
+
+#[derive(Clone)]
+struct AdsService {
+    snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    connections: Connections,
+    metrics: Arc<XdsMetrics>,
+    control_plane: Arc<str>,
+    send_timeout: Duration,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        self.tracker.spawn(serve_stream::<SotwState>(
+            self.clone(),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        self.tracker.spawn(serve_stream::<DeltaState>(
+            self.clone(),
+            request.into_inner(),
+            tx,
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// What the stream loop needs from a protocol variant.
+trait StreamState: Sized + Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    const KIND: StreamKind;
+    fn new(control_plane: &str, node: &str, resources: ProxyResources) -> Self;
+    fn node(request: &Self::Request) -> Option<&Node>;
+    fn on_request(&mut self, request: Self::Request)
+        -> Result<Step<Self::Response>, ProtocolError>;
+    fn on_resources(&mut self, resources: ProxyResources) -> Step<Self::Response>;
+}
+
+impl StreamState for SotwState {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const KIND: StreamKind = StreamKind::Sotw;
+    fn new(control_plane: &str, node: &str, resources: ProxyResources) -> Self {
+        SotwState::new(control_plane, node, resources)
+    }
+    fn node(request: &DiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+    fn on_request(
+        &mut self,
+        request: DiscoveryRequest,
+    ) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+        SotwState::on_request(self, request)
+    }
+    fn on_resources(&mut self, resources: ProxyResources) -> Step<DiscoveryResponse> {
+        SotwState::on_resources(self, resources)
+    }
+}
+
+impl StreamState for DeltaState {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const KIND: StreamKind = StreamKind::Delta;
+    fn new(control_plane: &str, node: &str, resources: ProxyResources) -> Self {
+        DeltaState::new(control_plane, node, resources)
+    }
+    fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+    fn on_request(
+        &mut self,
+        request: DeltaDiscoveryRequest,
+    ) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+        DeltaState::on_request(self, request)
+    }
+    fn on_resources(&mut self, resources: ProxyResources) -> Step<DeltaDiscoveryResponse> {
+        DeltaState::on_resources(self, resources)
+    }
+}
+
+type Responses<S> = mpsc::Sender<Result<<S as StreamState>::Response, Status>>;
+
+async fn serve_stream<S: StreamState>(
+    svc: AdsService,
+    mut inbound: Streaming<S::Request>,
+    tx: Responses<S>,
+) {
+    let first = tokio::select! {
+        _ = svc.shutdown.cancelled() => return,
+        message = inbound.message() => match message {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(status) => {
+                debug!(%status, "ADS stream failed before its first request");
+                return;
+            }
+        },
+    };
+    let proxy = match Proxy::from_node(S::node(&first)) {
+        Ok(proxy) => proxy,
+        Err(e) => {
+            warn!(error = %e, "rejecting ADS stream");
+            let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+            return;
+        }
+    };
+    let span = info_span!("ads", node = %proxy.node, stream = ?S::KIND);
+    let guard = svc.connections.register(&proxy.node, S::KIND);
+    stream_loop::<S>(&svc, proxy, first, inbound, tx, &guard)
+        .instrument(span)
+        .await;
+}
+
+async fn stream_loop<S: StreamState>(
+    svc: &AdsService,
+    proxy: Proxy,
+    first: S::Request,
+    mut inbound: Streaming<S::Request>,
+    tx: Responses<S>,
+    guard: &ConnectionGuard,
+) {
+    info!("proxy connected");
+    let mut snapshots = svc.snapshots.clone();
+    // Until the first catalog is built there is nothing true to say: an empty answer would
+    // make Envoy delete the config it already runs. Requests wait in the stream meanwhile.
+    let snapshot = tokio::select! {
+        _ = svc.shutdown.cancelled() => return,
+        ready = snapshots.wait_for(|s| s.generation > 0) => match ready {
+            Ok(s) => Arc::clone(&s),
+            Err(_) => return,
+        },
+    };
+    let mut generation = snapshot.generation;
+    let mut state = S::new(
+        &svc.control_plane,
+        &proxy.node,
+        snapshot.shared.for_proxy(&proxy),
+    );
+    drop(snapshot);
+    let mut next = Some(first);
+    loop {
+        let step = match next.take() {
+            Some(request) => match state.on_request(request) {
+                Ok(step) => step,
+                Err(e) => {
+                    warn!(error = %e, "closing ADS stream");
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+            },
+            None => tokio::select! {
+                _ = svc.shutdown.cancelled() => break,
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => {
+                        next = Some(request);
+                        continue;
+                    }
+                    Ok(None) => break,
+                    Err(status) => {
+                        info!(%status, "ADS stream failed");
+                        break;
+                    }
+                },
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let snapshot = Arc::clone(&snapshots.borrow_and_update());
+                    if snapshot.generation == generation {
+                        continue;
+                    }
+                    generation = snapshot.generation;
+                    state.on_resources(snapshot.shared.for_proxy(&proxy))
+                }
+            },
+        };
+        for event in &step.events {
+            guard.record(event);
+            svc.metrics.record(event);
+            log_event(event, generation);
+        }
+        for response in step.responses {
+            match tx.send_timeout(Ok(response), svc.send_timeout).await {
+                Ok(()) => {}
+                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                    svc.metrics.send_timeout();
+                    warn!(
+                        timeout = ?svc.send_timeout,
+                        "proxy did not accept a response in time; closing its stream"
+                    );
+                    return;
+                }
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+                    info!("proxy disconnected");
+                    return;
+                }
+            }
+        }
+    }
+    info!("proxy disconnected");
+}
+
+fn log_event(event: &Event, generation: u64) {
+    match event {
+        Event::Nack {
+            type_url,
+            version,
+            nonce,
+            message,
+        } => warn!(
+            r#type = short_name(type_url),
+            nonce = %nonce,
+            accepted_version = %version,
+            reason = %message,
+            "proxy rejected config (NACK)"
+        ),
+        Event::Ack {
+            type_url, version, ..
+        } => debug!(r#type = short_name(type_url), version = %version, "ACK"),
+        Event::StaleNonce { type_url, nonce } => {
+            debug!(r#type = short_name(type_url), nonce = %nonce, "ignoring stale nonce")
+        }
+        Event::Pushed {
+            type_url,
+            version,
+            resources,
+        } => debug!(
+            r#type = short_name(type_url),
+            version = %version,
+            resources,
+            generation,
+            "pushed"
+        ),
+        Event::UnknownType { type_url } => {
+            warn!(type_url = %type_url, "proxy asked for a type discovery does not serve")
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

@@ -1,0 +1,230 @@
+//! The gRPC shell over a real TCP port: both variants, node check, pushes on snapshot change.
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use pilotfish_registries::model::{Catalog, Instance, Origin, Protocol, Service};
+use tokio_stream::StreamExt;
+
+use super::*;
+use crate::translate::Shared;
+use crate::xds::resource::CLUSTER;
+use crate::xds::testing::node;
+
+fn catalog(services: &[&str]) -> Arc<Catalog> {
+    let mut c = Catalog::default();
+    for s in services {
+        c.services.insert(
+            s.to_string(),
+            Service {
+                name: s.to_string(),
+                protocol: Protocol::Http,
+                port: 9080,
+                upstreams: None,
+                instances: vec![Instance {
+                    node: Some("vm-b".into()),
+                    address: "10.0.0.2".into(),
+                    port: 9080,
+                    mesh_port: 15006,
+                    labels: Default::default(),
+                    weight: 1,
+                    healthy: true,
+                    locality: None,
+                }],
+                origin: Origin::default(),
+            },
+        );
+    }
+    Arc::new(c)
+}
+
+fn snapshot(generation: u64, services: &[&str]) -> Arc<MeshSnapshot> {
+    Arc::new(MeshSnapshot {
+        generation,
+        shared: Arc::new(Shared::build(catalog(services))),
+    })
+}
+
+struct Running {
+    client: AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    snapshots: watch::Sender<Arc<MeshSnapshot>>,
+    connections: Connections,
+    metrics: Arc<XdsMetrics>,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+async fn start(initial: Arc<MeshSnapshot>) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (snapshots, rx) = watch::channel(initial);
+    let connections = Connections::default();
+    let metrics = Arc::new(XdsMetrics::default());
+    let server = AdsServer::new(
+        rx,
+        connections.clone(),
+        metrics.clone(),
+        AdsOptions {
+            control_plane: "cp-test".into(),
+            ..AdsOptions::default()
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(server.run(listener, shutdown.clone()));
+    let client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .expect("connect");
+    Running {
+        client,
+        snapshots,
+        connections,
+        metrics,
+        shutdown,
+        server,
+    }
+}
+
+async fn next<T>(stream: &mut Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("a response in time")
+        .expect("stream ok")
+        .expect("not ended")
+}
+
+/// Waits for `condition` with a deadline.
+async fn eventually(condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn sotw_stream_answers_acks_and_pushes_changes() {
+    let mut r = start(snapshot(1, &["a"])).await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: node(),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let mut responses = r
+        .client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = next(&mut responses).await;
+    assert_eq!(first.type_url, CLUSTER);
+    assert_eq!(
+        first.control_plane.as_ref().map(|c| c.identifier.as_str()),
+        Some("cp-test")
+    );
+    tx.send(DiscoveryRequest {
+        type_url: CLUSTER.into(),
+        version_info: first.version_info.clone(),
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("ack");
+    // The ACK is recorded before the next push, so it is not stale.
+    let acked = Some(first.version_info.clone());
+    eventually(|| {
+        r.connections
+            .list()
+            .first()
+            .and_then(|p| p.types.get("cds"))
+            .is_some_and(|t| t.acked_version == acked)
+    })
+    .await;
+
+    r.snapshots.send_replace(snapshot(2, &["a", "b"]));
+    let second = next(&mut responses).await;
+    assert_ne!(second.version_info, first.version_info);
+    assert!(second.resources.len() > first.resources.len());
+
+    let proxies = r.connections.list();
+    assert_eq!(proxies.len(), 1);
+    assert_eq!(proxies[0].node, "vm-a");
+    assert_eq!(proxies[0].types["cds"].pushes, 2);
+    assert_eq!(r.metrics.pushes().next(), Some((CLUSTER, 2)));
+
+    drop(tx);
+    r.shutdown.cancel();
+    r.server.await.expect("joins").expect("serves");
+}
+
+#[tokio::test]
+async fn delta_stream_is_served_and_missing_node_is_rejected() {
+    let mut r = start(snapshot(1, &["a"])).await;
+    let request = DeltaDiscoveryRequest {
+        node: node(),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    };
+    let mut responses = r
+        .client
+        .delta_aggregated_resources(
+            tokio_stream::iter(vec![request]).chain(tokio_stream::pending()),
+        )
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = next(&mut responses).await;
+    assert_eq!(first.type_url, CLUSTER);
+    assert!(!first.resources.is_empty());
+    assert!(first.resources.iter().all(|res| !res.version.is_empty()));
+
+    let mut bad = r
+        .client
+        .stream_aggregated_resources(tokio_stream::iter(vec![DiscoveryRequest {
+            type_url: CLUSTER.into(),
+            ..Default::default()
+        }]))
+        .await
+        .expect("stream")
+        .into_inner();
+    let status = bad.message().await.expect_err("rejected");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert_eq!(status.message(), "missing node information");
+
+    r.shutdown.cancel();
+    r.server.await.expect("joins").expect("serves");
+}
+
+#[tokio::test]
+async fn streams_wait_for_the_first_real_snapshot() {
+    let mut r = start(Arc::new(MeshSnapshot::placeholder())).await;
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: node(),
+        type_url: CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("send");
+    let mut responses = r
+        .client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let early = tokio::time::timeout(Duration::from_millis(200), responses.message()).await;
+    assert!(
+        early.is_err(),
+        "nothing is served before the first snapshot"
+    );
+    r.snapshots.send_replace(snapshot(1, &["a"]));
+    let first = next(&mut responses).await;
+    assert!(!first.resources.is_empty());
+    r.shutdown.cancel();
+    r.server.await.expect("joins").expect("serves");
+}

@@ -1,0 +1,180 @@
+//! One HTTP request to Consul: parameters (never `ns`/`partition` unless Enterprise is
+//! configured), the token header (never in the URL), the response headers, and the mapping of
+//! failures to [`ConsulError`].
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+use super::config::ConsulConfig;
+use super::ConsulError;
+
+/// What Consul said about an answer besides its body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResponseMeta {
+    /// `X-Consul-Index`; 0 when absent or unparseable.
+    pub index: u64,
+    pub known_leader: bool,
+    pub last_contact_ms: u64,
+}
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    config: Arc<ConsulConfig>,
+    /// Read from `token_file` on first use, and again after a 403 (the file may be rotated).
+    token: Arc<Mutex<Option<String>>>,
+}
+
+impl Client {
+    pub fn new(config: Arc<ConsulConfig>) -> Result<Client, ConsulError> {
+        let http = reqwest::Client::builder()
+            .timeout(config.request_timeout())
+            .connect_timeout(Duration::from_secs(5))
+            // Long-polls hold their connection; idle ones beyond this are closed, which keeps
+            // us well under Consul's per-client connection cap.
+            .pool_max_idle_per_host(config.fetch_concurrency + 4)
+            .build()
+            .map_err(ConsulError::Client)?;
+        Ok(Client {
+            http,
+            config,
+            token: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    fn token(&self) -> Result<Option<String>, ConsulError> {
+        let Some(path) = &self.config.token_file else {
+            return Ok(None);
+        };
+        let mut cached = self.token.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.is_none() {
+            let t = std::fs::read_to_string(path).map_err(|source| ConsulError::TokenFile {
+                path: path.clone(),
+                source,
+            })?;
+            *cached = Some(t.trim().to_string());
+        }
+        Ok(cached.clone())
+    }
+
+    fn forget_token(&self) {
+        *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// GET `path` in datacenter `dc`; a blocking query when `index > 0`.
+    pub async fn get<T: DeserializeOwned>(
+        &self,
+        dc: &str,
+        path: &str,
+        index: u64,
+    ) -> Result<(T, ResponseMeta), ConsulError> {
+        let mut query: Vec<(&str, String)> = vec![("dc", dc.to_string())];
+        if self.config.stale {
+            query.push(("stale", String::new()));
+        }
+        if index > 0 {
+            query.push(("index", index.to_string()));
+            query.push(("wait", format!("{}ms", self.config.wait.as_millis())));
+        }
+        if let Some(ent) = &self.config.enterprise {
+            if let Some(ns) = &ent.namespace {
+                query.push(("ns", ns.clone()));
+            }
+            if let Some(p) = &ent.partition {
+                query.push(("partition", p.clone()));
+            }
+        }
+        let qs: Vec<String> = query
+            .iter()
+            .map(|(k, v)| {
+                if v.is_empty() {
+                    (*k).to_string()
+                } else {
+                    format!("{k}={}", path_segment(v))
+                }
+            })
+            .collect();
+        let url = format!("{}{}?{}", self.config.address, path, qs.join("&"));
+        let mut req = self.http.get(&url);
+        if let Some(t) = self.token()? {
+            req = req.header("X-Consul-Token", t);
+        }
+        let resp = req.send().await.map_err(|source| ConsulError::Transport {
+            url: url.clone(),
+            source,
+        })?;
+        let status = resp.status();
+        let header = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let meta = ResponseMeta {
+            index: header("x-consul-index")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+            known_leader: header("x-consul-knownleader").as_deref() != Some("false"),
+            last_contact_ms: header("x-consul-lastcontact")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0),
+        };
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|source| ConsulError::Transport {
+                url: url.clone(),
+                source,
+            })?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body).trim().to_string();
+            return Err(match status.as_u16() {
+                403 => {
+                    self.forget_token();
+                    ConsulError::Acl {
+                        token_file: token_file_name(&self.config.token_file),
+                        body: text,
+                    }
+                }
+                429 => ConsulError::RateLimited { body: text },
+                500 if text.contains("No path to datacenter") => ConsulError::UnknownDatacenter {
+                    dc: dc.to_string(),
+                    address: self.config.address.clone(),
+                },
+                code => ConsulError::Status {
+                    code,
+                    path: path.to_string(),
+                    body: text,
+                },
+            });
+        }
+        let value = serde_json::from_slice(&body).map_err(|source| ConsulError::Decode {
+            path: path.to_string(),
+            source,
+        })?;
+        Ok((value, meta))
+    }
+}
+
+fn token_file_name(p: &Option<PathBuf>) -> String {
+    p.as_ref().map_or_else(
+        || "(no token_file configured: the anonymous token was used)".to_string(),
+        |p| p.display().to_string(),
+    )
+}
+
+/// Percent-encodes a service name for a path segment.
+pub fn path_segment(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,259 @@
+//! The TOML file registry: every `*.toml` under the configured paths, merged into one
+//! [`Catalog`] and republished whenever a file changes.
+//!
+//! Data flows scan -> parse -> merge/validate -> publish:
+//!
+//! - [`scan`] lists and reads the files (blocking I/O, on tokio's blocking pool);
+//! - [`parse`] (with [`rules`] for routes and policies) turns one file into declarations with
+//!   positions, checking what one file alone can get wrong; [`validate`] merges the declarations of all files and checks what needs
+//!   several;
+//! - [`state`] keeps the last good version of each file and decides which versions are in
+//!   force: bad input never replaces good state;
+//! - [`watch`] tells [`FileRegistry::run`] when to rescan.
+//!
+//! Problems are reported as `path:line:column: field: message`, logged when they first
+//! appear, and kept in [`FilesStatus`] for discovery's status API.
+
+mod duration;
+mod parse;
+mod rules;
+mod scan;
+mod state;
+mod validate;
+mod watch;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch as channel};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::model::Catalog;
+pub use parse::is_valid_name;
+use state::{FileSet, Settled};
+
+/// How often the registry rescans even without events: a safety net for lost watches (a
+/// deleted and recreated directory, an inotify limit) and the way a missing directory is
+/// noticed when its parent is not watchable either.
+const RESCAN_EVERY: Duration = Duration::from_secs(5);
+
+/// One thing wrong with a registry file, located for a person to find.
+///
+/// `line` and `column` are 1-based; both are 0 for a problem with the whole file (it could not
+/// be read), and then `Display` leaves them out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.message
+            )
+        }
+    }
+}
+
+/// The state of every registry file, for discovery's status API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FilesStatus {
+    pub files: BTreeMap<PathBuf, FileState>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileState {
+    /// A good version of this file is in force (the latest, unless `problems` is non-empty).
+    /// A deleted file can still be in force when withdrawing it would break other files.
+    pub in_force: bool,
+    /// Why the latest version is not in force; empty when it is. A problem may point into
+    /// another file (a route there to a service this version removes).
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    #[error("cannot start the registry file watcher")]
+    Watcher(#[source] notify::Error),
+    #[error("the registry file scan did not finish")]
+    Scan(#[source] tokio::task::JoinError),
+}
+
+/// Loads every `*.toml` under `paths` once (for `--check` and at startup). Returns the catalog
+/// of every file that is good, and all problems (sorted by file and position). Nothing is
+/// logged except missing paths, which count as empty: the caller prints the problems.
+pub fn load_once(paths: &[PathBuf]) -> (Catalog, Vec<Problem>) {
+    let mut set = FileSet::default();
+    rescan_blocking(paths, &mut set);
+    set.settle();
+    let (catalog, invariant) = set.catalog();
+    let mut problems = set.problems();
+    problems.extend(invariant);
+    (catalog, problems)
+}
+
+/// Reads the files and updates `set`; returns whether anything changed on disk.
+fn rescan_blocking(paths: &[PathBuf], set: &mut FileSet) -> bool {
+    let scanned = scan::scan(paths);
+    apply_scan(scanned, set, false)
+}
+
+fn apply_scan(scanned: scan::Scan, set: &mut FileSet, quiet_missing: bool) -> bool {
+    if !quiet_missing {
+        for path in &scanned.missing {
+            tracing::warn!(path = %path.display(), "registry path does not exist; treating it as empty");
+        }
+    }
+    for (dir, error) in &scanned.unlisted {
+        tracing::warn!(path = %dir.display(), %error, "cannot list registry directory; keeping its files as they were");
+    }
+    let unlisted: Vec<PathBuf> = scanned.unlisted.into_iter().map(|(p, _)| p).collect();
+    set.update(scanned.files, &unlisted)
+}
+
+/// The file registry as a long-running part: see [`FileRegistry::run`].
+#[derive(Debug, Clone)]
+pub struct FileRegistry {
+    paths: Vec<PathBuf>,
+}
+
+impl FileRegistry {
+    pub fn new(paths: Vec<PathBuf>) -> FileRegistry {
+        FileRegistry { paths }
+    }
+
+    /// Loads everything, publishes the first catalog, then watches. Publishes a new
+    /// `Arc<Catalog>` only when the merged catalog actually changed, and a new status only
+    /// when a file's state changed. Returns when `shutdown` is cancelled.
+    pub async fn run(
+        self,
+        catalog: channel::Sender<Arc<Catalog>>,
+        status: channel::Sender<Arc<FilesStatus>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), FilesError> {
+        let span = tracing::info_span!("file_registry");
+        self.watch_and_publish(catalog, status, shutdown)
+            .instrument(span)
+            .await
+    }
+
+    async fn watch_and_publish(
+        self,
+        catalog: channel::Sender<Arc<Catalog>>,
+        status: channel::Sender<Arc<FilesStatus>>,
+        shutdown: CancellationToken,
+    ) -> Result<(), FilesError> {
+        // Watch before the first scan, so that nothing written in between is missed.
+        let (events_tx, mut events) = mpsc::channel(1);
+        let mut watcher = watch::Watcher::new(events_tx).map_err(FilesError::Watcher)?;
+        let mut set = FileSet::default();
+        // The watcher warns about missing paths (once each); the scan need not repeat it.
+        watcher.refresh(&self.paths);
+        self.rescan(&mut set).await?;
+        self.settle_and_publish(&mut set, &catalog, &status, true);
+
+        let mut tick = tokio::time::interval(RESCAN_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.reset();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                event = events.recv() => {
+                    if event.is_none() {
+                        // Only the watcher holds the sender, and it lives as long as this loop.
+                        return Ok(());
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = watch::coalesce(&mut events, watch::QUIET, watch::MAX_DELAY) => {}
+                    }
+                }
+                _ = tick.tick() => {}
+            }
+            watcher.refresh(&self.paths);
+            if self.rescan(&mut set).await? {
+                self.settle_and_publish(&mut set, &catalog, &status, false);
+            }
+        }
+    }
+
+    async fn rescan(&self, set: &mut FileSet) -> Result<bool, FilesError> {
+        let paths = self.paths.clone();
+        let scanned = tokio::task::spawn_blocking(move || scan::scan(&paths))
+            .await
+            .map_err(FilesError::Scan)?;
+        Ok(apply_scan(scanned, set, true))
+    }
+
+    fn settle_and_publish(
+        &self,
+        set: &mut FileSet,
+        catalog: &channel::Sender<Arc<Catalog>>,
+        status: &channel::Sender<Arc<FilesStatus>>,
+        first: bool,
+    ) {
+        let settled = set.settle();
+        log(&settled);
+        let (merged, invariant) = set.catalog();
+        for p in &invariant {
+            // Cannot happen by construction (see `state`); if it does, publishing anyway
+            // beats freezing the mesh, and the log says where to look.
+            tracing::error!(file = %p.file.display(), line = p.line, "bug: accepted registry files do not merge cleanly: {}", p);
+        }
+        let published = catalog.send_if_modified(|current| {
+            if first || **current != merged {
+                *current = Arc::new(merged);
+                true
+            } else {
+                false
+            }
+        });
+        if published {
+            let c = catalog.borrow();
+            tracing::info!(
+                services = c.services.len(),
+                routes = c.routes.len(),
+                policies = c.policies.len(),
+                "published registry catalog from files"
+            );
+        }
+        let new_status = set.status();
+        status.send_if_modified(|current| {
+            if first || **current != new_status {
+                *current = Arc::new(new_status);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+fn log(settled: &Settled) {
+    for path in &settled.accepted {
+        tracing::info!(file = %path.display(), "registry file accepted");
+    }
+    for path in &settled.removed {
+        tracing::info!(file = %path.display(), "registry file removed; its declarations are withdrawn");
+    }
+    for p in &settled.new_problems {
+        tracing::error!(file = %p.file.display(), line = p.line, "{}", p);
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,477 @@
+//! The registry as a whole: merging across files, last-good state, and the watcher loop.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+use crate::model::Origin;
+
+fn p(name: &str) -> PathBuf {
+    PathBuf::from(format!("reg/{name}"))
+}
+
+/// A FileSet holding `files`, settled.
+fn settled(files: &[(&str, &str)]) -> FileSet {
+    let mut set = FileSet::default();
+    for (name, text) in files {
+        set.set(&p(name), Some(Ok(text.to_string())));
+    }
+    set.settle();
+    set
+}
+
+fn catalog(set: &FileSet) -> Catalog {
+    let (catalog, problems) = set.catalog();
+    assert!(
+        problems.is_empty(),
+        "accepted files must merge cleanly: {problems:#?}"
+    );
+    catalog
+}
+
+fn messages(problems: &[Problem]) -> Vec<String> {
+    problems.iter().map(ToString::to_string).collect()
+}
+
+const REVIEWS: &str = r#"
+[services.reviews]
+port = 9080
+
+[[services.reviews.instances]]
+address = "10.0.0.12"
+port = 9080
+labels = { version = "v1" }
+"#;
+
+const RULES: &str = r#"
+[policies.reviews]
+subsets = { v1 = { version = "v1" }, v2 = { version = "v2" } }
+
+[routes.reviews]
+[[routes.reviews.rules]]
+to = [{ subset = "v1" }]
+
+[[routes.reviews.rules]]
+to = [{ subset = "v1", weight = 90 }, { subset = "v3", weight = 10 }]
+"#;
+
+#[test]
+fn problem_display() {
+    let problem = Problem {
+        file: p("a.toml"),
+        line: 3,
+        column: 7,
+        message: "services.a.port: 0 is not a port (1-65535)".into(),
+    };
+    assert_eq!(
+        problem.to_string(),
+        "reg/a.toml:3:7: services.a.port: 0 is not a port (1-65535)"
+    );
+    let whole = Problem {
+        line: 0,
+        column: 0,
+        message: "not UTF-8 text".into(),
+        ..problem
+    };
+    assert_eq!(whole.to_string(), "reg/a.toml: not UTF-8 text");
+}
+
+#[test]
+fn route_to_unknown_subset_names_file_line_and_field() {
+    let set = settled(&[("reviews.toml", REVIEWS), ("rules.toml", RULES)]);
+    assert_eq!(
+        messages(&set.problems()),
+        [
+            r#"reg/rules.toml:10:50: routes.reviews.rules[1].to[1].subset: unknown subset "v3" of service "reviews" (declared subsets: v1, v2)"#
+        ]
+    );
+    // The rules file stays out; the service is in.
+    let c = catalog(&set);
+    assert!(c.services.contains_key("reviews"));
+    assert!(c.routes.is_empty() && c.policies.is_empty());
+    let status = set.status();
+    assert!(!status.files[&p("rules.toml")].in_force);
+    assert!(status.files[&p("reviews.toml")].in_force);
+    assert!(status.files[&p("reviews.toml")].problems.is_empty());
+}
+
+#[test]
+fn subset_without_policy_says_so() {
+    let set = settled(&[(
+        "a.toml",
+        "[services.a]\nport = 80\n[routes.a]\n[[routes.a.rules]]\nto = [{ subset = \"v1\" }]\n",
+    )]);
+    assert_eq!(
+        messages(&set.problems()),
+        [
+            r#"reg/a.toml:5:18: routes.a.rules[0].to[0].subset: unknown subset "v1" of service "a" (no subsets declared; declare them in [policies.a] subsets)"#
+        ]
+    );
+}
+
+#[test]
+fn instances_merge_across_files() {
+    let more = "[[services.reviews.instances]]\naddress = \"10.0.0.13\"\nport = 9080\nlabels = { version = \"v2\" }\n";
+    let set = settled(&[("reviews.toml", REVIEWS), ("more/reviews-v2.toml", more)]);
+    assert!(set.problems().is_empty(), "{:#?}", set.problems());
+    let c = catalog(&set);
+    let service = &c.services["reviews"];
+    assert_eq!(service.port, 9080);
+    assert_eq!(
+        service.origin,
+        Origin {
+            file: p("reviews.toml"),
+            line: 2
+        }
+    );
+    let addresses: Vec<&str> = service
+        .instances
+        .iter()
+        .map(|i| i.address.as_str())
+        .collect();
+    // Files in path order: reg/more/... sorts before reg/reviews.toml.
+    assert_eq!(addresses, ["10.0.0.13", "10.0.0.12"]);
+}
+
+#[test]
+fn cross_file_conflicts_are_reported_on_the_later_file() {
+    let again = "[services.reviews]\nport = 9090\n";
+    let set = settled(&[("a.toml", REVIEWS), ("b.toml", again)]);
+    assert_eq!(
+        messages(&set.problems()),
+        [
+            r#"reg/b.toml:1:11: services.reviews: service "reviews" is already defined at reg/a.toml:2; its port, protocol and upstreams are set in one file (another file may add instances with a table that has only instances)"#
+        ]
+    );
+    assert_eq!(catalog(&set).services["reviews"].port, 9080);
+
+    let dup = "[[services.reviews.instances]]\naddress = \"10.0.0.12\"\nport = 9080\n";
+    let set = settled(&[("a.toml", REVIEWS), ("b.toml", dup)]);
+    assert_eq!(
+        messages(&set.problems()),
+        [
+            r#"reg/b.toml:1:1: services.reviews.instances[0]: 10.0.0.12:9080 is already an instance of "reviews" at reg/a.toml:5"#
+        ]
+    );
+
+    let policy = "[policies.reviews]\nload_balancer = \"random\"\n";
+    let set = settled(&[("a.toml", REVIEWS), ("b.toml", policy), ("c.toml", policy)]);
+    assert_eq!(
+        messages(&set.problems()),
+        [
+            r#"reg/c.toml:1:11: policies.reviews: the policy for "reviews" is already declared at reg/b.toml:1; one file declares a service's policy"#
+        ]
+    );
+}
+
+#[test]
+fn references_to_unknown_services() {
+    let set = settled(&[
+        (
+            "a.toml",
+            "[services.a]\nport = 80\nupstreams = [\"ghost\"]\n",
+        ),
+        (
+            "b.toml",
+            "[[services.b.instances]]\naddress = \"h\"\nport = 1\n",
+        ),
+        ("c.toml", "[routes.c]\ntimeout = \"1s\"\n"),
+        ("d.toml", "[policies.d]\n"),
+    ]);
+    assert_eq!(
+        messages(&set.problems()),
+        [
+            r#"reg/a.toml:3:14: services.a.upstreams[0]: unknown service "ghost""#,
+            r#"reg/b.toml:1:12: services.b.instances: service "b" is not defined in any file (no [services.b] table with a port)"#,
+            r#"reg/c.toml:1:9: routes.c: unknown service "c""#,
+            r#"reg/d.toml:1:11: policies.d: unknown service "d""#,
+        ]
+    );
+    assert_eq!(catalog(&set), Catalog::default());
+}
+
+#[test]
+fn tcp_services_refuse_http_rules() {
+    let set = settled(&[(
+        "db.toml",
+        "[services.db]\nprotocol = \"tcp\"\nport = 5432\n[routes.db]\nretries = { attempts = 1 }\n[[routes.db.rules]]\nmatch = { method = \"GET\" }\nto = [{}]\n",
+    )]);
+    assert_eq!(
+        messages(&set.problems()),
+        [
+            r#"reg/db.toml:5:11: routes.db.retries: "db" is a tcp service; only HTTP services have request matches and retries"#,
+            r#"reg/db.toml:7:9: routes.db.rules[0].match: "db" is a tcp service; only HTTP services have request matches and retries"#,
+        ]
+    );
+}
+
+#[test]
+fn files_that_need_each_other_load_together() {
+    let set = settled(&[
+        ("a.toml", "[services.a]\nport = 80\nupstreams = [\"b\"]\n"),
+        ("b.toml", "[services.b]\nport = 80\nupstreams = [\"a\"]\n"),
+    ]);
+    assert!(set.problems().is_empty());
+    assert_eq!(catalog(&set).services.len(), 2);
+}
+
+#[test]
+fn startup_loads_everything_good() {
+    let set = settled(&[
+        ("a.toml", REVIEWS),
+        ("b.toml", "[services.ratings]\nport = = 1\n"),
+        (
+            "c.toml",
+            "[services.details]\nport = 80\nupstreams = [\"ratings\"]\n",
+        ),
+        (
+            "d.toml",
+            "[services.web]\nport = 80\nupstreams = [\"reviews\"]\n",
+        ),
+    ]);
+    let c = catalog(&set);
+    assert_eq!(c.services.keys().collect::<Vec<_>>(), ["reviews", "web"]);
+    let status = set.status();
+    let bad: Vec<&Path> = status
+        .files
+        .iter()
+        .filter(|(_, s)| !s.in_force)
+        .map(|(p, _)| p.as_path())
+        .collect();
+    assert_eq!(bad, [p("b.toml"), p("c.toml")]);
+    assert_eq!(status.files[&p("c.toml")].problems.len(), 1);
+}
+
+#[test]
+fn last_good_version_is_kept_after_a_bad_edit() {
+    let mut set = settled(&[("reviews.toml", REVIEWS)]);
+    let good = catalog(&set);
+
+    // A syntax error: the file's previous version stays in force.
+    set.set(
+        &p("reviews.toml"),
+        Some(Ok(REVIEWS.replace("port = 9080\n\n", "port = \n\n"))),
+    );
+    let outcome = set.settle();
+    assert!(outcome.accepted.is_empty());
+    assert_eq!(outcome.new_problems.len(), 1);
+    assert_eq!(catalog(&set), good);
+    let state = &set.status().files[&p("reviews.toml")];
+    assert!(state.in_force);
+    assert_eq!(state.problems.len(), 1);
+    assert_eq!(state.problems[0].line, 3);
+
+    // Settling again without a change reports nothing new (nothing is logged twice).
+    assert_eq!(set.settle().new_problems, []);
+
+    // Parses, but breaks a check: still the previous version.
+    set.set(
+        &p("reviews.toml"),
+        Some(Ok(REVIEWS.replace(
+            "port = 9080\n\n",
+            "port = 9080\nupstreams = [\"nope\"]\n\n",
+        ))),
+    );
+    set.settle();
+    assert_eq!(catalog(&set), good);
+    assert!(set.status().files[&p("reviews.toml")].problems[0]
+        .message
+        .contains("unknown service \"nope\""));
+
+    // Fixed: the new version comes in and the problems go.
+    set.set(
+        &p("reviews.toml"),
+        Some(Ok(REVIEWS.replace("9080\n\n", "9090\n\n"))),
+    );
+    let outcome = set.settle();
+    assert_eq!(outcome.accepted, [p("reviews.toml")]);
+    assert_eq!(catalog(&set).services["reviews"].port, 9090);
+    assert_eq!(
+        set.status().files[&p("reviews.toml")],
+        FileState {
+            in_force: true,
+            problems: vec![]
+        }
+    );
+}
+
+#[test]
+fn a_file_that_never_parsed_contributes_nothing() {
+    let set = settled(&[("a.toml", "[services.a\n")]);
+    assert_eq!(catalog(&set), Catalog::default());
+    let state = &set.status().files[&p("a.toml")];
+    assert!(!state.in_force);
+    assert_eq!(state.problems.len(), 1);
+}
+
+#[test]
+fn unreadable_file_is_a_problem_for_the_whole_file() {
+    let mut set = settled(&[("a.toml", REVIEWS)]);
+    set.set(&p("a.toml"), Some(Err("not UTF-8 text".into())));
+    set.settle();
+    assert!(catalog(&set).services.contains_key("reviews"));
+    assert_eq!(messages(&set.problems()), ["reg/a.toml: not UTF-8 text"]);
+}
+
+#[test]
+fn deleting_a_file_withdraws_it_unless_others_need_it() {
+    let mut set = settled(&[
+        ("reviews.toml", REVIEWS),
+        ("rules.toml", &RULES.replace("v3", "v2")),
+    ]);
+    assert_eq!(catalog(&set).routes.len(), 1);
+
+    // The rules depend on reviews.toml: deleting it must wait.
+    set.set(&p("reviews.toml"), None);
+    let outcome = set.settle();
+    assert!(outcome.removed.is_empty());
+    assert!(catalog(&set).services.contains_key("reviews"));
+    let state = &set.status().files[&p("reviews.toml")];
+    assert!(state.in_force);
+    assert!(
+        state
+            .problems
+            .iter()
+            .any(|p| p.file == Path::new("reg/rules.toml")),
+        "{state:#?}"
+    );
+
+    // Delete the rules too: both go.
+    set.set(&p("rules.toml"), None);
+    let outcome = set.settle();
+    assert_eq!(outcome.removed.len(), 2);
+    assert_eq!(catalog(&set), Catalog::default());
+    assert!(set.status().files.is_empty());
+}
+
+#[test]
+fn a_rejected_file_comes_in_when_what_it_needs_arrives() {
+    let mut set = settled(&[("rules.toml", &RULES.replace("v3", "v2"))]);
+    assert!(!set.status().files[&p("rules.toml")].in_force);
+    set.set(&p("reviews.toml"), Some(Ok(REVIEWS.to_string())));
+    let outcome = set.settle();
+    assert_eq!(outcome.accepted, [p("reviews.toml"), p("rules.toml")]);
+    assert!(set.problems().is_empty());
+    assert_eq!(catalog(&set).routes.len(), 1);
+}
+
+#[test]
+fn update_reparses_only_changed_files() {
+    let mut set = FileSet::default();
+    let scan = |files: &[(&str, &str)]| -> BTreeMap<PathBuf, state::FileRead> {
+        files
+            .iter()
+            .map(|(n, t)| (p(n), Ok(t.to_string())))
+            .collect()
+    };
+    assert!(set.update(scan(&[("a.toml", REVIEWS)]), &[]));
+    assert!(!set.update(scan(&[("a.toml", REVIEWS)]), &[]));
+    // A directory that could not be listed keeps its files.
+    assert!(!set.update(scan(&[]), &[PathBuf::from("reg")]));
+    assert!(set.update(scan(&[]), &[]));
+}
+
+#[test]
+fn load_once_reads_nested_toml_and_skips_the_rest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path();
+    std::fs::create_dir_all(root.join("team/rules")).expect("mkdir");
+    std::fs::create_dir_all(root.join(".git")).expect("mkdir");
+    std::fs::write(root.join("reviews.toml"), REVIEWS).expect("write");
+    std::fs::write(root.join("team/rules/rules.toml"), RULES).expect("write");
+    std::fs::write(root.join("notes.txt"), "not toml").expect("write");
+    std::fs::write(root.join(".#reviews.toml"), "garbage").expect("write");
+    std::fs::write(root.join(".git/x.toml"), "garbage").expect("write");
+    let single = root.join("single.conf");
+    std::fs::write(&single, "[services.ratings]\nport = 9080\n").expect("write");
+
+    let (c, problems) = load_once(&[root.to_path_buf(), single, root.join("missing")]);
+    assert_eq!(
+        c.services.keys().collect::<Vec<_>>(),
+        ["ratings", "reviews"]
+    );
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    assert_eq!(problems[0].file, root.join("team/rules/rules.toml"));
+    assert_eq!(problems[0].line, 10);
+}
+
+/// Waits for `done` to hold for the latest value of `rx`, or fails after a deadline.
+async fn wait_for<T>(rx: &mut channel::Receiver<T>, what: &str, done: impl Fn(&T) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if done(&rx.borrow_and_update()) {
+            return;
+        }
+        match tokio::time::timeout_at(deadline, rx.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => panic!("channel closed while waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn registry_publishes_changes_and_keeps_last_good() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry_dir = dir.path().join("registry.d");
+    let (catalog_tx, mut catalog_rx) = channel::channel(Arc::new(Catalog::default()));
+    let (status_tx, mut status_rx) = channel::channel(Arc::new(FilesStatus::default()));
+    let shutdown = CancellationToken::new();
+    // The directory does not exist yet: the registry starts empty and notices it later.
+    let registry = FileRegistry::new(vec![registry_dir.clone()]);
+    let task = tokio::spawn(registry.run(catalog_tx, status_tx, shutdown.clone()));
+
+    std::fs::create_dir(&registry_dir).expect("mkdir");
+    let file = registry_dir.join("reviews.toml");
+    // Write like an editor does: to a temporary name, then rename into place.
+    let write = |text: &str| {
+        let tmp = registry_dir.join(".reviews.toml.tmp");
+        std::fs::write(&tmp, text).expect("write");
+        std::fs::rename(&tmp, &file).expect("rename");
+    };
+    write(REVIEWS);
+    wait_for(&mut catalog_rx, "reviews in the catalog", |c| {
+        c.services.contains_key("reviews")
+    })
+    .await;
+    let good = catalog_rx.borrow().clone();
+
+    write(&REVIEWS.replace("port = 9080\n\n", "port = 0\n\n"));
+    wait_for(&mut status_rx, "the problem in the status", |s| {
+        s.files.get(&file).is_some_and(|f| !f.problems.is_empty())
+    })
+    .await;
+    let state = status_rx.borrow().files[&file].clone();
+    assert!(state.in_force);
+    assert_eq!(state.problems[0].line, 3);
+    assert!(state.problems[0]
+        .message
+        .starts_with("services.reviews.port: 0 is not a port"));
+    assert_eq!(
+        *catalog_rx.borrow(),
+        good,
+        "the bad edit must not change the catalog"
+    );
+    assert!(
+        !catalog_rx.has_changed().expect("open"),
+        "nothing new was published"
+    );
+
+    // A good edit replaces it; deleting the file withdraws it.
+    write(&REVIEWS.replace("port = 9080\n\n", "port = 9090\n\n"));
+    wait_for(&mut catalog_rx, "the new port", |c| {
+        c.services.get("reviews").is_some_and(|s| s.port == 9090)
+    })
+    .await;
+    std::fs::remove_file(&file).expect("remove");
+    wait_for(&mut catalog_rx, "an empty catalog", |c| {
+        c.services.is_empty()
+    })
+    .await;
+
+    shutdown.cancel();
+    let result = tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("stops on shutdown");
+    result.expect("task").expect("run");
+}

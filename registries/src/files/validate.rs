@@ -1,0 +1,207 @@
+//! Merging the declarations of a set of files into one [`Catalog`], and the checks that need
+//! more than one file: one definition per service, instances and rules only for defined
+//! services, unique instance addresses, known upstreams, declared subsets.
+//!
+//! Files are visited in path order, so when two files clash the problem is reported on the
+//! later one, the same way on every run.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use super::parse::{key, FileDecls, Pos};
+use super::Problem;
+use crate::model::{Catalog, Origin, Protocol, Service};
+
+/// Merges `files` (by path) into a catalog. The catalog is only meaningful when the problem
+/// list is empty; problems are sorted by file and position.
+pub(crate) fn merge<'a, I>(files: I) -> (Catalog, Vec<Problem>)
+where
+    I: IntoIterator<Item = (&'a PathBuf, &'a FileDecls)>,
+{
+    let files: Vec<(&PathBuf, &FileDecls)> = files.into_iter().collect();
+    let mut problems = Vec::new();
+    let mut catalog = Catalog::default();
+    let problem = |file: &Path, pos: Pos, message: String| Problem {
+        file: file.to_path_buf(),
+        line: pos.line,
+        column: pos.column,
+        message,
+    };
+
+    // Definitions first, so that instances and rules in any file can find their service.
+    let mut upstream_refs = Vec::new();
+    for (file, decls) in &files {
+        for (name, decl) in &decls.services {
+            let Some(def) = &decl.def else { continue };
+            let path = format!("services.{}", key(name));
+            if let Some(existing) = catalog.services.get(name) {
+                problems.push(problem(
+                    file,
+                    decl.pos,
+                    format!(
+                        "{path}: service \"{name}\" is already defined at {}; its port, protocol and upstreams are set in one file (another file may add instances with a table that has only instances)",
+                        existing.origin
+                    ),
+                ));
+                continue;
+            }
+            for (i, (upstream, pos)) in def.upstreams.iter().flatten().enumerate() {
+                upstream_refs.push((*file, *pos, format!("{path}.upstreams[{i}]"), upstream));
+            }
+            catalog.services.insert(
+                name.clone(),
+                Service {
+                    name: name.clone(),
+                    protocol: def.protocol,
+                    port: def.port,
+                    upstreams: def
+                        .upstreams
+                        .as_ref()
+                        .map(|list| list.iter().map(|(u, _)| u.clone()).collect()),
+                    instances: Vec::new(),
+                    origin: def.origin.clone(),
+                },
+            );
+        }
+    }
+
+    for (file, pos, field, upstream) in upstream_refs {
+        if !catalog.services.contains_key(upstream) {
+            problems.push(problem(
+                file,
+                pos,
+                format!("{field}: unknown service \"{upstream}\""),
+            ));
+        }
+    }
+
+    let mut addresses: BTreeMap<(&str, String, u16), Origin> = BTreeMap::new();
+    for (file, decls) in &files {
+        for (name, decl) in &decls.services {
+            if decl.instances.is_empty() {
+                continue;
+            }
+            let path = format!("services.{}", key(name));
+            let Some(service) = catalog.services.get_mut(name) else {
+                problems.push(problem(
+                    file,
+                    decl.pos,
+                    format!("{path}.instances: service \"{name}\" is not defined in any file (no [services.{}] table with a port)", key(name)),
+                ));
+                continue;
+            };
+            for (i, inst) in decl.instances.iter().enumerate() {
+                let here = Origin {
+                    file: file.to_path_buf(),
+                    line: inst.pos.line,
+                };
+                let address = (
+                    name.as_str(),
+                    inst.instance.address.clone(),
+                    inst.instance.port,
+                );
+                if let Some(first) = addresses.get(&address) {
+                    problems.push(problem(
+                        file,
+                        inst.pos,
+                        format!(
+                            "{path}.instances[{i}]: {}:{} is already an instance of \"{name}\" at {first}",
+                            inst.instance.address, inst.instance.port
+                        ),
+                    ));
+                    continue;
+                }
+                addresses.insert(address, here);
+                service.instances.push(inst.instance.clone());
+            }
+        }
+    }
+
+    // Policies before routes: routes refer to the policy's subsets.
+    for (file, decls) in &files {
+        for (name, decl) in &decls.policies {
+            let path = format!("policies.{}", key(name));
+            if let Some(existing) = catalog.policies.get(name) {
+                problems.push(problem(
+                    file,
+                    decl.pos,
+                    format!("{path}: the policy for \"{name}\" is already declared at {}; one file declares a service's policy", existing.origin),
+                ));
+                continue;
+            }
+            if !catalog.services.contains_key(name) {
+                problems.push(problem(
+                    file,
+                    decl.pos,
+                    format!("{path}: unknown service \"{name}\""),
+                ));
+            }
+            catalog.policies.insert(name.clone(), decl.policy.clone());
+        }
+    }
+
+    for (file, decls) in &files {
+        for (name, decl) in &decls.routes {
+            let path = format!("routes.{}", key(name));
+            if let Some(existing) = catalog.routes.get(name) {
+                problems.push(problem(
+                    file,
+                    decl.pos,
+                    format!("{path}: the route for \"{name}\" is already declared at {}; one file declares a service's route", existing.origin),
+                ));
+                continue;
+            }
+            match catalog.services.get(name) {
+                None => problems.push(problem(
+                    file,
+                    decl.pos,
+                    format!("{path}: unknown service \"{name}\""),
+                )),
+                Some(service) if service.protocol == Protocol::Tcp => {
+                    for (field, pos) in &decl.http_only {
+                        problems.push(problem(
+                            file,
+                            *pos,
+                            format!("{field}: \"{name}\" is a tcp service; only HTTP services have request matches and retries"),
+                        ));
+                    }
+                }
+                Some(_) => {}
+            }
+            let declared: BTreeSet<&String> = catalog
+                .policies
+                .get(name)
+                .map(|p| p.subsets.keys().collect())
+                .unwrap_or_default();
+            for r in &decl.subset_refs {
+                if declared.contains(&r.subset) {
+                    continue;
+                }
+                let hint = if declared.is_empty() {
+                    format!(
+                        "no subsets declared; declare them in [policies.{}] subsets",
+                        key(name)
+                    )
+                } else {
+                    let names: Vec<&str> = declared.iter().map(|s| s.as_str()).collect();
+                    format!("declared subsets: {}", names.join(", "))
+                };
+                problems.push(problem(
+                    file,
+                    r.pos,
+                    format!(
+                        "{}: unknown subset \"{}\" of service \"{name}\" ({hint})",
+                        r.field, r.subset
+                    ),
+                ));
+            }
+            catalog.routes.insert(name.clone(), decl.route.clone());
+        }
+    }
+
+    problems.sort_by(|a, b| {
+        (&a.file, a.line, a.column, &a.message).cmp(&(&b.file, b.line, b.column, &b.message))
+    });
+    problems.dedup();
+    (catalog, problems)
+}
