@@ -405,6 +405,8 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
 struct ReadResult {
     index: u64,
     body: Value,
+    /// Already-serialized body: the fast path for large unfiltered reads.
+    raw: Option<Vec<u8>>,
 }
 
 fn compute(
@@ -443,11 +445,13 @@ fn compute(
             ReadResult {
                 index: store.index_of_service(name),
                 body: Value::Array(out),
+                raw: None,
             }
         }
         Endpoint::HealthService(name) => ReadResult {
             index: store.index_of_service(name),
             body: Value::Array(health_service(store, name, &p.dc, p)?),
+            raw: None,
         },
         Endpoint::HealthState(state) => {
             if state.is_empty() {
@@ -456,11 +460,21 @@ fn compute(
             if !matches!(state.as_str(), "any" | "passing" | "warning" | "critical") {
                 return Err(bad(format!("Invalid check state: \"{state}\"")));
             }
+            let selected = store
+                .checks
+                .values()
+                .filter(|c| state == "any" || &c.status == state);
+            if p.filter.is_none() && !faults.reorder && !hide_all && !faults.filter_results {
+                // Serialize straight from the store: /v1/health/state/any carries every check.
+                let checks: Vec<_> = selected.map(json::check).collect();
+                return Ok(ReadResult {
+                    index: store.checks_index,
+                    body: Value::Null,
+                    raw: Some(serde_json::to_vec(&checks).unwrap_or_default()),
+                });
+            }
             let mut out = Vec::new();
-            for c in store.checks.values() {
-                if state != "any" && &c.status != state {
-                    continue;
-                }
+            for c in selected {
                 let v = to_value(&json::check(c));
                 if keep(&p.filter, &v)? {
                     out.push(v);
@@ -469,6 +483,7 @@ fn compute(
             ReadResult {
                 index: store.checks_index,
                 body: Value::Array(out),
+                raw: None,
             }
         }
         _ => return Err(bad("not a read")),
@@ -545,6 +560,7 @@ fn services(store: &DcStore, dc: &str, p: &Params, list_consul: bool) -> Result<
     Ok(ReadResult {
         index: store.services_index,
         body: to_value(&out),
+        raw: None,
     })
 }
 
@@ -639,7 +655,10 @@ async fn read(shared: &Arc<Shared>, ep: &Endpoint, p: Params, faults: Faults) ->
     if faults.refuse_connections {
         return cut_response(Bytes::new());
     }
-    let body = serde_json::to_vec(&r.body).unwrap_or_default();
+    let body = match r.raw {
+        Some(raw) => raw,
+        None => serde_json::to_vec(&r.body).unwrap_or_default(),
+    };
     let mut headers = HeaderMap::new();
     headers.insert(
         header::CONTENT_TYPE,

@@ -72,6 +72,19 @@ pub struct Status {
 pub struct SnapshotStatus {
     /// 0 until the first catalog is translated.
     pub generation: u64,
+    /// `full` or `endpoints` (see `mesh`).
+    pub kind: &'static str,
+    /// When discovery learned of the first catalog change in this snapshot (Unix ms); absent
+    /// before the first build.
+    pub learned_unix_ms: Option<u64>,
+    /// When this snapshot was published (Unix ms).
+    pub built_unix_ms: u64,
+}
+
+fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Serialize)]
@@ -88,9 +101,13 @@ pub struct FileStatus {
 
 pub fn status_of(state: &HttpState) -> Status {
     let files = state.files.borrow().clone();
+    let snapshot = state.snapshots.borrow().clone();
     Status {
         snapshot: SnapshotStatus {
-            generation: state.snapshots.borrow().generation,
+            generation: snapshot.generation,
+            kind: snapshot.kind.as_str(),
+            learned_unix_ms: snapshot.learned_at.map(unix_ms),
+            built_unix_ms: unix_ms(snapshot.built_at),
         },
         registry: RegistryStatus {
             files: files

@@ -2,12 +2,25 @@
 //!
 //! Registries publish whole catalogs on a watch channel, often in bursts (an editor writes a
 //! file twice, a deploy touches ten). The [`Debouncer`] waits for a quiet period (bounded by a
-//! maximum delay after the first change), translates the latest catalog once with
-//! [`Shared::build`], and publishes a [`MeshSnapshot`] with the next generation number. Streams
-//! then pick what their proxy sees with [`Shared::for_proxy`].
+//! maximum delay after the first change), translates the latest catalog once, and publishes a
+//! [`MeshSnapshot`] with the next generation number. Streams then pick what their proxy sees
+//! with [`Shared::for_proxy`].
+//!
+//! Two kinds of build, decided by comparing the latest catalog with the last one built
+//! ([`endpoint_change`]):
+//!
+//! - **endpoints**: only instances changed, in ways that only change endpoint assignments (and
+//!   the local view of a few nodes). Debounced briefly ([`DebounceTimes::endpoint_quiet`], at
+//!   most [`DebounceTimes::endpoint_max`]) and built with [`Shared::with_endpoints`], which
+//!   keeps every other resource's `Arc`, so streams push EDS only (Istio #14349, #20100).
+//! - **full**: anything else. Debounced with [`DebounceTimes::quiet`] / [`DebounceTimes::max`]
+//!   and built from scratch with [`Shared::build`].
+//!
+//! A burst that starts endpoint-only and then changes something else becomes a full build,
+//! timed from the first change of the burst.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use pilotfish_registries::model::Catalog;
 use tokio::sync::watch;
@@ -15,29 +28,60 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::translate::Shared;
+use crate::translate::{endpoint_change, EndpointChange, Shared};
 
 /// One translated catalog. Generation 0 is the placeholder before the first build; ADS streams
 /// wait for a later one rather than serve an empty mesh.
 pub struct MeshSnapshot {
     pub generation: u64,
     pub shared: Arc<Shared>,
+    /// How it was built.
+    pub kind: BuildKind,
+    /// When the debouncer first saw a catalog change that this snapshot includes: the moment
+    /// discovery learned of it. `None` for the placeholder.
+    pub learned_at: Option<SystemTime>,
+    /// When it was published.
+    pub built_at: SystemTime,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuildKind {
+    Full,
+    Endpoints,
+}
+
+impl BuildKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildKind::Full => "full",
+            BuildKind::Endpoints => "endpoints",
+        }
+    }
 }
 
 impl std::fmt::Debug for MeshSnapshot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MeshSnapshot")
             .field("generation", &self.generation)
+            .field("kind", &self.kind)
             .finish_non_exhaustive()
     }
 }
 
 impl MeshSnapshot {
-    pub fn placeholder() -> MeshSnapshot {
+    /// A fully built snapshot, published now.
+    pub fn new(generation: u64, shared: Arc<Shared>) -> MeshSnapshot {
         MeshSnapshot {
-            generation: 0,
-            shared: Arc::new(Shared::build(Arc::new(Catalog::default()))),
+            generation,
+            shared,
+            kind: BuildKind::Full,
+            learned_at: None,
+            built_at: SystemTime::now(),
         }
+    }
+
+    pub fn placeholder() -> MeshSnapshot {
+        MeshSnapshot::new(0, Arc::new(Shared::build(Arc::new(Catalog::default()))))
     }
 }
 
@@ -47,6 +91,9 @@ pub struct DebounceTimes {
     pub quiet: Duration,
     /// ...or once this long passed since the first change of a burst.
     pub max: Duration,
+    /// The same two for a burst of endpoint-only changes, which are cheap to build and push.
+    pub endpoint_quiet: Duration,
+    pub endpoint_max: Duration,
 }
 
 impl Default for DebounceTimes {
@@ -54,7 +101,29 @@ impl Default for DebounceTimes {
         DebounceTimes {
             quiet: Duration::from_millis(100),
             max: Duration::from_secs(1),
+            endpoint_quiet: Duration::from_millis(5),
+            endpoint_max: Duration::from_millis(50),
         }
+    }
+}
+
+/// What the latest catalog needs, compared with the last one built.
+enum Plan {
+    Unchanged,
+    Endpoints(EndpointChange),
+    Full,
+}
+
+fn plan(last: Option<&Shared>, catalog: &Arc<Catalog>) -> Plan {
+    let Some(last) = last else {
+        return Plan::Full;
+    };
+    if Arc::ptr_eq(&last.catalog, catalog) || *last.catalog == **catalog {
+        return Plan::Unchanged;
+    }
+    match endpoint_change(&last.catalog, catalog) {
+        Some(change) => Plan::Endpoints(change),
+        None => Plan::Full,
     }
 }
 
@@ -81,7 +150,8 @@ impl Debouncer {
 
     /// Runs until `shutdown` or until the catalog sender is gone.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut last_built: Option<Arc<Catalog>> = None;
+        // The last snapshot built here; the placeholder does not count.
+        let mut last: Option<Arc<Shared>> = None;
         let mut generation = self.snapshots.borrow().generation;
         let mut pending = true;
         loop {
@@ -92,10 +162,19 @@ impl Debouncer {
                 }
             }
             pending = false;
-            let deadline = Instant::now() + self.times.max;
+            let learned_at = SystemTime::now();
+            let first = Instant::now();
             let mut closed = false;
             loop {
-                let wake = (Instant::now() + self.times.quiet).min(deadline);
+                // Re-planned on every change: a burst may turn from endpoint-only to full.
+                let catalog = Arc::clone(&self.catalogs.borrow());
+                let (quiet, max) = match plan(last.as_deref(), &catalog) {
+                    Plan::Full => (self.times.quiet, self.times.max),
+                    Plan::Endpoints(_) | Plan::Unchanged => {
+                        (self.times.endpoint_quiet, self.times.endpoint_max)
+                    }
+                };
+                let wake = (Instant::now() + quiet).min(first + max);
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep_until(wake) => break,
@@ -106,30 +185,50 @@ impl Debouncer {
                 }
             }
             let catalog = Arc::clone(&self.catalogs.borrow_and_update());
-            let unchanged = last_built
-                .as_ref()
-                .is_some_and(|last| Arc::ptr_eq(last, &catalog) || **last == *catalog);
-            if !unchanged {
-                let input = Arc::clone(&catalog);
-                match tokio::task::spawn_blocking(move || Shared::build(input)).await {
-                    Ok(shared) => {
-                        generation += 1;
-                        info!(
-                            generation,
-                            services = catalog.services.len(),
-                            routes = catalog.routes.len(),
-                            policies = catalog.policies.len(),
-                            "mesh snapshot built"
-                        );
-                        self.snapshots.send_replace(Arc::new(MeshSnapshot {
-                            generation,
-                            shared: Arc::new(shared),
-                        }));
-                        last_built = Some(catalog);
-                    }
-                    // The last good snapshot stays in force.
-                    Err(e) => error!(error = %e, "building the mesh snapshot failed"),
+            let input = Arc::clone(&catalog);
+            let built = match plan(last.as_deref(), &catalog) {
+                Plan::Unchanged => None,
+                Plan::Full => Some((
+                    BuildKind::Full,
+                    tokio::task::spawn_blocking(move || Shared::build(input)).await,
+                )),
+                Plan::Endpoints(change) => {
+                    let previous = last.clone();
+                    Some((
+                        BuildKind::Endpoints,
+                        tokio::task::spawn_blocking(move || match previous {
+                            Some(previous) => previous.with_endpoints(input, &change),
+                            None => Shared::build(input),
+                        })
+                        .await,
+                    ))
                 }
+            };
+            match built {
+                None => {}
+                Some((kind, Ok(shared))) => {
+                    generation += 1;
+                    let shared = Arc::new(shared);
+                    self.snapshots.send_replace(Arc::new(MeshSnapshot {
+                        generation,
+                        shared: shared.clone(),
+                        kind,
+                        learned_at: Some(learned_at),
+                        built_at: SystemTime::now(),
+                    }));
+                    info!(
+                        generation,
+                        kind = kind.as_str(),
+                        services = catalog.services.len(),
+                        routes = catalog.routes.len(),
+                        policies = catalog.policies.len(),
+                        after_ms = first.elapsed().as_millis() as u64,
+                        "mesh snapshot built"
+                    );
+                    last = Some(shared);
+                }
+                // The last good snapshot stays in force.
+                Some((_, Err(e))) => error!(error = %e, "building the mesh snapshot failed"),
             }
             if closed {
                 return;

@@ -194,7 +194,7 @@ impl TokenStore {
                 revoked_unix: None,
             });
             prune(file, now);
-            Ok(())
+            Ok(true)
         })?;
         tracing::info!(token = %id, node, "created a join token");
         Ok(format!("{PREFIX}.{id}.{secret}"))
@@ -213,7 +213,7 @@ impl TokenStore {
         let mut outcome = Ok(());
         self.update(|file| {
             outcome = check_and_mark(file, id, &presented, node, now);
-            Ok(())
+            Ok(outcome.is_ok())
         })?;
         match &outcome {
             Ok(()) => tracing::info!(token = %id, node, "redeemed a join token"),
@@ -235,7 +235,7 @@ impl TokenStore {
                 .find(|t| t.id == id)
                 .ok_or_else(|| TokenStoreError::UnknownId(id.to_owned()))?;
             token.revoked_unix.get_or_insert(to_unix(now));
-            Ok(())
+            Ok(true)
         })?;
         tracing::info!(token = %id, "revoked a join token");
         Ok(())
@@ -262,12 +262,11 @@ impl TokenStore {
         }
     }
 
-    /// Read, change, write back, under the lock. `change` may refuse by returning an error,
-    /// in which case nothing is written. The file is written even when the change records a
-    /// refusal, which is harmless (the content is the same).
+    /// Read, change, write back, under the lock. `change` says whether it changed anything;
+    /// if not, or if it fails, nothing is written.
     fn update(
         &self,
-        change: impl FnOnce(&mut TokenFile) -> Result<(), TokenStoreError>,
+        change: impl FnOnce(&mut TokenFile) -> Result<bool, TokenStoreError>,
     ) -> Result<(), TokenStoreError> {
         if let Some(dir) = self.path.parent() {
             private_file::create_private_dir(dir).map_err(private_file::at(dir))?;
@@ -275,7 +274,9 @@ impl TokenStore {
         let _lock = Lock::acquire(&self.path.with_extension("json.lock"))?;
         let mut file = self.read()?;
         file.version = 1;
-        change(&mut file)?;
+        if !change(&mut file)? {
+            return Ok(());
+        }
         let json = serde_json::to_vec_pretty(&file).map_err(|source| TokenStoreError::Corrupt {
             path: self.path.clone(),
             source,

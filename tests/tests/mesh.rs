@@ -359,3 +359,69 @@ async fn agent_stops_cleanly_on_sigterm() -> Result<()> {
     );
     Ok(())
 }
+
+/// Changing a cluster (here its load balancer) must not leave it warming: discovery answers
+/// the EDS request that follows every CDS update, in both xDS flavours.
+async fn cluster_change_completes_warming(xds: &'static str) -> Result<()> {
+    let r = reviews_mesh(xds, 0, 100).await?;
+    let a = r.mesh.host("vm-a");
+    let (out, admin) = (a.outbound, a.admin);
+    let routes = routes_toml(0, 100).replace(
+        "subsets = {",
+        "load_balancer = \"least_request\"\nconnect_timeout = \"2s\"\nsubsets = {",
+    );
+    r.mesh.write_registry("routes.toml", &routes)?;
+    wait_for(
+        "the new cluster config applied",
+        Duration::from_secs(5),
+        || async move {
+            let dump = blocking(move || {
+                pilotfish_tests::admin_get(admin, "/config_dump?resource=dynamic_active_clusters")
+            })
+            .await?;
+            Ok(dump.contains("LEAST_REQUEST").then_some(()))
+        },
+    )
+    .await?;
+    wait_for(
+        "no warming clusters",
+        Duration::from_secs(5),
+        || async move {
+            let warming = blocking(move || {
+                pilotfish_tests::envoy_stat(admin, "cluster_manager.warming_clusters")
+            })
+            .await?;
+            Ok((warming == Some(0)).then_some(()))
+        },
+    )
+    .await?;
+    let seen = split(out, 20, &[]).await;
+    assert_eq!(
+        count(&seen, "reviews-v2"),
+        20,
+        "{seen:?}\n{}",
+        r.mesh.logs()
+    );
+    for stat in [
+        "cluster_manager.cds.init_fetch_timeout",
+        "listener_manager.lds.init_fetch_timeout",
+    ] {
+        let n = blocking(move || pilotfish_tests::envoy_stat(admin, stat)).await?;
+        assert_eq!(n, Some(0), "{stat}");
+    }
+    let rejected =
+        blocking(move || pilotfish_tests::envoy_stat(admin, "cluster_manager.cds.update_rejected"))
+            .await?;
+    assert_eq!(rejected, Some(0), "no NACKs");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_cluster_change_completes_warming() -> Result<()> {
+    cluster_change_completes_warming("delta").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sotw_cluster_change_completes_warming() -> Result<()> {
+    cluster_change_completes_warming("sotw").await
+}

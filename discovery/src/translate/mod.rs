@@ -5,7 +5,13 @@
 //! route configurations per upstream scope). [`Shared::for_proxy`] then picks what one proxy may
 //! see and adds the few resources that are its own (listeners, inbound clusters and routes).
 //! Results are memoized per scope, so 2000 proxies with the same upstreams share one set of
-//! `Arc`s, and an endpoint-only change re-encodes only endpoint assignments.
+//! `Arc`s.
+//!
+//! An endpoint-only change ([`endpoint_change`], decided in [`incremental`]) does not go through
+//! [`Shared::build`]: [`Shared::with_endpoints`] re-encodes the assignments of the changed
+//! services and carries everything else over by `Arc` (clusters, routes, listeners, scopes,
+//! the per-proxy cache), so streams see the very same `Arc`s for every other type and push
+//! only EDS.
 //!
 //! # Resource names
 //!
@@ -39,6 +45,7 @@
 
 mod clusters;
 mod endpoints;
+mod incremental;
 mod listeners;
 mod routes;
 #[cfg(test)]
@@ -59,6 +66,7 @@ use crate::proxy::Proxy;
 use crate::xds::resource::{self, Resource, ResourceMap};
 
 pub use endpoints::labels_metadata;
+pub use incremental::{endpoint_change, EndpointChange};
 
 /// What one proxy receives, by type.
 #[derive(Debug, Clone, Default)]
@@ -115,7 +123,7 @@ struct ServiceOutbound {
 }
 
 /// The resources of one upstream scope, shared by every proxy with that scope.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Scoped {
     clusters: Arc<ResourceMap>,
     endpoints: Arc<ResourceMap>,
@@ -128,15 +136,23 @@ struct Scoped {
 #[derive(Debug)]
 pub struct Shared {
     pub catalog: Arc<Catalog>,
-    services: BTreeMap<String, ServiceOutbound>,
+    services: BTreeMap<String, Arc<ServiceOutbound>>,
     all: Arc<Scoped>,
     scopes: Mutex<HashMap<BTreeSet<String>, Arc<Scoped>>>,
-    proxies: Mutex<HashMap<Proxy, ProxyResources>>,
+    proxies: Mutex<HashMap<Proxy, CachedProxy>>,
+}
+
+/// A proxy's resources and the scope they were cut from, so an endpoint-only change can swap
+/// in the scope's new assignments without recomputing the proxy.
+#[derive(Debug, Clone)]
+struct CachedProxy {
+    scoped: Arc<Scoped>,
+    resources: ProxyResources,
 }
 
 impl Shared {
     pub fn build(catalog: Arc<Catalog>) -> Shared {
-        let services: BTreeMap<String, ServiceOutbound> = catalog
+        let services: BTreeMap<String, Arc<ServiceOutbound>> = catalog
             .services
             .values()
             .map(|svc| {
@@ -152,7 +168,7 @@ impl Shared {
                     endpoints,
                     vhost,
                 };
-                (svc.name.clone(), out)
+                (svc.name.clone(), Arc::new(out))
             })
             .collect();
         let all = Arc::new(scoped(&services, None));
@@ -167,13 +183,14 @@ impl Shared {
 
     pub fn for_proxy(&self, proxy: &Proxy) -> ProxyResources {
         if let Some(done) = lock(&self.proxies).get(proxy) {
-            return done.clone();
+            return done.resources.clone();
         }
         let scoped = self.scoped(scope_of(&self.catalog, &proxy.node));
         let resources = self.per_proxy(proxy, &scoped);
         lock(&self.proxies)
             .entry(proxy.clone())
-            .or_insert(resources)
+            .or_insert(CachedProxy { scoped, resources })
+            .resources
             .clone()
     }
 
@@ -272,7 +289,7 @@ fn scope_of(catalog: &Catalog, node: &str) -> ScopeKey {
 }
 
 fn scoped(
-    services: &BTreeMap<String, ServiceOutbound>,
+    services: &BTreeMap<String, Arc<ServiceOutbound>>,
     names: Option<&BTreeSet<String>>,
 ) -> Scoped {
     let in_scope = services

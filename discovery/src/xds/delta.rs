@@ -133,6 +133,9 @@ impl DeltaState {
             );
         }
         self.respond(&type_url, first, &mut step);
+        if type_url == resource::CLUSTER {
+            self.respond_forced(resource::ENDPOINT, &mut step);
+        }
         Ok(step)
     }
 
@@ -146,6 +149,17 @@ impl DeltaState {
             }
         }
         step
+    }
+
+    /// Sends what `force` holds for a type the client already requested.
+    fn respond_forced(&mut self, type_url: &str, step: &mut Step<DeltaDiscoveryResponse>) {
+        if self
+            .types
+            .get(type_url)
+            .is_some_and(|s| s.requested && !s.force.is_empty())
+        {
+            self.respond(type_url, false, step);
+        }
     }
 
     /// Sends the difference between what the client holds and what it should hold. `always`
@@ -205,10 +219,18 @@ impl DeltaState {
             state.pending.pop_front();
         }
         if type_url == resource::CLUSTER && !send.is_empty() {
-            self.types
+            // An updated cluster warms until it gets an assignment, but Envoy does not
+            // re-subscribe names it already holds: push those assignments again ourselves.
+            let eds = self
+                .types
                 .entry(resource::ENDPOINT.to_string())
-                .or_default()
-                .always_respond = true;
+                .or_default();
+            eds.always_respond = true;
+            for r in &send {
+                if eds.held.contains_key(&r.name) || eds.sub.names.contains(&r.name) {
+                    eds.force.insert(r.name.clone());
+                }
+            }
         }
         step.events.push(Event::Pushed {
             type_url: type_url.to_string(),

@@ -7,7 +7,7 @@
 //! holds more than one entry (see `translate::labels_metadata`).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
 
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
@@ -53,6 +53,76 @@ impl Resource {
 
 /// Resources of one type, by name.
 pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
+
+/// Names whose resource differs between two maps of one type (changed, added or removed), in
+/// name order. Unchanged means the same `Arc` or the same version.
+///
+/// Every stream asks this for the same pair of maps after a snapshot change, so the answer is
+/// memoized for the last few pairs: 2000 streams then walk one 1000-entry diff once, not 2000
+/// times. The memo holds `Weak`s, which keep the maps' allocations (not their contents)
+/// alive, so an address in it can never be reused by another map while it is there.
+pub fn changed_names(old: &Arc<ResourceMap>, new: &Arc<ResourceMap>) -> Arc<[String]> {
+    type Entry = (Weak<ResourceMap>, Weak<ResourceMap>, Arc<[String]>);
+    static MEMO: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    const MEMO_ENTRIES: usize = 8;
+    if Arc::ptr_eq(old, new) {
+        return Arc::from([]);
+    }
+    let hit = |(o, n, _): &Entry| {
+        std::ptr::eq(o.as_ptr(), Arc::as_ptr(old)) && std::ptr::eq(n.as_ptr(), Arc::as_ptr(new))
+    };
+    if let Some((_, _, names)) = lock(&MEMO).iter().find(|e| hit(e)) {
+        return names.clone();
+    }
+    let names: Arc<[String]> = diff(old, new).into();
+    let mut memo = lock(&MEMO);
+    if memo.len() >= MEMO_ENTRIES {
+        memo.remove(0);
+    }
+    memo.push((Arc::downgrade(old), Arc::downgrade(new), names.clone()));
+    names
+}
+
+fn diff(old: &ResourceMap, new: &ResourceMap) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut a = old.iter().peekable();
+    let mut b = new.iter().peekable();
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => return out,
+            (Some((name, _)), None) => {
+                out.push((*name).clone());
+                a.next();
+            }
+            (None, Some((name, _))) => {
+                out.push((*name).clone());
+                b.next();
+            }
+            (Some((na, ra)), Some((nb, rb))) => match na.cmp(nb) {
+                std::cmp::Ordering::Less => {
+                    out.push((*na).clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.push((*nb).clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(ra, rb) && ra.version != rb.version {
+                        out.push((*na).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+}
+
+/// The memo only caches derived values, so a panic elsewhere cannot leave it wrong.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 /// A short hex SHA-256 over the given byte strings.
 pub fn content_hash(parts: &[&[u8]]) -> String {

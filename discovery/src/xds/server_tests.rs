@@ -39,10 +39,10 @@ fn catalog(services: &[&str]) -> Arc<Catalog> {
 }
 
 fn snapshot(generation: u64, services: &[&str]) -> Arc<MeshSnapshot> {
-    Arc::new(MeshSnapshot {
+    Arc::new(MeshSnapshot::new(
         generation,
-        shared: Arc::new(Shared::build(catalog(services))),
-    })
+        Arc::new(Shared::build(catalog(services))),
+    ))
 }
 
 struct Running {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::resource::{self, ResourceMap, PUSH_ORDER};
+use super::resource::{self, Resource, ResourceMap, PUSH_ORDER};
 use super::subscription::Subscription;
 use super::{check_node, control_plane, Event, ProtocolError, Step};
 use crate::translate::ProxyResources;
@@ -74,8 +74,14 @@ impl SotwState {
             });
             return Ok(step);
         }
-        let before = state.sub.clone();
-        state.sub.set_sotw(&type_url, &req.resource_names);
+        // An ACK names what it named before: skip copying a subscription of 1000 names.
+        let before = if state.sub.same_sotw(&type_url, &req.resource_names) {
+            None
+        } else {
+            let before = state.sub.clone();
+            state.sub.set_sotw(&type_url, &req.resource_names);
+            Some(before)
+        };
 
         if let Some(error) = &req.error_detail {
             step.events.push(Event::Nack {
@@ -99,8 +105,10 @@ impl SotwState {
                 version: req.version_info.clone(),
                 nonce: nonce.to_string(),
             });
-            let added = (state.sub.wildcard && !before.wildcard)
-                || state.sub.names.iter().any(|n| !before.covers(n));
+            let added = before.is_some_and(|before| {
+                (state.sub.wildcard && !before.wildcard)
+                    || state.sub.names.iter().any(|n| !before.covers(n))
+            });
             added || state.always_respond
         };
         if respond {
@@ -111,19 +119,76 @@ impl SotwState {
     }
 
     /// New resources for the proxy: push every requested type whose content changed.
+    ///
+    /// The work is proportional to what changed: a type whose map is the same `Arc` as before
+    /// is skipped outright, and EDS (which SotW allows to carry any subset, b.5) sends only the
+    /// subscribed assignments that changed, found by a diff shared by every stream.
     pub fn on_resources(&mut self, resources: ProxyResources) -> Step<DiscoveryResponse> {
-        self.resources = resources;
+        let previous = std::mem::replace(&mut self.resources, resources);
         let mut step = Step::default();
         for type_url in PUSH_ORDER {
             let subscribed = self
                 .types
                 .get(type_url)
                 .is_some_and(|s| s.last_nonce.is_some() && !s.sub.is_empty());
-            if subscribed {
+            if !subscribed {
+                continue;
+            }
+            let (Some(old), Some(new)) =
+                (previous.of_type(type_url), self.resources.of_type(type_url))
+            else {
+                continue;
+            };
+            if Arc::ptr_eq(old, new) {
+                continue;
+            }
+            if type_url == resource::ENDPOINT {
+                let changed = resource::changed_names(old, new);
+                self.respond_changed(type_url, &changed, &mut step);
+            } else {
                 self.respond(type_url, false, &mut step);
             }
         }
         step
+    }
+
+    /// Pushes the subscribed resources among `changed` (a non-wildcard type), if any. The
+    /// version chains the previous one with what was sent: SotW versions are opaque.
+    fn respond_changed(
+        &mut self,
+        type_url: &str,
+        changed: &[String],
+        step: &mut Step<DiscoveryResponse>,
+    ) {
+        let Some(state) = self.types.get(type_url) else {
+            return;
+        };
+        let all = self
+            .resources
+            .of_type(type_url)
+            .cloned()
+            .unwrap_or_default();
+        let contents: Vec<Arc<Resource>> = changed
+            .iter()
+            .filter(|name| state.sub.names.contains(*name))
+            .map(|name| match all.get(name) {
+                Some(r) => r.clone(),
+                None => resource::empty_assignment(name),
+            })
+            .collect();
+        if contents.is_empty() {
+            return;
+        }
+        let previous = state.sent_version.clone().unwrap_or_default();
+        let version = resource::versions_hash(
+            std::iter::once(("", previous.as_str())).chain(
+                contents
+                    .iter()
+                    .map(|r| (r.name.as_str(), r.version.as_str())),
+            ),
+        );
+        let resources = contents.iter().map(|r| r.body.clone()).collect();
+        self.send(type_url, version, contents.len(), resources, step);
     }
 
     /// What the client would get for `type_url` now: LDS/CDS the full subscribed set, EDS/RDS
@@ -155,6 +220,18 @@ impl SotwState {
         if !force && state.sent_version.as_deref() == Some(version.as_str()) {
             return;
         }
+        let resources = contents.values().map(|r| r.body.clone()).collect();
+        self.send(type_url, version, contents.len(), resources, step);
+    }
+
+    fn send(
+        &mut self,
+        type_url: &str,
+        version: String,
+        count: usize,
+        resources: Vec<envoy_types::pb::google::protobuf::Any>,
+        step: &mut Step<DiscoveryResponse>,
+    ) {
         self.nonce_counter += 1;
         let nonce = self.nonce_counter.to_string();
         if let Some(state) = self.types.get_mut(type_url) {
@@ -172,11 +249,11 @@ impl SotwState {
         step.events.push(Event::Pushed {
             type_url: type_url.to_string(),
             version: version.clone(),
-            resources: contents.len(),
+            resources: count,
         });
         step.responses.push(DiscoveryResponse {
             version_info: version,
-            resources: contents.values().map(|r| r.body.clone()).collect(),
+            resources,
             type_url: type_url.to_string(),
             nonce,
             control_plane: control_plane(&self.control_plane),

@@ -39,6 +39,25 @@ impl Subscription {
             .collect();
     }
 
+    /// Whether [`Subscription::set_sotw`] with these names would leave the subscription as it
+    /// is (the usual ACK), checked without allocating.
+    pub fn same_sotw(&self, type_url: &str, names: &[String]) -> bool {
+        if names.is_empty() {
+            return self.names.is_empty()
+                && self.wildcard == (is_wildcard_type(type_url) && !self.explicit);
+        }
+        let wildcard = is_wildcard_type(type_url) && names.iter().any(|n| n == WILDCARD);
+        let mut count = 0;
+        for n in names.iter().filter(|n| n.as_str() != WILDCARD) {
+            if !self.names.contains(n) {
+                return false;
+            }
+            count += 1;
+        }
+        // A repeated name makes the count differ: then the slow path decides.
+        self.explicit && self.wildcard == wildcard && count == self.names.len()
+    }
+
     /// Applies a Delta request's subscribe and unsubscribe lists. `first` is true for the first
     /// request of the type on the stream, the only one that can start the legacy wildcard.
     pub fn apply_delta(

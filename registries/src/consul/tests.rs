@@ -672,31 +672,31 @@ async fn consul_benchmark_change_detection() {
     );
     let mut latencies = Vec::new();
     let mut requests = Vec::new();
-    for k in 0..50 {
-        d.reset_stats();
-        let status = if k % 2 == 0 { "critical" } else { "passing" };
-        let svc = (k * 37) % 1000;
+    for k in 0..60 {
+        // Alternate: fail one instance's check, then heal it (same service), each a change.
+        let svc = ((k / 2) * 37) % 1000;
         let node = (svc * 10 + 3) % 500;
-        let t = Instant::now();
+        let want_healthy = k % 2 == 1;
+        let status = if want_healthy { "passing" } else { "critical" };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        d.reset_stats();
         assert!(d.set_check_status(
             "dc1",
             &format!("node-{node}"),
             &format!("service:svc-{svc}-3"),
             status
         ));
-        let want_healthy = status == "passing";
         let name = format!("svc-{svc}");
         latencies.push(
             r.until("bench change", 5 * SECOND, |c| {
                 c.services[&name]
                     .instances
                     .iter()
-                    .all(|i| i.healthy == want_healthy || i.port != 8003)
+                    .any(|i| i.port == 8003 && i.healthy == want_healthy)
             })
             .await,
         );
-        let _ = t;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
         requests.push(d.stats().total_requests);
     }
     latencies.sort();
