@@ -11,6 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pilotfish_pki::TrustDomain;
 use serde::Deserialize;
 
 pub const DEFAULT_OUTBOUND: &str = "127.0.0.1:15001";
@@ -22,9 +23,12 @@ pub const DEFAULT_ENVOY_BINARY: &str = "envoy";
 pub const DEFAULT_ENVOY_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(5);
 pub const DEFAULT_LOG_LEVEL: &str = "warning";
+pub const DEFAULT_TRUST_DOMAIN: &str = "pilotfish.local";
 
 /// The socket Envoy's `pilotfish-xds` cluster dials, inside `run_dir`.
 pub const XDS_SOCKET: &str = "xds.sock";
+/// The socket Envoy's `pilotfish-sds` cluster dials, inside `run_dir`.
+pub const SDS_SOCKET: &str = "sds.sock";
 /// The bootstrap the agent writes for Envoy, inside `run_dir`.
 pub const BOOTSTRAP_FILE: &str = "envoy-bootstrap.json";
 /// The last accepted xDS resources, inside `state_dir`.
@@ -48,6 +52,7 @@ struct AgentFile {
     discovery: Option<Vec<String>>,
     token_file: Option<String>,
     ca_file: Option<String>,
+    trust_domain: Option<String>,
     insecure: Option<bool>,
     outbound: Option<String>,
     app_address: Option<String>,
@@ -86,8 +91,11 @@ pub struct AgentConfig {
     pub address: IpAddr,
     /// Discovery replicas as `host:port`, tried in order.
     pub discovery: Vec<String>,
+    /// The join token, read (only) to enrol when no valid node certificate is stored.
     pub token_file: Option<PathBuf>,
+    /// The mesh root(s), PEM, to verify discovery. Always set unless `insecure`.
     pub ca_file: Option<PathBuf>,
+    pub trust_domain: TrustDomain,
     pub insecure: bool,
     pub outbound: SocketAddr,
     pub app_address: IpAddr,
@@ -113,6 +121,10 @@ pub struct EnvoyConfig {
 impl AgentConfig {
     pub fn xds_socket(&self) -> PathBuf {
         self.run_dir.join(XDS_SOCKET)
+    }
+
+    pub fn sds_socket(&self) -> PathBuf {
+        self.run_dir.join(SDS_SOCKET)
     }
 
     pub fn bootstrap_path(&self) -> PathBuf {
@@ -178,7 +190,7 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         .unwrap_or_else(|| Path::new("."));
     let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
     let path_env = std::env::var_os("PATH");
-    parse(&text, &base, path_env.as_deref()).map_err(|e| match e {
+    let config = parse(&text, &base, path_env.as_deref()).map_err(|e| match e {
         ParseError::Toml(source) => ConfigError::Parse {
             path: path.to_path_buf(),
             source,
@@ -187,7 +199,71 @@ pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
             path: path.to_path_buf(),
             problems,
         },
-    })
+    })?;
+    let problems = check_ca_file(&config);
+    if !problems.is_empty() {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            problems,
+        });
+    }
+    Ok(config)
+}
+
+/// `ca_file` must hold at least one PEM certificate: without it discovery cannot be verified,
+/// and the agent never dials discovery unverified.
+pub fn check_ca_file(config: &AgentConfig) -> Vec<ConfigProblem> {
+    let Some(ca_file) = &config.ca_file else {
+        return Vec::new();
+    };
+    let problem = |message: String| {
+        vec![ConfigProblem {
+            key: "ca_file".into(),
+            message,
+        }]
+    };
+    match std::fs::read_to_string(ca_file) {
+        Ok(pem) => match crate::identity::tls::pem_cert_count(&pem) {
+            Ok(n) if n > 0 => Vec::new(),
+            Ok(_) => problem(format!("{} holds no PEM certificate", ca_file.display())),
+            Err(e) => problem(format!("{}: {e}", ca_file.display())),
+        },
+        Err(e) => problem(format!("{}: cannot read: {e}", ca_file.display())),
+    }
+}
+
+/// For `--check`: the host can obtain or already holds its identity, that is `token_file`
+/// exists or `state_dir` holds an unexpired node certificate for this node (in insecure mode,
+/// nothing is needed).
+pub fn check_enrolment(config: &AgentConfig) -> Vec<ConfigProblem> {
+    if config.insecure {
+        return Vec::new();
+    }
+    let store = crate::identity::store::Store::new(&config.state_dir);
+    if let Ok(Some(node)) = store.load_node() {
+        if node.is_valid_at(std::time::SystemTime::now()) {
+            return Vec::new();
+        }
+    }
+    let message = match &config.token_file {
+        Some(t) if t.is_file() => return Vec::new(),
+        Some(t) => format!(
+            "{} does not exist and {} holds no valid node certificate: write this host's join \
+             token there (pilotfish-discovery token create --node {})",
+            t.display(),
+            config.state_dir.display(),
+            config.node
+        ),
+        None => format!(
+            "is required: {} holds no valid node certificate, so the host must enrol with a \
+             join token",
+            config.state_dir.display()
+        ),
+    };
+    vec![ConfigProblem {
+        key: "token_file".into(),
+        message,
+    }]
 }
 
 #[derive(Debug)]
@@ -224,15 +300,20 @@ pub fn parse(text: &str, base: &Path, path_env: Option<&OsStr>) -> Result<AgentC
         None => v.fail("discovery", "is required (one or more host:port)"),
     };
     let insecure = file.insecure.unwrap_or(false);
-    if !insecure {
-        v.problem(
-            "insecure",
-            "mTLS to discovery is not implemented yet; set insecure = true (plaintext, local \
-             experiments only)",
-        );
-    }
     let token_file = file.token_file.map(|p| resolve(base, &p));
     let ca_file = file.ca_file.map(|p| resolve(base, &p));
+    if ca_file.is_none() && !insecure {
+        v.problem(
+            "ca_file",
+            "is required (the mesh root that discovery's certificate must chain to), unless \
+             insecure = true",
+        );
+    }
+    let trust_domain =
+        match TrustDomain::new(file.trust_domain.as_deref().unwrap_or(DEFAULT_TRUST_DOMAIN)) {
+            Ok(td) => Some(td),
+            Err(e) => v.fail("trust_domain", e.to_string()),
+        };
     let outbound = v.parse_socket(
         "outbound",
         file.outbound.as_deref().unwrap_or(DEFAULT_OUTBOUND),
@@ -250,6 +331,7 @@ pub fn parse(text: &str, base: &Path, path_env: Option<&OsStr>) -> Result<AgentC
     };
     let state_dir = resolve(base, file.state_dir.as_deref().unwrap_or(DEFAULT_STATE_DIR));
     let run_dir = resolve(base, file.run_dir.as_deref().unwrap_or(DEFAULT_RUN_DIR));
+    // sds.sock is no longer than xds.sock.
     let socket = run_dir.join(XDS_SOCKET);
     if socket.as_os_str().len() > MAX_SOCKET_PATH {
         v.problem(
@@ -316,15 +398,16 @@ pub fn parse(text: &str, base: &Path, path_env: Option<&OsStr>) -> Result<AgentC
         }
     }
 
-    if !v.problems.is_empty() {
+    let (true, Some(trust_domain)) = (v.problems.is_empty(), trust_domain) else {
         return Err(ParseError::Invalid(v.problems));
-    }
+    };
     Ok(AgentConfig {
         node,
         address,
         discovery,
         token_file,
         ca_file,
+        trust_domain,
         insecure,
         outbound,
         app_address,
@@ -526,7 +609,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 mod tests {
     use super::*;
 
-    /// The agent config from DESIGN.md, with `insecure` switched on (TLS is not built yet).
+    /// The agent config from DESIGN.md, with `insecure` switched on.
     const DESIGN_EXAMPLE: &str = r#"
 node = "vm-b"                          # this host's name in the registry
 address = "10.0.0.12"                  # where peers reach this host
@@ -655,7 +738,7 @@ concurrency = 0
             "address",
             "discovery[0]",
             "discovery[1]",
-            "insecure",
+            "ca_file",
             "outbound",
             "mesh_port",
             "envoy.binary",
@@ -676,13 +759,70 @@ concurrency = 0
     }
 
     #[test]
-    fn secure_mode_is_refused_until_mtls_exists() {
+    fn secure_mode_needs_ca_file_and_takes_a_trust_domain() {
         let bin = fake_path();
         let text = DESIGN_EXAMPLE.replace("insecure = true", "");
+        let c = parse(
+            &text,
+            Path::new("/etc/pilotfish"),
+            Some(bin.path().as_os_str()),
+        )
+        .unwrap();
+        assert!(!c.insecure);
+        assert_eq!(c.ca_file, Some(PathBuf::from("/etc/pilotfish/root.pem")));
+        assert_eq!(c.trust_domain.as_str(), "pilotfish.local");
+        assert_eq!(c.sds_socket(), PathBuf::from("/run/pilotfish/sds.sock"));
+
+        let text = format!("trust_domain = \"corp.example\"\n{text}");
+        let c = parse(&text, Path::new("/"), Some(bin.path().as_os_str())).unwrap();
+        assert_eq!(c.trust_domain.as_str(), "corp.example");
+
+        let text = DESIGN_EXAMPLE
+            .replace("insecure = true", "trust_domain = \"Not A Domain\"")
+            .replace("ca_file =", "# ca_file =");
         let p = problems(&text, bin.path());
-        assert_eq!(p.len(), 1);
-        assert_eq!(p[0].key, "insecure");
-        assert!(p[0].message.contains("mTLS"));
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(keys, ["ca_file", "trust_domain"], "{p:?}");
+    }
+
+    #[test]
+    fn check_reads_ca_file_and_wants_a_token_or_a_node_certificate() {
+        let bin = fake_path();
+        let dir = tempfile::tempdir().unwrap();
+        let text = DESIGN_EXAMPLE
+            .replace("insecure = true", "")
+            .replace("/etc/pilotfish/", "")
+            .replace("/var/lib/pilotfish", "state");
+        let c = parse(&text, dir.path(), Some(bin.path().as_os_str())).unwrap();
+        let p = check_ca_file(&c);
+        assert!(p[0].message.contains("cannot read"), "{p:?}");
+        std::fs::write(dir.path().join("root.pem"), "not pem").unwrap();
+        assert!(check_ca_file(&c)[0].message.contains("no PEM certificate"));
+        let ca_dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::new("pilotfish.local").unwrap();
+        let ca =
+            pilotfish_pki::Ca::load_or_create(ca_dir.path(), &td, &Default::default()).unwrap();
+        std::fs::write(dir.path().join("root.pem"), ca.bundle_pem()).unwrap();
+        assert!(check_ca_file(&c).is_empty());
+
+        let p = check_enrolment(&c);
+        assert_eq!(p[0].key, "token_file");
+        assert!(p[0].message.contains("does not exist"), "{p:?}");
+        std::fs::write(dir.path().join("token"), "pft1.x.y").unwrap();
+        assert!(check_enrolment(&c).is_empty());
+
+        // A stored node certificate is enough without the token.
+        std::fs::remove_file(dir.path().join("token")).unwrap();
+        std::fs::create_dir(dir.path().join("state")).unwrap();
+        let key = pilotfish_pki::LocalKey::generate().unwrap();
+        let id = pilotfish_pki::SpiffeId::node(&td, "vm-b").unwrap();
+        let issued = ca
+            .sign_workload(&key.csr_pem(&id).unwrap(), &id, None)
+            .unwrap();
+        crate::identity::store::Store::new(&dir.path().join("state"))
+            .save_node(&key, &issued.cert_pem)
+            .unwrap();
+        assert!(check_enrolment(&c).is_empty());
     }
 
     #[test]

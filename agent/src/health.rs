@@ -87,6 +87,32 @@ pub fn render_metrics(s: &AgentStatus) -> String {
         "1 while Envoy is served from the agent's xDS cache because discovery is unreachable.",
         u64::from(s.served_from_cache()),
     );
+    metric(
+        "pilotfish_agent_enrolled",
+        "gauge",
+        "1 while the agent holds a valid node certificate.",
+        u64::from(s.enrolled()),
+    );
+    metric(
+        "pilotfish_agent_certificate_renewals_total",
+        "counter",
+        "Certificates obtained with the node certificate (node renewals and service certificates).",
+        s.certificate_renewals(),
+    );
+    let name = "pilotfish_agent_certificate_expiry_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Seconds until each held certificate expires (negative: expired).\n\
+         # TYPE {name} gauge"
+    );
+    let now = std::time::SystemTime::now();
+    for (identity, not_after) in s.certificates() {
+        let secs = match not_after.duration_since(now) {
+            Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+        };
+        let _ = writeln!(out, "{name}{{identity=\"{identity}\"}} {secs}");
+    }
     out
 }
 
@@ -118,6 +144,28 @@ mod tests {
         assert!(body.contains("pilotfish_agent_envoy_up 0"));
         assert!(body.contains("pilotfish_agent_xds_upstream_connected 0"));
         assert!(body.contains("pilotfish_agent_xds_served_from_cache 0"));
+        assert!(body.contains("pilotfish_agent_enrolled 0"));
+        assert!(body.contains("pilotfish_agent_certificate_renewals_total 0"));
+        status.set_certificates(
+            [(
+                "spiffe://pilotfish.local/node/vm-b".to_string(),
+                std::time::SystemTime::now() + std::time::Duration::from_secs(3600),
+            )]
+            .into(),
+            true,
+        );
+        let (_, body) = crate::testutil::http_get(addr, "/metrics").await;
+        assert!(body.contains("pilotfish_agent_enrolled 1"), "{body}");
+        let line = body
+            .lines()
+            .find(|l| l.starts_with("pilotfish_agent_certificate_expiry_seconds{"))
+            .unwrap();
+        assert!(
+            line.starts_with(
+                "pilotfish_agent_certificate_expiry_seconds{identity=\"spiffe://pilotfish.local/node/vm-b\"} 35"
+            ),
+            "{line}"
+        );
         // No Envoy behind the admin address: not ready.
         let (code, _) = crate::testutil::http_get(addr, "/healthz/ready").await;
         assert_eq!(code, 503);

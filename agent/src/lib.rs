@@ -1,14 +1,20 @@
 //! Pilotfish agent: one per host. It writes Envoy's bootstrap, keeps Envoy running, relays
 //! Envoy's ADS stream to discovery over a Unix socket (serving the last accepted config from
-//! disk when discovery is unreachable), and reports health and metrics.
+//! disk when discovery is unreachable), holds the host's identity (node and service
+//! certificates, see [`identity`]) and serves it to Envoy over SDS, and reports health and
+//! metrics.
 //!
-//! [`run`] wires the parts. Envoy is drained and stopped first on shutdown; the xDS proxy,
+//! [`run`] wires the parts. The SDS server starts at once and serves the certificates stored in
+//! `state_dir`; the identity manager enrols or renews in the background. In secure mode the
+//! relay dials discovery only with the node certificate (until the host has one, Envoy is
+//! served from the xDS cache, or waits). Envoy is drained and stopped first on shutdown; the xDS proxy,
 //! health endpoint and cache writer keep running until it is gone, so Envoy keeps its xDS
 //! stream and probes keep answering (503) while connections drain.
 
 pub mod config;
 pub mod envoy;
 pub mod health;
+pub mod identity;
 pub mod status;
 pub mod xds;
 
@@ -27,10 +33,13 @@ pub use config::AgentConfig;
 use envoy::admin::Admin;
 use envoy::supervisor::Supervisor;
 use health::Health;
+use identity::manager::{IdentityError, IdentityManager, IdentitySettings};
+use identity::sds::{SdsError, SdsServer};
+use identity::{Identities, Wanted};
 use status::AgentStatus;
 use xds::proxy::{ProxyError, XdsProxy};
 use xds::store::SharedCache;
-use xds::upstream::{DialBackoff, Upstream};
+use xds::upstream::{DialBackoff, Transport, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -48,6 +57,10 @@ pub enum AgentError {
     },
     #[error(transparent)]
     Proxy(#[from] ProxyError),
+    #[error(transparent)]
+    Sds(#[from] SdsError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
     #[error("health endpoint {addr}: {source}")]
     Health {
         addr: std::net::SocketAddr,
@@ -62,7 +75,9 @@ enum Part {
     Supervisor,
     Proxy(Result<(), ProxyError>),
     Health(std::io::Result<()>),
+    Sds(Result<(), SdsError>),
     Persist,
+    Identity,
 }
 
 /// Runs the agent until `shutdown` is cancelled (then drains Envoy and returns `Ok`) or a part
@@ -71,12 +86,23 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     if config.insecure {
         warn!(
             discovery = ?config.discovery,
-            "INSECURE: xDS to discovery is plaintext and unauthenticated; local experiments only"
+            "INSECURE: xDS to discovery is PLAINTEXT and UNAUTHENTICATED, and this host gets no \
+             certificates; local experiments only, never on a real network"
         );
     }
     create_dir(&config.run_dir, 0o755)?;
     create_dir(&config.state_dir, 0o700)?;
     write_bootstrap(&config)?;
+    let status = Arc::new(AgentStatus::default());
+    let identity = if config.insecure {
+        None
+    } else {
+        Some(IdentityManager::load(
+            IdentitySettings::from_config(&config)?,
+            status.clone(),
+        )?)
+    };
+    let sds_listener = identity::sds::bind(&config.sds_socket())?;
 
     let cache = SharedCache::new(xds::store::load(&config.cache_path()).await);
     let xds_listener = xds::proxy::bind(&config.xds_socket())?;
@@ -95,7 +121,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         "agent starting"
     );
 
-    let status = Arc::new(AgentStatus::default());
     // Stops the parts Envoy depends on, once Envoy is gone.
     let services = CancellationToken::new();
     let mut parts = JoinSet::new();
@@ -105,8 +130,26 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         supervisor.run(sd).await;
         Part::Supervisor
     });
+    let (identities, wanted, transport) = match &identity {
+        Some(m) => (m.identities(), m.wanted(), Transport::Tls(m.client_tls())),
+        None => (
+            tokio::sync::watch::channel(Arc::new(Identities::default())).1,
+            Arc::new(Wanted::default()),
+            Transport::Plaintext,
+        ),
+    };
+    let sds = SdsServer::new(identities, wanted);
+    let sd = services.clone();
+    parts.spawn(async move { Part::Sds(sds.run(sds_listener, sd).await) });
+    if let Some(manager) = identity {
+        let sd = services.clone();
+        parts.spawn(async move {
+            manager.run(sd).await;
+            Part::Identity
+        });
+    }
     let proxy = XdsProxy::new(
-        Upstream::new(config.discovery.clone(), DialBackoff::default()),
+        Upstream::with_transport(config.discovery.clone(), transport, DialBackoff::default()),
         cache.clone(),
         status.clone(),
     );
@@ -133,6 +176,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                 continue;
             }
             Ok(Part::Proxy(Err(e))) => AgentError::Proxy(e),
+            Ok(Part::Sds(Err(e))) => AgentError::Sds(e),
             Ok(Part::Health(Err(source))) => AgentError::Health {
                 addr: config.health,
                 source,
@@ -148,6 +192,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         failure.get_or_insert(err);
     }
     let _ = std::fs::remove_file(config.xds_socket());
+    let _ = std::fs::remove_file(config.sds_socket());
     match failure {
         Some(e) => Err(e),
         None => {

@@ -35,6 +35,17 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
+        let problems = pilotfish_agent::config::check_enrolment(&config);
+        if !problems.is_empty() {
+            eprintln!(
+                "{}",
+                pilotfish_agent::config::ConfigError::Invalid {
+                    path: args.config.clone(),
+                    problems,
+                }
+            );
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
         println!("{}: ok", args.config.display());
         return ExitCode::SUCCESS;
     }

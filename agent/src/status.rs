@@ -1,9 +1,12 @@
 //! What the agent knows about itself, shared by the parts that change it (supervisor, xDS
 //! proxy) and the one that reports it (`health`). Plain atomics: every reader wants a
-//! snapshot, never a consistent transaction across fields.
+//! snapshot, never a consistent transaction across fields. The certificate expiries are one
+//! map behind a lock, replaced whole by the identity manager.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 #[derive(Debug, Default)]
 pub struct AgentStatus {
@@ -12,6 +15,10 @@ pub struct AgentStatus {
     envoy_restarts: AtomicU64,
     upstream_streams: AtomicU64,
     cache_streams: AtomicU64,
+    enrolled: AtomicBool,
+    certificate_renewals: AtomicU64,
+    /// SPIFFE ID -> not_after of each certificate the agent holds.
+    certificates: Mutex<BTreeMap<String, SystemTime>>,
 }
 
 impl AgentStatus {
@@ -51,6 +58,31 @@ impl AgentStatus {
 
     pub fn served_from_cache(&self) -> bool {
         self.cache_streams.load(Ordering::Relaxed) > 0
+    }
+
+    /// The certificates held now (SPIFFE ID -> expiry) and whether a node certificate is.
+    pub fn set_certificates(&self, expiries: BTreeMap<String, SystemTime>, enrolled: bool) {
+        *self.certificates.lock().unwrap_or_else(|e| e.into_inner()) = expiries;
+        self.enrolled.store(enrolled, Ordering::Relaxed);
+    }
+
+    pub fn certificates(&self) -> BTreeMap<String, SystemTime> {
+        self.certificates
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn enrolled(&self) -> bool {
+        self.enrolled.load(Ordering::Relaxed)
+    }
+
+    pub fn certificate_renewed(&self) {
+        self.certificate_renewals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn certificate_renewals(&self) -> u64 {
+        self.certificate_renewals.load(Ordering::Relaxed)
     }
 }
 

@@ -42,6 +42,7 @@ pub fn test_config(dir: &Path) -> AgentConfig {
         discovery: vec!["127.0.0.1:1".into()],
         token_file: None,
         ca_file: None,
+        trust_domain: pilotfish_pki::TrustDomain::new("pilotfish.local").unwrap(),
         insecure: true,
         outbound: "127.0.0.1:15001".parse().unwrap(),
         app_address: "127.0.0.1".parse().unwrap(),

@@ -3,11 +3,49 @@
 //! Every problem is collected with its key path (`registry.files.paths[1]: ...`) and reported
 //! together, so an operator fixes the file in one pass. Relative paths are resolved against the
 //! directory of the config file, so a config works the same from any working directory.
+//!
+//! Every key, with its default:
+//!
+//! ```toml
+//! trust_domain = "pilotfish.local"    # SPIFFE trust domain: [a-z0-9._-], e.g. "mesh.example"
+//! state_dir = "/var/lib/pilotfish"    # CA keys (ca/), join tokens (tokens.json), discovery.key
+//! grpc = "0.0.0.0:15012"              # ADS + pilotfish.identity.v1.Identity, TLS (mTLS per call)
+//! http = "127.0.0.1:15014"            # status and metrics, plaintext: keep it on loopback
+//! insecure = false                    # true: plaintext gRPC, no CA, no authentication.
+//!                                     # Local experiments only; logged loudly.
+//! debounce = { quiet = "100ms", max = "1s" }
+//!
+//! [registry.files]
+//! paths = ["/etc/pilotfish/registry.d"]
+//!
+//! [api]                               # the rules API on the http port (/v1/routes, ...)
+//! token_file = "/etc/pilotfish/api-token"  # bearer token: the file's content, trimmed. Unset:
+//!                                     # the API answers 503, unless insecure (then it is open)
+//! read_requires_token = true          # false: reads (GET) need no token; writes always do
+//!
+//! [ca]                                # all optional; ignored when insecure = true
+//! # An operator-supplied signing CA instead of the root discovery creates in state_dir/ca:
+//! # a root, or an intermediate whose chain_file holds the certificates above it up to and
+//! # including the root. cert_file and key_file (PKCS#8 PEM, keep it 0600) go together.
+//! # cert_file = "/etc/pilotfish/ca/intermediate.pem"
+//! # key_file = "/etc/pilotfish/ca/intermediate.key"
+//! # chain_file = "/etc/pilotfish/ca/chain.pem"
+//! extra_roots = []                    # more root PEM files to trust (and hand out in bundles)
+//! workload_ttl = "24h"                # lifetime of service certificates (5s..365d); discovery's
+//!                                     # own serving certificate uses it too (at least 1h)
+//! node_ttl = "7d"                     # lifetime of node (host) certificates
+//! ```
+//!
+//! Durations take `ms`, `s`, `m`, `h` or `d`. Node certificates outlive workload ones on
+//! purpose: an agent renews at about half life, so the default survives a three-day
+//! control-plane outage without the host needing a new join token, while the identities
+//! that carry traffic stay at a day.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pilotfish_pki::TrustDomain;
 use serde::Deserialize;
 
 use crate::mesh::DebounceTimes;
@@ -16,23 +54,88 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "pilotfish.local";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/pilotfish";
 pub const DEFAULT_GRPC: &str = "0.0.0.0:15012";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:15014";
+/// Default lifetime of workload (service) certificates and of discovery's serving certificate.
+pub const DEFAULT_WORKLOAD_TTL: Duration = pilotfish_pki::ca::DEFAULT_WORKLOAD_TTL;
+/// Default lifetime of node certificates: a week, renewed by the agent at about half life.
+pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Shortest certificate lifetime accepted (seconds-long ones are for tests of rotation).
+const MIN_TTL: Duration = pilotfish_pki::ca::MIN_TTL;
+/// Longest certificate lifetime accepted.
+const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// The validated configuration the components see.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The file it was read from (for messages).
     pub source: PathBuf,
-    pub trust_domain: String,
+    pub trust_domain: TrustDomain,
     pub state_dir: PathBuf,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
-    /// Plaintext and no authentication (the only mode of this build).
+    /// Plaintext and no authentication: local experiments only.
     pub insecure: bool,
+    /// The CA (unused when `insecure`).
+    pub ca: CaConfig,
     /// Directories and files the file registry watches.
     pub registry_files: Vec<PathBuf>,
     /// Accepted and kept for the Consul adapter; not used yet.
     pub consul: Option<ConsulSection>,
     pub debounce: DebounceTimes,
+    /// `[api]`: the rules API.
+    pub api: ApiConfig,
+}
+
+/// `[api]`, validated. The token file is read when discovery starts, not here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiConfig {
+    pub token_file: Option<PathBuf>,
+    pub read_requires_token: bool,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            token_file: None,
+            read_requires_token: true,
+        }
+    }
+}
+
+/// `[ca]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaConfig {
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub chain_file: Option<PathBuf>,
+    pub extra_roots: Vec<PathBuf>,
+    pub workload_ttl: Duration,
+    pub node_ttl: Duration,
+}
+
+impl Default for CaConfig {
+    fn default() -> Self {
+        CaConfig {
+            cert_file: None,
+            key_file: None,
+            chain_file: None,
+            extra_roots: Vec::new(),
+            workload_ttl: DEFAULT_WORKLOAD_TTL,
+            node_ttl: DEFAULT_NODE_TTL,
+        }
+    }
+}
+
+impl CaConfig {
+    /// What `pilotfish_pki::Ca::load_or_create` takes.
+    pub fn options(&self) -> pilotfish_pki::CaOptions {
+        pilotfish_pki::CaOptions {
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            chain_file: self.chain_file.clone(),
+            extra_roots: self.extra_roots.clone(),
+            workload_ttl: self.workload_ttl,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +186,26 @@ struct RawConfig {
     insecure: Option<bool>,
     registry: Option<RawRegistry>,
     debounce: Option<RawDebounce>,
+    ca: Option<RawCa>,
+    api: Option<RawApi>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    token_file: Option<PathBuf>,
+    read_requires_token: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCa {
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    chain_file: Option<PathBuf>,
+    extra_roots: Option<Vec<PathBuf>>,
+    workload_ttl: Option<String>,
+    node_ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -140,11 +263,17 @@ impl Config {
         let trust_domain = raw
             .trust_domain
             .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
-        if !is_dns_name(&trust_domain) {
-            problems.push(format!(
-                "trust_domain: \"{trust_domain}\" is not a DNS name (letters, digits, '-' and '.')"
-            ));
-        }
+        let trust_domain = match TrustDomain::new(&trust_domain) {
+            Ok(td) => Some(td),
+            Err(e) => {
+                problems.push(format!(
+                    "trust_domain: \"{trust_domain}\": {} (lowercase letters, digits, '.', '-' \
+                     and '_', e.g. \"mesh.example\")",
+                    e.reason
+                ));
+                None
+            }
+        };
         let state_dir = resolve(
             base,
             &raw.state_dir
@@ -167,13 +296,7 @@ impl Config {
         }
 
         let insecure = raw.insecure.unwrap_or(false);
-        if !insecure {
-            problems.push(
-                "insecure: mTLS is not available in this build; set insecure = true for local \
-                 experiments"
-                    .to_string(),
-            );
-        }
+        let ca = ca_config(base, raw.ca.unwrap_or_default(), &mut problems);
 
         let (files, consul) = match raw.registry {
             Some(r) => (r.files, r.consul),
@@ -222,17 +345,31 @@ impl Config {
             }
         }
 
-        match (grpc, http, problems.is_empty()) {
-            (Some(grpc), Some(http), true) => Ok(Config {
+        let raw_api = raw.api.unwrap_or_default();
+        let api = ApiConfig {
+            token_file: match raw_api.token_file {
+                Some(p) if p.as_os_str().is_empty() => {
+                    problems.push("api.token_file: empty path".into());
+                    None
+                }
+                p => p.map(|p| resolve(base, &p)),
+            },
+            read_requires_token: raw_api.read_requires_token.unwrap_or(true),
+        };
+
+        match (grpc, http, trust_domain, problems.is_empty()) {
+            (Some(grpc), Some(http), Some(trust_domain), true) => Ok(Config {
                 source: path.to_path_buf(),
                 trust_domain,
                 state_dir,
                 grpc,
                 http,
                 insecure,
+                ca,
                 registry_files,
                 consul,
                 debounce,
+                api,
             }),
             _ => Err(ConfigError::Invalid {
                 path: path.to_path_buf(),
@@ -240,6 +377,49 @@ impl Config {
             }),
         }
     }
+}
+
+fn ca_config(base: &Path, raw: RawCa, problems: &mut Vec<String>) -> CaConfig {
+    let mut ca = CaConfig::default();
+    let mut file = |key: &str, p: Option<PathBuf>| match p {
+        Some(p) if p.as_os_str().is_empty() => {
+            problems.push(format!("ca.{key}: empty path"));
+            None
+        }
+        Some(p) => Some(resolve(base, &p)),
+        None => None,
+    };
+    ca.cert_file = file("cert_file", raw.cert_file);
+    ca.key_file = file("key_file", raw.key_file);
+    ca.chain_file = file("chain_file", raw.chain_file);
+    for (i, p) in raw.extra_roots.unwrap_or_default().into_iter().enumerate() {
+        if let Some(p) = file(&format!("extra_roots[{i}]"), Some(p)) {
+            ca.extra_roots.push(p);
+        }
+    }
+    match (&ca.cert_file, &ca.key_file) {
+        (Some(_), None) => problems.push("ca.key_file: needed with ca.cert_file".into()),
+        (None, Some(_)) => problems.push("ca.cert_file: needed with ca.key_file".into()),
+        (None, None) if ca.chain_file.is_some() => {
+            problems.push("ca.chain_file: needs ca.cert_file and ca.key_file".into())
+        }
+        _ => {}
+    }
+    for (key, raw, slot) in [
+        ("workload_ttl", raw.workload_ttl, &mut ca.workload_ttl),
+        ("node_ttl", raw.node_ttl, &mut ca.node_ttl),
+    ] {
+        let Some(text) = raw else { continue };
+        match parse_duration(&text) {
+            Ok(v) if (MIN_TTL..=MAX_TTL).contains(&v) => *slot = v,
+            Ok(_) => problems.push(format!(
+                "ca.{key}: must be between {}s and 365d",
+                MIN_TTL.as_secs()
+            )),
+            Err(e) => problems.push(format!("ca.{key}: {e}")),
+        }
+    }
+    ca
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -262,19 +442,7 @@ fn socket_addr(key: &str, value: &str, problems: &mut Vec<String>) -> Option<Soc
     }
 }
 
-fn is_dns_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
-}
-
-/// `"100ms"`, `"1s"`, `"1.5s"`, `"2m"`, `"1h"`.
+/// `"100ms"`, `"1s"`, `"1.5s"`, `"2m"`, `"1h"`, `"7d"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let split = s
@@ -289,9 +457,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86400.0,
         _ => {
             return Err(format!(
-                "\"{s}\" has no known unit (use ms, s, m or h, e.g. \"100ms\")"
+                "\"{s}\" has no known unit (use ms, s, m, h or d, e.g. \"100ms\")"
             ))
         }
     };
@@ -317,7 +486,10 @@ mod tests {
     fn minimal_config_gets_defaults_and_resolves_relative_paths() {
         let c = parse("insecure = true\n[registry.files]\npaths = [\"registry.d\", \"/abs\"]\n")
             .expect("valid");
-        assert_eq!(c.trust_domain, "pilotfish.local");
+        assert_eq!(c.trust_domain.as_str(), "pilotfish.local");
+        assert_eq!(c.ca, CaConfig::default());
+        assert_eq!(c.ca.workload_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(c.ca.node_ttl, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.grpc, "0.0.0.0:15012".parse().expect("addr"));
         assert_eq!(c.http, "127.0.0.1:15014".parse().expect("addr"));
         assert_eq!(c.state_dir, PathBuf::from("/var/lib/pilotfish"));
@@ -382,7 +554,6 @@ stale = true
             "trust_domain:",
             "grpc:",
             "http:",
-            "insecure: mTLS is not available in this build; set insecure = true",
             "registry:",
             "debounce.quiet:",
             "debounce.max:",
@@ -392,12 +563,94 @@ stale = true
     }
 
     #[test]
-    fn secure_mode_is_refused_until_tls_exists() {
-        let p = problems("[registry.files]\npaths = [\"r\"]\n");
+    fn api_section_defaults_to_no_token_and_token_required_for_reads() {
+        let c = parse("[registry.files]\npaths = [\"r\"]\n").expect("valid");
+        assert_eq!(c.api, ApiConfig::default());
+        assert!(c.api.read_requires_token);
+        let c = parse(
+            "[registry.files]\npaths = [\"r\"]\n[api]\ntoken_file = \"api-token\"\n\
+             read_requires_token = false\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.api,
+            ApiConfig {
+                token_file: Some(PathBuf::from("/etc/pilotfish/api-token")),
+                read_requires_token: false,
+            }
+        );
+        let err = parse("[registry.files]\npaths = [\"r\"]\n[api]\ntoken = \"x\"\n")
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("token"), "{err}");
+        let p = problems("[registry.files]\npaths = [\"r\"]\n[api]\ntoken_file = \"\"\n");
+        assert_eq!(p, ["api.token_file: empty path"]);
+    }
+
+    #[test]
+    fn secure_mode_is_the_default() {
+        let c = parse("[registry.files]\npaths = [\"r\"]\n").expect("valid");
+        assert!(!c.insecure);
+    }
+
+    #[test]
+    fn ca_section_parses_and_resolves_paths() {
+        let c = parse(
+            r#"
+[registry.files]
+paths = ["r"]
+
+[ca]
+cert_file = "ca/int.pem"
+key_file = "/secure/int.key"
+chain_file = "ca/chain.pem"
+extra_roots = ["old-root.pem"]
+workload_ttl = "1h"
+node_ttl = "3d"
+"#,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.ca,
+            CaConfig {
+                cert_file: Some(PathBuf::from("/etc/pilotfish/ca/int.pem")),
+                key_file: Some(PathBuf::from("/secure/int.key")),
+                chain_file: Some(PathBuf::from("/etc/pilotfish/ca/chain.pem")),
+                extra_roots: vec![PathBuf::from("/etc/pilotfish/old-root.pem")],
+                workload_ttl: Duration::from_secs(3600),
+                node_ttl: Duration::from_secs(3 * 86400),
+            }
+        );
+        let opts = c.ca.options();
+        assert_eq!(opts.workload_ttl, Duration::from_secs(3600));
+        assert_eq!(opts.extra_roots.len(), 1);
+    }
+
+    #[test]
+    fn ca_section_problems_are_listed_together() {
+        let p = problems(
+            "[registry.files]\npaths = [\"r\"]\n[ca]\ncert_file = \"c.pem\"\n\
+             workload_ttl = \"0s\"\nnode_ttl = \"soon\"\n",
+        );
         assert_eq!(
             p,
-            ["insecure: mTLS is not available in this build; set insecure = true for local experiments"]
+            [
+                "ca.key_file: needed with ca.cert_file",
+                "ca.workload_ttl: must be between 5s and 365d",
+                "ca.node_ttl: \"soon\" is not a duration (e.g. \"100ms\", \"1s\", \"2m\")",
+            ]
         );
+        let p = problems("[registry.files]\npaths = [\"r\"]\n[ca]\nchain_file = \"x\"\n");
+        assert_eq!(p, ["ca.chain_file: needs ca.cert_file and ca.key_file"]);
+        let err = parse("[registry.files]\npaths = [\"r\"]\n[ca]\nttl = \"1h\"\n")
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("ttl"), "{err}");
+    }
+
+    #[test]
+    fn trust_domain_follows_the_spiffe_rules() {
+        let p = problems("trust_domain = \"Mesh.Example\"\n[registry.files]\npaths = [\"r\"]\n");
+        assert_eq!(p.len(), 1);
+        assert!(p[0].starts_with("trust_domain: \"Mesh.Example\""), "{p:?}");
     }
 
     #[test]
@@ -405,6 +658,7 @@ stale = true
         assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
         assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("s").is_err());
     }

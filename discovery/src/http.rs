@@ -1,7 +1,10 @@
-//! The HTTP listener: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus text).
+//! The HTTP listener: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus text), and the
+//! rules API under `/v1` ([`crate::rules_api`], which has its own authentication).
 //!
 //! Handlers only read shared state: the registry's file status and the mesh snapshot from
-//! their watch channels, the ADS connection registry and the xDS counters.
+//! their watch channels, the ADS connection registry, the xDS counters and the CA (its roots,
+//! how many join tokens exist, what it issued and refused; never a secret). The port is
+//! plaintext and unauthenticated, so keep it on loopback (the default).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -18,6 +21,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::identity::metrics::{CaMetrics, Kind};
+use crate::identity::{utc, Authority};
 use crate::mesh::MeshSnapshot;
 use crate::xds::connections::{Connections, ProxyStatus};
 use crate::xds::metrics::XdsMetrics;
@@ -30,15 +35,26 @@ pub struct HttpState {
     pub snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     pub connections: Connections,
     pub metrics: Arc<XdsMetrics>,
+    /// The CA; `None` in insecure mode.
+    pub ca: Option<Arc<Authority>>,
+    pub ca_metrics: Arc<CaMetrics>,
 }
 
 pub struct HttpServer {
     state: HttpState,
+    /// The rules API (`/v1/...`), merged in by [`HttpServer::with_rules`].
+    rules: Option<Router>,
 }
 
 impl HttpServer {
     pub fn new(state: HttpState) -> HttpServer {
-        HttpServer { state }
+        HttpServer { state, rules: None }
+    }
+
+    /// Also serves `rules` (the rules API's router, see `crate::rules_api`).
+    pub fn with_rules(mut self, rules: Router) -> HttpServer {
+        self.rules = Some(rules);
+        self
     }
 
     pub fn router(state: HttpState) -> Router {
@@ -55,7 +71,11 @@ impl HttpServer {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> std::io::Result<()> {
-        axum::serve(listener, HttpServer::router(self.state))
+        let mut app = HttpServer::router(self.state);
+        if let Some(rules) = self.rules {
+            app = app.merge(rules);
+        }
+        axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
     }
@@ -66,6 +86,62 @@ pub struct Status {
     pub snapshot: SnapshotStatus,
     pub registry: RegistryStatus,
     pub proxies: Vec<ProxyStatus>,
+    /// Absent in insecure mode.
+    pub ca: Option<CaStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CaStatus {
+    pub trust_domain: String,
+    /// Every root in the trust bundle; `signing` marks the one new certificates chain to.
+    pub roots: Vec<RootStatus>,
+    /// Join tokens by state (`valid`, `used`, `expired`, `revoked`).
+    pub tokens: BTreeMap<&'static str, usize>,
+    /// Set when the token file could not be read.
+    pub tokens_error: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RootStatus {
+    /// SHA-256 of the DER, hex (what `ca retire` takes).
+    pub fingerprint: String,
+    pub subject: String,
+    pub not_after: String,
+    pub signing: bool,
+    pub source: String,
+}
+
+/// Reads the token file: call from the blocking pool.
+fn ca_status(authority: &Authority) -> CaStatus {
+    let ca = authority.ca();
+    let roots = ca
+        .trusted_roots()
+        .iter()
+        .map(|r| RootStatus {
+            fingerprint: r.fingerprint.clone(),
+            subject: r.subject.clone(),
+            not_after: utc(r.not_after),
+            signing: r.signing,
+            source: r.source.display().to_string(),
+        })
+        .collect();
+    let now = std::time::SystemTime::now();
+    let (tokens, tokens_error) = match authority.tokens().list() {
+        Ok(list) => {
+            let mut counts = BTreeMap::new();
+            for t in &list {
+                *counts.entry(t.state(now)).or_default() += 1;
+            }
+            (counts, None)
+        }
+        Err(e) => (BTreeMap::new(), Some(crate::error_chain(&e))),
+    };
+    CaStatus {
+        trust_domain: authority.trust_domain().to_string(),
+        roots,
+        tokens,
+        tokens_error,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -99,6 +175,7 @@ pub struct FileStatus {
     pub problems: Vec<String>,
 }
 
+/// Does blocking file I/O (the token file): call from the blocking pool.
 pub fn status_of(state: &HttpState) -> Status {
     let files = state.files.borrow().clone();
     let snapshot = state.snapshots.borrow().clone();
@@ -125,11 +202,15 @@ pub fn status_of(state: &HttpState) -> Status {
                 .collect(),
         },
         proxies: state.connections.list(),
+        ca: state.ca.as_deref().map(ca_status),
     }
 }
 
-async fn status(State(state): State<HttpState>) -> Json<Status> {
-    Json(status_of(&state))
+async fn status(State(state): State<HttpState>) -> axum::response::Response {
+    match tokio::task::spawn_blocking(move || status_of(&state)).await {
+        Ok(status) => Json(status).into_response(),
+        Err(_) => axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
@@ -203,6 +284,30 @@ pub fn render_metrics(state: &HttpState) -> String {
         "Generation of the mesh snapshot being served.",
         &[("", state.snapshots.borrow().generation)],
     );
+    let ca = &state.ca_metrics;
+    metric(
+        &mut out,
+        "pilotfish_ca_certificates_issued_total",
+        "counter",
+        "Certificates issued to hosts, by kind.",
+        &[
+            ("{kind=\"node\"}", ca.issued_count(Kind::Node)),
+            ("{kind=\"service\"}", ca.issued_count(Kind::Service)),
+        ],
+    );
+    let refusals: Vec<(String, u64)> = ca
+        .refusals()
+        .into_iter()
+        .map(|((call, reason), n)| (format!("{{call=\"{call}\",reason=\"{reason}\"}}"), n))
+        .collect();
+    let refusals: Vec<(&str, u64)> = refusals.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+    metric(
+        &mut out,
+        "pilotfish_ca_refusals_total",
+        "counter",
+        "Identity and ADS calls refused, by call and reason.",
+        &refusals,
+    );
     out
 }
 
@@ -246,6 +351,8 @@ mod tests {
             snapshots,
             connections: Connections::default(),
             metrics: Arc::new(XdsMetrics::default()),
+            ca: None,
+            ca_metrics: Arc::new(CaMetrics::default()),
         };
         (state, files_tx)
     }
@@ -276,6 +383,7 @@ mod tests {
     fn metrics_text() {
         let (state, _keep) = state();
         let _guard = state.connections.register("vm-a", StreamKind::Delta);
+        state.ca_metrics.refused("ads", "no_certificate");
         state.metrics.record(&Event::Pushed {
             type_url: CLUSTER.into(),
             version: "v".into(),
@@ -289,6 +397,8 @@ mod tests {
             "pilotfish_xds_nacks_total 0",
             "pilotfish_registry_file_problems 1",
             "pilotfish_snapshot_generation 0",
+            "pilotfish_ca_certificates_issued_total{kind=\"node\"} 0",
+            "pilotfish_ca_refusals_total{call=\"ads\",reason=\"no_certificate\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -4,11 +4,20 @@
 //! [`run`] wires the parts: the file registry publishes catalogs -> the [`mesh::Debouncer`]
 //! turns bursts into one [`mesh::MeshSnapshot`] -> the [`xds::server::AdsServer`] streams
 //! per-proxy resources; the [`http::HttpServer`] reports on all of them.
+//!
+//! Unless `insecure`, the gRPC port is TLS and also serves the identity service: the
+//! [`identity::Authority`] (the mesh CA) issues node certificates to hosts that enrol with a
+//! join token and workload certificates for the services placed on them, and every ADS stream
+//! is bound to the node of its client certificate. [`admin`] holds the operator commands
+//! (`token ...`, `ca ...`).
 
+pub mod admin;
 pub mod config;
 pub mod http;
+pub mod identity;
 pub mod mesh;
 pub mod proxy;
+pub mod rules_api;
 pub mod translate;
 pub mod xds;
 
@@ -23,6 +32,9 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::http::{HttpServer, HttpState};
+use crate::identity::metrics::CaMetrics;
+use crate::identity::service::IdentityService;
+use crate::identity::{Authority, IdentityError};
 use crate::mesh::{Debouncer, MeshSnapshot};
 use crate::xds::connections::Connections;
 use crate::xds::metrics::XdsMetrics;
@@ -34,8 +46,12 @@ pub enum RunError {
     Registry(#[source] FilesError),
     #[error("the ADS server failed")]
     Ads(#[source] tonic::transport::Error),
+    #[error("the CA could not be set up")]
+    Identity(#[source] IdentityError),
     #[error("the HTTP server failed")]
     Http(#[source] std::io::Error),
+    #[error("the rules API could not be set up")]
+    RulesApi(#[source] rules_api::RulesApiError),
     #[error("a discovery task failed")]
     Task(#[source] tokio::task::JoinError),
 }
@@ -56,6 +72,17 @@ pub async fn run(
              reaches this port can read the mesh configuration. Local experiments only."
         );
     }
+    let ca_metrics = Arc::new(CaMetrics::default());
+    let authority = if config.insecure {
+        None
+    } else {
+        let (cfg, m) = (config.clone(), ca_metrics.clone());
+        let authority = tokio::task::spawn_blocking(move || Authority::load(&cfg, m))
+            .await
+            .map_err(RunError::Task)?
+            .map_err(RunError::Identity)?;
+        Some(Arc::new(authority))
+    };
     if config.consul.is_some() {
         warn!("[registry.consul] is not implemented yet and is ignored");
     }
@@ -64,7 +91,15 @@ pub async fn run(
     // Load the files once before serving, so the first snapshot is the real catalog rather
     // than an empty one that would make reconnecting proxies drop their config. The registry
     // loads them again as it starts watching, and logs any problems then.
-    let paths = config.registry_files.clone();
+    // The rules API writes into its own directory (state_dir/rules.d), which the file registry
+    // watches with the configured paths: an accepted API write is pushed like a file edit.
+    let cfg = config.clone();
+    let rules_api = tokio::task::spawn_blocking(move || rules_api::RulesApi::from_config(&cfg))
+        .await
+        .map_err(RunError::Task)?
+        .map_err(RunError::RulesApi)?;
+    let registry_paths = rules_api.registry_paths().to_vec();
+    let paths = registry_paths.clone();
     let (catalog, _problems) = tokio::task::spawn_blocking(move || load_once(&paths))
         .await
         .map_err(RunError::Task)?;
@@ -74,14 +109,23 @@ pub async fn run(
     let connections = Connections::default();
     let metrics = Arc::new(XdsMetrics::default());
 
-    let registry = FileRegistry::new(config.registry_files.clone());
-    let debouncer = Debouncer::new(catalog_rx, snapshot_tx, config.debounce);
+    let registry = FileRegistry::new(registry_paths);
+    let identity = authority
+        .as_ref()
+        .map(|a| IdentityService::new(a.clone(), catalog_rx.clone()));
+    let settings = Arc::new(translate::Settings {
+        trust_domain: config.trust_domain.to_string(),
+        mtls: !config.insecure,
+    });
+    let debouncer =
+        Debouncer::new(catalog_rx, snapshot_tx, config.debounce).with_settings(settings);
     let ads = AdsServer::new(
         snapshot_rx.clone(),
         connections.clone(),
         metrics.clone(),
         AdsOptions {
             control_plane: control_plane_identifier(),
+            auth: authority.as_ref().map(|a| a.peer_auth()),
             ..AdsOptions::default()
         },
     );
@@ -90,7 +134,10 @@ pub async fn run(
         snapshots: snapshot_rx,
         connections,
         metrics,
-    });
+        ca: authority.clone(),
+        ca_metrics,
+    })
+    .with_rules(Arc::new(rules_api).router());
     info!(grpc = %config.grpc, http = %config.http, "discovery starting");
 
     let mut tasks = JoinSet::new();
@@ -107,7 +154,29 @@ pub async fn run(
         Ok(())
     });
     let token = stop.clone();
-    tasks.spawn(async move { ads.run(grpc_listener, token).await.map_err(RunError::Ads) });
+    match (authority.clone(), identity) {
+        (Some(authority), Some(identity)) => {
+            let tls = authority.tls();
+            tasks.spawn(async move {
+                identity::serve(ads, identity, tls, grpc_listener, token)
+                    .await
+                    .map_err(RunError::Ads)
+            });
+            let token = stop.clone();
+            tasks.spawn(async move {
+                authority.run(token).await;
+                Ok(())
+            });
+        }
+        _ => {
+            tasks.spawn(async move { ads.run(grpc_listener, token).await.map_err(RunError::Ads) });
+        }
+    }
+    let token = stop.clone();
+    tasks.spawn(async move {
+        reload_on_sighup(authority, token).await;
+        Ok(())
+    });
     let token = stop.clone();
     tasks.spawn(async move { http.run(http_listener, token).await.map_err(RunError::Http) });
 
@@ -126,6 +195,36 @@ pub async fn run(
     }
     info!("discovery stopped");
     result
+}
+
+/// Reloads the CA on every SIGHUP until `shutdown` (root rotation: `ca prepare-rotation`,
+/// `ca switch` and `ca retire` change files; the signal makes them take effect).
+async fn reload_on_sighup(authority: Option<Arc<Authority>>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGHUP; restart discovery to reload the CA");
+            shutdown.cancelled().await;
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            got = hup.recv() => if got.is_none() {
+                shutdown.cancelled().await;
+                return;
+            },
+        }
+        match &authority {
+            Some(a) => {
+                info!("SIGHUP: reloading the CA");
+                a.request_reload();
+            }
+            None => warn!("SIGHUP: insecure mode has no CA to reload"),
+        }
+    }
 }
 
 /// `control_plane.identifier` in responses: which discovery replica answered.

@@ -1,9 +1,13 @@
-//! `pilotfish-discovery`: parse flags, load the config, run discovery until SIGTERM/SIGINT.
+//! `pilotfish-discovery`: parse flags, load the config, run discovery until SIGTERM/SIGINT
+//! (SIGHUP reloads the CA), or run one operator command (`token ...`, `ca ...`, `validate`).
+//!
+//! Exit codes: 0 ok, 64 bad usage or configuration, 1 runtime failure.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pilotfish_discovery::admin::{self, AdminError, Output};
 use pilotfish_discovery::config::Config;
 use pilotfish_discovery::error_chain;
 use pilotfish_registries::files::load_once;
@@ -26,6 +30,7 @@ struct Cli {
     /// The discovery config file.
     #[arg(
         long,
+        global = true,
         value_name = "FILE",
         default_value = "/etc/pilotfish/discovery.toml"
     )]
@@ -45,14 +50,69 @@ enum Command {
         #[arg(required = true, value_name = "DIR")]
         dirs: Vec<PathBuf>,
     },
+    /// Join tokens: how a host enrols (once) to get its node certificate.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The mesh CA: the trust bundle for hosts, and root rotation.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a single-use join token for NODE; prints only the token on stdout.
+    Create {
+        #[arg(long, value_name = "NODE")]
+        node: String,
+        /// How long it may be used (default 1h, at most 7d), e.g. "30m", "2h", "1d".
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+    },
+    /// List join tokens (never their secrets).
+    List,
+    /// Revoke the join token with this ID.
+    Revoke {
+        #[arg(value_name = "ID")]
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Print the trust bundle (PEM) to give agents as ca_file; creates the CA on first use.
+    Bundle,
+    /// List the trusted roots, their fingerprints, and which one signs.
+    Roots,
+    /// Rotation step 1: make the next root (trusted, not signing yet).
+    #[command(alias = "prepare")]
+    PrepareRotation,
+    /// Rotation step 3: sign with the prepared root; the old one stays trusted.
+    Switch,
+    /// Rotation step 5: stop trusting the old root.
+    Retire {
+        /// Its SHA-256 fingerprint (hex, or at least 16 leading digits), from `ca roots`.
+        #[arg(value_name = "FINGERPRINT")]
+        fingerprint: String,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     init_logging();
-    if let Some(Command::Validate { dirs }) = cli.command {
-        return validate(&dirs);
-    }
+    let command = match cli.command {
+        Some(Command::Validate { dirs }) => return validate(&dirs),
+        other => other,
+    };
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => {
@@ -62,6 +122,9 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
+    if let Some(command) = command {
+        return run_admin(&config, command);
+    }
     if cli.check {
         return check(&config);
     }
@@ -92,6 +155,38 @@ fn init_logging() {
     }
 }
 
+/// `token ...` and `ca ...`.
+fn run_admin(config: &Config, command: Command) -> ExitCode {
+    let result: Result<Output, AdminError> = match command {
+        Command::Token(TokenCommand::Create { node, ttl }) => {
+            admin::token_create(config, &node, ttl.as_deref())
+        }
+        Command::Token(TokenCommand::List) => admin::token_list(config),
+        Command::Token(TokenCommand::Revoke { id }) => admin::token_revoke(config, &id),
+        Command::Ca(CaCommand::Bundle) => admin::ca_bundle(config),
+        Command::Ca(CaCommand::Roots) => admin::ca_roots(config),
+        Command::Ca(CaCommand::PrepareRotation) => admin::ca_prepare(config),
+        Command::Ca(CaCommand::Switch) => admin::ca_switch(config),
+        Command::Ca(CaCommand::Retire { fingerprint }) => admin::ca_retire(config, &fingerprint),
+        Command::Validate { dirs } => return validate(&dirs),
+    };
+    match result {
+        Ok(out) => {
+            print!("{}", out.stdout);
+            eprint!("{}", out.stderr);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            if e.is_usage() {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
 /// `validate DIR...`: problems on stdout, one per line; a summary when there are none.
 fn validate(dirs: &[PathBuf]) -> ExitCode {
     let (catalog, problems) = load_once(dirs);
@@ -109,7 +204,9 @@ fn validate(dirs: &[PathBuf]) -> ExitCode {
 
 /// `--check`: the config is valid; now the registry files it names.
 fn check(config: &Config) -> ExitCode {
-    let (catalog, problems) = load_once(&config.registry_files);
+    // With state_dir/rules.d: what the rules API wrote is part of the registry.
+    let paths = pilotfish_discovery::rules_api::check_paths(config);
+    let (catalog, problems) = load_once(&paths);
     for problem in &problems {
         eprintln!("{problem}");
     }

@@ -28,7 +28,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
-use crate::translate::{endpoint_change, EndpointChange, Shared};
+use crate::translate::{endpoint_change, EndpointChange, Settings, Shared};
 
 /// One translated catalog. Generation 0 is the placeholder before the first build; ADS streams
 /// wait for a later one rather than serve an empty mesh.
@@ -131,6 +131,7 @@ pub struct Debouncer {
     catalogs: watch::Receiver<Arc<Catalog>>,
     snapshots: watch::Sender<Arc<MeshSnapshot>>,
     times: DebounceTimes,
+    settings: Arc<Settings>,
 }
 
 impl Debouncer {
@@ -145,7 +146,14 @@ impl Debouncer {
             catalogs,
             snapshots,
             times,
+            settings: Arc::new(Settings::default()),
         }
+    }
+
+    /// Translate with these settings (trust domain, mTLS) rather than the insecure default.
+    pub fn with_settings(mut self, settings: Arc<Settings>) -> Debouncer {
+        self.settings = settings;
+        self
     }
 
     /// Runs until `shutdown` or until the catalog sender is gone.
@@ -186,11 +194,12 @@ impl Debouncer {
             }
             let catalog = Arc::clone(&self.catalogs.borrow_and_update());
             let input = Arc::clone(&catalog);
+            let settings = Arc::clone(&self.settings);
             let built = match plan(last.as_deref(), &catalog) {
                 Plan::Unchanged => None,
                 Plan::Full => Some((
                     BuildKind::Full,
-                    tokio::task::spawn_blocking(move || Shared::build(input)).await,
+                    tokio::task::spawn_blocking(move || Shared::build_with(input, settings)).await,
                 )),
                 Plan::Endpoints(change) => {
                     let previous = last.clone();
@@ -198,7 +207,7 @@ impl Debouncer {
                         BuildKind::Endpoints,
                         tokio::task::spawn_blocking(move || match previous {
                             Some(previous) => previous.with_endpoints(input, &change),
-                            None => Shared::build(input),
+                            None => Shared::build_with(input, settings),
                         })
                         .await,
                     ))
@@ -253,6 +262,7 @@ mod tests {
                     port: 80,
                     upstreams: None,
                     instances: vec![],
+                    mtls: Default::default(),
                     origin: Origin::default(),
                 },
             );
@@ -360,6 +370,102 @@ mod tests {
         assert_eq!(generation(&h), 2);
         // The registry going away ends the debouncer.
         drop(h.catalogs);
+        h.task.await.expect("debouncer ends");
+    }
+
+    /// `catalog(&["a"])` with one instance of `a` (outside the mesh) on `port`.
+    fn with_instance(port: u16) -> Arc<Catalog> {
+        let mut c = Catalog::clone(&catalog(&["a"]));
+        if let Some(a) = c.services.get_mut("a") {
+            a.instances.push(pilotfish_registries::model::Instance {
+                node: None,
+                address: "10.0.0.1".into(),
+                port,
+                mesh_port: 15006,
+                labels: Default::default(),
+                weight: 1,
+                healthy: true,
+                locality: None,
+            });
+        }
+        Arc::new(c)
+    }
+
+    /// Like `advance`, in 1 ms steps.
+    async fn advance_fine(ms: u64) {
+        for _ in 0..ms {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn kind(h: &Harness) -> BuildKind {
+        h.snapshots.borrow().kind
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoint_change_is_built_quickly_and_keeps_other_resources() {
+        let h = start(with_instance(80));
+        advance(200).await;
+        assert_eq!(generation(&h), 1);
+        let p = crate::proxy::Proxy {
+            node: "vm-x".into(),
+            address: std::net::Ipv4Addr::new(10, 0, 0, 9).into(),
+            mesh_port: 15006,
+            outbound: std::net::SocketAddr::from(([127, 0, 0, 1], 15001)),
+            app_address: std::net::Ipv4Addr::LOCALHOST.into(),
+        };
+        let before = h.snapshots.borrow().shared.for_proxy(&p);
+
+        h.catalogs.send_replace(with_instance(81));
+        advance_fine(15).await;
+        assert_eq!(generation(&h), 2, "built within a few ms");
+        assert_eq!(kind(&h), BuildKind::Endpoints);
+        let after = h.snapshots.borrow().shared.for_proxy(&p);
+        assert!(Arc::ptr_eq(&before.clusters, &after.clusters));
+        assert!(Arc::ptr_eq(&before.listeners, &after.listeners));
+        assert!(Arc::ptr_eq(&before.routes, &after.routes));
+        assert!(!Arc::ptr_eq(&before.endpoints, &after.endpoints));
+        assert!(h.snapshots.borrow().learned_at.is_some());
+        h.shutdown.cancel();
+        h.task.await.expect("debouncer ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn endpoint_churn_is_built_within_the_endpoint_max() {
+        let h = start(with_instance(80));
+        advance(200).await;
+        let mut built_at = None;
+        for i in 0..40u16 {
+            h.catalogs.send_replace(with_instance(100 + i));
+            advance_fine(3).await;
+            if built_at.is_none() && generation(&h) == 2 {
+                built_at = Some((u64::from(i) + 1) * 3);
+            }
+        }
+        let built_at = built_at.expect("built during churn");
+        assert!((50..=60).contains(&built_at), "built at {built_at} ms");
+        assert_eq!(kind(&h), BuildKind::Endpoints);
+        h.shutdown.cancel();
+        h.task.await.expect("debouncer ends");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_that_turns_full_waits_the_full_quiet_period() {
+        let h = start(with_instance(80));
+        advance(200).await;
+        h.catalogs.send_replace(with_instance(81));
+        advance_fine(2).await;
+        let mut full = Catalog::clone(&with_instance(81));
+        full.services
+            .insert("b".into(), catalog(&["b"]).services["b"].clone());
+        h.catalogs.send_replace(Arc::new(full));
+        advance_fine(50).await;
+        assert_eq!(generation(&h), 1, "a full change waits for quiet");
+        advance(100).await;
+        assert_eq!(generation(&h), 2);
+        assert_eq!(kind(&h), BuildKind::Full);
+        assert_eq!(services(&h), 2);
+        h.shutdown.cancel();
         h.task.await.expect("debouncer ends");
     }
 }

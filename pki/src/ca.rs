@@ -76,6 +76,9 @@ pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Lifetime of a root the CA makes itself.
 pub const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How far `not_before` is set in the past, for hosts whose clocks run behind.
+/// The shortest lifetime the CA issues. Seconds-long certificates are for rotation tests;
+/// operators should keep hours.
+pub const MIN_TTL: Duration = Duration::from_secs(5);
 pub const BACKDATE: Duration = Duration::from_secs(60);
 /// Largest CSR accepted, in bytes of PEM (a P-256 CSR is about 500).
 const MAX_CSR_PEM: usize = 16 * 1024;
@@ -151,7 +154,7 @@ pub enum CsrRejected {
     ForeignTrustDomain { id: String, trust_domain: String },
     #[error("{0} cannot be issued through this call")]
     RoleNotIssuable(String),
-    #[error("the requested lifetime must be at least one minute")]
+    #[error("the requested lifetime must be at least 5 seconds")]
     TtlTooShort,
     #[error("signing the certificate failed")]
     Signing(#[source] rcgen::Error),
@@ -343,7 +346,7 @@ impl Ca {
             });
         }
         let ttl = ttl.unwrap_or(self.workload_ttl);
-        if ttl < Duration::from_secs(60) {
+        if ttl < MIN_TTL {
             return Err(CsrRejected::TtlTooShort);
         }
         let sans = keys::requested_sans(id).map_err(CsrRejected::Signing)?;
@@ -363,7 +366,10 @@ impl Ca {
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        params.not_before = OffsetDateTime::from(now - BACKDATE);
+        // Backdate for clock skew, but never by more than a quarter of the lifetime: renewal
+        // is scheduled from not_before, and a seconds-long test certificate would otherwise be
+        // "due" the moment it is issued.
+        params.not_before = OffsetDateTime::from(now - BACKDATE.min(ttl / 4));
         params.not_after = OffsetDateTime::from(not_after);
         params.serial_number = Some(random_serial());
         params.use_authority_key_identifier_extension = true;

@@ -123,6 +123,7 @@ mod tests {
                 None
             },
             instances,
+            mtls: Default::default(),
             origin: Origin {
                 file: file.into(),
                 line: 3,

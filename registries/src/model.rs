@@ -1,6 +1,9 @@
 //! The mesh model operators declare: services with their instances, and the traffic rules
 //! (routes and policies) that shape calls to them.
 //!
+//! Authorizations (`[[authorization.<svc>.rules]]`) say which peers may call a service; they
+//! come from TOML only.
+//!
 //! Every registry adapter (TOML files, Consul, memory) produces a whole [`Catalog`]; discovery
 //! turns one into Envoy configuration. Collections are `BTreeMap`s so that iteration, and hence
 //! every resource derived from a catalog, is deterministic.
@@ -21,6 +24,8 @@ pub struct Catalog {
     pub services: BTreeMap<String, Service>,
     pub routes: BTreeMap<String, Route>,
     pub policies: BTreeMap<String, Policy>,
+    /// Who may call a service, by service name (TOML only).
+    pub authorizations: BTreeMap<String, Authorization>,
 }
 
 impl Catalog {
@@ -104,7 +109,41 @@ pub struct Service {
     /// Services this one calls. `None` means every service (no scoping).
     pub upstreams: Option<Vec<String>>,
     pub instances: Vec<Instance>,
+    /// Whether the service's mesh port also accepts plaintext (when discovery runs with mTLS).
+    pub mtls: MtlsMode,
     pub origin: Origin,
+}
+
+/// What a host's mesh port accepts for a service, when the mesh runs with mTLS.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum MtlsMode {
+    /// mTLS only: a plaintext connection is closed.
+    #[default]
+    Strict,
+    /// mTLS, and plaintext too (routed by Host), for moving a service into the mesh.
+    Permissive,
+}
+
+impl MtlsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MtlsMode::Strict => "strict",
+            MtlsMode::Permissive => "permissive",
+        }
+    }
+}
+
+impl std::str::FromStr for MtlsMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "strict" => Ok(MtlsMode::Strict),
+            "permissive" => Ok(MtlsMode::Permissive),
+            other => Err(format!(
+                "unknown mtls mode \"{other}\" (expected strict or permissive)"
+            )),
+        }
+    }
 }
 
 /// One running copy of a service.
@@ -231,4 +270,58 @@ impl std::str::FromStr for LoadBalancer {
             )),
         }
     }
+}
+
+/// Who may call a service: rules checked on the inbound side of the service's hosts.
+///
+/// Deny rules are checked first: a request that matches one is refused. Then, when there is
+/// at least one allow rule, a request must match one of them; otherwise it is refused (403 for
+/// HTTP, the connection closed for TCP). With only deny rules, everything else is allowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Authorization {
+    pub service: String,
+    pub rules: Vec<AuthzRule>,
+    pub origin: Origin,
+}
+
+/// One rule: a request matches when it matches every condition given; an omitted condition
+/// (an empty list) matches anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuthzRule {
+    pub action: AuthzAction,
+    /// Source services, by name: the caller's certificate must carry the SPIFFE identity of
+    /// one of them. Empty = any authenticated peer (for `allow`), any peer (for `deny`).
+    pub from: Vec<String>,
+    /// HTTP methods, upper case (HTTP services only).
+    pub methods: Vec<String>,
+    /// Request paths (HTTP services only).
+    pub paths: Vec<PathMatch>,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum AuthzAction {
+    #[default]
+    Allow,
+    Deny,
+}
+
+impl std::str::FromStr for AuthzAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "allow" => Ok(AuthzAction::Allow),
+            "deny" => Ok(AuthzAction::Deny),
+            other => Err(format!(
+                "unknown action \"{other}\" (expected allow or deny)"
+            )),
+        }
+    }
+}
+
+/// A request path condition: `"/x/*"` in TOML is a prefix (`/x/`), anything else exact.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
 }

@@ -78,7 +78,31 @@ pub struct Mesh {
     pub apps: Vec<Process>,
     /// Which ADS flavour the agents' Envoys use ("delta" or "sotw").
     pub xds: &'static str,
+    /// mTLS everywhere (join tokens, CA) instead of `insecure = true`.
+    pub secure: bool,
+    /// The trust bundle agents get as `ca_file` (secure meshes only).
+    pub ca_file: PathBuf,
+    pub config: PathBuf,
     _tmp: tempfile::TempDir,
+}
+
+/// How to start a mesh.
+#[derive(Debug, Clone)]
+pub struct MeshOptions {
+    pub xds: &'static str,
+    pub secure: bool,
+    /// Extra TOML appended to discovery.toml (for example a `[ca]` table).
+    pub discovery_extra: String,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        MeshOptions {
+            xds: "delta",
+            secure: false,
+            discovery_extra: String::new(),
+        }
+    }
 }
 
 impl Mesh {
@@ -89,6 +113,22 @@ impl Mesh {
     }
 
     pub fn start_with(xds: &'static str) -> Result<Mesh> {
+        Mesh::start_opts(MeshOptions {
+            xds,
+            ..MeshOptions::default()
+        })
+    }
+
+    /// A mesh with mTLS: discovery runs its CA, each host enrols with a join token.
+    pub fn start_secure() -> Result<Mesh> {
+        Mesh::start_opts(MeshOptions {
+            secure: true,
+            ..MeshOptions::default()
+        })
+    }
+
+    pub fn start_opts(opts: MeshOptions) -> Result<Mesh> {
+        let xds = opts.xds;
         let net = Net::new();
         let tmp = tempfile::Builder::new()
             .prefix("pilotfish-e2e-")
@@ -100,12 +140,19 @@ impl Mesh {
         let grpc = SocketAddr::new(ip, free_port(ip));
         let http = SocketAddr::new(ip, free_port(ip));
         let config = dir.join("discovery.toml");
+        let insecure = if opts.secure { "" } else { "insecure = true\n" };
         fs::write(
             &config,
             format!(
-                "insecure = true\nstate_dir = \"state\"\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\n[registry.files]\npaths = [\"registry.d\"]\n"
+                "{insecure}trust_domain = \"pilotfish.local\"\nstate_dir = \"state\"\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\n[registry.files]\npaths = [\"registry.d\"]\n{}\n",
+                opts.discovery_extra
             ),
         )?;
+        let ca_file = dir.join("root.pem");
+        if opts.secure {
+            let bundle = discovery_cli(&config, &["ca", "bundle"])?;
+            fs::write(&ca_file, bundle)?;
+        }
         let discovery = Process::spawn(
             "discovery",
             &binary("pilotfish-discovery")?,
@@ -122,8 +169,24 @@ impl Mesh {
             hosts: Vec::new(),
             apps: Vec::new(),
             xds,
+            secure: opts.secure,
+            ca_file,
+            config,
             _tmp: tmp,
         })
+    }
+
+    /// Run a `pilotfish-discovery --config <this mesh's config> ARGS...` command; its stdout.
+    pub fn discovery_cli(&self, args: &[&str]) -> Result<String> {
+        discovery_cli(&self.config, args)
+    }
+
+    /// A fresh join token for `node`.
+    pub fn join_token(&self, node: &str) -> Result<String> {
+        Ok(self
+            .discovery_cli(&["token", "create", "--node", node])?
+            .trim()
+            .to_string())
     }
 
     /// Write (or replace, atomically) a registry file.
@@ -144,13 +207,24 @@ impl Mesh {
         let admin = SocketAddr::new(ip, free_port(ip));
         let health = SocketAddr::new(ip, free_port(ip));
         let config = dir.join("agent.toml");
+        let security = if self.secure {
+            let token = dir.join("token");
+            fs::write(&token, self.join_token(node)?)?;
+            format!(
+                "token_file = \"{}\"\nca_file = \"{}\"\ntrust_domain = \"pilotfish.local\"",
+                token.display(),
+                self.ca_file.display()
+            )
+        } else {
+            "insecure = true".to_string()
+        };
         fs::write(
             &config,
             format!(
                 r#"node = "{node}"
 address = "{ip}"
 discovery = ["{grpc}"]
-insecure = true
+{security}
 outbound = "{outbound}"
 app_address = "{ip}"
 mesh_port = {mesh_port}
@@ -248,6 +322,22 @@ xds = "{xds}"
     pub fn path(&self, rel: &str) -> PathBuf {
         Path::new(&self.dir).join(rel)
     }
+}
+
+fn discovery_cli(config: &Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(binary("pilotfish-discovery")?)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "pilotfish-discovery {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
 fn tail(s: &str) -> &str {

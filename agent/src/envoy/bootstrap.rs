@@ -3,7 +3,10 @@
 //! Envoy learns who it is (`node`, with the metadata keys discovery reads, see
 //! `pilotfish-discovery`'s `proxy.rs`), where its admin listens, and one static cluster,
 //! `pilotfish-xds`, that reaches the agent's xDS proxy over a Unix socket with HTTP/2. Everything
-//! else (listeners, clusters, routes, endpoints) arrives over ADS through that cluster.
+//! else (listeners, clusters, routes, endpoints) arrives over ADS through that cluster. A second
+//! static cluster, `pilotfish-sds`, reaches the agent's SDS server (`run_dir/sds.sock`) the same
+//! way; the TLS contexts discovery sends name their secrets there, so certificates never appear
+//! in listeners or clusters.
 
 use std::path::Path;
 
@@ -13,6 +16,8 @@ use crate::config::{AgentConfig, XdsFlavor};
 
 /// The static cluster through which Envoy reaches the agent's xDS proxy.
 pub const XDS_CLUSTER: &str = "pilotfish-xds";
+/// The static cluster through which Envoy reaches the agent's SDS server.
+pub const SDS_CLUSTER: &str = "pilotfish-sds";
 /// Envoy `node.cluster` for every agent-managed proxy.
 pub const NODE_CLUSTER: &str = "pilotfish";
 
@@ -49,32 +54,10 @@ pub fn bootstrap(config: &AgentConfig, xds_socket: &Path) -> Value {
             },
         },
         "static_resources": {
-            "clusters": [{
-                "name": XDS_CLUSTER,
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {
-                    "cluster_name": XDS_CLUSTER,
-                    "endpoints": [{
-                        "lb_endpoints": [{
-                            "endpoint": {
-                                "address": { "pipe": { "path": xds_socket.to_string_lossy() } },
-                            },
-                        }],
-                    }],
-                },
-                "typed_extension_protocol_options": {
-                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                        "explicit_http_config": {
-                            "http2_protocol_options": {
-                                // Detects a dead agent end of the socket (xDS checklist b.7).
-                                "connection_keepalive": { "interval": "30s", "timeout": "10s" },
-                            },
-                        },
-                    },
-                },
-            }],
+            "clusters": [
+                uds_cluster(XDS_CLUSTER, xds_socket),
+                uds_cluster(SDS_CLUSTER, &config.sds_socket()),
+            ],
         },
         "dynamic_resources": {
             "ads_config": {
@@ -85,6 +68,36 @@ pub fn bootstrap(config: &AgentConfig, xds_socket: &Path) -> Value {
             },
             "cds_config": { "ads": {}, "resource_api_version": "V3" },
             "lds_config": { "ads": {}, "resource_api_version": "V3" },
+        },
+    })
+}
+
+/// A static cluster that speaks HTTP/2 (gRPC) to one of the agent's Unix sockets.
+fn uds_cluster(name: &str, socket: &Path) -> Value {
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{
+                "lb_endpoints": [{
+                    "endpoint": {
+                        "address": { "pipe": { "path": socket.to_string_lossy() } },
+                    },
+                }],
+            }],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        // Detects a dead agent end of the socket (xDS checklist b.7).
+                        "connection_keepalive": { "interval": "30s", "timeout": "10s" },
+                    },
+                },
+            },
         },
     })
 }
@@ -132,6 +145,64 @@ mod tests {
         assert_eq!(b["dynamic_resources"]["ads_config"]["api_type"], "GRPC");
     }
 
+    fn sds_secret(name: &str) -> Value {
+        json!({
+            "name": name,
+            "sds_config": {
+                "api_config_source": {
+                    "api_type": "GRPC",
+                    "transport_api_version": "V3",
+                    "grpc_services": [{ "envoy_grpc": { "cluster_name": SDS_CLUSTER } }],
+                },
+                "resource_api_version": "V3",
+            },
+        })
+    }
+
+    fn sds_listener() -> Value {
+        json!({
+            "name": "mesh",
+            "address": { "socket_address": { "address": "127.0.0.1", "port_value": 15006 } },
+            "filter_chains": [{
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                        "require_client_certificate": true,
+                        "common_tls_context": {
+                            "tls_certificate_sds_secret_configs": [sds_secret("service/reviews")],
+                            "validation_context_sds_secret_config": sds_secret("roots"),
+                        },
+                    },
+                },
+                "filters": [{
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "mesh",
+                        "cluster": XDS_CLUSTER,
+                    },
+                }],
+            }],
+        })
+    }
+
+    #[test]
+    fn sds_cluster_dials_the_sds_socket_over_http2() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = test_config(dir.path());
+        let b = bootstrap(&config, &config.xds_socket());
+        let sds = &b["static_resources"]["clusters"][1];
+        assert_eq!(sds["name"], SDS_CLUSTER);
+        let pipe = &sds["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            ["address"]["pipe"]["path"];
+        assert_eq!(pipe, &json!(config.sds_socket().to_string_lossy()));
+        assert!(sds["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+            ["http2_protocol_options"]
+            .is_object());
+    }
+
     /// Real Envoy accepts both flavours of the bootstrap (`--mode validate`).
     #[test]
     fn envoy_validates_the_bootstrap() {
@@ -149,8 +220,11 @@ mod tests {
             );
             let config = parse(&text, dir.path(), None).unwrap();
             let file = dir.path().join(format!("bootstrap-{flavour}.json"));
-            let json =
-                serde_json::to_vec_pretty(&bootstrap(&config, &config.xds_socket())).unwrap();
+            let mut doc = bootstrap(&config, &config.xds_socket());
+            // A listener whose TLS context names its secrets the way translation does, so
+            // Envoy checks that the SDS references resolve to the pilotfish-sds cluster.
+            doc["static_resources"]["listeners"] = json!([sds_listener()]);
+            let json = serde_json::to_vec_pretty(&doc).unwrap();
             std::fs::write(&file, json).unwrap();
             let out = std::process::Command::new(&envoy)
                 .args(["--mode", "validate", "--disable-hot-restart", "-c"])

@@ -2,13 +2,21 @@
 //! Envoy gets a fast answer, and a jittered exponential backoff shared by every stream so a
 //! discovery outage never turns into a dial loop (Envoy reconnects at least every 500 ms, the
 //! cache fallback probes in the background).
+//!
+//! In secure mode every connection is TLS: discovery's certificate is verified against the mesh
+//! roots and the name `discovery.<trust_domain>`, and the node certificate is the client
+//! identity. The identity manager publishes those settings on a `watch` channel and replaces
+//! them after each renewal; every dial reads the current ones, so each new stream uses the
+//! newest certificate. Until the host has enrolled there are none, and dials fail (the relay
+//! serves Envoy from its cache meanwhile).
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use rand::Rng;
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::debug;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -75,17 +83,41 @@ impl Default for DialBackoff {
     }
 }
 
+/// How the relay reaches discovery.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// `insecure = true`: plaintext h2, no authentication.
+    Plaintext,
+    /// mTLS with the current settings; `None` until the host has a node certificate.
+    Tls(watch::Receiver<Option<ClientTlsConfig>>),
+}
+
 #[derive(Debug)]
 pub struct Upstream {
     addrs: Vec<String>,
+    transport: Transport,
     backoff: Mutex<DialBackoff>,
+    /// Tracks which TLS settings the last dial saw, so that new ones (enrolment, renewal,
+    /// a new root) clear the backoff and the next dial happens at once.
+    tls_seen: Option<Mutex<watch::Receiver<Option<ClientTlsConfig>>>>,
 }
 
 impl Upstream {
+    /// A plaintext upstream (`insecure = true`, and tests).
     pub fn new(addrs: Vec<String>, backoff: DialBackoff) -> Self {
+        Self::with_transport(addrs, Transport::Plaintext, backoff)
+    }
+
+    pub fn with_transport(addrs: Vec<String>, transport: Transport, backoff: DialBackoff) -> Self {
+        let tls_seen = match &transport {
+            Transport::Plaintext => None,
+            Transport::Tls(rx) => Some(Mutex::new(rx.clone())),
+        };
         Upstream {
             addrs,
+            transport,
             backoff: Mutex::new(backoff),
+            tls_seen,
         }
     }
 
@@ -96,8 +128,38 @@ impl Upstream {
         f(&mut guard)
     }
 
+    /// Whether the TLS settings changed since the last call; a change clears the backoff.
+    fn tls_changed(&self) -> bool {
+        let Some(seen) = &self.tls_seen else {
+            return false;
+        };
+        let mut rx = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let changed = rx.has_changed().unwrap_or(false);
+        if changed {
+            rx.mark_unchanged();
+            self.with_backoff(DialBackoff::succeeded);
+        }
+        changed
+    }
+
+    /// Resolves when the TLS settings change (never for plaintext).
+    async fn tls_change(&self) {
+        let rx = self
+            .tls_seen
+            .as_ref()
+            .map(|seen| seen.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        let Some(mut rx) = rx else {
+            return std::future::pending().await;
+        };
+        if rx.changed().await.is_err() {
+            // The manager is gone; nothing will change any more.
+            std::future::pending::<()>().await;
+        }
+    }
+
     /// Connects to the first reachable replica, unless the backoff says not yet.
     pub async fn dial(&self) -> Result<Channel, DialError> {
+        self.tls_changed();
         let wait = self.with_backoff(|b| b.wait(Instant::now()));
         if !wait.is_zero() {
             return Err(DialError::BackingOff(wait));
@@ -106,9 +168,22 @@ impl Upstream {
     }
 
     async fn dial_now(&self) -> Result<Channel, DialError> {
+        let tls = match &self.transport {
+            Transport::Plaintext => None,
+            Transport::Tls(rx) => match rx.borrow().clone() {
+                Some(tls) => Some(tls),
+                None => {
+                    let delay = self.with_backoff(|b| b.failed(Instant::now()));
+                    return Err(DialError::Unreachable(
+                        "this host has no node certificate yet (enrolment pending)".into(),
+                        delay,
+                    ));
+                }
+            },
+        };
         let mut errors = Vec::new();
         for addr in &self.addrs {
-            match connect(addr).await {
+            match connect(addr, tls.clone()).await {
                 Ok(channel) => {
                     debug!(discovery = %addr, "connected to discovery");
                     self.with_backoff(DialBackoff::succeeded);
@@ -130,8 +205,13 @@ impl Upstream {
     /// Waits, honouring the backoff, until a replica accepts a connection.
     pub async fn wait_reachable(&self) -> Channel {
         loop {
+            self.tls_changed();
             let wait = self.with_backoff(|b| b.wait(Instant::now()));
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                // New settings: dial now instead of waiting out the backoff.
+                _ = self.tls_change() => continue,
+            }
             match self.dial_now().await {
                 Ok(channel) => return channel,
                 Err(e) => debug!(error = %e, "discovery still unreachable"),
@@ -140,8 +220,17 @@ impl Upstream {
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = Endpoint::from_shared(format!("http://{addr}"))?
+/// Connects to one replica: TLS when `tls` is given (the `https` scheme is what makes tonic use
+/// it), plaintext otherwise.
+pub async fn connect(
+    addr: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<Channel, Box<dyn std::error::Error + Send + Sync>> {
+    let endpoint = match tls {
+        Some(tls) => Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?,
+        None => Endpoint::from_shared(format!("http://{addr}"))?,
+    };
+    let endpoint = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
@@ -192,6 +281,25 @@ mod tests {
         assert!(b.failed(now) >= Duration::from_secs(15));
         b.succeeded();
         assert_eq!(b.wait(now), Duration::ZERO);
+    }
+
+    #[tokio::test]
+    async fn no_identity_means_no_dial_and_new_tls_settings_clear_the_backoff() {
+        let (tx, rx) = watch::channel(None);
+        let port = crate::testutil::free_port();
+        let up = Upstream::with_transport(
+            vec![format!("127.0.0.1:{port}")],
+            Transport::Tls(rx),
+            DialBackoff::default(),
+        );
+        let Err(DialError::Unreachable(msg, _)) = up.dial().await else {
+            panic!("dialled without a node certificate")
+        };
+        assert!(msg.contains("no node certificate"), "{msg}");
+        assert!(matches!(up.dial().await, Err(DialError::BackingOff(_))));
+        tx.send_replace(Some(ClientTlsConfig::new()));
+        // Not backing off any more: the dial is attempted (and refused by the closed port).
+        assert!(matches!(up.dial().await, Err(DialError::Unreachable(..))));
     }
 
     #[tokio::test]

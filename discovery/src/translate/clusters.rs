@@ -1,5 +1,7 @@
 //! Services -> clusters: outbound ones (per service and per subset, with their endpoint
-//! assignments) and the inbound one that leads to a local app.
+//! assignments) and the inbound one that leads to a local app. With mTLS, outbound clusters
+//! reach mesh instances over TLS (see [`super::tls`]); inbound ones stay plaintext (the app is
+//! local).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig, LbPolicy},
     Cluster,
 };
-use envoy_types::pb::envoy::config::core::v3::{Http2ProtocolOptions, TransportSocket};
+use envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions;
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options::{
@@ -19,6 +21,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 use pilotfish_registries::model::{Catalog, Instance, LoadBalancer, Service};
 
 use super::endpoints::{lb_endpoint, load_assignment};
+use super::tls::{secure_cluster, ClientTls};
 use super::{ads, any, duration, inbound_name, outbound_name, subset_name};
 use crate::proxy::Proxy;
 use crate::xds::resource::Resource;
@@ -27,10 +30,31 @@ const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// The outbound clusters of `svc` (whole service, then each subset) and the endpoint
-/// assignments of those that use EDS.
+/// assignments of those that use EDS. `tls` is set when the mesh runs with mTLS: mesh
+/// instances are then reached over TLS as its client identity. The assignments do not depend
+/// on the client identity, only on whether there is one.
 pub(super) fn outbound(
     catalog: &Catalog,
     svc: &Service,
+    tls: Option<&ClientTls<'_>>,
+) -> (Vec<Arc<Resource>>, Vec<Arc<Resource>>) {
+    build_outbound(catalog, svc, tls, true)
+}
+
+/// The outbound clusters of `svc` alone, as `tls`'s client identity reaches them.
+pub(super) fn outbound_clusters(
+    catalog: &Catalog,
+    svc: &Service,
+    tls: &ClientTls<'_>,
+) -> Vec<Arc<Resource>> {
+    build_outbound(catalog, svc, Some(tls), false).0
+}
+
+fn build_outbound(
+    catalog: &Catalog,
+    svc: &Service,
+    tls: Option<&ClientTls<'_>>,
+    with_endpoints: bool,
 ) -> (Vec<Arc<Resource>>, Vec<Arc<Resource>>) {
     // EDS carries IP addresses only; a DNS name needs a cluster that resolves it.
     let dns = svc
@@ -51,9 +75,11 @@ pub(super) fn outbound(
     let mut clusters = Vec::with_capacity(targets.len());
     let mut endpoints = Vec::new();
     for (name, members) in targets {
-        let assignment = load_assignment(&name, members);
+        let assignment = load_assignment(&name, members, tls.is_some());
         let mut cluster = base(catalog, svc, &name);
-        cluster.transport_socket = transport_socket(svc);
+        if let Some(tls) = tls {
+            secure_cluster(&mut cluster, svc, tls);
+        }
         if dns {
             cluster.cluster_discovery_type =
                 Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32));
@@ -66,7 +92,9 @@ pub(super) fn outbound(
                 eds_config: Some(ads()),
                 service_name: name.clone(),
             });
-            endpoints.push(Resource::encode(name.clone(), &assignment));
+            if with_endpoints {
+                endpoints.push(Resource::encode(name.clone(), &assignment));
+            }
         }
         clusters.push(Resource::encode(name, &cluster));
     }
@@ -133,10 +161,4 @@ fn base(catalog: &Catalog, svc: &Service, name: &str) -> Cluster {
             [(HTTP_PROTOCOL_OPTIONS.to_string(), any(&options))].into();
     }
     cluster
-}
-
-/// The transport to a peer's mesh port (mTLS comes with the identity issue); plaintext now.
-/// Inbound clusters talk to the local app and stay plaintext.
-fn transport_socket(_svc: &Service) -> Option<TransportSocket> {
-    None
 }

@@ -14,28 +14,36 @@ use envoy_types::pb::google::protobuf::{value::Kind, Any, Struct, UInt32Value, V
 use pilotfish_registries::model::{Instance, Labels};
 use prost::Message;
 
+use super::tls::mark_mesh_endpoint;
+
 /// The `typed_filter_metadata` key our labels live under.
 pub const METADATA_KEY: &str = "pilotfish";
 
 /// The assignment for `cluster_name`: every given instance at the address peers reach it by.
+/// With `mtls`, mesh instances are marked for the cluster's `transport_socket_matches`.
 pub(super) fn load_assignment<'a>(
     cluster_name: &str,
     instances: impl IntoIterator<Item = &'a Instance>,
+    mtls: bool,
 ) -> ClusterLoadAssignment {
     // BTreeMap: localities in a stable order, the unknown locality first.
     let mut by_locality: BTreeMap<Option<&str>, Vec<LbEndpoint>> = BTreeMap::new();
     for instance in instances {
         let (host, port) = instance.target();
+        let mut endpoint = lb_endpoint(
+            host,
+            port,
+            instance.weight,
+            instance.healthy,
+            &instance.labels,
+        );
+        if mtls {
+            mark_mesh_endpoint(&mut endpoint.metadata, instance);
+        }
         by_locality
             .entry(instance.locality.as_deref())
             .or_default()
-            .push(lb_endpoint(
-                host,
-                port,
-                instance.weight,
-                instance.healthy,
-                &instance.labels,
-            ));
+            .push(endpoint);
     }
     ClusterLoadAssignment {
         cluster_name: cluster_name.to_string(),

@@ -25,7 +25,17 @@
 //! | listener | `outbound\|<svc>` | TCP services: binds `outbound.ip():service.port`, tcp_proxy |
 //! | listener | `inbound` | binds `address:mesh_port`; HTTP, RDS `inbound` (only with local HTTP services) |
 //! | route | `outbound` | one virtual host per HTTP service in scope |
-//! | route | `inbound` | one virtual host per local HTTP service |
+//! | route | `inbound` | one virtual host per local HTTP service (with mTLS: per local permissive HTTP service) |
+//!
+//! # mTLS
+//!
+//! [`Shared::build_with`] takes [`Settings`]; with `mtls` on, outbound clusters reach mesh
+//! instances over TLS (names, secrets and SNI in [`tls`]), the `inbound` listener picks a filter
+//! chain per local service by SNI (layout in [`listeners`]), local TCP services get an inbound
+//! cluster and chain too, and authorizations become RBAC filters ([`rbac`]). Outbound clusters
+//! then carry the client certificate of the proxy's node, so they are encoded once per client
+//! identity and scope (proxies that present the node certificate share the scope's clusters).
+//! With `mtls` off the output is exactly that of a mesh without mTLS.
 //!
 //! Virtual hosts are named after the service, with domains `svc`, `svc:port`, `svc.mesh` and
 //! `svc.mesh:port`. A service whose instances include a DNS name (not an IP address) gets
@@ -47,9 +57,11 @@ mod clusters;
 mod endpoints;
 mod incremental;
 mod listeners;
+mod rbac;
 mod routes;
 #[cfg(test)]
 mod tests;
+mod tls;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -67,6 +79,10 @@ use crate::xds::resource::{self, Resource, ResourceMap};
 
 pub use endpoints::labels_metadata;
 pub use incremental::{endpoint_change, EndpointChange};
+pub use tls::{
+    client_secret, node_id, service_id, service_secret, sni, Settings, NODE_SECRET, ROOTS_SECRET,
+    SDS_CLUSTER,
+};
 
 /// What one proxy receives, by type.
 #[derive(Debug, Clone, Default)]
@@ -140,6 +156,10 @@ pub struct Shared {
     all: Arc<Scoped>,
     scopes: Mutex<HashMap<BTreeSet<String>, Arc<Scoped>>>,
     proxies: Mutex<HashMap<Proxy, CachedProxy>>,
+    settings: Arc<Settings>,
+    /// With mTLS: a scope's outbound clusters as a client identity other than the node's
+    /// presents itself (`services` holds them as [`NODE_SECRET`]), by (secret, scope).
+    client_clusters: Mutex<HashMap<(String, ScopeKey), Arc<ResourceMap>>>,
 }
 
 /// A proxy's resources and the scope they were cut from, so an endpoint-only change can swap
@@ -151,12 +171,22 @@ struct CachedProxy {
 }
 
 impl Shared {
+    /// [`Shared::build_with`] the default (insecure, plaintext) settings.
     pub fn build(catalog: Arc<Catalog>) -> Shared {
+        Shared::build_with(catalog, Arc::new(Settings::default()))
+    }
+
+    pub fn build_with(catalog: Arc<Catalog>, settings: Arc<Settings>) -> Shared {
+        let node_tls = tls::ClientTls {
+            settings: &settings,
+            secret: NODE_SECRET,
+        };
+        let tls = settings.mtls.then_some(&node_tls);
         let services: BTreeMap<String, Arc<ServiceOutbound>> = catalog
             .services
             .values()
             .map(|svc| {
-                let (clusters, endpoints) = clusters::outbound(&catalog, svc);
+                let (clusters, endpoints) = clusters::outbound(&catalog, svc, tls);
                 let vhost = svc
                     .protocol
                     .is_http()
@@ -178,15 +208,22 @@ impl Shared {
             all,
             scopes: Mutex::new(HashMap::new()),
             proxies: Mutex::new(HashMap::new()),
+            settings,
+            client_clusters: Mutex::new(HashMap::new()),
         }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
     }
 
     pub fn for_proxy(&self, proxy: &Proxy) -> ProxyResources {
         if let Some(done) = lock(&self.proxies).get(proxy) {
             return done.resources.clone();
         }
-        let scoped = self.scoped(scope_of(&self.catalog, &proxy.node));
-        let resources = self.per_proxy(proxy, &scoped);
+        let key = scope_of(&self.catalog, &proxy.node);
+        let scoped = self.scoped(key.clone());
+        let resources = self.per_proxy(proxy, &scoped, &key);
         lock(&self.proxies)
             .entry(proxy.clone())
             .or_insert(CachedProxy { scoped, resources })
@@ -206,17 +243,62 @@ impl Shared {
         lock(&self.scopes).entry(names).or_insert(built).clone()
     }
 
-    fn per_proxy(&self, proxy: &Proxy, scoped: &Scoped) -> ProxyResources {
+    /// With mTLS, the outbound clusters of scope `key` as `secret` presents itself.
+    fn client_clusters(&self, secret: &str, key: &ScopeKey, scoped: &Scoped) -> Arc<ResourceMap> {
+        if secret == NODE_SECRET {
+            return scoped.clusters.clone();
+        }
+        let memo_key = (secret.to_string(), key.clone());
+        if let Some(found) = lock(&self.client_clusters).get(&memo_key) {
+            return found.clone();
+        }
+        let client = tls::ClientTls {
+            settings: &self.settings,
+            secret,
+        };
+        let mut clusters = ResourceMap::new();
+        let in_scope = self
+            .catalog
+            .services
+            .values()
+            .filter(|s| key.as_ref().is_none_or(|n| n.contains(&s.name)));
+        for svc in in_scope {
+            // Plaintext clusters do not depend on the client: the node's `Arc`s serve.
+            let encoded = match (tls::mesh_kind(svc), self.services.get(&svc.name)) {
+                (tls::MeshKind::None, Some(shared)) => shared.clusters.clone(),
+                _ => clusters::outbound_clusters(&self.catalog, svc, &client),
+            };
+            for c in encoded {
+                clusters.insert(c.name.clone(), c);
+            }
+        }
+        // Built outside the lock, like scopes.
+        lock(&self.client_clusters)
+            .entry(memo_key)
+            .or_insert(Arc::new(clusters))
+            .clone()
+    }
+
+    fn per_proxy(&self, proxy: &Proxy, scoped: &Scoped, key: &ScopeKey) -> ProxyResources {
+        let mtls = self.settings.mtls;
+        // Without mTLS the mesh port serves HTTP only (a TCP stream cannot name its service);
+        // with it, SNI names the service, TCP included.
         let local: Vec<_> = self
             .catalog
             .services_on_node(&proxy.node)
-            .filter(|s| s.protocol.is_http())
+            .filter(|s| mtls || s.protocol.is_http())
             .collect();
 
-        let clusters = if local.is_empty() {
-            scoped.clusters.clone()
+        let outbound_clusters = if mtls {
+            let secret = tls::client_secret(&self.catalog, &proxy.node);
+            self.client_clusters(&secret, key, scoped)
         } else {
-            let mut clusters = ResourceMap::clone(&scoped.clusters);
+            scoped.clusters.clone()
+        };
+        let clusters = if local.is_empty() {
+            outbound_clusters
+        } else {
+            let mut clusters = ResourceMap::clone(&outbound_clusters);
             for svc in &local {
                 let cluster = clusters::inbound(&self.catalog, svc, proxy);
                 clusters.insert(cluster.name.clone(), cluster);
@@ -227,18 +309,25 @@ impl Shared {
         let mut listeners = ResourceMap::new();
         let mut routes = ResourceMap::new();
         let mut bound = vec![proxy.outbound];
-        let outbound = listeners::outbound(proxy);
+        let outbound = listeners::outbound(proxy, &self.settings);
         listeners.insert(outbound.name.clone(), outbound);
         routes.insert(OUTBOUND.to_string(), scoped.outbound_route.clone());
         if !local.is_empty() {
             let addr = SocketAddr::new(proxy.address, proxy.mesh_port);
-            if claim(&mut bound, addr) {
+            if !claim(&mut bound, addr) {
+                tracing::warn!(node = %proxy.node, %addr, "mesh port collides with the outbound listener; no inbound listener");
+            } else if mtls {
+                let (inbound, route) =
+                    listeners::inbound_mtls(&self.catalog, proxy, &local, &self.settings);
+                listeners.insert(inbound.name.clone(), inbound);
+                if let Some(route) = route {
+                    routes.insert(route.name.clone(), route);
+                }
+            } else {
                 let inbound = listeners::inbound(proxy);
                 listeners.insert(inbound.name.clone(), inbound);
                 let route = routes::inbound(&local);
                 routes.insert(route.name.clone(), route);
-            } else {
-                tracing::warn!(node = %proxy.node, %addr, "mesh port collides with the outbound listener; no inbound listener");
             }
         }
         for (service, port) in &scoped.tcp {

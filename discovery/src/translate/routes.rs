@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, 
 use envoy_types::pb::google::protobuf::UInt32Value;
 use pilotfish_registries::model::{self, Catalog, Service};
 
+use super::rbac::{self, Policies};
 use super::{duration, inbound_name, outbound_name, subset_name, INBOUND};
 use crate::xds::resource::Resource;
 
@@ -92,21 +93,59 @@ pub(super) fn outbound_vhost(catalog: &Catalog, svc: &Service) -> VirtualHost {
 pub(super) fn inbound(local: &[&Service]) -> Arc<Resource> {
     let vhosts = local
         .iter()
-        .map(|svc| VirtualHost {
-            name: svc.name.clone(),
-            domains: domains(svc),
-            routes: vec![Route {
-                r#match: Some(prefix("/")),
-                action: Some(Action::Route(RouteAction {
-                    cluster_specifier: Some(ClusterSpecifier::Cluster(inbound_name(&svc.name))),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
-            ..Default::default()
+        .map(|svc| inbound_vhost(svc, domains(svc)))
+        .collect();
+    route_config(INBOUND, vhosts)
+}
+
+/// The `inbound` route configuration of the mesh port's plaintext chain (mTLS on; permissive
+/// services only), with each service's RBAC rules: the deny rules on the virtual host and the
+/// allow rules on its route, so that each `typed_per_filter_config` map holds one entry.
+pub(super) fn inbound_plaintext(local: &[(&Service, Policies)]) -> Arc<Resource> {
+    let vhosts = local
+        .iter()
+        .map(|(svc, policies)| {
+            let mut vh = inbound_vhost(svc, domains(svc));
+            if let Some(deny) = &policies.deny {
+                vh.typed_per_filter_config =
+                    [(rbac::DENY_FILTER.to_string(), rbac::per_route(deny))].into();
+            }
+            if let Some(allow) = &policies.allow {
+                for route in &mut vh.routes {
+                    route.typed_per_filter_config =
+                        [(rbac::ALLOW_FILTER.to_string(), rbac::per_route(allow))].into();
+                }
+            }
+            vh
         })
         .collect();
     route_config(INBOUND, vhosts)
+}
+
+/// The inline route configuration `inbound|<svc>` of the service's TLS chain on the mesh port:
+/// SNI already chose the service, so every Host goes to its `inbound|<svc>` cluster.
+pub(super) fn inbound_chain(svc: &Service) -> RouteConfiguration {
+    RouteConfiguration {
+        name: inbound_name(&svc.name),
+        virtual_hosts: vec![inbound_vhost(svc, vec!["*".to_string()])],
+        ..Default::default()
+    }
+}
+
+fn inbound_vhost(svc: &Service, domains: Vec<String>) -> VirtualHost {
+    VirtualHost {
+        name: svc.name.clone(),
+        domains,
+        routes: vec![Route {
+            r#match: Some(prefix("/")),
+            action: Some(Action::Route(RouteAction {
+                cluster_specifier: Some(ClusterSpecifier::Cluster(inbound_name(&svc.name))),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 /// A route configuration. Envoy rejects a domain that appears in two virtual hosts (`foo.mesh`

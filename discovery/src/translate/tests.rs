@@ -65,6 +65,7 @@ fn service(name: &str, port: u16, upstreams: Option<&[&str]>, instances: Vec<Ins
         port,
         upstreams: upstreams.map(|u| u.iter().map(|s| s.to_string()).collect()),
         instances,
+        mtls: Default::default(),
         origin: Default::default(),
     }
 }
@@ -672,3 +673,6 @@ fn memoized_per_proxy() {
     let l: Listener = decode(&c.listeners, "outbound");
     assert_eq!(socket(&l.address), ("127.0.0.2".into(), 15001));
 }
+
+#[path = "mtls_tests.rs"]
+mod mtls;

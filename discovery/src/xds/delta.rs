@@ -35,6 +35,8 @@ struct TypeState {
     always_respond: bool,
     /// The client has sent a request of this type.
     requested: bool,
+    /// `system_version_info` of the last response.
+    last_version: String,
 }
 
 #[derive(Debug)]
@@ -132,7 +134,19 @@ impl DeltaState {
                     .cloned(),
             );
         }
-        self.respond(&type_url, first, &mut step);
+        // A bare ACK or NACK changes nothing the client should hold (pushes keep its holdings
+        // current), so it is not worth walking every name it holds.
+        let bare = !first
+            && req.resource_names_subscribe.is_empty()
+            && req.resource_names_unsubscribe.is_empty()
+            && req.initial_resource_versions.is_empty()
+            && self
+                .types
+                .get(&type_url)
+                .is_some_and(|s| s.force.is_empty());
+        if !bare {
+            self.respond(&type_url, first, &mut step);
+        }
         if type_url == resource::CLUSTER {
             self.respond_forced(resource::ENDPOINT, &mut step);
         }
@@ -140,13 +154,29 @@ impl DeltaState {
     }
 
     /// New resources for the proxy: send what changed for every requested type, in push order.
+    ///
+    /// The work is proportional to what changed: a type whose map is the same `Arc` as before
+    /// (and with nothing forced) is skipped, and otherwise only the names that differ between
+    /// the two maps (a diff shared by every stream) and the forced ones are looked at. Between
+    /// requests, what the client holds matches the old map for every covered name, so no
+    /// other name can need sending.
     pub fn on_resources(&mut self, resources: ProxyResources) -> Step<DeltaDiscoveryResponse> {
-        self.resources = resources;
+        let previous = std::mem::replace(&mut self.resources, resources);
         let mut step = Step::default();
         for type_url in PUSH_ORDER {
-            if self.types.get(type_url).is_some_and(|s| s.requested) {
-                self.respond(type_url, false, &mut step);
+            let Some(state) = self.types.get(type_url).filter(|s| s.requested) else {
+                continue;
+            };
+            let (Some(old), Some(new)) =
+                (previous.of_type(type_url), self.resources.of_type(type_url))
+            else {
+                continue;
+            };
+            if Arc::ptr_eq(old, new) && state.force.is_empty() {
+                continue;
             }
+            let changed = resource::changed_names(old, new);
+            self.respond_to(type_url, false, Some(&changed), &mut step);
         }
         step
     }
@@ -165,16 +195,33 @@ impl DeltaState {
     /// Sends the difference between what the client holds and what it should hold. `always`
     /// sends even an empty response (the first request of a type must be answered).
     fn respond(&mut self, type_url: &str, always: bool, step: &mut Step<DeltaDiscoveryResponse>) {
+        self.respond_to(type_url, always, None, step);
+    }
+
+    /// [`DeltaState::respond`], looking only at `changed` (and forced) names when given: those
+    /// whose resource changed since the client's holdings were last brought up to date.
+    fn respond_to(
+        &mut self,
+        type_url: &str,
+        always: bool,
+        changed: Option<&[String]>,
+        step: &mut Step<DeltaDiscoveryResponse>,
+    ) {
         let empty: Arc<ResourceMap> = Arc::default();
         let all = self.resources.of_type(type_url).unwrap_or(&empty).clone();
         let Some(state) = self.types.get_mut(type_url) else {
             return;
         };
-        let mut candidates: BTreeSet<String> = state.sub.names.clone();
-        candidates.extend(state.held.keys().cloned());
-        candidates.extend(state.force.iter().cloned());
-        if state.sub.wildcard {
-            candidates.extend(all.keys().cloned());
+        let mut candidates: BTreeSet<String> = state.force.clone();
+        match changed {
+            Some(names) => candidates.extend(names.iter().cloned()),
+            None => {
+                candidates.extend(state.sub.names.iter().cloned());
+                candidates.extend(state.held.keys().cloned());
+                if state.sub.wildcard {
+                    candidates.extend(all.keys().cloned());
+                }
+            }
         }
         let force = std::mem::take(&mut state.force);
 
@@ -212,8 +259,14 @@ impl DeltaState {
 
         self.nonce_counter += 1;
         let nonce = self.nonce_counter.to_string();
-        let version =
-            resource::versions_hash(state.held.iter().map(|(n, v)| (n.as_str(), v.as_str())));
+        // Debugging only (b.5): chained from the last one with what this response changes, so
+        // a push costs what it sends, not what the client holds.
+        let version = resource::versions_hash(
+            std::iter::once(("", state.last_version.as_str()))
+                .chain(send.iter().map(|r| (r.name.as_str(), r.version.as_str())))
+                .chain(removed.iter().map(|n| (n.as_str(), ""))),
+        );
+        state.last_version.clone_from(&version);
         state.pending.push_back((nonce.clone(), version.clone()));
         if state.pending.len() > PENDING_NONCES {
             state.pending.pop_front();

@@ -17,11 +17,14 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::service::Routes;
+use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, info_span, warn, Instrument};
 
@@ -31,6 +34,7 @@ use super::metrics::XdsMetrics;
 use super::resource::short_name;
 use super::sotw::SotwState;
 use super::{Event, ProtocolError, Step};
+use crate::identity::PeerAuth;
 use crate::mesh::MeshSnapshot;
 use crate::proxy::Proxy;
 use crate::translate::ProxyResources;
@@ -48,6 +52,9 @@ pub struct AdsOptions {
     pub send_timeout: Duration,
     /// Streams are closed after this long so clients rebalance across replicas.
     pub max_connection_age: Duration,
+    /// Who may open a stream: `Some` requires a node client certificate and binds the stream to
+    /// that node; `None` is insecure mode (anyone, as any node; logged on every stream).
+    pub auth: Option<PeerAuth>,
 }
 
 impl Default for AdsOptions {
@@ -56,6 +63,7 @@ impl Default for AdsOptions {
             control_plane: "pilotfish-discovery".into(),
             send_timeout: Duration::from_secs(30),
             max_connection_age: Duration::from_secs(30 * 60),
+            auth: None,
         }
     }
 }
@@ -80,6 +88,7 @@ impl AdsServer {
                 metrics,
                 control_plane: options.control_plane.into(),
                 send_timeout: options.send_timeout,
+                auth: options.auth,
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             },
@@ -93,6 +102,27 @@ impl AdsServer {
         listener: TcpListener,
         shutdown: CancellationToken,
     ) -> Result<(), tonic::transport::Error> {
+        self.serve(
+            TcpListenerStream::new(listener),
+            Routes::default(),
+            shutdown,
+        )
+        .await
+    }
+
+    /// [`AdsServer::run`] on connections from `incoming` (TLS streams in secure mode), with the
+    /// gRPC services in `routes` (the identity service) on the same port.
+    pub async fn serve<I, IO, IE>(
+        self,
+        incoming: I,
+        routes: Routes,
+        shutdown: CancellationToken,
+    ) -> Result<(), tonic::transport::Error>
+    where
+        I: futures::Stream<Item = Result<IO, IE>>,
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let mut service = self.service;
         service.shutdown = shutdown.clone();
         let tracker = service.tracker.clone();
@@ -103,11 +133,8 @@ impl AdsServer {
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .max_connection_age(self.max_connection_age)
-            .add_service(grpc)
-            .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
-                shutdown.cancelled_owned(),
-            )
+            .add_routes(routes.add_service(grpc))
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await;
         tracker.close();
         tracker.wait().await;
@@ -122,8 +149,22 @@ struct AdsService {
     metrics: Arc<XdsMetrics>,
     control_plane: Arc<str>,
     send_timeout: Duration,
+    auth: Option<PeerAuth>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+}
+
+impl AdsService {
+    /// The node a stream is bound to (from its client certificate), before anything is read.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Option<String>, Status> {
+        match &self.auth {
+            Some(auth) => auth.node("ads", request).map(Some),
+            None => {
+                warn!("INSECURE MODE: accepting an ADS stream without authentication");
+                Ok(None)
+            }
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -135,9 +176,11 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let bound = self.authorize(&request)?;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         self.tracker.spawn(serve_stream::<SotwState>(
             self.clone(),
+            bound,
             request.into_inner(),
             tx,
         ));
@@ -148,9 +191,11 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let bound = self.authorize(&request)?;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         self.tracker.spawn(serve_stream::<DeltaState>(
             self.clone(),
+            bound,
             request.into_inner(),
             tx,
         ));
@@ -214,8 +259,11 @@ impl StreamState for DeltaState {
 
 type Responses<S> = mpsc::Sender<Result<<S as StreamState>::Response, Status>>;
 
+/// `bound`: the node of the client certificate (secure mode); the first request's `node.id`
+/// must name it, and [`check_node`](super::check_node) keeps it fixed for the stream.
 async fn serve_stream<S: StreamState>(
     svc: AdsService,
+    bound: Option<String>,
     mut inbound: Streaming<S::Request>,
     tx: Responses<S>,
 ) {
@@ -230,6 +278,12 @@ async fn serve_stream<S: StreamState>(
             }
         },
     };
+    if let (Some(bound), Some(auth), Some(node)) = (&bound, &svc.auth, S::node(&first)) {
+        if node.id != *bound {
+            let _ = tx.send(Err(auth.node_mismatch(bound, &node.id))).await;
+            return;
+        }
+    }
     let proxy = match Proxy::from_node(S::node(&first)) {
         Ok(proxy) => proxy,
         Err(e) => {

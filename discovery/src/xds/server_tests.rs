@@ -31,6 +31,7 @@ fn catalog(services: &[&str]) -> Arc<Catalog> {
                     healthy: true,
                     locality: None,
                 }],
+                mtls: Default::default(),
                 origin: Origin::default(),
             },
         );

@@ -183,7 +183,7 @@ fn signs_a_good_csr_with_one_uri_san_and_a_short_ttl() {
         ca.sign_workload(
             &key.csr_pem(&id).unwrap(),
             &id,
-            Some(Duration::from_secs(5))
+            Some(Duration::from_secs(4))
         ),
         Err(CsrRejected::TtlTooShort)
     ));

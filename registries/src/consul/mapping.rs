@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use super::api::{CheckServiceNode, ServiceList};
-use crate::model::{Catalog, Instance, Labels, Origin, Protocol, Service};
+use crate::model::{Catalog, Instance, Labels, MtlsMode, Origin, Protocol, Service};
 
 /// Node meta marking a node whose services are fronted by a Pilotfish agent.
 pub const AGENT_META: &str = "pilotfish-agent";
@@ -277,6 +277,7 @@ pub fn build_catalog<'a>(
                 port,
                 upstreams: None,
                 instances,
+                mtls: MtlsMode::default(),
                 origin: Origin {
                     file: PathBuf::from(format!("consul://{}/{}", dcs.join(","), name)),
                     line: 0,

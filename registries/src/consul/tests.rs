@@ -642,7 +642,7 @@ async fn consul_one_change_costs_bounded_requests_with_1000_services() {
                 })
                 .unwrap(),
         }
-        r.until(what, 3 * SECOND, |c| match change {
+        r.until(what, 10 * SECOND, |c| match change {
             0 => c.services["svc-1"].instances.iter().any(|i| !i.healthy),
             1 => c.services["svc-2"].instances.len() == 11,
             _ => c.services["svc-2"].instances.len() == 10,

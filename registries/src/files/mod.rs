@@ -4,9 +4,9 @@
 //! Data flows scan -> parse -> merge/validate -> publish:
 //!
 //! - [`scan`] lists and reads the files (blocking I/O, on tokio's blocking pool);
-//! - [`parse`] (with [`rules`] for routes and policies) turns one file into declarations with
-//!   positions, checking what one file alone can get wrong; [`validate`] merges the declarations of all files and checks what needs
-//!   several;
+//! - [`parse`] (with [`rules`] for routes and policies, [`authz`] for authorizations) turns
+//!   one file into declarations with positions, checking what one file alone can get wrong;
+//!   [`validate`] merges the declarations of all files and checks what needs several;
 //! - [`state`] keeps the last good version of each file and decides which versions are in
 //!   force: bad input never replaces good state;
 //! - [`watch`] tells [`FileRegistry::run`] when to rescan.
@@ -14,7 +14,9 @@
 //! Problems are reported as `path:line:column: field: message`, logged when they first
 //! appear, and kept in [`FilesStatus`] for discovery's status API.
 
+mod authz;
 mod duration;
+mod overlay;
 mod parse;
 mod rules;
 mod scan;
@@ -32,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::model::Catalog;
+pub use overlay::{check_with, declared, Declared};
 pub use parse::is_valid_name;
 use state::{FileSet, Settled};
 

@@ -16,11 +16,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+pub(crate) use super::authz::AuthzDecl;
+use super::authz::RawAuthorization;
 use super::duration::parse_duration;
 pub(crate) use super::rules::{PolicyDecl, RouteDecl};
 use super::rules::{RawPolicy, RawRoute};
 use super::Problem;
-use crate::model::{Instance, Labels, Origin, Protocol, DEFAULT_MESH_PORT};
+use crate::model::{Instance, Labels, MtlsMode, Origin, Protocol, DEFAULT_MESH_PORT};
 
 /// Bound on an instance's weight and on the weights of one rule's destinations together, so
 /// that sums computed downstream stay far from `u32::MAX`.
@@ -40,6 +42,7 @@ pub(crate) struct FileDecls {
     pub services: BTreeMap<String, ServiceDecl>,
     pub routes: BTreeMap<String, RouteDecl>,
     pub policies: BTreeMap<String, PolicyDecl>,
+    pub authorizations: BTreeMap<String, AuthzDecl>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,6 +59,7 @@ pub(crate) struct ServiceDef {
     pub protocol: Protocol,
     pub port: u16,
     pub upstreams: Option<Vec<(String, Pos)>>,
+    pub mtls: MtlsMode,
     pub origin: Origin,
 }
 
@@ -76,6 +80,8 @@ struct RawFile {
     routes: BTreeMap<Spanned<String>, RawRoute>,
     #[serde(default)]
     policies: BTreeMap<Spanned<String>, RawPolicy>,
+    #[serde(default)]
+    authorization: BTreeMap<Spanned<String>, Spanned<RawAuthorization>>,
 }
 
 // Integers are read as i64 so that a port of 0 or 70000 gets our message naming the field,
@@ -86,6 +92,7 @@ struct RawService {
     protocol: Option<Spanned<String>>,
     port: Option<Spanned<i64>>,
     upstreams: Option<Vec<Spanned<String>>>,
+    mtls: Option<Spanned<String>>,
     #[serde(default)]
     instances: Vec<Spanned<RawInstance>>,
 }
@@ -134,6 +141,11 @@ pub(crate) fn parse_file(file: &Path, text: &str) -> Result<FileDecls, Vec<Probl
             .policies
             .into_iter()
             .map(|(name, raw)| cx.policy(name, raw))
+            .collect(),
+        authorizations: raw
+            .authorization
+            .into_iter()
+            .map(|(name, raw)| cx.authorization(name, raw))
             .collect(),
     };
     if cx.problems.is_empty() {
@@ -323,6 +335,13 @@ impl Context {
                     }),
                     None => Protocol::default(),
                 };
+                let mtls = match raw.mtls {
+                    Some(m) => m.get_ref().parse().unwrap_or_else(|message| {
+                        self.report(m.span(), &format!("{path}.mtls"), message);
+                        MtlsMode::default()
+                    }),
+                    None => MtlsMode::default(),
+                };
                 let upstreams = raw.upstreams.map(|list| {
                     let mut seen = BTreeSet::new();
                     let mut out = Vec::new();
@@ -344,6 +363,7 @@ impl Context {
                     protocol,
                     port: self.port(&port, &format!("{path}.port")),
                     upstreams,
+                    mtls,
                     origin: self.origin(name.span()),
                 })
             }
@@ -355,6 +375,9 @@ impl Context {
                 }
                 if raw.upstreams.is_some() {
                     self.report(name.span(), &format!("{path}.upstreams"), "set without port; a service's protocol, port and upstreams are set together, where it is defined");
+                }
+                if let Some(m) = &raw.mtls {
+                    self.report(m.span(), &format!("{path}.mtls"), "set without port; a service's protocol, port, upstreams and mtls are set together, where it is defined");
                 }
                 if raw.instances.is_empty() {
                     self.report(name.span(), &format!("{path}.port"), "missing (a service table sets the port that defines the service, or only adds instances)");

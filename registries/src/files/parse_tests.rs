@@ -310,3 +310,133 @@ fn names() {
     assert_eq!(key("reviews"), "reviews");
     assert_eq!(key("a.b"), "\"a.b\"");
 }
+
+const AUTHZ: &str = r#"
+[services.reviews]
+port = 9080
+mtls = "permissive"
+
+[[authorization.reviews.rules]]
+action = "deny"
+paths = ["/admin/*"]
+
+[[authorization.reviews.rules]]
+action = "allow"
+from = ["productpage", "ratings"]
+methods = ["GET", "HEAD"]
+paths = ["/reviews/*", "/health", "/*"]
+
+[[authorization.reviews.rules]]
+action = "allow"
+"#;
+
+#[test]
+fn parses_authorization_and_mtls() {
+    use crate::model::{AuthzAction, AuthzRule, MtlsMode, PathMatch};
+    let decls = parse(AUTHZ).expect("valid");
+    let def = decls.services["reviews"].def.as_ref().expect("defined");
+    assert_eq!(def.mtls, MtlsMode::Permissive);
+
+    let decl = &decls.authorizations["reviews"];
+    assert_eq!(decl.pos.line, 6);
+    let a = &decl.authorization;
+    assert_eq!(a.service, "reviews");
+    assert_eq!(a.origin.line, 6);
+    assert_eq!(a.rules.len(), 3);
+    assert_eq!(
+        a.rules[0],
+        AuthzRule {
+            action: AuthzAction::Deny,
+            from: vec![],
+            methods: vec![],
+            paths: vec![PathMatch::Prefix("/admin/".into())],
+            origin: Origin {
+                file: "reg/a.toml".into(),
+                line: 6
+            },
+        }
+    );
+    let allow = &a.rules[1];
+    assert_eq!(allow.action, AuthzAction::Allow);
+    assert_eq!(allow.from, ["productpage", "ratings"]);
+    assert_eq!(allow.methods, ["GET", "HEAD"]);
+    assert_eq!(
+        allow.paths,
+        [
+            PathMatch::Prefix("/reviews/".into()),
+            PathMatch::Exact("/health".into()),
+            PathMatch::Prefix("/".into()),
+        ]
+    );
+    // An empty rule: any authenticated peer, any request.
+    assert!(a.rules[2].from.is_empty() && a.rules[2].methods.is_empty());
+
+    let from: Vec<(&str, &str, usize)> = decl
+        .from_refs
+        .iter()
+        .map(|r| (r.field.as_str(), r.service.as_str(), r.pos.line))
+        .collect();
+    assert_eq!(
+        from,
+        [
+            ("authorization.reviews.rules[1].from[0]", "productpage", 12),
+            ("authorization.reviews.rules[1].from[1]", "ratings", 12),
+        ]
+    );
+    let http_only: Vec<&str> = decl.http_only.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(
+        http_only,
+        [
+            "authorization.reviews.rules[0].paths",
+            "authorization.reviews.rules[1].methods",
+            "authorization.reviews.rules[1].paths",
+        ]
+    );
+}
+
+#[test]
+fn mtls_defaults_to_strict() {
+    let decls = parse("[services.a]\nport = 80\n").expect("valid");
+    let def = decls.services["a"].def.as_ref().expect("defined");
+    assert_eq!(def.mtls, crate::model::MtlsMode::Strict);
+}
+
+#[test]
+fn authorization_errors_name_the_field() {
+    let rule = |body: &str| format!("[[authorization.a.rules]]\n{body}\n");
+    let cases: Vec<(String, &str)> = vec![
+        ("[services.a]\nport = 80\nmtls = \"on\"\n".into(), "3:8: services.a.mtls: unknown mtls mode \"on\" (expected strict or permissive)"),
+        ("[services.a]\nmtls = \"strict\"\n[[services.a.instances]]\naddress = \"h\"\nport = 1\n".into(), "2:8: services.a.mtls: set without port"),
+        ("[authorization.a]\n".into(), "1:16: authorization.a.rules: missing"),
+        ("[authorization.a]\nrules = []\n".into(), "2:9: authorization.a.rules: an authorization needs at least one rule"),
+        ("[authorization.A]\nrules = [{ action = \"allow\" }]\n".into(), "1:16: authorization.A: \"A\" is not a valid service name"),
+        (rule("from = [\"b\"]"), "1:"),
+        (rule("action = \"permit\""), "2:10: authorization.a.rules[0].action: unknown action \"permit\" (expected allow or deny)"),
+        (rule("action = \"allow\"\nwho = [\"b\"]"), "3:1: unknown field `who`"),
+        (rule("action = \"allow\"\nfrom = []"), "3:8: authorization.a.rules[0].from: must not be empty (omit it for any authenticated peer)"),
+        (rule("action = \"allow\"\nfrom = [\"B\"]"), "3:9: authorization.a.rules[0].from[0]: \"B\" is not a valid service name"),
+        (rule("action = \"allow\"\nfrom = [\"b\", \"b\"]"), "3:14: authorization.a.rules[0].from[1]: \"b\" is listed twice"),
+        (rule("action = \"allow\"\nmethods = []"), "3:11: authorization.a.rules[0].methods: must not be empty (omit it for any method)"),
+        (rule("action = \"allow\"\nmethods = [\"get\"]"), "3:12: authorization.a.rules[0].methods[0]: \"get\" is not an HTTP method"),
+        (rule("action = \"allow\"\nmethods = [\"GET\", \"GET\"]"), "3:19: authorization.a.rules[0].methods[1]: \"GET\" is listed twice"),
+        (rule("action = \"allow\"\npaths = []"), "3:9: authorization.a.rules[0].paths: must not be empty (omit it for any path)"),
+        (rule("action = \"allow\"\npaths = [\"reviews\"]"), "3:10: authorization.a.rules[0].paths[0]: \"reviews\" must start with '/'"),
+        (rule("action = \"allow\"\npaths = [\"/a*\"]"), "3:10: authorization.a.rules[0].paths[0]: \"/a*\": '*' is only allowed as a trailing \"/*\""),
+        (rule("action = \"allow\"\npaths = [\"/*/b\"]"), "3:10: authorization.a.rules[0].paths[0]: \"/*/b\": '*' is only allowed"),
+        (rule("action = \"allow\"\npaths = [\"/a?x=1\"]"), "3:10: authorization.a.rules[0].paths[0]: \"/a?x=1\": a path has no query"),
+        (rule("action = \"deny\"\npaths = [\"/a/../admin\"]"), "3:10: authorization.a.rules[0].paths[0]: \"/a/../admin\" is not a normalized path"),
+        (rule("action = \"deny\"\npaths = [\"//admin/*\"]"), "3:10: authorization.a.rules[0].paths[0]: \"//admin/*\" is not a normalized path"),
+        (rule("action = \"deny\"\npaths = [\"/%61dmin\"]"), "3:10: authorization.a.rules[0].paths[0]: \"/%61dmin\": percent-encoding is not supported"),
+        (rule("action = \"deny\"\npaths = [\"/a\", \"/a\"]"), "3:16: authorization.a.rules[0].paths[1]: \"/a\" is listed twice"),
+    ];
+    let mut wrong = Vec::new();
+    for (text, expected) in &cases {
+        let got = problem(text);
+        if !got.starts_with(expected) {
+            wrong.push(format!(
+                "for {text:?}\n  expected {expected}\n  got      {got}"
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}

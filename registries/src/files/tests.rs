@@ -475,3 +475,90 @@ async fn registry_publishes_changes_and_keeps_last_good() {
         .expect("stops on shutdown");
     result.expect("task").expect("run");
 }
+
+const AUTHZ: &str = r#"
+[[authorization.reviews.rules]]
+action = "allow"
+from = ["productpage"]
+methods = ["GET"]
+paths = ["/reviews/*"]
+"#;
+
+#[test]
+fn authorization_checks_across_files_and_keeps_the_last_good() {
+    let pp = "[services.productpage]\nport = 9080\n";
+    let mut set = settled(&[
+        ("reviews.toml", REVIEWS),
+        ("pp.toml", pp),
+        ("authz.toml", AUTHZ),
+    ]);
+    assert!(set.problems().is_empty(), "{:#?}", set.problems());
+    let c = catalog(&set);
+    let a = &c.authorizations["reviews"];
+    assert_eq!(a.rules[0].from, ["productpage"]);
+    assert_eq!(
+        a.origin,
+        Origin {
+            file: p("authz.toml"),
+            line: 2
+        }
+    );
+
+    // An edit naming an unknown source is rejected with file:line:column and field; the last
+    // good version stays in force.
+    let bad = AUTHZ.replace("[\"productpage\"]", "[\"productpage\", \"ghost\"]");
+    set.set(&p("authz.toml"), Some(Ok(bad)));
+    set.settle();
+    assert_eq!(
+        messages(&set.problems()),
+        [r#"reg/authz.toml:4:24: authorization.reviews.rules[0].from[1]: unknown service "ghost""#]
+    );
+    assert_eq!(catalog(&set).authorizations, c.authorizations);
+    assert!(!set.status().files[&p("authz.toml")].problems.is_empty());
+
+    // Another file declaring the same service's authorization.
+    let set = settled(&[
+        ("reviews.toml", REVIEWS),
+        ("pp.toml", pp),
+        ("authz.toml", AUTHZ),
+        (
+            "more.toml",
+            "[[authorization.reviews.rules]]\naction = \"deny\"\n",
+        ),
+    ]);
+    assert_eq!(
+        messages(&set.problems()),
+        [
+            r#"reg/more.toml:1:17: authorization.reviews: the authorization of "reviews" is already declared at reg/authz.toml:2; one file declares a service's authorization"#
+        ]
+    );
+
+    // Unknown service in the key.
+    let set = settled(&[(
+        "authz.toml",
+        "[[authorization.ghost.rules]]\naction = \"deny\"\n",
+    )]);
+    assert_eq!(
+        messages(&set.problems()),
+        [r#"reg/authz.toml:1:17: authorization.ghost: unknown service "ghost""#]
+    );
+}
+
+#[test]
+fn tcp_services_refuse_http_authorization() {
+    let db = "[services.db]\nprotocol = \"tcp\"\nport = 5432\n[services.app]\nport = 80\n";
+    let rules = "[[authorization.db.rules]]\naction = \"allow\"\nfrom = [\"app\"]\nmethods = [\"GET\"]\npaths = [\"/x\"]\n";
+    let set = settled(&[("db.toml", db), ("rules.toml", rules)]);
+    assert_eq!(
+        messages(&set.problems()),
+        [
+            r#"reg/rules.toml:4:11: authorization.db.rules[0].methods: "db" is a tcp service; only HTTP services have methods and paths"#,
+            r#"reg/rules.toml:5:9: authorization.db.rules[0].paths: "db" is a tcp service; only HTTP services have methods and paths"#,
+        ]
+    );
+    // By source identity alone is fine for TCP.
+    let rules = "[[authorization.db.rules]]\naction = \"allow\"\nfrom = [\"app\"]\n";
+    let set = settled(&[("db.toml", db), ("rules.toml", rules)]);
+    assert!(set.problems().is_empty(), "{:#?}", set.problems());
+    assert_eq!(catalog(&set).authorizations["db"].rules.len(), 1);
+}

@@ -1,6 +1,7 @@
 //! Merging the declarations of a set of files into one [`Catalog`], and the checks that need
 //! more than one file: one definition per service, instances and rules only for defined
-//! services, unique instance addresses, known upstreams, declared subsets.
+//! services, unique instance addresses, known upstreams, declared subsets, authorizations of
+//! known services by known services (and with HTTP conditions only for HTTP services).
 //!
 //! Files are visited in path order, so when two files clash the problem is reported on the
 //! later one, the same way on every run.
@@ -59,6 +60,7 @@ where
                         .as_ref()
                         .map(|list| list.iter().map(|(u, _)| u.clone()).collect()),
                     instances: Vec::new(),
+                    mtls: def.mtls,
                     origin: def.origin.clone(),
                 },
             );
@@ -196,6 +198,49 @@ where
                 ));
             }
             catalog.routes.insert(name.clone(), decl.route.clone());
+        }
+    }
+
+    for (file, decls) in &files {
+        for (name, decl) in &decls.authorizations {
+            let path = format!("authorization.{}", key(name));
+            if let Some(existing) = catalog.authorizations.get(name) {
+                problems.push(problem(
+                    file,
+                    decl.pos,
+                    format!("{path}: the authorization of \"{name}\" is already declared at {}; one file declares a service's authorization", existing.origin),
+                ));
+                continue;
+            }
+            match catalog.services.get(name) {
+                None => problems.push(problem(
+                    file,
+                    decl.pos,
+                    format!("{path}: unknown service \"{name}\""),
+                )),
+                Some(service) if service.protocol == Protocol::Tcp => {
+                    for (field, pos) in &decl.http_only {
+                        problems.push(problem(
+                            file,
+                            *pos,
+                            format!("{field}: \"{name}\" is a tcp service; only HTTP services have methods and paths"),
+                        ));
+                    }
+                }
+                Some(_) => {}
+            }
+            for r in &decl.from_refs {
+                if !catalog.services.contains_key(&r.service) {
+                    problems.push(problem(
+                        file,
+                        r.pos,
+                        format!("{}: unknown service \"{}\"", r.field, r.service),
+                    ));
+                }
+            }
+            catalog
+                .authorizations
+                .insert(name.clone(), decl.authorization.clone());
         }
     }
 

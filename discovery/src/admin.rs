@@ -1,0 +1,311 @@
+//! Operator commands that work on the state directory, with or without discovery running:
+//! join tokens (`token create|list|revoke`) and the CA (`ca bundle|roots|prepare-rotation|
+//! switch|retire`). Each returns what to print; `main.rs` prints it and picks the exit code
+//! from [`AdminError::is_usage`].
+//!
+//! Run them as the user discovery runs as: they create files in `state_dir` (the CA, on first
+//! use, and `tokens.json`), and discovery must be able to read them.
+//!
+//! # Root rotation, with traffic flowing
+//!
+//! 1. `ca prepare-rotation`, then SIGHUP discovery (`systemctl reload pilotfish-discovery`):
+//!    the bundle now holds old + new roots, in every certificate and Bundle response.
+//! 2. Wait until every host trusts the new root (agents receive the bundle with every renewal
+//!    and Bundle call; also hand the new `ca bundle` output out as hosts' `ca_file`).
+//! 3. `ca switch`, SIGHUP: new certificates (and discovery's own) chain to the new root; the
+//!    old root stays in the bundle, so certificates it signed keep working.
+//! 4. Wait until every certificate from the old root has been renewed: the longer of
+//!    `workload_ttl` and `node_ttl` (7 days by default).
+//! 5. `ca retire <fingerprint>` (from `ca roots`), SIGHUP.
+
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use pilotfish_pki::tokens::DEFAULT_TOKEN_TTL;
+use pilotfish_pki::{Ca, CaError, TokenStore, TokenStoreError};
+
+use crate::config::{parse_duration, Config};
+use crate::identity::utc;
+
+/// A command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("--ttl: {0}")]
+    BadTtl(String),
+    #[error(transparent)]
+    Tokens(#[from] TokenStoreError),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+}
+
+impl AdminError {
+    /// A mistake in the command or the config (exit 64) rather than a failure (exit 1).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            AdminError::BadTtl(_)
+                | AdminError::Tokens(TokenStoreError::InvalidNode(_) | TokenStoreError::BadTtl)
+                | AdminError::Ca(CaError::Config(_))
+        )
+    }
+}
+
+/// What a command prints: `stdout` for scripts (a token, a bundle), `stderr` for people.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn tokens(config: &Config) -> TokenStore {
+    TokenStore::new(&config.state_dir)
+}
+
+fn load_ca(config: &Config) -> Result<Ca, AdminError> {
+    Ok(Ca::load_or_create(
+        &config.state_dir,
+        &config.trust_domain,
+        &config.ca.options(),
+    )?)
+}
+
+/// `token create --node NODE [--ttl 1h]`: the token alone on stdout.
+pub fn token_create(config: &Config, node: &str, ttl: Option<&str>) -> Result<Output, AdminError> {
+    let ttl = match ttl {
+        Some(t) => parse_duration(t).map_err(AdminError::BadTtl)?,
+        None => DEFAULT_TOKEN_TTL,
+    };
+    let token = tokens(config).create(node, ttl)?;
+    let id = token.split('.').nth(1).unwrap_or_default();
+    Ok(Output {
+        stdout: format!("{token}\n"),
+        stderr: format!(
+            "created join token {id} for node {node}, valid until {} (single use).\n\
+             Put it in the host's token_file and give it the trust bundle \
+             (`pilotfish-discovery ca bundle`) as ca_file.\n",
+            utc(SystemTime::now() + ttl)
+        ),
+    })
+}
+
+/// `token list`: one line per token, never the secret.
+pub fn token_list(config: &Config) -> Result<Output, AdminError> {
+    let now = SystemTime::now();
+    let mut out = format!(
+        "{:<16}  {:<20}  {:<8}  {:<20}  {}\n",
+        "ID", "NODE", "STATE", "CREATED", "EXPIRES"
+    );
+    for t in tokens(config).list()? {
+        out.push_str(&format!(
+            "{:<16}  {:<20}  {:<8}  {:<20}  {}\n",
+            t.id,
+            t.node,
+            t.state(now),
+            utc(t.created),
+            utc(t.expires)
+        ));
+    }
+    Ok(Output {
+        stdout: out,
+        stderr: String::new(),
+    })
+}
+
+/// `token revoke ID`.
+pub fn token_revoke(config: &Config, id: &str) -> Result<Output, AdminError> {
+    tokens(config).revoke(id)?;
+    Ok(Output {
+        stdout: String::new(),
+        stderr: format!("revoked join token {id}\n"),
+    })
+}
+
+/// `ca bundle`: the trust bundle PEM (creating the CA on first use), for hosts' `ca_file`.
+pub fn ca_bundle(config: &Config) -> Result<Output, AdminError> {
+    let ca = load_ca(config)?;
+    Ok(Output {
+        stdout: ca.bundle_pem().to_string(),
+        stderr: format!(
+            "trust bundle for {} ({} root(s)); give it to agents as ca_file\n",
+            config.trust_domain,
+            ca.trusted_roots().len()
+        ),
+    })
+}
+
+/// `ca roots`: the roots in the bundle and which one signs.
+pub fn ca_roots(config: &Config) -> Result<Output, AdminError> {
+    let ca = load_ca(config)?;
+    let mut out = String::new();
+    for r in ca.trusted_roots() {
+        out.push_str(&format!(
+            "{}  {}  expires {}  {}\n    {}\n",
+            r.fingerprint,
+            if r.signing { "signing" } else { "trusted" },
+            utc(r.not_after),
+            r.subject,
+            r.source.display()
+        ));
+    }
+    Ok(Output {
+        stdout: out,
+        stderr: String::new(),
+    })
+}
+
+fn wait_after_switch(config: &Config) -> Duration {
+    config.ca.workload_ttl.max(config.ca.node_ttl)
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s.is_multiple_of(86_400) {
+        format!("{}d", s / 86_400)
+    } else if s.is_multiple_of(3600) {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// `ca prepare-rotation`: step 1.
+pub fn ca_prepare(config: &Config) -> Result<Output, AdminError> {
+    // The current CA must load first, so a broken setup is not made worse.
+    load_ca(config)?;
+    let path = Ca::prepare_rotation(&config.state_dir, &config.trust_domain)?;
+    Ok(Output {
+        stdout: String::new(),
+        stderr: format!(
+            "prepared a new root in {}; it is trusted but does not sign yet.\n\
+             Next:\n  \
+             1. reload discovery (SIGHUP, e.g. `systemctl reload pilotfish-discovery`): the \
+             bundle then holds both roots;\n  \
+             2. wait until every host has the new bundle (agents get it with each renewal, \
+             within half of workload_ttl, here {}); update hosts' ca_file with \
+             `pilotfish-discovery ca bundle`;\n  \
+             3. run `pilotfish-discovery ca switch`.\n",
+            path.display(),
+            human(config.ca.workload_ttl / 2)
+        ),
+    })
+}
+
+/// `ca switch`: step 3.
+pub fn ca_switch(config: &Config) -> Result<Output, AdminError> {
+    if config.ca.cert_file.is_some() {
+        return Err(CaError::Config(
+            "ca.cert_file is set: rotate an operator-supplied CA by hand (see the docs)",
+        )
+        .into());
+    }
+    let previous = Ca::switch_to_next(&config.state_dir)?;
+    let ca = load_ca(config)?;
+    let old = ca
+        .trusted_roots()
+        .iter()
+        .find(|r| r.source == previous)
+        .map(|r| r.fingerprint.clone())
+        .unwrap_or_else(|| "(see `ca roots`)".into());
+    Ok(Output {
+        stdout: String::new(),
+        stderr: format!(
+            "the new root now signs; the previous root {old} stays trusted ({}).\n\
+             Next:\n  \
+             1. reload discovery (SIGHUP) so it signs with the new root;\n  \
+             2. wait at least {} (the longer of workload_ttl and node_ttl) so every \
+             certificate from the old root is renewed;\n  \
+             3. run `pilotfish-discovery ca retire {}` and reload discovery again.\n",
+            previous.display(),
+            human(wait_after_switch(config)),
+            old.get(..16).unwrap_or(&old)
+        ),
+    })
+}
+
+/// `ca retire FINGERPRINT`: step 5.
+pub fn ca_retire(config: &Config, fingerprint: &str) -> Result<Output, AdminError> {
+    let removed: PathBuf = Ca::retire_root(&config.state_dir, fingerprint)?;
+    Ok(Output {
+        stdout: String::new(),
+        stderr: format!(
+            "removed {}; reload discovery (SIGHUP) to stop trusting it, and hand hosts the new \
+             `ca bundle` as ca_file.\n",
+            removed.display()
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn config(dir: &Path) -> Config {
+        let text = format!(
+            "state_dir = \"{}\"\n[registry.files]\npaths = [\"r\"]\n",
+            dir.display()
+        );
+        Config::parse(&text, &dir.join("discovery.toml")).expect("config")
+    }
+
+    #[test]
+    fn tokens_are_created_listed_and_revoked_without_secrets() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = config(dir.path());
+        let out = token_create(&c, "vm-b", Some("2h")).expect("created");
+        let token = out.stdout.trim();
+        assert!(token.starts_with("pft1."), "{token}");
+        assert_eq!(out.stdout.lines().count(), 1, "only the token on stdout");
+        let id = token.split('.').nth(1).expect("id");
+        assert!(out.stderr.contains(id) && out.stderr.contains("vm-b"));
+
+        let list = token_list(&c).expect("list").stdout;
+        assert!(list.contains(id) && list.contains("vm-b") && list.contains("valid"));
+        let secret = token.split('.').nth(2).expect("secret");
+        assert!(!list.contains(secret));
+
+        token_revoke(&c, id).expect("revoked");
+        assert!(token_list(&c).expect("list").stdout.contains("revoked"));
+        let e = token_revoke(&c, "0000000000000000").expect_err("unknown");
+        assert!(!e.is_usage());
+
+        let e = token_create(&c, "Bad Node", None).expect_err("bad node");
+        assert!(e.is_usage());
+        let e = token_create(&c, "vm-b", Some("forever")).expect_err("bad ttl");
+        assert!(e.is_usage());
+    }
+
+    #[test]
+    fn bundle_creates_the_ca_and_rotation_walks_through() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = config(dir.path());
+        let first = ca_bundle(&c).expect("bundle").stdout;
+        assert!(first.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_eq!(ca_bundle(&c).expect("again").stdout, first, "stable");
+
+        ca_prepare(&c).expect("prepared");
+        let both = ca_bundle(&c).expect("bundle").stdout;
+        assert_eq!(both.matches("BEGIN CERTIFICATE").count(), 2);
+        assert!(both.starts_with(&first), "the signing root comes first");
+
+        let switched = ca_switch(&c).expect("switched").stderr;
+        assert!(switched.contains("ca retire"), "{switched}");
+        let roots = ca_roots(&c).expect("roots").stdout;
+        assert!(
+            roots.contains("signing") && roots.contains("trusted"),
+            "{roots}"
+        );
+        let old = roots
+            .lines()
+            .find(|l| l.contains("trusted"))
+            .and_then(|l| l.split_whitespace().next())
+            .expect("old root line")
+            .to_string();
+
+        ca_retire(&c, &old).expect("retired");
+        let last = ca_bundle(&c).expect("bundle").stdout;
+        assert_eq!(last.matches("BEGIN CERTIFICATE").count(), 1);
+        assert_ne!(last, first, "the new root remains");
+    }
+}
