@@ -18,6 +18,11 @@
 //! [registry.files]
 //! paths = ["/etc/pilotfish/registry.d"]
 //!
+//! [registry.consul]                   # optional; see pilotfish_registries::consul::config
+//! address = "http://127.0.0.1:8500"   # a Consul agent, http:// only
+//! datacenters = ["dc1"]               # at least one
+//! token_file = "/etc/pilotfish/consul-token"  # relative paths: against this file's directory
+//!
 //! [api]                               # the rules API on the http port (/v1/routes, ...)
 //! token_file = "/etc/pilotfish/api-token"  # bearer token: the file's content, trimmed. Unset:
 //!                                     # the API answers 503, unless insecure (then it is open)
@@ -46,6 +51,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pilotfish_pki::TrustDomain;
+use pilotfish_registries::consul::{ConsulConfig, ConsulSection};
 use serde::Deserialize;
 
 use crate::mesh::DebounceTimes;
@@ -78,8 +84,8 @@ pub struct Config {
     pub ca: CaConfig,
     /// Directories and files the file registry watches.
     pub registry_files: Vec<PathBuf>,
-    /// Accepted and kept for the Consul adapter; not used yet.
-    pub consul: Option<ConsulSection>,
+    /// `[registry.consul]`, validated: the Consul adapter runs when set.
+    pub consul: Option<ConsulConfig>,
     pub debounce: DebounceTimes,
     /// `[api]`: the rules API.
     pub api: ApiConfig,
@@ -228,19 +234,6 @@ struct RawDebounce {
     max: Option<String>,
 }
 
-/// `[registry.consul]`, kept as written until the Consul adapter lands.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ConsulSection {
-    pub address: Option<String>,
-    pub datacenters: Option<Vec<String>>,
-    pub token_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
-    pub stale: Option<bool>,
-    pub service_tag: Option<String>,
-    pub name_filter: Option<String>,
-}
-
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -316,7 +309,9 @@ impl Config {
             }
             None => Vec::new(),
         };
-        if registry_files.is_empty() && consul.is_none() {
+        let consul_declared = consul.is_some();
+        let consul = consul.and_then(|section| consul_config(base, section, &mut problems));
+        if registry_files.is_empty() && !consul_declared {
             problems.push(
                 "registry: no registry configured (add [registry.files] paths = [...])".into(),
             );
@@ -420,6 +415,35 @@ fn ca_config(base: &Path, raw: RawCa, problems: &mut Vec<String>) -> CaConfig {
         }
     }
     ca
+}
+
+/// `[registry.consul]`: the adapter's own validation (every problem, with its key path), with
+/// `token_file` and `ca_file` resolved against the config file's directory.
+fn consul_config(
+    base: &Path,
+    mut section: ConsulSection,
+    problems: &mut Vec<String>,
+) -> Option<ConsulConfig> {
+    for (key, slot) in [
+        ("token_file", &mut section.token_file),
+        ("ca_file", &mut section.ca_file),
+    ] {
+        match slot.as_deref() {
+            Some(p) if p.as_os_str().is_empty() => {
+                problems.push(format!("registry.consul.{key}: empty path"));
+                *slot = None;
+            }
+            Some(p) => *slot = Some(resolve(base, p)),
+            None => {}
+        }
+    }
+    match section.validate() {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            problems.extend(errors);
+            None
+        }
+    }
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -529,8 +553,48 @@ stale = true
         assert_eq!(c.state_dir, PathBuf::from("/etc/pilotfish/state"));
         assert_eq!(c.debounce.quiet, Duration::from_millis(50));
         assert_eq!(c.debounce.max, Duration::from_secs(2));
-        let consul = c.consul.expect("consul kept");
-        assert_eq!(consul.datacenters, Some(vec!["dc1".to_string()]));
+        let consul = c.consul.expect("consul configured");
+        assert_eq!(consul.datacenters, ["dc1"]);
+        assert_eq!(consul.address, "http://127.0.0.1:8500");
+        assert_eq!(
+            consul.token_file,
+            Some(PathBuf::from("/etc/pilotfish/consul-token"))
+        );
+    }
+
+    #[test]
+    fn consul_section_resolves_the_token_file_and_lists_every_problem() {
+        let c = parse(
+            "insecure = true\n[registry.consul]\naddress = \"http://127.0.0.1:8500\"\n\
+             datacenters = [\"dc1\", \"dc2\"]\ntoken_file = \"consul-token\"\nwait = \"30s\"\n",
+        )
+        .expect("consul alone is a registry");
+        let consul = c.consul.expect("configured");
+        assert_eq!(
+            consul.token_file,
+            Some(PathBuf::from("/etc/pilotfish/consul-token"))
+        );
+        assert_eq!(consul.wait, Duration::from_secs(30));
+        assert!(c.registry_files.is_empty());
+
+        let p = problems(
+            "insecure = true\n[registry.consul]\naddress = \"consul:8500\"\n\
+             datacenters = [\"dc1\", \"dc1\"]\ntoken_file = \"\"\nwait = \"soon\"\n",
+        );
+        let joined = p.join("\n");
+        for key in [
+            "registry.consul.token_file: empty path",
+            "registry.consul.address:",
+            "registry.consul.datacenters[1]:",
+            "registry.consul.wait:",
+        ] {
+            assert!(joined.contains(key), "missing {key} in:\n{joined}");
+        }
+        assert!(!joined.contains("no registry configured"), "{joined}");
+
+        let err = parse("[registry.consul]\naddress = \"http://x:1\"\ndatacenter = \"dc1\"\n")
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("datacenter"), "{err}");
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Catalog {
     pub policies: BTreeMap<String, Policy>,
     /// Who may call a service, by service name (TOML only).
     pub authorizations: BTreeMap<String, Authorization>,
+    /// Ingress gateways: hosts whose Envoy is the mesh's entry point, by gateway name.
+    pub gateways: BTreeMap<String, Gateway>,
 }
 
 impl Catalog {
@@ -198,33 +200,122 @@ pub struct Retries {
     pub per_try_timeout: Option<Duration>,
     /// Envoy retry-on conditions (`5xx`, `connect-failure`, `reset`, ...).
     pub on: Vec<String>,
+    /// Exponential backoff between attempts: (base, max); Envoy's default (25ms, 250ms) if unset.
+    pub backoff: Option<(Duration, Option<Duration>)>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteRule {
     pub matches: RouteMatch,
-    /// Where matching requests go; weights are relative.
+    /// Where matching requests go; weights are relative. Empty with a `redirect`.
     pub to: Vec<Destination>,
+    /// What else happens to matching requests (retries, faults, mirroring, ...).
+    pub actions: RuleActions,
     pub origin: Origin,
+}
+
+/// Per-rule behaviour beyond choosing a destination. Unset fields fall back to the route's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleActions {
+    /// Overrides the route-level `retries`.
+    pub retries: Option<Retries>,
+    /// Overrides the route-level `timeout`.
+    pub timeout: Option<Duration>,
+    pub fault: Option<Fault>,
+    pub mirror: Option<Mirror>,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+    pub rewrite: Option<Rewrite>,
+    /// Answer with a redirect instead of routing (`to` is then empty).
+    pub redirect: Option<Redirect>,
+}
+
+/// Fault injection (Envoy's fault filter): a delay and/or an abort, each for a share of requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Fault {
+    /// (fixed delay, percent of requests).
+    pub delay: Option<(Duration, u32)>,
+    /// (HTTP status, percent of requests).
+    pub abort: Option<(u32, u32)>,
+}
+
+/// Copies of matching requests sent to another service (or a subset of it); answers ignored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mirror {
+    pub service: String,
+    pub subset: Option<String>,
+    /// Percent of requests copied (0-100).
+    pub percent: u32,
+}
+
+/// Headers added (replacing any value already there) and removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderOps {
+    pub add: BTreeMap<String, String>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rewrite {
+    /// Replaces the matched path prefix (or the whole path for `path_exact`/`path_regex`).
+    pub prefix: Option<String>,
+    /// Replaces the Host/authority header.
+    pub host: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Redirect {
+    pub path: Option<String>,
+    pub host: Option<String>,
+    /// 301, 302, 307 or 308 (301 when unset).
+    pub status: u32,
+    /// Redirect to https.
+    pub https: bool,
 }
 
 /// Conditions a request must meet; an empty match matches everything.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RouteMatch {
-    /// Exact header values, by lower-case header name.
+    /// Exact header values, by lower-case header name (`headers = { name = "v" }`).
     pub headers: BTreeMap<String, String>,
+    /// The richer header conditions (`headers = { name = { prefix = "a" } }`), by lower-case name.
+    pub header_conditions: BTreeMap<String, StringCondition>,
+    /// Query parameters, by name.
+    pub query: BTreeMap<String, StringCondition>,
     pub path_prefix: Option<String>,
     pub path_exact: Option<String>,
+    /// An RE2 regex the whole path must match.
+    pub path_regex: Option<String>,
     pub method: Option<String>,
 }
 
 impl RouteMatch {
     pub fn is_empty(&self) -> bool {
         self.headers.is_empty()
+            && self.header_conditions.is_empty()
+            && self.query.is_empty()
             && self.path_prefix.is_none()
             && self.path_exact.is_none()
+            && self.path_regex.is_none()
             && self.method.is_none()
     }
+}
+
+/// A condition on a header or query parameter value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StringCondition {
+    Exact(String),
+    Prefix(String),
+    /// RE2 syntax; the whole value must match.
+    Regex(String),
+    /// `true`: present with any value; `false`: absent.
+    Present(bool),
 }
 
 /// A traffic target: a subset of the routed service (or all of it), with a relative weight.
@@ -243,7 +334,84 @@ pub struct Policy {
     pub subsets: BTreeMap<String, Labels>,
     pub load_balancer: LoadBalancer,
     pub connect_timeout: Option<Duration>,
+    /// What ring_hash/maglev hash on (set on the routes to the service).
+    pub hash: Option<HashOn>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+    pub health_check: Option<HealthCheck>,
+    /// How long an upstream connection may stay idle before Envoy closes it.
+    pub idle_timeout: Option<Duration>,
+    pub rate_limit: Option<RateLimit>,
+    /// Localities (`Instance::locality`) in failover order: the first one with healthy
+    /// instances takes the traffic; instances elsewhere come last.
+    pub failover: Vec<String>,
     pub origin: Origin,
+}
+
+/// The request property ring_hash and maglev hash on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    Header(String),
+    /// A cookie; with a ttl, Envoy sets it when the request has none.
+    Cookie {
+        name: String,
+        ttl: Option<Duration>,
+    },
+    SourceIp,
+}
+
+/// Circuit-breaker thresholds (Envoy's default priority); unset = Envoy's default (1024).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionPool {
+    pub max_connections: Option<u32>,
+    pub max_pending_requests: Option<u32>,
+    pub max_requests: Option<u32>,
+    pub max_retries: Option<u32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutlierDetection {
+    pub consecutive_5xx: Option<u32>,
+    pub interval: Option<Duration>,
+    pub base_ejection_time: Option<Duration>,
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// Active health checks by the callers' Envoys: HTTP GET `path` (HTTP services), or a TCP
+/// connect when `path` is unset or the service is TCP.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+/// Local rate limit: `requests` per `per`, enforced by each calling host's Envoy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: u32,
+    pub per: Duration,
+}
+
+/// An ingress gateway: `node`'s Envoy listens on `listen` and routes outside requests into
+/// the mesh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gateway {
+    pub name: String,
+    pub node: String,
+    pub listen: std::net::SocketAddr,
+    pub routes: Vec<GatewayRoute>,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayRoute {
+    /// The Host this route answers (`*` = any).
+    pub host: String,
+    pub path_prefix: String,
+    pub service: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]

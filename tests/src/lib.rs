@@ -367,4 +367,50 @@ pub fn envoy_stat(admin: SocketAddr, name: &str) -> Result<Option<u64>> {
         .and_then(|(_, v)| v.trim().parse().ok()))
 }
 
+/// Copy `examples/demo` to `work` and do what an operator does before starting the hosts:
+/// hand the mesh root to the agents (`ca bundle`) and create a join token per host.
+pub fn prepare_demo(work: &Path) -> Result<()> {
+    let _ = fs::remove_dir_all(work);
+    copy_dir(&workspace_root().join("examples/demo"), work)?;
+    let discovery = binary("pilotfish-discovery")?;
+    let config = work.join("discovery.toml");
+    let run = |args: &[&str]| -> Result<String> {
+        let out = Command::new(&discovery)
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "pilotfish-discovery {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    fs::write(work.join("root.pem"), run(&["ca", "bundle"])?)?;
+    for node in ["vm-a", "vm-b", "vm-c"] {
+        let dir = work.join("agents").join(node);
+        fs::create_dir_all(&dir)?;
+        let token = run(&["token", "create", "--node", node, "--ttl", "1h"])?;
+        fs::write(dir.join("token"), token.trim())?;
+    }
+    Ok(())
+}
+
+/// Copy a directory tree.
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
 pub mod mesh;

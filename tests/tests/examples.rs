@@ -31,8 +31,11 @@ fn example_discovery_config_checks_clean() -> Result<()> {
 
 #[test]
 fn example_agent_configs_check_clean() -> Result<()> {
+    // As an operator would: the mesh root and a join token per host exist before agents start.
+    let work = tempfile::tempdir()?;
+    pilotfish_tests::prepare_demo(work.path())?;
     for node in ["vm-a", "vm-b", "vm-c"] {
-        let config = workspace_root().join(format!("examples/demo/agents/{node}.toml"));
+        let config = work.path().join(format!("agents/{node}.toml"));
         let out = Command::new(binary("pilotfish-agent")?)
             .args(["--check", "--config"])
             .arg(&config)

@@ -47,6 +47,17 @@ impl Subscription {
                 && self.wildcard == (is_wildcard_type(type_url) && !self.explicit);
         }
         let wildcard = is_wildcard_type(type_url) && names.iter().any(|n| n == WILDCARD);
+        if !self.explicit || self.wildcard != wildcard {
+            return false;
+        }
+        // Envoy names resources in the same sorted order every time: one pass of string
+        // compares, not a tree lookup per name (2000 SotW ACKs of 1000 names per push).
+        if !wildcard
+            && names.len() == self.names.len()
+            && names.iter().zip(&self.names).all(|(a, b)| a == b)
+        {
+            return true;
+        }
         let mut count = 0;
         for n in names.iter().filter(|n| n.as_str() != WILDCARD) {
             if !self.names.contains(n) {

@@ -10,29 +10,16 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pilotfish_tests::mesh::wait_port;
 use pilotfish_tests::{
-    binary, blocking, envoy_binary, http_request, wait_for, workspace_root, Process,
+    binary, blocking, envoy_binary, http_request, prepare_demo, wait_for, workspace_root, Process,
 };
 
 const OUTBOUND_A: &str = "127.0.0.2:15001";
-
-fn copy_dir(from: &Path, to: &Path) -> Result<()> {
-    fs::create_dir_all(to)?;
-    for entry in fs::read_dir(from)? {
-        let entry = entry?;
-        let target = to.join(entry.file_name());
-        if entry.file_type()?.is_dir() {
-            copy_dir(&entry.path(), &target)?;
-        } else {
-            fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
-}
 
 async fn split(
     outbound: SocketAddr,
@@ -89,8 +76,7 @@ async fn main() -> Result<()> {
     let work: PathBuf = std::env::var_os("PILOTFISH_DEMO_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join(".demo"));
-    let _ = fs::remove_dir_all(&work);
-    copy_dir(&root.join("examples/demo"), &work)?;
+    prepare_demo(&work)?;
     let logs = work.join("logs");
     fs::create_dir_all(&logs)?;
 
@@ -186,7 +172,25 @@ async fn main() -> Result<()> {
     .await?;
 
     println!("\nThe mesh is up. productpage on vm-a calls reviews through its Envoy:");
-    println!("  curl -H 'Host: reviews' http://{OUTBOUND_A}/");
+    println!("  curl -H 'Host: reviews' http://{OUTBOUND_A}/reviews/1");
+    let first =
+        blocking(move || http_request(out, "GET", "reviews", "/reviews/1", &[], "")).await?;
+    if let Some(xfcc) = first.body.split("xfcc=").nth(1) {
+        println!("\nEvery hop between hosts is mutual TLS; reviews' Envoy verified the caller as:");
+        println!(
+            "  {}",
+            xfcc.trim()
+                .split(';')
+                .find(|p| p.starts_with("URI="))
+                .unwrap_or(xfcc.trim())
+        );
+    }
+    let denied =
+        blocking(move || http_request(out, "DELETE", "reviews", "/reviews/1", &[], "")).await?;
+    println!(
+        "An authorization rule lets productpage only GET /reviews/*: DELETE /reviews/1 -> HTTP {}",
+        denied.status
+    );
 
     let seen = split(out, 500, &[]).await;
     show("500 requests, routes say v1 80% / v2 20%:", &seen);
