@@ -1,9 +1,10 @@
 //! Pilotfish discovery: builds the mesh snapshot from the registries, translates it into Envoy
 //! resources per proxy, and serves them over ADS.
 //!
-//! [`run`] wires the parts: the file registry publishes catalogs -> the [`mesh::Debouncer`]
-//! turns bursts into one [`mesh::MeshSnapshot`] -> the [`xds::server::AdsServer`] streams
-//! per-proxy resources; the [`http::HttpServer`] reports on all of them.
+//! [`run`] wires the parts: the file registry (and, when configured, the Consul adapter,
+//! merged in by [`sources::Combiner`]) publishes catalogs -> the [`mesh::Debouncer`] turns
+//! bursts into one [`mesh::MeshSnapshot`] -> the [`xds::server::AdsServer`] streams per-proxy
+//! resources; the [`http::HttpServer`] reports on all of them.
 //!
 //! Unless `insecure`, the gRPC port is TLS and also serves the identity service: the
 //! [`identity::Authority`] (the mesh CA) issues node certificates to hosts that enrol with a
@@ -18,12 +19,15 @@ pub mod identity;
 pub mod mesh;
 pub mod proxy;
 pub mod rules_api;
+pub mod sources;
 pub mod translate;
 pub mod xds;
 
 use std::sync::Arc;
 
+use pilotfish_registries::consul::{ConsulError, ConsulRegistry, ConsulStatus};
 use pilotfish_registries::files::{load_once, FileRegistry, FilesError, FilesStatus};
+use pilotfish_registries::model::Catalog;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -36,6 +40,7 @@ use crate::identity::metrics::CaMetrics;
 use crate::identity::service::IdentityService;
 use crate::identity::{Authority, IdentityError};
 use crate::mesh::{Debouncer, MeshSnapshot};
+use crate::sources::{Combiner, ConsulView, SourcesView, CONSUL_FIRST_SYNC_WAIT};
 use crate::xds::connections::Connections;
 use crate::xds::metrics::XdsMetrics;
 use crate::xds::server::{AdsOptions, AdsServer};
@@ -44,6 +49,8 @@ use crate::xds::server::{AdsOptions, AdsServer};
 pub enum RunError {
     #[error("the file registry failed")]
     Registry(#[source] FilesError),
+    #[error("the Consul registry failed")]
+    Consul(#[source] ConsulError),
     #[error("the ADS server failed")]
     Ads(#[source] tonic::transport::Error),
     #[error("the CA could not be set up")]
@@ -83,9 +90,6 @@ pub async fn run(
             .map_err(RunError::Identity)?;
         Some(Arc::new(authority))
     };
-    if config.consul.is_some() {
-        warn!("[registry.consul] is not implemented yet and is ignored");
-    }
     let stop = shutdown.child_token();
 
     // Load the files once before serving, so the first snapshot is the real catalog rather
@@ -104,6 +108,41 @@ pub async fn run(
         .await
         .map_err(RunError::Task)?;
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
+    let mut tasks = JoinSet::new();
+    // With Consul, everything downstream (debouncer, CA) reads the merge of both sources.
+    let (catalog_rx, sources_view, combiner) = match &config.consul {
+        None => (catalog_rx, SourcesView::files_only(), None),
+        Some(consul) => {
+            let registry = ConsulRegistry::new(consul.clone()).map_err(RunError::Consul)?;
+            let (consul_tx, consul_rx) = watch::channel(Arc::new(Catalog::default()));
+            let (status_tx, mut status_rx) = watch::channel(Arc::new(ConsulStatus::default()));
+            let token = stop.clone();
+            tasks.spawn(async move {
+                registry
+                    .run(consul_tx, status_tx, token)
+                    .await
+                    .map_err(RunError::Consul)
+            });
+            info!(address = %consul.address, datacenters = ?consul.datacenters, "reading the Consul catalog");
+            if !sources::wait_first_sync(&mut status_rx, CONSUL_FIRST_SYNC_WAIT, &stop).await {
+                warn!(
+                    waited = ?CONSUL_FIRST_SYNC_WAIT,
+                    "Consul is not fully read yet; starting with the TOML registry and the \
+                     datacenters read so far (see /status sources.consul)"
+                );
+            }
+            let (combiner, merged_rx, conflicts_rx) = Combiner::new(catalog_rx, consul_rx);
+            let view = SourcesView {
+                consul: Some(ConsulView {
+                    address: consul.address.clone(),
+                    token_file: consul.token_file.clone(),
+                    status: status_rx,
+                }),
+                conflicts: conflicts_rx,
+            };
+            (merged_rx, view, Some(combiner))
+        }
+    };
     let (status_tx, status_rx) = watch::channel(Arc::new(FilesStatus::default()));
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(MeshSnapshot::placeholder()));
     let connections = Connections::default();
@@ -136,11 +175,18 @@ pub async fn run(
         metrics,
         ca: authority.clone(),
         ca_metrics,
+        sources: sources_view,
     })
     .with_rules(Arc::new(rules_api).router());
     info!(grpc = %config.grpc, http = %config.http, "discovery starting");
 
-    let mut tasks = JoinSet::new();
+    if let Some(combiner) = combiner {
+        let token = stop.clone();
+        tasks.spawn(async move {
+            combiner.run(token).await;
+            Ok(())
+        });
+    }
     let token = stop.clone();
     tasks.spawn(async move {
         registry
