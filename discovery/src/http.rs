@@ -1,10 +1,11 @@
 //! The HTTP listener: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus text), and the
 //! rules API under `/v1` ([`crate::rules_api`], which has its own authentication).
 //!
-//! Handlers only read shared state: the registry's file status and the mesh snapshot from
-//! their watch channels, the ADS connection registry, the xDS counters and the CA (its roots,
-//! how many join tokens exist, what it issued and refused; never a secret). The port is
-//! plaintext and unauthenticated, so keep it on loopback (the default).
+//! Handlers only read shared state: the sources' status (file registry, Consul per datacenter,
+//! merge conflicts) and the mesh snapshot from their watch channels, the ADS connection
+//! registry, the xDS counters and the CA (its roots, how many join tokens exist, what it issued
+//! and refused; never a secret). The port is plaintext and unauthenticated, so keep it on
+//! loopback (the default).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -24,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use crate::identity::metrics::{CaMetrics, Kind};
 use crate::identity::{utc, Authority};
 use crate::mesh::MeshSnapshot;
+use crate::sources::SourcesView;
 use crate::xds::connections::{Connections, ProxyStatus};
 use crate::xds::metrics::XdsMetrics;
 use crate::xds::resource::short_name;
@@ -38,6 +40,8 @@ pub struct HttpState {
     /// The CA; `None` in insecure mode.
     pub ca: Option<Arc<Authority>>,
     pub ca_metrics: Arc<CaMetrics>,
+    /// Consul's status and the merge conflicts.
+    pub sources: SourcesView,
 }
 
 pub struct HttpServer {
@@ -84,7 +88,7 @@ impl HttpServer {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub snapshot: SnapshotStatus,
-    pub registry: RegistryStatus,
+    pub sources: SourcesStatus,
     pub proxies: Vec<ProxyStatus>,
     /// Absent in insecure mode.
     pub ca: Option<CaStatus>,
@@ -163,9 +167,143 @@ fn unix_ms(t: std::time::SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Every source of the catalog and how they merged.
 #[derive(Debug, Serialize)]
-pub struct RegistryStatus {
+pub struct SourcesStatus {
     pub files: BTreeMap<String, FileStatus>,
+    /// Absent when `[registry.consul]` is not configured.
+    pub consul: Option<ConsulSourceStatus>,
+    /// Instances declared by TOML and Consul at the same address:port (TOML's is used).
+    pub merge_conflicts: Vec<ConflictStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConsulSourceStatus {
+    pub address: String,
+    pub token_file: Option<String>,
+    /// True when any datacenter serves its last good catalog.
+    pub stale: bool,
+    pub datacenters: BTreeMap<String, DatacenterSourceStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DatacenterSourceStatus {
+    /// Every selected service was read once (nothing of this datacenter is used before).
+    pub synced: bool,
+    /// The last successful answer, UTC (RFC 3339); absent before the first.
+    pub last_sync: Option<String>,
+    pub last_sync_unix_ms: Option<u64>,
+    /// `X-Consul-Index` of the service list and of the health checks.
+    pub index: u64,
+    pub checks_index: u64,
+    /// The last good catalog is served: a request is failing or Consul has no known leader.
+    pub stale: bool,
+    pub known_leader: bool,
+    pub last_contact_ms: u64,
+    /// The error still in force, if any (cleared when that request succeeds again).
+    pub last_error: Option<String>,
+    pub errors_total: u64,
+    pub requests_total: u64,
+    pub services: usize,
+    pub instances: usize,
+    /// Entries not used, with why.
+    pub rejected: Vec<RejectedStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RejectedStatus {
+    pub service: String,
+    pub node: String,
+    pub service_id: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConflictStatus {
+    pub service: String,
+    pub address: String,
+    pub port: u16,
+    /// `file:line` of the TOML service, whose instance is used.
+    pub toml: String,
+    pub consul_datacenter: Option<String>,
+    pub message: String,
+}
+
+fn sources_status(state: &HttpState) -> SourcesStatus {
+    let files = state.files.borrow().clone();
+    let consul = state.sources.consul.as_ref().map(|view| {
+        let status = view.status.borrow().clone();
+        ConsulSourceStatus {
+            address: view.address.clone(),
+            token_file: view.token_file.as_ref().map(|p| p.display().to_string()),
+            stale: status.stale(),
+            datacenters: status
+                .datacenters
+                .iter()
+                .map(|(dc, d)| {
+                    (
+                        dc.clone(),
+                        DatacenterSourceStatus {
+                            synced: d.synced,
+                            last_sync: d.last_sync.map(utc),
+                            last_sync_unix_ms: d.last_sync.map(unix_ms),
+                            index: d.index,
+                            checks_index: d.checks_index,
+                            stale: d.stale,
+                            known_leader: d.known_leader,
+                            last_contact_ms: d.last_contact_ms,
+                            last_error: d.last_error.clone(),
+                            errors_total: d.errors_total,
+                            requests_total: d.requests_total,
+                            services: d.services,
+                            instances: d.instances,
+                            rejected: d
+                                .rejected
+                                .iter()
+                                .map(|r| RejectedStatus {
+                                    service: r.service.clone(),
+                                    node: r.node.clone(),
+                                    service_id: r.service_id.clone(),
+                                    reason: r.reason.clone(),
+                                })
+                                .collect(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    });
+    let merge_conflicts = state
+        .sources
+        .conflicts
+        .borrow()
+        .iter()
+        .map(|c| ConflictStatus {
+            service: c.service.clone(),
+            address: c.address.clone(),
+            port: c.port,
+            toml: c.toml.to_string(),
+            consul_datacenter: c.consul_datacenter.clone(),
+            message: c.to_string(),
+        })
+        .collect();
+    SourcesStatus {
+        files: files
+            .files
+            .iter()
+            .map(|(path, f)| {
+                (
+                    path.display().to_string(),
+                    FileStatus {
+                        in_force: f.in_force,
+                        problems: f.problems.iter().map(|p| p.to_string()).collect(),
+                    },
+                )
+            })
+            .collect(),
+        consul,
+        merge_conflicts,
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -177,7 +315,6 @@ pub struct FileStatus {
 
 /// Does blocking file I/O (the token file): call from the blocking pool.
 pub fn status_of(state: &HttpState) -> Status {
-    let files = state.files.borrow().clone();
     let snapshot = state.snapshots.borrow().clone();
     Status {
         snapshot: SnapshotStatus {
@@ -186,21 +323,7 @@ pub fn status_of(state: &HttpState) -> Status {
             learned_unix_ms: snapshot.learned_at.map(unix_ms),
             built_unix_ms: unix_ms(snapshot.built_at),
         },
-        registry: RegistryStatus {
-            files: files
-                .files
-                .iter()
-                .map(|(path, f)| {
-                    (
-                        path.display().to_string(),
-                        FileStatus {
-                            in_force: f.in_force,
-                            problems: f.problems.iter().map(|p| p.to_string()).collect(),
-                        },
-                    )
-                })
-                .collect(),
-        },
+        sources: sources_status(state),
         proxies: state.connections.list(),
         ca: state.ca.as_deref().map(ca_status),
     }
@@ -277,6 +400,7 @@ pub fn render_metrics(state: &HttpState) -> String {
         "Problems in registry files (their last good version stays in force).",
         &[("", problems as u64)],
     );
+    render_consul_metrics(&mut out, state);
     metric(
         &mut out,
         "pilotfish_snapshot_generation",
@@ -309,6 +433,82 @@ pub fn render_metrics(state: &HttpState) -> String {
         &refusals,
     );
     out
+}
+
+/// Per-datacenter Consul gauges and counters (only when Consul is configured), and the merge
+/// conflicts (always).
+fn render_consul_metrics(out: &mut String, state: &HttpState) {
+    if let Some(view) = &state.sources.consul {
+        let status = view.status.borrow().clone();
+        let per_dc = |f: &dyn Fn(&pilotfish_registries::consul::DatacenterStatus) -> u64| {
+            status
+                .datacenters
+                .iter()
+                .map(|(dc, d)| (format!("{{dc=\"{dc}\"}}"), f(d)))
+                .collect::<Vec<_>>()
+        };
+        // (name, type, help, samples)
+        type Family = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
+        let families: [Family; 7] = [
+            (
+                "pilotfish_consul_stale",
+                "gauge",
+                "1 while the datacenter's last good catalog is served instead of a fresh one.",
+                per_dc(&|d| u64::from(d.stale)),
+            ),
+            (
+                "pilotfish_consul_synced",
+                "gauge",
+                "1 once every selected service of the datacenter was read.",
+                per_dc(&|d| u64::from(d.synced)),
+            ),
+            (
+                "pilotfish_consul_last_sync_timestamp_seconds",
+                "gauge",
+                "Unix time of the last successful answer from the datacenter (0: never).",
+                per_dc(&|d| {
+                    d.last_sync
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |t| t.as_secs())
+                }),
+            ),
+            (
+                "pilotfish_consul_errors_total",
+                "counter",
+                "Failed Consul requests.",
+                per_dc(&|d| d.errors_total),
+            ),
+            (
+                "pilotfish_consul_requests_total",
+                "counter",
+                "Consul requests sent.",
+                per_dc(&|d| d.requests_total),
+            ),
+            (
+                "pilotfish_consul_instances",
+                "gauge",
+                "Instances read from the datacenter.",
+                per_dc(&|d| d.instances as u64),
+            ),
+            (
+                "pilotfish_consul_rejected_entries",
+                "gauge",
+                "Consul entries not used (see /status sources.consul).",
+                per_dc(&|d| d.rejected.len() as u64),
+            ),
+        ];
+        for (name, kind, help, samples) in &families {
+            let samples: Vec<(&str, u64)> = samples.iter().map(|(l, n)| (l.as_str(), *n)).collect();
+            metric(out, name, kind, help, &samples);
+        }
+    }
+    metric(
+        out,
+        "pilotfish_registry_merge_conflicts",
+        "gauge",
+        "Instances declared by TOML and Consul at the same address:port (TOML's is used).",
+        &[("", state.sources.conflicts.borrow().len() as u64)],
+    );
 }
 
 fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
@@ -353,6 +553,7 @@ mod tests {
             metrics: Arc::new(XdsMetrics::default()),
             ca: None,
             ca_metrics: Arc::new(CaMetrics::default()),
+            sources: SourcesView::files_only(),
         };
         (state, files_tx)
     }
@@ -369,7 +570,7 @@ mod tests {
         });
         let json = serde_json::to_value(status_of(&state)).expect("serializes");
         assert_eq!(
-            json["registry"]["files"]["/r/services.toml"]["problems"][0],
+            json["sources"]["files"]["/r/services.toml"]["problems"][0],
             "/r/services.toml:3:7: services.reviews.port: expected a number"
         );
         assert_eq!(json["snapshot"]["generation"], 0);
@@ -399,6 +600,84 @@ mod tests {
             "pilotfish_snapshot_generation 0",
             "pilotfish_ca_certificates_issued_total{kind=\"node\"} 0",
             "pilotfish_ca_refusals_total{call=\"ads\",reason=\"no_certificate\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line} in:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn consul_status_and_metrics_per_datacenter() {
+        use pilotfish_registries::consul::{ConsulStatus, DatacenterStatus, RejectedEntry};
+        use pilotfish_registries::merge::MergeConflict;
+        use pilotfish_registries::model::Origin;
+
+        let (mut state, _keep) = state();
+        let mut consul = ConsulStatus::default();
+        consul.datacenters.insert(
+            "dc1".into(),
+            DatacenterStatus {
+                synced: true,
+                last_sync: Some(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+                ),
+                index: 42,
+                stale: true,
+                last_error: Some("Consul is rate limiting (429 )".into()),
+                errors_total: 3,
+                requests_total: 10,
+                services: 2,
+                instances: 5,
+                rejected: vec![RejectedEntry {
+                    datacenter: "dc1".into(),
+                    service: "web".into(),
+                    node: "n1".into(),
+                    service_id: "web-1".into(),
+                    reason: "port 0".into(),
+                }],
+                ..DatacenterStatus::default()
+            },
+        );
+        let (_status_tx, status) = watch::channel(Arc::new(consul));
+        let (_conflicts_tx, conflicts) = watch::channel(Arc::new(vec![MergeConflict {
+            service: "web".into(),
+            address: "10.0.0.1".into(),
+            port: 80,
+            toml: Origin {
+                file: "/r/web.toml".into(),
+                line: 3,
+            },
+            consul_datacenter: Some("dc1".into()),
+        }]));
+        state.sources = SourcesView {
+            consul: Some(crate::sources::ConsulView {
+                address: "http://127.0.0.1:8500".into(),
+                token_file: Some(PathBuf::from("/etc/pilotfish/consul-token")),
+                status,
+            }),
+            conflicts,
+        };
+        let json = serde_json::to_value(status_of(&state)).expect("serializes");
+        let dc1 = &json["sources"]["consul"]["datacenters"]["dc1"];
+        assert_eq!(json["sources"]["consul"]["stale"], true);
+        assert_eq!(dc1["index"], 42);
+        assert_eq!(dc1["last_sync"], "2023-11-14T22:13:20Z");
+        assert_eq!(dc1["errors_total"], 3);
+        assert_eq!(dc1["rejected"][0]["reason"], "port 0");
+        assert_eq!(
+            json["sources"]["merge_conflicts"][0]["toml"],
+            "/r/web.toml:3"
+        );
+        let text = render_metrics(&state);
+        for line in [
+            "pilotfish_consul_stale{dc=\"dc1\"} 1",
+            "pilotfish_consul_last_sync_timestamp_seconds{dc=\"dc1\"} 1700000000",
+            "pilotfish_consul_errors_total{dc=\"dc1\"} 3",
+            "pilotfish_consul_requests_total{dc=\"dc1\"} 10",
+            "pilotfish_consul_rejected_entries{dc=\"dc1\"} 1",
+            "pilotfish_registry_merge_conflicts 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

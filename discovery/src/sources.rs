@@ -28,13 +28,16 @@ use tracing::{info, warn};
 /// a restarted discovery withdraw every Consul instance until the read completes.
 pub const CONSUL_FIRST_SYNC_WAIT: Duration = Duration::from_secs(10);
 
+/// The conflicts of the latest merge, as published.
+pub type Conflicts = watch::Receiver<Arc<Vec<MergeConflict>>>;
+
 /// What `/status` and `/metrics` read about the sources, besides the file registry's status.
 #[derive(Clone)]
 pub struct SourcesView {
     /// `None` when Consul is not configured.
     pub consul: Option<ConsulView>,
     /// The conflicts of the last merge (empty without Consul).
-    pub conflicts: watch::Receiver<Arc<Vec<MergeConflict>>>,
+    pub conflicts: Conflicts,
 }
 
 #[derive(Clone)]
@@ -68,13 +71,9 @@ impl Combiner {
     pub fn new(
         files: watch::Receiver<Arc<Catalog>>,
         consul: watch::Receiver<Arc<Catalog>>,
-    ) -> (
-        Combiner,
-        watch::Receiver<Arc<Catalog>>,
-        watch::Receiver<Arc<Vec<MergeConflict>>>,
-    ) {
-        let (merged_tx, merged_rx) = watch::channel(Arc::new(Catalog::default()));
-        let (conflicts_tx, conflicts_rx) = watch::channel(Arc::new(Vec::new()));
+    ) -> (Combiner, watch::Receiver<Arc<Catalog>>, Conflicts) {
+        let (merged_tx, mut merged_rx) = watch::channel(Arc::new(Catalog::default()));
+        let (conflicts_tx, mut conflicts_rx) = watch::channel(Arc::new(Vec::new()));
         let mut combiner = Combiner {
             files,
             consul,
@@ -83,6 +82,9 @@ impl Combiner {
         };
         let first = combiner.combine();
         combiner.merged.send_replace(Arc::new(first));
+        // The first merge is where the receivers start, not a change they have to see.
+        merged_rx.borrow_and_update();
+        conflicts_rx.borrow_and_update();
         (combiner, merged_rx, conflicts_rx)
     }
 
@@ -275,7 +277,10 @@ mod tests {
             .expect("open");
         let now = Arc::clone(&merged.borrow_and_update());
         assert!(now.services.contains_key("web"));
-        assert!(now.services.contains_key("db"), "Consul's last catalog stays");
+        assert!(
+            now.services.contains_key("db"),
+            "Consul's last catalog stays"
+        );
         shutdown.cancel();
         task.await.expect("joins");
     }

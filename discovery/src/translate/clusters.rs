@@ -7,10 +7,15 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
+    circuit_breakers::Thresholds,
     cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig, LbPolicy},
-    Cluster,
+    CircuitBreakers, Cluster, OutlierDetection,
 };
-use envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions;
+use envoy_types::pb::envoy::config::core::v3::{
+    health_check::{HealthChecker, HttpHealthCheck, TcpHealthCheck},
+    HealthCheck, Http1ProtocolOptions, Http2ProtocolOptions,
+    HttpProtocolOptions as CommonHttpProtocolOptions,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     http_protocol_options::{
@@ -18,7 +23,9 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     },
     HttpProtocolOptions,
 };
-use pilotfish_registries::model::{Catalog, Instance, LoadBalancer, Service};
+use envoy_types::pb::envoy::r#type::v3::CodecClientType;
+use envoy_types::pb::google::protobuf::UInt32Value;
+use pilotfish_registries::model::{Catalog, Instance, LoadBalancer, Policy, Protocol, Service};
 
 use super::endpoints::{lb_endpoint, load_assignment};
 use super::tls::{secure_cluster, ClientTls};
@@ -72,11 +79,16 @@ fn build_outbound(
         targets.push((subset_name(&svc.name, subset), members));
     }
 
+    let policy = catalog.policies.get(&svc.name);
+    let failover = policy.map(|p| p.failover.as_slice()).unwrap_or_default();
     let mut clusters = Vec::with_capacity(targets.len());
     let mut endpoints = Vec::new();
     for (name, members) in targets {
-        let assignment = load_assignment(&name, members, tls.is_some());
-        let mut cluster = base(catalog, svc, &name);
+        let assignment = load_assignment(&name, members, tls.is_some(), failover);
+        let mut cluster = base(catalog, svc, &name, policy.and_then(|p| p.idle_timeout));
+        if let Some(policy) = policy {
+            resilience(&mut cluster, svc, policy);
+        }
         if let Some(tls) = tls {
             secure_cluster(&mut cluster, svc, tls);
         }
@@ -112,7 +124,7 @@ pub(super) fn inbound(catalog: &Catalog, svc: &Service, proxy: &Proxy) -> Arc<Re
         // Peers already steer around unhealthy instances; locally the app gets what arrives.
         .map(|i| lb_endpoint(&app, i.port, i.weight, true, &Default::default()))
         .collect();
-    let mut cluster = base(catalog, svc, &name);
+    let mut cluster = base(catalog, svc, &name, None);
     cluster.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
     cluster.load_assignment = Some(ClusterLoadAssignment {
         cluster_name: name.clone(),
@@ -125,8 +137,66 @@ pub(super) fn inbound(catalog: &Catalog, svc: &Service, proxy: &Proxy) -> Arc<Re
     Resource::encode(name, &cluster)
 }
 
+/// A policy's circuit breakers, outlier detection and active health check, on an outbound
+/// cluster (the inbound cluster leads to the local app and keeps Envoy's defaults).
+fn resilience(cluster: &mut Cluster, svc: &Service, policy: &Policy) {
+    let count = |v: Option<u32>| v.map(|value| UInt32Value { value });
+    if let Some(pool) = &policy.connection_pool {
+        cluster.circuit_breakers = Some(CircuitBreakers {
+            thresholds: vec![Thresholds {
+                max_connections: count(pool.max_connections),
+                max_pending_requests: count(pool.max_pending_requests),
+                max_requests: count(pool.max_requests),
+                max_retries: count(pool.max_retries),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    if let Some(o) = &policy.outlier_detection {
+        cluster.outlier_detection = Some(OutlierDetection {
+            consecutive_5xx: count(o.consecutive_5xx),
+            interval: o.interval.map(duration),
+            base_ejection_time: o.base_ejection_time.map(duration),
+            max_ejection_percent: count(o.max_ejection_percent),
+            ..Default::default()
+        });
+    }
+    if let Some(h) = &policy.health_check {
+        let checker = match (&h.path, svc.protocol) {
+            (Some(path), p) if p != Protocol::Tcp => {
+                HealthChecker::HttpHealthCheck(HttpHealthCheck {
+                    // The peer's mesh port routes by Host: the service name reaches its app.
+                    host: svc.name.clone(),
+                    path: path.clone(),
+                    codec_client_type: if p.is_http2() {
+                        CodecClientType::Http2
+                    } else {
+                        CodecClientType::Http1
+                    } as i32,
+                    ..Default::default()
+                })
+            }
+            _ => HealthChecker::TcpHealthCheck(TcpHealthCheck::default()),
+        };
+        cluster.health_checks = vec![HealthCheck {
+            timeout: Some(duration(h.timeout)),
+            interval: Some(duration(h.interval)),
+            healthy_threshold: count(Some(h.healthy_threshold)),
+            unhealthy_threshold: count(Some(h.unhealthy_threshold)),
+            health_checker: Some(checker),
+            ..Default::default()
+        }];
+    }
+}
+
 /// What every cluster of `svc` shares: timeouts, balancing, upstream protocol.
-fn base(catalog: &Catalog, svc: &Service, name: &str) -> Cluster {
+fn base(
+    catalog: &Catalog,
+    svc: &Service,
+    name: &str,
+    idle_timeout: Option<std::time::Duration>,
+) -> Cluster {
     let policy = catalog.policies.get(&svc.name);
     let connect_timeout = policy
         .and_then(|p| p.connect_timeout)
@@ -145,15 +215,23 @@ fn base(catalog: &Catalog, svc: &Service, name: &str) -> Cluster {
         lb_policy: lb_policy as i32,
         ..Default::default()
     };
-    if svc.protocol.is_http2() {
+    let http_idle = idle_timeout.filter(|_| svc.protocol.is_http());
+    if svc.protocol.is_http2() || http_idle.is_some() {
+        let protocol = if svc.protocol.is_http2() {
+            ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
+        } else {
+            ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
+        };
         let options = HttpProtocolOptions {
             upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
                 ExplicitHttpConfig {
-                    protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(
-                        Http2ProtocolOptions::default(),
-                    )),
+                    protocol_config: Some(protocol),
                 },
             )),
+            common_http_protocol_options: http_idle.map(|d| CommonHttpProtocolOptions {
+                idle_timeout: Some(duration(d)),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         // A single entry: prost encodes maps in HashMap order (see the module comment).

@@ -21,10 +21,15 @@ pub const METADATA_KEY: &str = "pilotfish";
 
 /// The assignment for `cluster_name`: every given instance at the address peers reach it by.
 /// With `mtls`, mesh instances are marked for the cluster's `transport_socket_matches`.
+///
+/// `failover` (a policy's `locality.failover`) orders localities into priorities: instances
+/// of the first listed locality present get priority 0, the next 1, ..., unlisted ones last;
+/// Envoy sends traffic to a lower priority only as the higher ones lose healthy instances.
 pub(super) fn load_assignment<'a>(
     cluster_name: &str,
     instances: impl IntoIterator<Item = &'a Instance>,
     mtls: bool,
+    failover: &[String],
 ) -> ClusterLoadAssignment {
     // BTreeMap: localities in a stable order, the unknown locality first.
     let mut by_locality: BTreeMap<Option<&str>, Vec<LbEndpoint>> = BTreeMap::new();
@@ -45,6 +50,20 @@ pub(super) fn load_assignment<'a>(
             .or_default()
             .push(endpoint);
     }
+    let rank = |locality: Option<&str>| {
+        locality
+            .and_then(|l| failover.iter().position(|f| f == l))
+            .unwrap_or(failover.len())
+    };
+    // Envoy wants priorities 0..N without gaps: rank the localities present, densely.
+    let present: std::collections::BTreeSet<usize> = by_locality.keys().map(|l| rank(*l)).collect();
+    let priority = |locality: Option<&str>| {
+        if failover.is_empty() {
+            return 0;
+        }
+        let r = rank(locality);
+        u32::try_from(present.iter().filter(|p| **p < r).count()).unwrap_or(0)
+    };
     ClusterLoadAssignment {
         cluster_name: cluster_name.to_string(),
         endpoints: by_locality
@@ -55,6 +74,7 @@ pub(super) fn load_assignment<'a>(
                     ..Default::default()
                 }),
                 lb_endpoints,
+                priority: priority(locality),
                 ..Default::default()
             })
             .collect(),

@@ -49,10 +49,12 @@ pub fn endpoint_change(old: &Catalog, new: &Catalog) -> Option<EndpointChange> {
         routes,
         policies,
         authorizations,
+        gateways,
     } = old;
     if *routes != new.routes
         || *policies != new.policies
         || *authorizations != new.authorizations
+        || *gateways != new.gateways
         || old_services.len() != new.services.len()
     {
         return None;

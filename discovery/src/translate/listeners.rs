@@ -29,6 +29,8 @@ use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::listener::v3::{
     filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
 };
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -40,11 +42,11 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::google::protobuf::BoolValue;
-use pilotfish_registries::model::{Catalog, MtlsMode, Service};
+use pilotfish_registries::model::{Catalog, Gateway, MtlsMode, Service};
 
 use super::endpoints::socket_address;
 use super::tls::{self, Settings};
-use super::{ads, any, inbound_name, outbound_name, rbac, routes, INBOUND, OUTBOUND};
+use super::{ads, any, inbound_name, outbound_name, rbac, routes, subset_name, INBOUND, OUTBOUND};
 use crate::proxy::Proxy;
 use crate::xds::resource::Resource;
 
@@ -55,14 +57,64 @@ const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 /// The name of the mesh port's plaintext chain (permissive services).
 pub const PLAINTEXT_CHAIN: &str = "inbound|plaintext";
 
-/// `outbound`: where local apps send mesh traffic, routed by RDS `outbound`.
-pub(super) fn outbound(proxy: &Proxy, settings: &Settings) -> Arc<Resource> {
-    http_listener(
+/// `outbound`: where local apps send mesh traffic, routed by RDS `outbound`. The fault and
+/// local rate limit filters are there only when some rule or policy uses them (they act only
+/// through per-route configuration), so meshes without them get the same listener as before.
+pub(super) fn outbound(proxy: &Proxy, settings: &Settings, catalog: &Catalog) -> Arc<Resource> {
+    let mut filters = Vec::new();
+    let faults = catalog
+        .routes
+        .values()
+        .any(|r| r.rules.iter().any(|rule| rule.actions.fault.is_some()));
+    if faults {
+        filters.push(http_filter(
+            routes::FAULT_FILTER,
+            any(&HttpFault::default()),
+        ));
+    }
+    if catalog.policies.values().any(|p| p.rate_limit.is_some()) {
+        let config = LocalRateLimit {
+            stat_prefix: "outbound_ratelimit".to_string(),
+            ..Default::default()
+        };
+        filters.push(http_filter(routes::RATE_LIMIT_FILTER, any(&config)));
+    }
+    let route = RouteSpecifier::Rds(Rds {
+        config_source: Some(ads()),
+        route_config_name: OUTBOUND.to_string(),
+    });
+    let hcm = hcm(OUTBOUND, route, filters, settings.mtls);
+    let listener = listener(
         OUTBOUND,
         proxy.outbound,
         TrafficDirection::Outbound,
-        settings.mtls,
-    )
+        HCM,
+        any(&hcm),
+    );
+    Resource::encode(OUTBOUND, &listener)
+}
+
+/// `gateway|<name>`: an ingress gateway's listener on its node, routes inline.
+pub(super) fn gateway(catalog: &Catalog, gw: &Gateway) -> Arc<Resource> {
+    let name = format!("gateway|{}", gw.name);
+    let mut hcm = hcm(
+        &name,
+        RouteSpecifier::RouteConfig(routes::gateway(catalog, gw, &name)),
+        Vec::new(),
+        true,
+    );
+    // The edge: X-Forwarded-For is the real client's address.
+    hcm.use_remote_address = Some(BoolValue { value: true });
+    let listener = listener(&name, gw.listen, TrafficDirection::Inbound, HCM, any(&hcm));
+    Resource::encode(name, &listener)
+}
+
+fn http_filter(name: &str, config: envoy_types::pb::google::protobuf::Any) -> HttpFilter {
+    HttpFilter {
+        name: name.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(config)),
+        ..Default::default()
+    }
 }
 
 /// `inbound` without mTLS: peers' traffic on `address:mesh_port`, routed by RDS `inbound` to
@@ -178,10 +230,55 @@ fn tcp_proxy(cluster: &str) -> TcpProxy {
     }
 }
 
-/// `outbound|<svc>`: a TCP service's local port, proxied to its `outbound|<svc>` cluster.
-pub(super) fn tcp_outbound(service: &str, addr: SocketAddr) -> Arc<Resource> {
+/// `outbound|<svc>`: a TCP service's local port, proxied to its `outbound|<svc>` cluster, or
+/// split by weight over subsets when the service's first route rule says so.
+pub(super) fn tcp_outbound(catalog: &Catalog, service: &str, addr: SocketAddr) -> Arc<Resource> {
     let name = outbound_name(service);
-    let proxy = tcp_proxy(&name);
+    let mut proxy = tcp_proxy(&name);
+    let subsets = catalog.subsets(service);
+    let to: Vec<(String, u32)> = catalog
+        .routes
+        .get(service)
+        .and_then(|r| r.rules.iter().find(|rule| !rule.to.is_empty()))
+        .map(|rule| {
+            rule.to
+                .iter()
+                .filter(|d| d.weight > 0)
+                .filter_map(|d| match &d.subset {
+                    None => Some((name.clone(), d.weight)),
+                    Some(s) if subsets.is_some_and(|m| m.contains_key(s)) => {
+                        Some((subset_name(service, s), d.weight))
+                    }
+                    Some(_) => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    match to.len() {
+        0 => {}
+        1 => {
+            proxy.cluster_specifier = to
+                .into_iter()
+                .next()
+                .map(|(c, _)| tcp_proxy::ClusterSpecifier::Cluster(c));
+        }
+        _ => {
+            proxy.cluster_specifier = Some(tcp_proxy::ClusterSpecifier::WeightedClusters(
+                tcp_proxy::WeightedCluster {
+                    clusters: to
+                        .into_iter()
+                        .map(
+                            |(name, weight)| tcp_proxy::weighted_cluster::ClusterWeight {
+                                name,
+                                weight,
+                                ..Default::default()
+                            },
+                        )
+                        .collect(),
+                },
+            ));
+        }
+    }
     let listener = listener(
         &name,
         addr,

@@ -24,6 +24,7 @@
 //! | listener | `outbound` | binds `proxy.outbound`; HTTP, RDS `outbound` |
 //! | listener | `outbound\|<svc>` | TCP services: binds `outbound.ip():service.port`, tcp_proxy |
 //! | listener | `inbound` | binds `address:mesh_port`; HTTP, RDS `inbound` (only with local HTTP services) |
+//! | listener | `gateway\|<name>` | an ingress gateway's node: binds `listen`, inline routes to services' clusters |
 //! | route | `outbound` | one virtual host per HTTP service in scope |
 //! | route | `inbound` | one virtual host per local HTTP service (with mTLS: per local permissive HTTP service) |
 //!
@@ -309,7 +310,7 @@ impl Shared {
         let mut listeners = ResourceMap::new();
         let mut routes = ResourceMap::new();
         let mut bound = vec![proxy.outbound];
-        let outbound = listeners::outbound(proxy, &self.settings);
+        let outbound = listeners::outbound(proxy, &self.settings, &self.catalog);
         listeners.insert(outbound.name.clone(), outbound);
         routes.insert(OUTBOUND.to_string(), scoped.outbound_route.clone());
         if !local.is_empty() {
@@ -337,7 +338,18 @@ impl Shared {
                 tracing::warn!(node = %proxy.node, service, %addr, "TCP service port already bound; no outbound listener");
                 continue;
             }
-            let listener = listeners::tcp_outbound(service, addr);
+            let listener = listeners::tcp_outbound(&self.catalog, service, addr);
+            listeners.insert(listener.name.clone(), listener);
+        }
+        for gw in self.catalog.gateways.values() {
+            if gw.node != proxy.node {
+                continue;
+            }
+            if !claim(&mut bound, gw.listen) {
+                tracing::warn!(node = %proxy.node, gateway = %gw.name, addr = %gw.listen, "gateway address already bound; no gateway listener");
+                continue;
+            }
+            let listener = listeners::gateway(&self.catalog, gw);
             listeners.insert(listener.name.clone(), listener);
         }
 
@@ -374,7 +386,22 @@ fn scope_of(catalog: &Catalog, node: &str) -> ScopeKey {
             Some(upstreams) => names.extend(upstreams.iter().cloned()),
         }
     }
-    hosts_any.then_some(names)
+    if !hosts_any {
+        return None;
+    }
+    // A gateway's node calls the services its routes name.
+    for gw in catalog.gateways.values().filter(|g| g.node == node) {
+        names.extend(gw.routes.iter().map(|r| r.service.clone()));
+    }
+    // Mirrors: copies go to the mirror service's clusters, which must be in scope too.
+    let mirrors: Vec<String> = names
+        .iter()
+        .filter_map(|n| catalog.routes.get(n))
+        .flat_map(|r| r.rules.iter())
+        .filter_map(|rule| rule.actions.mirror.as_ref().map(|m| m.service.clone()))
+        .collect();
+    names.extend(mirrors);
+    Some(names)
 }
 
 fn scoped(

@@ -1,20 +1,60 @@
 //! Traffic rules -> route configurations: one virtual host per HTTP service, its routes from the
 //! service's `[routes.<svc>]` rules, in order (first match wins).
+//!
+//! Per rule: the match (path exact/prefix/regex, headers, query, method), the destination
+//! (one cluster or a weighted split) or a redirect, timeout and retries (the rule's, else the
+//! route's), mirroring, header edits, rewrites, and fault injection as the fault filter's
+//! per-route config. Per virtual host: the service's local rate limit as the local_ratelimit
+//! filter's per-route config, and the policy's hash (ring_hash/maglev) on every route. Each
+//! `typed_per_filter_config` map holds one entry (fault on routes, rate limit on the virtual
+//! host), for determinism.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::route::v3::{
-    header_matcher::HeaderMatchSpecifier, route::Action, route_action::ClusterSpecifier,
-    route_match::PathSpecifier, weighted_cluster::ClusterWeight, HeaderMatcher, RetryPolicy, Route,
-    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+use envoy_types::pb::envoy::config::core::v3::{
+    header_value_option::HeaderAppendAction, HeaderValue, HeaderValueOption,
+    RuntimeFractionalPercent,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
+use envoy_types::pb::envoy::config::route::v3::{
+    header_matcher::HeaderMatchSpecifier,
+    query_parameter_matcher::QueryParameterMatchSpecifier,
+    redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier},
+    retry_policy::RetryBackOff,
+    route::Action,
+    route_action::{
+        hash_policy::{self, PolicySpecifier},
+        ClusterSpecifier, HashPolicy, HostRewriteSpecifier, RequestMirrorPolicy,
+    },
+    route_match::PathSpecifier,
+    weighted_cluster::ClusterWeight,
+    HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy, Route, RouteAction,
+    RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+};
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{
+    fault_delay::FaultDelaySecifier, FaultDelay,
+};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+    fault_abort::ErrorType, FaultAbort, HttpFault,
+};
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    string_matcher::MatchPattern, RegexMatcher, StringMatcher,
+};
+use envoy_types::pb::envoy::r#type::v3::{
+    fractional_percent::DenominatorType, FractionalPercent, TokenBucket,
+};
 use envoy_types::pb::google::protobuf::UInt32Value;
-use pilotfish_registries::model::{self, Catalog, Service};
+use pilotfish_registries::model::{self, Catalog, HashOn, Service, StringCondition};
 
 use super::rbac::{self, Policies};
-use super::{duration, inbound_name, outbound_name, subset_name, INBOUND};
+use super::{any, duration, inbound_name, outbound_name, subset_name, INBOUND};
+
+/// The HTTP filters that take per-route configuration, in the outbound connection manager.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+pub const RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
+/// The response header set on a request refused by a service's rate limit.
+pub const RATE_LIMITED_HEADER: &str = "x-pilotfish-ratelimited";
 use crate::xds::resource::Resource;
 
 /// Retry conditions when a route asks for retries without naming any: failures where the
@@ -57,14 +97,30 @@ pub(super) fn outbound_vhost(catalog: &Catalog, svc: &Service) -> VirtualHost {
                 }
             })
             .collect();
-        let Some(specifier) = cluster_specifier(to) else {
-            continue;
+        let action = if let Some(redirect) = &r.actions.redirect {
+            Action::Redirect(redirect_action(redirect))
+        } else {
+            let Some(specifier) = cluster_specifier(to) else {
+                continue;
+            };
+            let mut a = action(rule, specifier);
+            rule_action(catalog, svc, r, &mut a);
+            Action::Route(a)
         };
-        routes.push(Route {
+        let mut route = Route {
             r#match: Some(route_match(&r.matches)),
-            action: Some(Action::Route(action(rule, specifier))),
+            action: Some(action),
+            request_headers_to_add: header_options(&r.actions.request_headers.add),
+            request_headers_to_remove: r.actions.request_headers.remove.clone(),
+            response_headers_to_add: header_options(&r.actions.response_headers.add),
+            response_headers_to_remove: r.actions.response_headers.remove.clone(),
             ..Default::default()
-        });
+        };
+        if let Some(fault) = &r.actions.fault {
+            route.typed_per_filter_config =
+                [(FAULT_FILTER.to_string(), any(&http_fault(fault)))].into();
+        }
+        routes.push(route);
         if r.matches.is_empty() {
             catch_all = true;
             break; // nothing after a catch-all can match
@@ -72,19 +128,213 @@ pub(super) fn outbound_vhost(catalog: &Catalog, svc: &Service) -> VirtualHost {
     }
     // Requests no rule matches go to the whole service rather than a 404.
     if !catch_all {
+        let mut a = action(rule, ClusterSpecifier::Cluster(whole));
+        a.hash_policy = hash_policy(catalog, svc);
         routes.push(Route {
             r#match: Some(prefix("/")),
-            action: Some(Action::Route(action(
-                rule,
-                ClusterSpecifier::Cluster(whole),
-            ))),
+            action: Some(Action::Route(a)),
             ..Default::default()
         });
     }
-    VirtualHost {
+    let mut vhost = VirtualHost {
         name: svc.name.clone(),
         domains: domains(svc),
         routes,
+        ..Default::default()
+    };
+    if let Some(limit) = catalog
+        .policies
+        .get(&svc.name)
+        .and_then(|p| p.rate_limit.as_ref())
+    {
+        vhost.typed_per_filter_config = [(
+            RATE_LIMIT_FILTER.to_string(),
+            any(&local_rate_limit(&svc.name, limit)),
+        )]
+        .into();
+    }
+    vhost
+}
+
+/// What a rule adds to the route action: its own timeout and retries, mirroring, rewrites, and
+/// the service's hash policy.
+fn rule_action(catalog: &Catalog, svc: &Service, r: &model::RouteRule, a: &mut RouteAction) {
+    if let Some(t) = r.actions.timeout {
+        a.timeout = Some(duration(t));
+    }
+    if let Some(retries) = &r.actions.retries {
+        a.retry_policy = Some(retry_policy(retries));
+    }
+    if let Some(m) = &r.actions.mirror {
+        let cluster = match &m.subset {
+            Some(s) => subset_name(&m.service, s),
+            None => outbound_name(&m.service),
+        };
+        a.request_mirror_policies = vec![RequestMirrorPolicy {
+            cluster,
+            runtime_fraction: Some(RuntimeFractionalPercent {
+                default_value: Some(hundredths(m.percent)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }];
+    }
+    if let Some(rw) = &r.actions.rewrite {
+        if let Some(p) = &rw.prefix {
+            a.prefix_rewrite = p.clone();
+        }
+        if let Some(h) = &rw.host {
+            a.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(h.clone()));
+        }
+    }
+    a.hash_policy = hash_policy(catalog, svc);
+}
+
+/// The policy's hash for ring_hash/maglev, as a route's hash policy.
+fn hash_policy(catalog: &Catalog, svc: &Service) -> Vec<HashPolicy> {
+    let Some(hash) = catalog
+        .policies
+        .get(&svc.name)
+        .and_then(|p| p.hash.as_ref())
+    else {
+        return Vec::new();
+    };
+    let specifier = match hash {
+        HashOn::Header(name) => PolicySpecifier::Header(hash_policy::Header {
+            header_name: name.clone(),
+            ..Default::default()
+        }),
+        HashOn::Cookie { name, ttl } => PolicySpecifier::Cookie(hash_policy::Cookie {
+            name: name.clone(),
+            ttl: ttl.map(duration),
+            path: "/".to_string(),
+            ..Default::default()
+        }),
+        HashOn::SourceIp => {
+            PolicySpecifier::ConnectionProperties(hash_policy::ConnectionProperties {
+                source_ip: true,
+            })
+        }
+    };
+    vec![HashPolicy {
+        policy_specifier: Some(specifier),
+        ..Default::default()
+    }]
+}
+
+fn hundredths(percent: u32) -> FractionalPercent {
+    FractionalPercent {
+        numerator: percent.min(100),
+        denominator: DenominatorType::Hundred as i32,
+    }
+}
+
+fn http_fault(f: &model::Fault) -> HttpFault {
+    HttpFault {
+        delay: f.delay.map(|(fixed, percent)| FaultDelay {
+            percentage: Some(hundredths(percent)),
+            fault_delay_secifier: Some(FaultDelaySecifier::FixedDelay(duration(fixed))),
+            ..Default::default()
+        }),
+        abort: f.abort.map(|(status, percent)| FaultAbort {
+            percentage: Some(hundredths(percent)),
+            error_type: Some(ErrorType::HttpStatus(status)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The per-route config of the local_ratelimit filter: `requests` tokens refilled every `per`,
+/// enforced on every request; refused requests get 429 and `x-pilotfish-ratelimited: true`.
+pub(super) fn local_rate_limit(service: &str, limit: &model::RateLimit) -> LocalRateLimit {
+    let all = Some(RuntimeFractionalPercent {
+        default_value: Some(hundredths(100)),
+        ..Default::default()
+    });
+    LocalRateLimit {
+        stat_prefix: format!("ratelimit_{service}"),
+        token_bucket: Some(TokenBucket {
+            max_tokens: limit.requests,
+            tokens_per_fill: Some(UInt32Value {
+                value: limit.requests,
+            }),
+            fill_interval: Some(duration(limit.per)),
+        }),
+        filter_enabled: all.clone(),
+        filter_enforced: all,
+        response_headers_to_add: header_options(
+            &[(RATE_LIMITED_HEADER.to_string(), "true".to_string())].into(),
+        ),
+        ..Default::default()
+    }
+}
+
+fn header_options(add: &std::collections::BTreeMap<String, String>) -> Vec<HeaderValueOption> {
+    add.iter()
+        .map(|(k, v)| HeaderValueOption {
+            header: Some(HeaderValue {
+                key: k.clone(),
+                value: v.clone(),
+                ..Default::default()
+            }),
+            append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+            ..Default::default()
+        })
+        .collect()
+}
+
+fn redirect_action(r: &model::Redirect) -> RedirectAction {
+    let code = match r.status {
+        302 => RedirectResponseCode::Found,
+        303 => RedirectResponseCode::SeeOther,
+        307 => RedirectResponseCode::TemporaryRedirect,
+        308 => RedirectResponseCode::PermanentRedirect,
+        _ => RedirectResponseCode::MovedPermanently,
+    };
+    RedirectAction {
+        host_redirect: r.host.clone().unwrap_or_default(),
+        response_code: code as i32,
+        scheme_rewrite_specifier: r
+            .https
+            .then_some(SchemeRewriteSpecifier::HttpsRedirect(true)),
+        path_rewrite_specifier: r.path.clone().map(PathRewriteSpecifier::PathRedirect),
+        ..Default::default()
+    }
+}
+
+/// The inline route configuration of gateway listener `name`: one virtual host per distinct
+/// `host` (in the order first named), each route to the service's whole cluster with the
+/// service's timeout, retries and hash policy.
+pub(super) fn gateway(catalog: &Catalog, gw: &model::Gateway, name: &str) -> RouteConfiguration {
+    let mut vhosts: Vec<VirtualHost> = Vec::new();
+    for r in &gw.routes {
+        let Some(svc) = catalog.services.get(&r.service) else {
+            continue;
+        };
+        let mut a = action(
+            catalog.routes.get(&r.service),
+            ClusterSpecifier::Cluster(outbound_name(&r.service)),
+        );
+        a.hash_policy = hash_policy(catalog, svc);
+        let route = Route {
+            r#match: Some(prefix(&r.path_prefix)),
+            action: Some(Action::Route(a)),
+            ..Default::default()
+        };
+        match vhosts.iter_mut().find(|v| v.domains == [r.host.clone()]) {
+            Some(v) => v.routes.push(route),
+            None => vhosts.push(VirtualHost {
+                name: format!("{}|{}", gw.name, vhosts.len()),
+                domains: vec![r.host.clone()],
+                routes: vec![route],
+                ..Default::default()
+            }),
+        }
+    }
+    RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vhosts,
         ..Default::default()
     }
 }
@@ -213,18 +463,26 @@ fn retry_policy(retries: &model::Retries) -> RetryPolicy {
             value: retries.attempts,
         }),
         per_try_timeout: retries.per_try_timeout.map(duration),
+        retry_back_off: retries.backoff.map(|(base, max)| RetryBackOff {
+            base_interval: Some(duration(base)),
+            max_interval: max.map(duration),
+        }),
         ..Default::default()
     }
 }
 
 fn route_match(m: &model::RouteMatch) -> RouteMatch {
-    let mut out = match (&m.path_exact, &m.path_prefix) {
-        (Some(exact), _) => RouteMatch {
+    let mut out = match (&m.path_exact, &m.path_prefix, &m.path_regex) {
+        (Some(exact), _, _) => RouteMatch {
             path_specifier: Some(PathSpecifier::Path(exact.clone())),
             ..Default::default()
         },
-        (None, Some(p)) => prefix(p),
-        (None, None) => prefix("/"),
+        (None, Some(p), _) => prefix(p),
+        (None, None, Some(re)) => RouteMatch {
+            path_specifier: Some(PathSpecifier::SafeRegex(regex(re))),
+            ..Default::default()
+        },
+        (None, None, None) => prefix("/"),
     };
     if let Some(method) = &m.method {
         out.headers.push(exact_header(":method", method));
@@ -234,7 +492,51 @@ fn route_match(m: &model::RouteMatch) -> RouteMatch {
             .iter()
             .map(|(name, value)| exact_header(name, value)),
     );
+    for (name, cond) in &m.header_conditions {
+        // `present = false` means absent (Envoy's present_match semantics).
+        let specifier = match cond {
+            StringCondition::Present(present) => HeaderMatchSpecifier::PresentMatch(*present),
+            other => HeaderMatchSpecifier::StringMatch(string_matcher(other)),
+        };
+        out.headers.push(HeaderMatcher {
+            name: name.clone(),
+            header_match_specifier: Some(specifier),
+            ..Default::default()
+        });
+    }
+    for (name, cond) in &m.query {
+        let specifier = match cond {
+            // `present = false` is refused for query parameters when the file is read.
+            StringCondition::Present(p) => QueryParameterMatchSpecifier::PresentMatch(*p),
+            other => QueryParameterMatchSpecifier::StringMatch(string_matcher(other)),
+        };
+        out.query_parameters.push(QueryParameterMatcher {
+            name: name.clone(),
+            query_parameter_match_specifier: Some(specifier),
+        });
+    }
     out
+}
+
+fn regex(re: &str) -> RegexMatcher {
+    RegexMatcher {
+        regex: re.to_string(),
+        ..Default::default()
+    }
+}
+
+fn string_matcher(cond: &StringCondition) -> StringMatcher {
+    let pattern = match cond {
+        StringCondition::Exact(v) => MatchPattern::Exact(v.clone()),
+        StringCondition::Prefix(v) => MatchPattern::Prefix(v.clone()),
+        StringCondition::Regex(v) => MatchPattern::SafeRegex(regex(v)),
+        // Callers handle presence; an empty prefix matches any value.
+        StringCondition::Present(_) => MatchPattern::Prefix(String::new()),
+    };
+    StringMatcher {
+        match_pattern: Some(pattern),
+        ignore_case: false,
+    }
 }
 
 fn prefix(p: &str) -> RouteMatch {

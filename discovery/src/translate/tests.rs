@@ -128,6 +128,7 @@ fn demo() -> Catalog {
                 attempts: 2,
                 per_try_timeout: Some(Duration::from_secs(1)),
                 on: vec!["5xx".into(), "connect-failure".into()],
+                backoff: None,
             }),
             rules: vec![
                 RouteRule {
@@ -136,11 +137,13 @@ fn demo() -> Catalog {
                         ..Default::default()
                     },
                     to: vec![to(Some("v2"), 1)],
+                    actions: Default::default(),
                     origin: Default::default(),
                 },
                 RouteRule {
                     matches: RouteMatch::default(),
                     to: vec![to(Some("v1"), 80), to(Some("v2"), 20)],
+                    actions: Default::default(),
                     origin: Default::default(),
                 },
             ],
@@ -159,6 +162,7 @@ fn demo() -> Catalog {
             load_balancer: LoadBalancer::LeastRequest,
             connect_timeout: None,
             origin: Default::default(),
+            ..Default::default()
         },
     );
     c
@@ -386,6 +390,7 @@ fn default_route_fallback_and_undeclared_subsets() {
             ..Default::default()
         },
         to: vec![to(Some("nope"), 1)],
+        actions: Default::default(),
         origin: Default::default(),
     };
     let shared = Shared::build(Arc::new(c));

@@ -313,7 +313,7 @@ impl Context {
     }
 
     pub(super) fn header_edits(&mut self, path: &str, raw: RawHeaderEdits) -> (HeaderOps, HeaderOps) {
-        let mut ops = |cx: &mut Context, side: &str, raw: Option<RawHeaderOps>| {
+        let ops = |cx: &mut Context, side: &str, raw: Option<RawHeaderOps>| {
             let mut out = HeaderOps::default();
             for (name, value) in raw.into_iter().flat_map(|r| {
                 let remove = r.remove;

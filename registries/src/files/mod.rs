@@ -14,8 +14,10 @@
 //! Problems are reported as `path:line:column: field: message`, logged when they first
 //! appear, and kept in [`FilesStatus`] for discovery's status API.
 
+mod actions;
 mod authz;
 mod duration;
+mod gateways;
 mod overlay;
 mod parse;
 mod rules;

@@ -18,6 +18,8 @@ use toml::Spanned;
 
 pub(crate) use super::authz::AuthzDecl;
 use super::authz::RawAuthorization;
+pub(crate) use super::gateways::GatewayDecl;
+use super::gateways::RawGateway;
 use super::duration::parse_duration;
 pub(crate) use super::rules::{PolicyDecl, RouteDecl};
 use super::rules::{RawPolicy, RawRoute};
@@ -43,6 +45,7 @@ pub(crate) struct FileDecls {
     pub routes: BTreeMap<String, RouteDecl>,
     pub policies: BTreeMap<String, PolicyDecl>,
     pub authorizations: BTreeMap<String, AuthzDecl>,
+    pub gateways: BTreeMap<String, GatewayDecl>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,6 +85,9 @@ struct RawFile {
     policies: BTreeMap<Spanned<String>, RawPolicy>,
     #[serde(default)]
     authorization: BTreeMap<Spanned<String>, Spanned<RawAuthorization>>,
+    /// Ingress gateways (see [`super::gateways`]).
+    #[serde(default)]
+    gateways: BTreeMap<Spanned<String>, RawGateway>,
 }
 
 // Integers are read as i64 so that a port of 0 or 70000 gets our message naming the field,
@@ -146,6 +152,11 @@ pub(crate) fn parse_file(file: &Path, text: &str) -> Result<FileDecls, Vec<Probl
             .authorization
             .into_iter()
             .map(|(name, raw)| cx.authorization(name, raw))
+            .collect(),
+        gateways: raw
+            .gateways
+            .into_iter()
+            .map(|(name, raw)| cx.gateway(name, raw))
             .collect(),
     };
     if cx.problems.is_empty() {

@@ -106,6 +106,7 @@ fn parses_every_field() {
             attempts: 2,
             per_try_timeout: Some(Duration::from_millis(250)),
             on: vec!["5xx".into(), "connect-failure".into()],
+            backoff: None,
         })
     );
     assert_eq!(route.rules.len(), 2);

@@ -7,9 +7,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::actions::{
+    RawBackoff, RawFault, RawHash, RawHeaderEdits, RawHealthCheck, RawLocality, RawMirror,
+    RawOutlier, RawPool, RawRateLimit, RawRedirect, RawRewrite,
+};
 use super::parse::{key, Context, Pos, MAX_WEIGHT};
 use crate::model::{
-    Destination, Labels, LoadBalancer, Policy, Retries, Route, RouteMatch, RouteRule,
+    Destination, Labels, LoadBalancer, Policy, Retries, Route, RouteMatch, RouteRule, RuleActions,
 };
 
 /// More retry attempts than this is a retry storm waiting to happen, not a policy.
@@ -44,6 +48,17 @@ pub(crate) struct RouteDecl {
     pub subset_refs: Vec<SubsetRef>,
     /// Where HTTP-only settings (retries, match) are, so a TCP service can refuse them.
     pub http_only: Vec<(String, Pos)>,
+    /// Every `mirror`, to check the service and subset against the catalog.
+    pub mirrors: Vec<MirrorRef>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MirrorRef {
+    /// The field path, `routes.reviews.rules[0].mirror`.
+    pub field: String,
+    pub service: String,
+    pub subset: Option<String>,
+    pub pos: Pos,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,6 +73,8 @@ pub(crate) struct SubsetRef {
 pub(crate) struct PolicyDecl {
     pub pos: Pos,
     pub policy: Policy,
+    /// Where HTTP-only settings (hash on header/cookie, rate_limit) are.
+    pub http_only: Vec<(String, Pos)>,
 }
 
 // ---- the tables as serde sees them ----
@@ -78,6 +95,7 @@ pub(super) struct RawRetries {
     per_try_timeout: Option<Spanned<String>>,
     #[serde(default)]
     on: Vec<Spanned<String>>,
+    backoff: Option<RawBackoff>,
 }
 
 #[derive(Deserialize)]
@@ -85,16 +103,29 @@ pub(super) struct RawRetries {
 pub(super) struct RawRule {
     #[serde(rename = "match")]
     matches: Option<Spanned<RawMatch>>,
-    to: Spanned<Vec<Spanned<RawDestination>>>,
+    to: Option<Spanned<Vec<Spanned<RawDestination>>>>,
+    retries: Option<Spanned<RawRetries>>,
+    timeout: Option<Spanned<String>>,
+    fault: Option<Spanned<RawFault>>,
+    mirror: Option<Spanned<RawMirror>>,
+    headers: Option<Spanned<RawHeaderEdits>>,
+    rewrite: Option<Spanned<RawRewrite>>,
+    redirect: Option<Spanned<RawRedirect>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawMatch {
+    /// `name = "exact value"` or `name = { exact | prefix | regex = "...", present = bool }`.
     #[serde(default)]
-    headers: BTreeMap<Spanned<String>, String>,
+    headers: BTreeMap<Spanned<String>, toml::Value>,
+    /// Query parameters, in the same forms as headers.
+    #[serde(default)]
+    query: BTreeMap<Spanned<String>, toml::Value>,
     path_prefix: Option<Spanned<String>>,
     path_exact: Option<Spanned<String>>,
+    /// RE2 regex on the whole path (without the query).
+    path_regex: Option<Spanned<String>>,
     method: Option<Spanned<String>>,
 }
 
@@ -112,6 +143,19 @@ pub(super) struct RawPolicy {
     subsets: BTreeMap<Spanned<String>, Labels>,
     load_balancer: Option<Spanned<String>>,
     connect_timeout: Option<Spanned<String>>,
+    /// ring_hash / maglev only: `{ header = "x" }`, `{ cookie = "c", ttl = "1h" }`, `{ source_ip = true }`.
+    hash: Option<Spanned<RawHash>>,
+    /// Circuit breaking: `{ max_connections, max_pending_requests, max_requests, max_retries }`.
+    connection_pool: Option<RawPool>,
+    /// `{ consecutive_5xx, interval, base_ejection_time, max_ejection_percent }`.
+    outlier_detection: Option<RawOutlier>,
+    /// `{ path, interval, timeout, healthy_threshold, unhealthy_threshold }`.
+    health_check: Option<RawHealthCheck>,
+    idle_timeout: Option<Spanned<String>>,
+    /// `{ requests, per }`, enforced by each caller's Envoy (429, `x-pilotfish-ratelimited`).
+    rate_limit: Option<Spanned<RawRateLimit>>,
+    /// `{ failover = ["dc1", "dc2"] }`: instance localities in priority order.
+    locality: Option<RawLocality>,
 }
 
 impl Context {
@@ -128,10 +172,12 @@ impl Context {
             self.retries(&format!("{path}.retries"), r.into_inner())
         });
         let mut subset_refs = Vec::new();
+        let mut mirrors = Vec::new();
         let mut rules = Vec::new();
         for (i, rule) in raw.rules.into_iter().enumerate() {
             let rule_path = format!("{path}.rules[{i}]");
             let origin = self.origin(rule.span());
+            let rule_span = rule.span();
             let rule = rule.into_inner();
             let matches = match rule.matches {
                 Some(m) => {
@@ -145,10 +191,75 @@ impl Context {
                 }
                 None => RouteMatch::default(),
             };
-            let to = self.destinations(&format!("{rule_path}.to"), rule.to, &mut subset_refs);
+            let to = match (rule.to, &rule.redirect) {
+                (Some(to), None) => {
+                    self.destinations(&format!("{rule_path}.to"), to, &mut subset_refs)
+                }
+                (Some(to), Some(_)) => {
+                    self.report(
+                        to.span(),
+                        &format!("{rule_path}.to"),
+                        "set together with redirect; a redirected request goes nowhere else",
+                    );
+                    Vec::new()
+                }
+                (None, Some(_)) => Vec::new(),
+                (None, None) => {
+                    self.report(
+                        rule_span.clone(),
+                        &format!("{rule_path}.to"),
+                        "missing (a rule needs destinations, or a redirect)",
+                    );
+                    Vec::new()
+                }
+            };
+            let mut actions = RuleActions::default();
+            let mut http = |cx: &Context, key: &str, span: std::ops::Range<usize>| {
+                http_only.push((format!("{rule_path}.{key}"), cx.pos(span)));
+            };
+            if let Some(r) = rule.retries {
+                http(self, "retries", r.span());
+                actions.retries = Some(self.retries(&format!("{rule_path}.retries"), r.into_inner()));
+            }
+            if let Some(t) = &rule.timeout {
+                http(self, "timeout", t.span());
+                actions.timeout = self.duration(t, &format!("{rule_path}.timeout"));
+            }
+            if let Some(f) = rule.fault {
+                http(self, "fault", f.span());
+                actions.fault = Some(self.fault(&format!("{rule_path}.fault"), f));
+            }
+            if let Some(m) = rule.mirror {
+                http(self, "mirror", m.span());
+                let field = format!("{rule_path}.mirror");
+                let mirror = self.mirror(&field, m.get_ref());
+                mirrors.push(MirrorRef {
+                    field,
+                    service: mirror.service.clone(),
+                    subset: mirror.subset.clone(),
+                    pos: self.pos(m.get_ref().service.span()),
+                });
+                actions.mirror = Some(mirror);
+            }
+            if let Some(h) = rule.headers {
+                http(self, "headers", h.span());
+                let (request, response) =
+                    self.header_edits(&format!("{rule_path}.headers"), h.into_inner());
+                actions.request_headers = request;
+                actions.response_headers = response;
+            }
+            if let Some(r) = rule.rewrite {
+                http(self, "rewrite", r.span());
+                actions.rewrite = Some(self.rewrite(&format!("{rule_path}.rewrite"), r));
+            }
+            if let Some(r) = rule.redirect {
+                http(self, "redirect", r.span());
+                actions.redirect = Some(self.redirect(&format!("{rule_path}.redirect"), r));
+            }
             rules.push(RouteRule {
                 matches,
                 to,
+                actions,
                 origin,
             });
         }
@@ -163,6 +274,7 @@ impl Context {
             },
             subset_refs,
             http_only,
+            mirrors,
         };
         (name.into_inner(), decl)
     }
@@ -201,36 +313,69 @@ impl Context {
             }
             on.push(cond.into_inner());
         }
+        let backoff = raw
+            .backoff
+            .and_then(|b| self.backoff(&format!("{path}.backoff"), b));
         Retries {
             attempts,
             per_try_timeout,
             on,
+            backoff,
         }
     }
 
     fn route_match(&mut self, path: &str, raw: RawMatch) -> RouteMatch {
         let mut headers = BTreeMap::new();
+        let mut header_conditions = BTreeMap::new();
         for (name, value) in raw.headers {
             let field = format!("{path}.headers");
-            let valid = !name.get_ref().is_empty()
-                && name
-                    .get_ref()
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c));
-            if !valid {
-                self.report(
-                    name.span(),
-                    &field,
-                    format!("\"{}\" is not a header name", name.get_ref()),
-                );
-            }
+            self.header_name(&name, &field);
             // HTTP header names are case-insensitive and Envoy sees them in lower case.
             let lower = name.get_ref().to_ascii_lowercase();
-            if headers.insert(lower.clone(), value).is_some() {
+            let twice = match value {
+                toml::Value::String(v) => headers.insert(lower.clone(), v).is_some(),
+                other => {
+                    let field = format!("{field}.{}", key(&lower));
+                    match self.condition(&name, &other, &field) {
+                        Some(c) => header_conditions.insert(lower.clone(), c).is_some(),
+                        None => false,
+                    }
+                }
+            };
+            if twice || (headers.contains_key(&lower) && header_conditions.contains_key(&lower)) {
                 self.report(
                     name.span(),
                     &field,
                     format!("header \"{lower}\" is matched twice"),
+                );
+            }
+        }
+        let mut query = BTreeMap::new();
+        for (name, value) in raw.query {
+            let field = format!("{path}.query.{}", key(name.get_ref()));
+            if name.get_ref().is_empty() {
+                self.report(name.span(), &field, "a query parameter needs a name");
+            }
+            if let Some(c) = self.condition(&name, &value, &field) {
+                if c == crate::model::StringCondition::Present(false) {
+                    // Envoy cannot match the absence of a query parameter.
+                    self.report(name.span(), &format!("{field}.present"), "only `present = true` is supported for query parameters");
+                }
+                query.insert(name.into_inner(), c);
+            }
+        }
+        if let Some(re) = &raw.path_regex {
+            self.regex(re, &format!("{path}.path_regex"));
+        }
+        let paths = usize::from(raw.path_prefix.is_some())
+            + usize::from(raw.path_exact.is_some())
+            + usize::from(raw.path_regex.is_some());
+        if paths > 1 && raw.path_regex.is_some() {
+            if let Some(re) = &raw.path_regex {
+                self.report(
+                    re.span(),
+                    &format!("{path}.path_regex"),
+                    "set together with path_prefix or path_exact; use one of them",
                 );
             }
         }
@@ -271,8 +416,11 @@ impl Context {
         }
         RouteMatch {
             headers,
+            header_conditions,
+            query,
             path_prefix: raw.path_prefix.map(Spanned::into_inner),
             path_exact: raw.path_exact.map(Spanned::into_inner),
+            path_regex: raw.path_regex.map(Spanned::into_inner),
             method: raw.method.map(Spanned::into_inner),
         }
     }
@@ -376,6 +524,45 @@ impl Context {
             .connect_timeout
             .as_ref()
             .and_then(|t| self.duration(t, &format!("{path}.connect_timeout")));
+        let mut http_only = Vec::new();
+        let hash = raw.hash.and_then(|h| {
+            let field = format!("{path}.hash");
+            let pos = self.pos(h.span());
+            if !matches!(load_balancer, LoadBalancer::RingHash | LoadBalancer::Maglev) {
+                self.report(
+                    h.span(),
+                    &field,
+                    "only ring_hash and maglev hash; set load_balancer = \"ring_hash\" or \"maglev\"",
+                );
+            }
+            let hash = self.hash(&field, h);
+            if !matches!(hash, Some(crate::model::HashOn::SourceIp) | None) {
+                http_only.push((field, pos));
+            }
+            hash
+        });
+        let connection_pool = raw
+            .connection_pool
+            .map(|p| self.pool(&format!("{path}.connection_pool"), p));
+        let outlier_detection = raw
+            .outlier_detection
+            .map(|o| self.outlier(&format!("{path}.outlier_detection"), o));
+        let health_check = raw
+            .health_check
+            .map(|h| self.health_check(&format!("{path}.health_check"), h));
+        let idle_timeout = raw
+            .idle_timeout
+            .as_ref()
+            .and_then(|t| self.duration(t, &format!("{path}.idle_timeout")));
+        let rate_limit = raw.rate_limit.and_then(|r| {
+            let field = format!("{path}.rate_limit");
+            http_only.push((field.clone(), self.pos(r.span())));
+            self.rate_limit(&field, r.into_inner())
+        });
+        let failover = raw
+            .locality
+            .map(|l| self.failover(&format!("{path}.locality"), l))
+            .unwrap_or_default();
         let decl = PolicyDecl {
             pos: self.pos(name.span()),
             policy: Policy {
@@ -383,8 +570,16 @@ impl Context {
                 subsets,
                 load_balancer,
                 connect_timeout,
+                hash,
+                connection_pool,
+                outlier_detection,
+                health_check,
+                idle_timeout,
+                rate_limit,
+                failover,
                 origin: self.origin(name.span()),
             },
+            http_only,
         };
         (name.into_inner(), decl)
     }

@@ -131,12 +131,22 @@ where
                 ));
                 continue;
             }
-            if !catalog.services.contains_key(name) {
-                problems.push(problem(
+            match catalog.services.get(name) {
+                None => problems.push(problem(
                     file,
                     decl.pos,
                     format!("{path}: unknown service \"{name}\""),
-                ));
+                )),
+                Some(service) if service.protocol == Protocol::Tcp => {
+                    for (field, pos) in &decl.http_only {
+                        problems.push(problem(
+                            file,
+                            *pos,
+                            format!("{field}: \"{name}\" is a tcp service; only HTTP services have header/cookie hashing and request rate limits"),
+                        ));
+                    }
+                }
+                Some(_) => {}
             }
             catalog.policies.insert(name.clone(), decl.policy.clone());
         }
@@ -175,6 +185,36 @@ where
                 .get(name)
                 .map(|p| p.subsets.keys().collect())
                 .unwrap_or_default();
+            for m in &decl.mirrors {
+                let Some(target) = catalog.services.get(&m.service) else {
+                    problems.push(problem(
+                        file,
+                        m.pos,
+                        format!("{}.service: unknown service \"{}\"", m.field, m.service),
+                    ));
+                    continue;
+                };
+                if !target.protocol.is_http() {
+                    problems.push(problem(
+                        file,
+                        m.pos,
+                        format!("{}.service: \"{}\" is a tcp service; only HTTP requests are mirrored", m.field, m.service),
+                    ));
+                }
+                if let Some(subset) = &m.subset {
+                    let known = catalog
+                        .policies
+                        .get(&m.service)
+                        .is_some_and(|p| p.subsets.contains_key(subset));
+                    if !known {
+                        problems.push(problem(
+                            file,
+                            m.pos,
+                            format!("{}.subset: unknown subset \"{subset}\" of service \"{}\" (declare it in [policies.{}] subsets)", m.field, m.service, key(&m.service)),
+                        ));
+                    }
+                }
+            }
             for r in &decl.subset_refs {
                 if declared.contains(&r.subset) {
                     continue;
@@ -241,6 +281,52 @@ where
             catalog
                 .authorizations
                 .insert(name.clone(), decl.authorization.clone());
+        }
+    }
+
+    // Gateways: known HTTP services, one gateway per listen address.
+    let mut listens: Vec<(std::net::SocketAddr, String, Origin)> = Vec::new();
+    for (file, decls) in &files {
+        for (name, decl) in &decls.gateways {
+            let path = format!("gateways.{}", key(name));
+            if let Some(existing) = catalog.gateways.get(name) {
+                problems.push(problem(
+                    file,
+                    decl.pos,
+                    format!("{path}: gateway \"{name}\" is already declared at {}", existing.origin),
+                ));
+                continue;
+            }
+            for (field, service, pos) in &decl.service_refs {
+                match catalog.services.get(service) {
+                    None => problems.push(problem(
+                        file,
+                        *pos,
+                        format!("{field}: unknown service \"{service}\""),
+                    )),
+                    Some(s) if !s.protocol.is_http() => problems.push(problem(
+                        file,
+                        *pos,
+                        format!("{field}: \"{service}\" is a tcp service; a gateway routes HTTP"),
+                    )),
+                    Some(_) => {}
+                }
+            }
+            let listen = decl.gateway.listen;
+            let clash = listens.iter().find(|(addr, node, _)| {
+                *node == decl.gateway.node
+                    && addr.port() == listen.port()
+                    && (addr.ip() == listen.ip() || addr.ip().is_unspecified() || listen.ip().is_unspecified())
+            });
+            if let Some((addr, _, origin)) = clash {
+                problems.push(problem(
+                    file,
+                    decl.listen_pos,
+                    format!("{path}.listen: {listen} overlaps {addr} of the gateway at {origin} on node \"{}\"", decl.gateway.node),
+                ));
+            }
+            listens.push((listen, decl.gateway.node.clone(), decl.gateway.origin.clone()));
+            catalog.gateways.insert(name.clone(), decl.gateway.clone());
         }
     }
 

@@ -1,7 +1,12 @@
 //! A small HTTP app for the demo and the end-to-end tests: it answers every request with its
 //! service name and version, so a caller can see which instance the mesh picked.
 //!
-//! `pilotfish-sample-app --listen 127.0.0.3:9080 --name reviews --version v1 [--fail-percent 50]`
+//! `pilotfish-sample-app --listen 127.0.0.3:9080 --name reviews --version v1 [--fail-percent 50]
+//! [--fail-spread] [--delay-ms 200] [--h2c]`
+//!
+//! `GET /__count` answers how many requests it served before (itself not counted), for tests
+//! that count copies (mirroring). `--h2c` serves HTTP/2 with prior knowledge only (as Envoy
+//! speaks to http2/grpc services).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,6 +21,9 @@ struct App {
     name: String,
     version: String,
     fail_percent: u64,
+    delay_ms: u64,
+    /// Spread failures evenly (with 50%: every other request) instead of the first N of 100.
+    spread: bool,
     served: AtomicU64,
 }
 
@@ -25,11 +33,23 @@ async fn answer(
     uri: Uri,
     headers: HeaderMap,
 ) -> impl IntoResponse {
-    let n = app.served.fetch_add(1, Ordering::Relaxed);
     let who = format!("{}-{}", app.name, app.version);
+    if uri.path() == "/__count" {
+        let n = app.served.load(Ordering::Relaxed);
+        return (StatusCode::OK, [("x-served-by", who)], format!("{n}\n"));
+    }
+    let n = app.served.fetch_add(1, Ordering::Relaxed);
+    if app.delay_ms > 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(app.delay_ms)).await;
+    }
     // Deterministic failures: every request whose sequence number falls in the first
     // `fail_percent` of each hundred fails, so a test sees exactly that share.
-    if n % 100 < app.fail_percent {
+    let fails = if app.spread {
+        (n * app.fail_percent) % 100 < app.fail_percent
+    } else {
+        n % 100 < app.fail_percent
+    };
+    if fails {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             [("x-served-by", who.clone())],
@@ -67,11 +87,29 @@ async fn main() -> anyhow::Result<()> {
             .map(|s| s.parse())
             .transpose()?
             .unwrap_or(0),
+        delay_ms: arg(&args, "--delay-ms")
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(0),
+        spread: args.iter().any(|a| a == "--fail-spread"),
         served: AtomicU64::new(0),
     });
+    let h2c = args.iter().any(|a| a == "--h2c");
     let listener = tokio::net::TcpListener::bind(listen).await?;
     eprintln!("{}-{} listening on {listen}", app.name, app.version);
     let router = axum::Router::new().fallback(answer).with_state(app);
-    axum::serve(listener, router).await?;
-    Ok(())
+    if !h2c {
+        axum::serve(listener, router).await?;
+        return Ok(());
+    }
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(io, service)
+                .await;
+        });
+    }
 }

@@ -565,13 +565,20 @@ async fn run(args: Args) -> Result<()> {
     if std::env::var_os("PILOTFISH_LOG").is_none() {
         std::env::set_var("PILOTFISH_LOG", "warn,pilotfish_discovery::mesh=info");
     }
+    // PILOTFISH_BENCH_WRAP=heaptrack (or `perf record -g --`) runs discovery under a profiler.
+    let program = binary("pilotfish-discovery")?;
+    let config_arg = config.display().to_string();
+    let wrap = std::env::var("PILOTFISH_BENCH_WRAP").unwrap_or_default();
+    let mut words: Vec<String> = wrap.split_whitespace().map(str::to_string).collect();
+    words.extend([program.display().to_string(), "--config".into(), config_arg]);
+    let argv: Vec<&str> = words.iter().skip(1).map(String::as_str).collect();
     let mut discovery = Process::spawn(
         "discovery",
-        &binary("pilotfish-discovery")?,
-        &["--config", &config.display().to_string()],
+        Path::new(&words[0]),
+        &argv,
         dir.join("discovery.log"),
     )?;
-    let pid = discovery.pid().context("discovery pid")?;
+    let mut pid = discovery.pid().context("discovery pid")?;
     pilotfish_tests::wait_for("discovery serving", Duration::from_secs(60), || async {
         Ok(snapshot_status(http)
             .await
@@ -580,6 +587,13 @@ async fn run(args: Args) -> Result<()> {
             .map(|_| ()))
     })
     .await?;
+    if !wrap.is_empty() {
+        // The wrapper's child is discovery.
+        pid = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()
+            .and_then(|c| c.split_whitespace().next().and_then(|p| p.parse().ok()))
+            .unwrap_or(pid);
+    }
     let idle = memory(pid);
     println!(
         "pilotfish-xds-bench: {} services x {} instances, {} proxies ({}% delta), {} streams per connection",
