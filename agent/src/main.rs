@@ -49,8 +49,11 @@ fn main() -> ExitCode {
         println!("{}: ok", args.config.display());
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread is plenty for relaying xDS and supervising one Envoy, and it keeps the
+    // agent's memory small (no per-worker allocator arenas or queues).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(4)
         .build()
     {
         Ok(rt) => rt,
