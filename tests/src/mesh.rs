@@ -86,6 +86,9 @@ pub struct Mesh {
     _tmp: tempfile::TempDir,
 }
 
+/// The rules API token every test mesh writes to `api-token` beside discovery.toml.
+pub const API_TOKEN: &str = "e2e-api-token";
+
 /// How to start a mesh.
 #[derive(Debug, Clone)]
 pub struct MeshOptions {
@@ -148,6 +151,8 @@ impl Mesh {
                 opts.discovery_extra
             ),
         )?;
+        // The rules API's bearer token, for tests that use it (`[api] token_file = "api-token"`).
+        fs::write(dir.join("api-token"), API_TOKEN)?;
         let ca_file = dir.join("root.pem");
         if opts.secure {
             let bundle = discovery_cli(&config, &["ca", "bundle"])?;

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use pilotfish_tests::mesh::Mesh;
-use pilotfish_tests::{blocking, envoy_stat, free_port, http_get, http_request, wait_for, Response};
+use pilotfish_tests::{
+    blocking, envoy_stat, free_port, http_get, http_request, wait_for, Response,
+};
 
 const READY: Duration = Duration::from_secs(30);
 
@@ -51,7 +53,13 @@ fn three_hosts() -> Result<Mesh> {
 }
 
 /// Start app `name`/`version` on `node`'s address; the registry instance for it.
-fn app(mesh: &mut Mesh, node: &str, name: &str, version: &'static str, extra: &[&str]) -> Result<Inst> {
+fn app(
+    mesh: &mut Mesh,
+    node: &str,
+    name: &str,
+    version: &'static str,
+    extra: &[&str],
+) -> Result<Inst> {
     let (ip, mesh_port) = {
         let h = mesh.host(node);
         (h.ip, h.mesh_port)
@@ -76,7 +84,12 @@ async fn ready(mesh: &Mesh) -> Result<()> {
 }
 
 /// Wait until `host` answers `path` through `outbound` with `status`.
-async fn reachable(mesh: &Mesh, outbound: SocketAddr, host: &'static str, status: u16) -> Result<()> {
+async fn reachable(
+    mesh: &Mesh,
+    outbound: SocketAddr,
+    host: &'static str,
+    status: u16,
+) -> Result<()> {
     let r = wait_for(&format!("{host} reachable"), READY, || async move {
         Ok(get(outbound, host, "/", &[])
             .await
@@ -101,7 +114,12 @@ async fn get(
 }
 
 /// Status codes of `n` sequential calls.
-async fn statuses(addr: SocketAddr, host: &'static str, path: &'static str, n: usize) -> BTreeMap<u16, usize> {
+async fn statuses(
+    addr: SocketAddr,
+    host: &'static str,
+    path: &'static str,
+    n: usize,
+) -> BTreeMap<u16, usize> {
     let mut seen = BTreeMap::new();
     for _ in 0..n {
         let status = get(addr, host, path, &[]).await.map_or(0, |r| r.status);
@@ -118,7 +136,13 @@ fn count<K: Ord>(seen: &BTreeMap<K, usize>, k: K) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_actions() -> Result<()> {
     let mut mesh = three_hosts()?;
-    let flaky = app(&mut mesh, "vm-b", "flaky", "v1", &["--fail-percent", "50", "--fail-spread"])?;
+    let flaky = app(
+        &mut mesh,
+        "vm-b",
+        "flaky",
+        "v1",
+        &["--fail-percent", "50", "--fail-spread"],
+    )?;
     let slow = app(&mut mesh, "vm-c", "slow", "v1", &["--delay-ms", "3000"])?;
     let faulty = app(&mut mesh, "vm-b", "faulty", "v1", &[])?;
     let mirrored = app(&mut mesh, "vm-b", "mirrored", "v1", &[])?;
@@ -165,7 +189,10 @@ rate_limit = { requests = 5, per = "1m" }
     // Retries: every other request fails at the app; callers see (nearly) none of it.
     let seen = statuses(out, "flaky", "/", 100).await;
     println!("flaky with retries: {seen:?}");
-    assert!(count(&seen, 200) >= 98, "retries hide a 50% failing backend: {seen:?}");
+    assert!(
+        count(&seen, 200) >= 98,
+        "retries hide a 50% failing backend: {seen:?}"
+    );
 
     // Timeout: a 3s backend behind a 500ms route timeout answers 504 after about 500ms.
     let start = Instant::now();
@@ -182,7 +209,10 @@ rate_limit = { requests = 5, per = "1m" }
     let seen = statuses(out, "faulty", "/", 200).await;
     println!("faulty abort 50%: {seen:?}");
     let aborted = count(&seen, 418);
-    assert!((60..=140).contains(&aborted), "~100 of 200 aborted: {seen:?}");
+    assert!(
+        (60..=140).contains(&aborted),
+        "~100 of 200 aborted: {seen:?}"
+    );
     assert_eq!(aborted + count(&seen, 200), 200, "{seen:?}");
     // Delay: every /delay request waits ~300ms, then reaches the app.
     for _ in 0..3 {
@@ -205,14 +235,18 @@ rate_limit = { requests = 5, per = "1m" }
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-served-by"), Some("mirrored-v1"));
     }
-    let copies = wait_for("20 copies at the shadow", Duration::from_secs(10), || async move {
-        let n: u64 = blocking(move || http_get(shadow_addr, "shadow", "/__count"))
-            .await?
-            .body
-            .trim()
-            .parse()?;
-        Ok((n >= before + 20).then_some(n - before))
-    })
+    let copies = wait_for(
+        "20 copies at the shadow",
+        Duration::from_secs(10),
+        || async move {
+            let n: u64 = blocking(move || http_get(shadow_addr, "shadow", "/__count"))
+                .await?
+                .body
+                .trim()
+                .parse()?;
+            Ok((n >= before + 20).then_some(n - before))
+        },
+    )
     .await?;
     println!("shadow received {copies} copies of 20 requests");
 
@@ -239,7 +273,13 @@ async fn connection_policies() -> Result<()> {
     let mut mesh = three_hosts()?;
     let pool = app(&mut mesh, "vm-b", "pool", "v1", &["--delay-ms", "1000"])?;
     let good = app(&mut mesh, "vm-b", "outlier", "v1", &[])?;
-    let bad = app(&mut mesh, "vm-c", "outlier", "v2", &["--fail-percent", "100"])?;
+    let bad = app(
+        &mut mesh,
+        "vm-c",
+        "outlier",
+        "v2",
+        &["--fail-percent", "100"],
+    )?;
     let h1 = app(&mut mesh, "vm-b", "hashed", "v1", &[])?;
     let h2 = app(&mut mesh, "vm-c", "hashed", "v2", &[])?;
     let mut reg = String::new();
@@ -277,22 +317,35 @@ hash = { header = "x-user" }
     println!("circuit breaking, 10 concurrent: {seen:?}");
     let refused = count(&seen, (503, true));
     assert!(refused >= 5, "most calls refused by the breaker: {seen:?}");
-    assert!(count(&seen, (200, false)) >= 1, "some calls served: {seen:?}");
+    assert!(
+        count(&seen, (200, false)) >= 1,
+        "some calls served: {seen:?}"
+    );
 
     // Outlier detection: the always-failing instance is ejected after 2 consecutive 5xx.
     let start = Instant::now();
-    wait_for("failing instance ejected", Duration::from_secs(15), || async move {
-        let seen = statuses(out, "outlier", "/", 20).await;
-        Ok((count(&seen, 200) == 20).then_some(()))
-    })
+    wait_for(
+        "failing instance ejected",
+        Duration::from_secs(15),
+        || async move {
+            let seen = statuses(out, "outlier", "/", 20).await;
+            Ok((count(&seen, 200) == 20).then_some(()))
+        },
+    )
     .await?;
     let admin = mesh.host("vm-a").admin;
     let ejected = blocking(move || {
-        envoy_stat(admin, "cluster.outbound|outlier.outlier_detection.ejections_enforced_total")
+        envoy_stat(
+            admin,
+            "cluster.outbound|outlier.outlier_detection.ejections_enforced_total",
+        )
     })
     .await?
     .unwrap_or(0);
-    println!("outlier: all 20 calls ok {:?} after start, ejections {ejected}", start.elapsed());
+    println!(
+        "outlier: all 20 calls ok {:?} after start, ejections {ejected}",
+        start.elapsed()
+    );
     assert!(ejected >= 1, "an ejection was enforced");
 
     // Ring hash on x-user: each user sticks to one instance.
@@ -306,7 +359,9 @@ hash = { header = "x-user" }
                 .or_insert(0) += 1;
         }
         assert_eq!(who.len(), 1, "{user} went to one instance: {who:?}");
-        *spread.entry(who.into_keys().next().unwrap_or_default()).or_insert(0) += 1;
+        *spread
+            .entry(who.into_keys().next().unwrap_or_default())
+            .or_insert(0) += 1;
     }
     println!("ring hash: users per instance {spread:?}");
     Ok(())
@@ -377,13 +432,18 @@ service = "web"
     // TCP: the service's port on vm-a's outbound address, split 50/50 by connection.
     let tcp = SocketAddr::new(a_ip, tcp_port);
     wait_for("tcp listener", READY, || async move {
-        Ok(blocking(move || http_get(tcp, "db", "/")).await.ok().filter(|r| r.status == 200))
+        Ok(blocking(move || http_get(tcp, "db", "/"))
+            .await
+            .ok()
+            .filter(|r| r.status == 200))
     })
     .await?;
     let mut seen = BTreeMap::new();
     for _ in 0..40 {
         let r = blocking(move || http_get(tcp, "db", "/")).await?;
-        *seen.entry(r.header("x-served-by").unwrap_or("?").to_string()).or_insert(0) += 1;
+        *seen
+            .entry(r.header("x-served-by").unwrap_or("?").to_string())
+            .or_insert(0) += 1;
     }
     println!("tcp 50/50: {seen:?}");
     assert!(
@@ -394,17 +454,35 @@ service = "web"
     // External service by DNS name.
     reachable(&mesh, out, "ext", 200).await?;
     let r = get(out, "ext", "/", &[]).await?;
-    println!("external by DNS: {} {:?}", r.status, r.header("x-served-by"));
+    println!(
+        "external by DNS: {} {:?}",
+        r.status,
+        r.header("x-served-by")
+    );
     assert_eq!(r.header("x-served-by"), Some("ext-v1"));
 
     // Ingress gateway: an outside request with the gateway's Host reaches web; others 404.
     let r = wait_for("gateway routes into the mesh", READY, || async move {
-        Ok(blocking(move || http_get(gw_addr, "shop.example.com", "/products"))
-            .await
-            .ok()
-            .filter(|r| r.status == 200))
+        Ok(
+            blocking(move || http_get(gw_addr, "shop.example.com", "/products"))
+                .await
+                .ok()
+                .filter(|r| r.status == 200),
+        )
     })
-    .await?;
+    .await;
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => {
+            let status = blocking({
+                let http = mesh.http;
+                move || pilotfish_tests::admin_get(http, "/status")
+            })
+            .await
+            .unwrap_or_default();
+            bail!("{e:#}\nstatus: {status}\n{}", mesh.logs())
+        }
+    };
     println!("gateway: {} {:?}", r.status, r.header("x-served-by"));
     assert_eq!(r.header("x-served-by"), Some("web-v1"));
     let other = blocking(move || http_get(gw_addr, "elsewhere.example.com", "/")).await?;

@@ -761,6 +761,12 @@ async fn run(args: Args) -> Result<()> {
     }
 
     tasks.abort_all();
+    if !wrap.is_empty() {
+        // The wrapper does not pass SIGTERM on: stop discovery itself first.
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+    }
     discovery.terminate(Duration::from_secs(5));
     if args.keep {
         let kept = tmp.keep();
