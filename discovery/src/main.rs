@@ -195,6 +195,10 @@ fn validate(dirs: &[PathBuf]) -> ExitCode {
     }
     if problems.is_empty() {
         println!("{}", summary(&catalog));
+        // What would be pushed, by resource name.
+        for line in pilotfish_discovery::translate::describe(&catalog) {
+            println!("  {line}");
+        }
         ExitCode::SUCCESS
     } else {
         eprintln!("{} problem(s)", problems.len());

@@ -55,6 +55,7 @@
 //! entry in key order ([`labels_metadata`]).
 
 mod clusters;
+mod describe;
 mod endpoints;
 mod incremental;
 mod listeners;
@@ -63,6 +64,8 @@ mod routes;
 #[cfg(test)]
 mod tests;
 mod tls;
+#[cfg(test)]
+mod traffic_tests;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -78,6 +81,7 @@ use prost::Message;
 use crate::proxy::Proxy;
 use crate::xds::resource::{self, Resource, ResourceMap};
 
+pub use describe::describe;
 pub use endpoints::labels_metadata;
 pub use incremental::{endpoint_change, EndpointChange};
 pub use tls::{

@@ -172,6 +172,9 @@ fn rule_action(catalog: &Catalog, svc: &Service, r: &model::RouteRule, a: &mut R
         };
         a.request_mirror_policies = vec![RequestMirrorPolicy {
             cluster,
+            // The copy must reach the mirror service's app: peers' mesh ports route by Host.
+            host_rewrite_literal: m.service.clone(),
+            disable_shadow_host_suffix_append: true,
             runtime_fraction: Some(RuntimeFractionalPercent {
                 default_value: Some(hundredths(m.percent)),
                 ..Default::default()
@@ -234,7 +237,6 @@ fn http_fault(f: &model::Fault) -> HttpFault {
         delay: f.delay.map(|(fixed, percent)| FaultDelay {
             percentage: Some(hundredths(percent)),
             fault_delay_secifier: Some(FaultDelaySecifier::FixedDelay(duration(fixed))),
-            ..Default::default()
         }),
         abort: f.abort.map(|(status, percent)| FaultAbort {
             percentage: Some(hundredths(percent)),
@@ -317,6 +319,8 @@ pub(super) fn gateway(catalog: &Catalog, gw: &model::Gateway, name: &str) -> Rou
             ClusterSpecifier::Cluster(outbound_name(&r.service)),
         );
         a.hash_policy = hash_policy(catalog, svc);
+        // Peers' mesh ports route by Host: the request must name the service, not the site.
+        a.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(svc.name.clone()));
         let route = Route {
             r#match: Some(prefix(&r.path_prefix)),
             action: Some(Action::Route(a)),

@@ -312,3 +312,33 @@ fn pushes_follow_push_order_and_only_requested_types() {
     let order: Vec<_> = step.responses.iter().map(|r| r.type_url.as_str()).collect();
     assert_eq!(order, [CLUSTER, ENDPOINT, LISTENER]);
 }
+
+#[test]
+fn endpoint_push_carries_only_the_changed_assignments() {
+    let mut s = state(&["a", "b"]);
+    let e = one(s.on_request(first(ENDPOINT, &["a", "b"])).expect("ok"));
+    assert_eq!(e.resources.len(), 2);
+    assert!(s
+        .on_request(ack_of(&e, &["a", "b"]))
+        .expect("ok")
+        .responses
+        .is_empty());
+
+    // Only `a`'s assignment changes; the other maps keep their Arcs.
+    let before = resources(&["a", "b"], 1);
+    let mut after = before.clone();
+    let mut endpoints = (*before.endpoints).clone();
+    endpoints.insert("a".into(), resources(&["a"], 2).endpoints["a"].clone());
+    after.endpoints = std::sync::Arc::new(endpoints);
+    s.on_resources(before);
+    let r = one(s.on_resources(after));
+    assert_eq!(r.type_url, ENDPOINT);
+    assert_eq!(resource_names(&r), ["a"]);
+    assert_ne!(r.version_info, e.version_info);
+    // Its ACK names the same resources: nothing more to send.
+    assert!(s
+        .on_request(ack_of(&r, &["a", "b"]))
+        .expect("ok")
+        .responses
+        .is_empty());
+}

@@ -202,7 +202,11 @@ impl Context {
     /// does regex-syntax).
     pub(super) fn regex(&mut self, re: &Spanned<String>, field: &str) {
         if re.get_ref().is_empty() {
-            self.report(re.span(), field, "an empty regex matches everything; omit it");
+            self.report(
+                re.span(),
+                field,
+                "an empty regex matches everything; omit it",
+            );
             return;
         }
         if let Err(e) = regex_syntax::Parser::new().parse(re.get_ref()) {
@@ -260,14 +264,20 @@ impl Context {
                 None
             }
             ("present", _) => {
-                self.report(name.span(), &format!("{field}.present"), "expected true or false");
+                self.report(
+                    name.span(),
+                    &format!("{field}.present"),
+                    "expected true or false",
+                );
                 None
             }
             (other, _) => {
                 self.report(
                     name.span(),
                     field,
-                    format!("unknown condition \"{other}\" (expected exact, prefix, regex or present)"),
+                    format!(
+                        "unknown condition \"{other}\" (expected exact, prefix, regex or present)"
+                    ),
                 );
                 None
             }
@@ -312,7 +322,11 @@ impl Context {
         }
     }
 
-    pub(super) fn header_edits(&mut self, path: &str, raw: RawHeaderEdits) -> (HeaderOps, HeaderOps) {
+    pub(super) fn header_edits(
+        &mut self,
+        path: &str,
+        raw: RawHeaderEdits,
+    ) -> (HeaderOps, HeaderOps) {
         let ops = |cx: &mut Context, side: &str, raw: Option<RawHeaderOps>| {
             let mut out = HeaderOps::default();
             for (name, value) in raw.into_iter().flat_map(|r| {
@@ -323,11 +337,18 @@ impl Context {
                     .chain(remove.into_iter().map(|k| (k, None)))
                     .collect::<Vec<_>>()
             }) {
-                let field = format!("{path}.{side}.{}", if value.is_some() { "add" } else { "remove" });
+                let field = format!(
+                    "{path}.{side}.{}",
+                    if value.is_some() { "add" } else { "remove" }
+                );
                 cx.header_name(&name, &field);
                 let lower = name.get_ref().to_ascii_lowercase();
                 if lower.starts_with(':') || lower == "host" {
-                    cx.report(name.span(), &field, format!("\"{lower}\" cannot be edited (use rewrite)"));
+                    cx.report(
+                        name.span(),
+                        &field,
+                        format!("\"{lower}\" cannot be edited (use rewrite)"),
+                    );
                 }
                 match value {
                     Some(v) => {
@@ -366,7 +387,11 @@ impl Context {
         }
         if let Some(p) = &raw.prefix {
             if !p.get_ref().starts_with('/') {
-                self.report(p.span(), &format!("{path}.prefix"), format!("\"{}\" must start with '/'", p.get_ref()));
+                self.report(
+                    p.span(),
+                    &format!("{path}.prefix"),
+                    format!("\"{}\" must start with '/'", p.get_ref()),
+                );
             }
         }
         if let Some(h) = &raw.host {
@@ -384,7 +409,11 @@ impl Context {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-.:_".contains(c));
         if !ok {
-            self.report(h.span(), field, format!("\"{}\" is not a host name", h.get_ref()));
+            self.report(
+                h.span(),
+                field,
+                format!("\"{}\" is not a host name", h.get_ref()),
+            );
         }
     }
 
@@ -392,7 +421,11 @@ impl Context {
         let raw = raw.into_inner();
         if let Some(p) = &raw.path {
             if !p.get_ref().starts_with('/') {
-                self.report(p.span(), &format!("{path}.path"), format!("\"{}\" must start with '/'", p.get_ref()));
+                self.report(
+                    p.span(),
+                    &format!("{path}.path"),
+                    format!("\"{}\" must start with '/'", p.get_ref()),
+                );
             }
         }
         if let Some(h) = &raw.host {
@@ -402,7 +435,14 @@ impl Context {
             None => 301,
             Some(s) if [301, 302, 303, 307, 308].contains(s.get_ref()) => *s.get_ref() as u32,
             Some(s) => {
-                self.report(s.span(), &format!("{path}.status"), format!("{} is not a redirect status (301, 302, 303, 307 or 308)", s.get_ref()));
+                self.report(
+                    s.span(),
+                    &format!("{path}.status"),
+                    format!(
+                        "{} is not a redirect status (301, 302, 303, 307 or 308)",
+                        s.get_ref()
+                    ),
+                );
                 301
             }
         };
@@ -421,11 +461,19 @@ impl Context {
             + usize::from(raw.cookie.is_some())
             + usize::from(raw.source_ip == Some(true));
         if given != 1 {
-            self.report(span, path, "give exactly one of header, cookie, source_ip = true");
+            self.report(
+                span,
+                path,
+                "give exactly one of header, cookie, source_ip = true",
+            );
             return None;
         }
         if let (Some(ttl), None) = (&raw.ttl, &raw.cookie) {
-            self.report(ttl.span(), &format!("{path}.ttl"), "only a cookie has a ttl");
+            self.report(
+                ttl.span(),
+                &format!("{path}.ttl"),
+                "only a cookie has a ttl",
+            );
         }
         if let Some(h) = raw.header {
             self.header_name(&h, &format!("{path}.header"));
@@ -446,9 +494,12 @@ impl Context {
 
     pub(super) fn pool(&mut self, path: &str, raw: RawPool) -> ConnectionPool {
         ConnectionPool {
-            max_connections: self.opt_count(&raw.max_connections, &format!("{path}.max_connections")),
-            max_pending_requests: self
-                .opt_count(&raw.max_pending_requests, &format!("{path}.max_pending_requests")),
+            max_connections: self
+                .opt_count(&raw.max_connections, &format!("{path}.max_connections")),
+            max_pending_requests: self.opt_count(
+                &raw.max_pending_requests,
+                &format!("{path}.max_pending_requests"),
+            ),
             max_requests: self.opt_count(&raw.max_requests, &format!("{path}.max_requests")),
             max_retries: raw
                 .max_retries
@@ -459,10 +510,13 @@ impl Context {
 
     pub(super) fn outlier(&mut self, path: &str, raw: RawOutlier) -> OutlierDetection {
         OutlierDetection {
-            consecutive_5xx: self.opt_count(&raw.consecutive_5xx, &format!("{path}.consecutive_5xx")),
+            consecutive_5xx: self
+                .opt_count(&raw.consecutive_5xx, &format!("{path}.consecutive_5xx")),
             interval: self.opt_duration(&raw.interval, &format!("{path}.interval")),
-            base_ejection_time: self
-                .opt_duration(&raw.base_ejection_time, &format!("{path}.base_ejection_time")),
+            base_ejection_time: self.opt_duration(
+                &raw.base_ejection_time,
+                &format!("{path}.base_ejection_time"),
+            ),
             max_ejection_percent: raw
                 .max_ejection_percent
                 .as_ref()
@@ -473,7 +527,11 @@ impl Context {
     pub(super) fn health_check(&mut self, path: &str, raw: RawHealthCheck) -> HealthCheck {
         if let Some(p) = &raw.path {
             if !p.get_ref().starts_with('/') {
-                self.report(p.span(), &format!("{path}.path"), format!("\"{}\" must start with '/'", p.get_ref()));
+                self.report(
+                    p.span(),
+                    &format!("{path}.path"),
+                    format!("\"{}\" must start with '/'", p.get_ref()),
+                );
             }
         }
         let interval = self
@@ -490,7 +548,10 @@ impl Context {
                 .opt_count(&raw.healthy_threshold, &format!("{path}.healthy_threshold"))
                 .unwrap_or(1),
             unhealthy_threshold: self
-                .opt_count(&raw.unhealthy_threshold, &format!("{path}.unhealthy_threshold"))
+                .opt_count(
+                    &raw.unhealthy_threshold,
+                    &format!("{path}.unhealthy_threshold"),
+                )
                 .unwrap_or(3),
         }
     }
@@ -500,7 +561,11 @@ impl Context {
         let per = self.duration(&raw.per, &format!("{path}.per"))?;
         if per < Duration::from_millis(50) {
             // Envoy's token bucket refills at most every 50ms.
-            self.report(raw.per.span(), &format!("{path}.per"), "must be at least 50ms");
+            self.report(
+                raw.per.span(),
+                &format!("{path}.per"),
+                "must be at least 50ms",
+            );
         }
         Some(RateLimit { requests, per })
     }
@@ -512,7 +577,11 @@ impl Context {
             if l.get_ref().trim().is_empty() {
                 self.report(l.span(), &field, "must not be empty");
             } else if out.contains(l.get_ref()) {
-                self.report(l.span(), &field, format!("\"{}\" is listed twice", l.get_ref()));
+                self.report(
+                    l.span(),
+                    &field,
+                    format!("\"{}\" is listed twice", l.get_ref()),
+                );
             }
             out.push(l.into_inner());
         }

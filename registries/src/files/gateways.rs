@@ -49,11 +49,19 @@ struct RawGatewayRoute {
 }
 
 impl Context {
-    pub(super) fn gateway(&mut self, name: Spanned<String>, raw: RawGateway) -> (String, GatewayDecl) {
+    pub(super) fn gateway(
+        &mut self,
+        name: Spanned<String>,
+        raw: RawGateway,
+    ) -> (String, GatewayDecl) {
         let path = format!("gateways.{}", key(name.get_ref()));
         self.name(&name, &path, "gateway");
         if raw.node.get_ref().trim().is_empty() {
-            self.report(raw.node.span(), &format!("{path}.node"), "must not be empty");
+            self.report(
+                raw.node.span(),
+                &format!("{path}.node"),
+                "must not be empty",
+            );
         }
         let listen = match raw.listen.get_ref().parse::<SocketAddr>() {
             Ok(a) if a.port() != 0 => a,
@@ -61,13 +69,20 @@ impl Context {
                 self.report(
                     raw.listen.span(),
                     &format!("{path}.listen"),
-                    format!("\"{}\" is not an ip:port (like 0.0.0.0:8080)", raw.listen.get_ref()),
+                    format!(
+                        "\"{}\" is not an ip:port (like 0.0.0.0:8080)",
+                        raw.listen.get_ref()
+                    ),
                 );
                 SocketAddr::from(([0, 0, 0, 0], 0))
             }
         };
         if raw.routes.is_empty() {
-            self.report(name.span(), &format!("{path}.routes"), "a gateway needs at least one route");
+            self.report(
+                name.span(),
+                &format!("{path}.routes"),
+                "a gateway needs at least one route",
+            );
         }
         let mut routes = Vec::new();
         let mut service_refs = Vec::new();
@@ -77,20 +92,34 @@ impl Context {
             let host = r.host.map_or("*".to_string(), |h| {
                 let ok = h.get_ref() == "*"
                     || (!h.get_ref().is_empty()
-                        && h.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || "-.:_*".contains(c)));
+                        && h.get_ref()
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || "-.:_*".contains(c)));
                 if !ok {
-                    self.report(h.span(), &format!("{field}.host"), format!("\"{}\" is not a host name", h.get_ref()));
+                    self.report(
+                        h.span(),
+                        &format!("{field}.host"),
+                        format!("\"{}\" is not a host name", h.get_ref()),
+                    );
                 }
                 h.into_inner().to_ascii_lowercase()
             });
             let path_prefix = r.path_prefix.map_or("/".to_string(), |p| {
                 if !p.get_ref().starts_with('/') {
-                    self.report(p.span(), &format!("{field}.path_prefix"), format!("\"{}\" must start with '/'", p.get_ref()));
+                    self.report(
+                        p.span(),
+                        &format!("{field}.path_prefix"),
+                        format!("\"{}\" must start with '/'", p.get_ref()),
+                    );
                 }
                 p.into_inner()
             });
             self.name(&r.service, &format!("{field}.service"), "service");
-            service_refs.push((format!("{field}.service"), r.service.get_ref().clone(), self.pos(r.service.span())));
+            service_refs.push((
+                format!("{field}.service"),
+                r.service.get_ref().clone(),
+                self.pos(r.service.span()),
+            ));
             routes.push(GatewayRoute {
                 host,
                 path_prefix,

@@ -262,3 +262,5 @@ fn log(settled: &Settled) {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod traffic_tests;

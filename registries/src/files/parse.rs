@@ -18,9 +18,9 @@ use toml::Spanned;
 
 pub(crate) use super::authz::AuthzDecl;
 use super::authz::RawAuthorization;
+use super::duration::parse_duration;
 pub(crate) use super::gateways::GatewayDecl;
 use super::gateways::RawGateway;
-use super::duration::parse_duration;
 pub(crate) use super::rules::{PolicyDecl, RouteDecl};
 use super::rules::{RawPolicy, RawRoute};
 use super::Problem;

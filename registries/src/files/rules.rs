@@ -219,7 +219,8 @@ impl Context {
             };
             if let Some(r) = rule.retries {
                 http(self, "retries", r.span());
-                actions.retries = Some(self.retries(&format!("{rule_path}.retries"), r.into_inner()));
+                actions.retries =
+                    Some(self.retries(&format!("{rule_path}.retries"), r.into_inner()));
             }
             if let Some(t) = &rule.timeout {
                 http(self, "timeout", t.span());
@@ -359,7 +360,11 @@ impl Context {
             if let Some(c) = self.condition(&name, &value, &field) {
                 if c == crate::model::StringCondition::Present(false) {
                     // Envoy cannot match the absence of a query parameter.
-                    self.report(name.span(), &format!("{field}.present"), "only `present = true` is supported for query parameters");
+                    self.report(
+                        name.span(),
+                        &format!("{field}.present"),
+                        "only `present = true` is supported for query parameters",
+                    );
                 }
                 query.insert(name.into_inner(), c);
             }

@@ -198,7 +198,10 @@ where
                     problems.push(problem(
                         file,
                         m.pos,
-                        format!("{}.service: \"{}\" is a tcp service; only HTTP requests are mirrored", m.field, m.service),
+                        format!(
+                            "{}.service: \"{}\" is a tcp service; only HTTP requests are mirrored",
+                            m.field, m.service
+                        ),
                     ));
                 }
                 if let Some(subset) = &m.subset {
@@ -293,7 +296,10 @@ where
                 problems.push(problem(
                     file,
                     decl.pos,
-                    format!("{path}: gateway \"{name}\" is already declared at {}", existing.origin),
+                    format!(
+                        "{path}: gateway \"{name}\" is already declared at {}",
+                        existing.origin
+                    ),
                 ));
                 continue;
             }
@@ -316,7 +322,9 @@ where
             let clash = listens.iter().find(|(addr, node, _)| {
                 *node == decl.gateway.node
                     && addr.port() == listen.port()
-                    && (addr.ip() == listen.ip() || addr.ip().is_unspecified() || listen.ip().is_unspecified())
+                    && (addr.ip() == listen.ip()
+                        || addr.ip().is_unspecified()
+                        || listen.ip().is_unspecified())
             });
             if let Some((addr, _, origin)) = clash {
                 problems.push(problem(
@@ -325,7 +333,11 @@ where
                     format!("{path}.listen: {listen} overlaps {addr} of the gateway at {origin} on node \"{}\"", decl.gateway.node),
                 ));
             }
-            listens.push((listen, decl.gateway.node.clone(), decl.gateway.origin.clone()));
+            listens.push((
+                listen,
+                decl.gateway.node.clone(),
+                decl.gateway.origin.clone(),
+            ));
             catalog.gateways.insert(name.clone(), decl.gateway.clone());
         }
     }
