@@ -22,13 +22,6 @@ where
     let files: Vec<(&PathBuf, &FileDecls)> = files.into_iter().collect();
     let mut problems = Vec::new();
     let mut catalog = Catalog::default();
-    let problem = |file: &Path, pos: Pos, message: String| Problem {
-        file: file.to_path_buf(),
-        line: pos.line,
-        column: pos.column,
-        message,
-    };
-
     // Definitions first, so that instances and rules in any file can find their service.
     let mut upstream_refs = Vec::new();
     for (file, decls) in &files {
@@ -131,23 +124,18 @@ where
                 ));
                 continue;
             }
-            match catalog.services.get(name) {
-                None => problems.push(problem(
+            check_target(
+                &mut problems,
+                &catalog,
+                Target {
                     file,
-                    decl.pos,
-                    format!("{path}: unknown service \"{name}\""),
-                )),
-                Some(service) if service.protocol == Protocol::Tcp => {
-                    for (field, pos) in &decl.http_only {
-                        problems.push(problem(
-                            file,
-                            *pos,
-                            format!("{field}: \"{name}\" is a tcp service; only HTTP services have header/cookie hashing and request rate limits"),
-                        ));
-                    }
-                }
-                Some(_) => {}
-            }
+                    path: &path,
+                    name,
+                    pos: decl.pos,
+                },
+                &decl.http_only,
+                "header/cookie hashing and request rate limits",
+            );
             catalog.policies.insert(name.clone(), decl.policy.clone());
         }
     }
@@ -163,23 +151,18 @@ where
                 ));
                 continue;
             }
-            match catalog.services.get(name) {
-                None => problems.push(problem(
+            check_target(
+                &mut problems,
+                &catalog,
+                Target {
                     file,
-                    decl.pos,
-                    format!("{path}: unknown service \"{name}\""),
-                )),
-                Some(service) if service.protocol == Protocol::Tcp => {
-                    for (field, pos) in &decl.http_only {
-                        problems.push(problem(
-                            file,
-                            *pos,
-                            format!("{field}: \"{name}\" is a tcp service; only HTTP services have request matches and retries"),
-                        ));
-                    }
-                }
-                Some(_) => {}
-            }
+                    path: &path,
+                    name,
+                    pos: decl.pos,
+                },
+                &decl.http_only,
+                "request matches and retries",
+            );
             let declared: BTreeSet<&String> = catalog
                 .policies
                 .get(name)
@@ -255,23 +238,18 @@ where
                 ));
                 continue;
             }
-            match catalog.services.get(name) {
-                None => problems.push(problem(
+            check_target(
+                &mut problems,
+                &catalog,
+                Target {
                     file,
-                    decl.pos,
-                    format!("{path}: unknown service \"{name}\""),
-                )),
-                Some(service) if service.protocol == Protocol::Tcp => {
-                    for (field, pos) in &decl.http_only {
-                        problems.push(problem(
-                            file,
-                            *pos,
-                            format!("{field}: \"{name}\" is a tcp service; only HTTP services have methods and paths"),
-                        ));
-                    }
-                }
-                Some(_) => {}
-            }
+                    path: &path,
+                    name,
+                    pos: decl.pos,
+                },
+                &decl.http_only,
+                "methods and paths",
+            );
             for r in &decl.from_refs {
                 if !catalog.services.contains_key(&r.service) {
                     problems.push(problem(
@@ -347,4 +325,54 @@ where
     });
     problems.dedup();
     (catalog, problems)
+}
+
+/// Where a route, policy or authorization points: the file and table that declare it.
+struct Target<'a> {
+    file: &'a Path,
+    path: &'a str,
+    name: &'a str,
+    pos: Pos,
+}
+
+/// A rule table must name a known service, and HTTP-only fields need an HTTP service.
+fn check_target(
+    problems: &mut Vec<Problem>,
+    catalog: &Catalog,
+    target: Target<'_>,
+    http_only: &[(String, Pos)],
+    what: &str,
+) {
+    let Target {
+        file,
+        path,
+        name,
+        pos,
+    } = target;
+    match catalog.services.get(name) {
+        None => problems.push(problem(
+            file,
+            pos,
+            format!("{path}: unknown service \"{name}\""),
+        )),
+        Some(service) if service.protocol == Protocol::Tcp => {
+            for (field, pos) in http_only {
+                problems.push(problem(
+                    file,
+                    *pos,
+                    format!("{field}: \"{name}\" is a tcp service; only HTTP services have {what}"),
+                ));
+            }
+        }
+        Some(_) => {}
+    }
+}
+
+fn problem(file: &Path, pos: Pos, message: String) -> Problem {
+    Problem {
+        file: file.to_path_buf(),
+        line: pos.line,
+        column: pos.column,
+        message,
+    }
 }
