@@ -15,6 +15,7 @@ pub mod config;
 pub mod envoy;
 pub mod health;
 pub mod identity;
+pub mod socket;
 pub mod status;
 pub mod xds;
 

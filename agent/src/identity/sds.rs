@@ -208,24 +208,10 @@ fn content_version(resources: &[Any]) -> String {
 /// Binds the SDS socket, replacing a stale socket file, mode 0600 (only the agent's user, which
 /// Envoy runs as, may connect).
 pub fn bind(path: &Path) -> Result<UnixListener, SdsError> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let err = |source| SdsError::Socket {
+    crate::socket::bind_private(path).map_err(|source| SdsError::Socket {
         path: path.display().to_string(),
         source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
-        Ok(_) => {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "exists and is not a socket",
-            )))
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    })
 }
 
 /// The SDS server.

@@ -63,24 +63,10 @@ pub enum ProxyError {
 /// Binds the xDS socket: removes a stale socket file left by a previous run and restricts the
 /// socket to the agent's user (Envoy runs as the same user).
 pub fn bind(path: &Path) -> Result<UnixListener, ProxyError> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let err = |source| ProxyError::Socket {
+    crate::socket::bind_private(path).map_err(|source| ProxyError::Socket {
         path: path.display().to_string(),
         source,
-    };
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
-        Ok(_) => {
-            return Err(err(std::io::Error::new(
-                std::io::ErrorKind::AlreadyExists,
-                "exists and is not a socket",
-            )))
-        }
-        Err(_) => {}
-    }
-    let listener = UnixListener::bind(path).map_err(err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    Ok(listener)
+    })
 }
 
 pub struct XdsProxy {
