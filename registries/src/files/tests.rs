@@ -529,7 +529,7 @@ fn authorization_checks_across_files_and_keeps_the_last_good() {
     assert_eq!(
         messages(&set.problems()),
         [
-            r#"reg/more.toml:1:17: authorization.reviews: the authorization of "reviews" is already declared at reg/authz.toml:2; one file declares a service's authorization"#
+            r#"reg/more.toml:1:17: authorization.reviews: the authorization for "reviews" is already declared at reg/authz.toml:2; one file declares a service's authorization"#
         ]
     );
 

@@ -116,15 +116,8 @@ where
     for (file, decls) in &files {
         for (name, decl) in &decls.policies {
             let path = format!("policies.{}", key(name));
-            if let Some(existing) = catalog.policies.get(name) {
-                problems.push(problem(
-                    file,
-                    decl.pos,
-                    format!("{path}: the policy for \"{name}\" is already declared at {}; one file declares a service's policy", existing.origin),
-                ));
-                continue;
-            }
-            check_target(
+            let duplicate = catalog.policies.get(name).map(|r| &r.origin);
+            if !check_target(
                 &mut problems,
                 &catalog,
                 Target {
@@ -132,10 +125,14 @@ where
                     path: &path,
                     name,
                     pos: decl.pos,
+                    kind: "policy",
+                    duplicate,
                 },
                 &decl.http_only,
                 "header/cookie hashing and request rate limits",
-            );
+            ) {
+                continue;
+            }
             catalog.policies.insert(name.clone(), decl.policy.clone());
         }
     }
@@ -143,15 +140,8 @@ where
     for (file, decls) in &files {
         for (name, decl) in &decls.routes {
             let path = format!("routes.{}", key(name));
-            if let Some(existing) = catalog.routes.get(name) {
-                problems.push(problem(
-                    file,
-                    decl.pos,
-                    format!("{path}: the route for \"{name}\" is already declared at {}; one file declares a service's route", existing.origin),
-                ));
-                continue;
-            }
-            check_target(
+            let duplicate = catalog.routes.get(name).map(|r| &r.origin);
+            if !check_target(
                 &mut problems,
                 &catalog,
                 Target {
@@ -159,10 +149,14 @@ where
                     path: &path,
                     name,
                     pos: decl.pos,
+                    kind: "route",
+                    duplicate,
                 },
                 &decl.http_only,
                 "request matches and retries",
-            );
+            ) {
+                continue;
+            }
             let declared: BTreeSet<&String> = catalog
                 .policies
                 .get(name)
@@ -230,15 +224,8 @@ where
     for (file, decls) in &files {
         for (name, decl) in &decls.authorizations {
             let path = format!("authorization.{}", key(name));
-            if let Some(existing) = catalog.authorizations.get(name) {
-                problems.push(problem(
-                    file,
-                    decl.pos,
-                    format!("{path}: the authorization of \"{name}\" is already declared at {}; one file declares a service's authorization", existing.origin),
-                ));
-                continue;
-            }
-            check_target(
+            let duplicate = catalog.authorizations.get(name).map(|r| &r.origin);
+            if !check_target(
                 &mut problems,
                 &catalog,
                 Target {
@@ -246,10 +233,14 @@ where
                     path: &path,
                     name,
                     pos: decl.pos,
+                    kind: "authorization",
+                    duplicate,
                 },
                 &decl.http_only,
                 "methods and paths",
-            );
+            ) {
+                continue;
+            }
             for r in &decl.from_refs {
                 if !catalog.services.contains_key(&r.service) {
                     problems.push(problem(
@@ -333,22 +324,37 @@ struct Target<'a> {
     path: &'a str,
     name: &'a str,
     pos: Pos,
+    /// "route", "policy" or "authorization".
+    kind: &'static str,
+    /// Where another file already declared this table, if one did.
+    duplicate: Option<&'a Origin>,
 }
 
-/// A rule table must name a known service, and HTTP-only fields need an HTTP service.
+/// A rule table is declared by one file only, must name a known service, and its HTTP-only
+/// fields need an HTTP service. Returns false when the table must be left out (a duplicate).
 fn check_target(
     problems: &mut Vec<Problem>,
     catalog: &Catalog,
     target: Target<'_>,
     http_only: &[(String, Pos)],
     what: &str,
-) {
+) -> bool {
     let Target {
         file,
         path,
         name,
         pos,
+        kind,
+        duplicate,
     } = target;
+    if let Some(existing) = duplicate {
+        problems.push(problem(
+            file,
+            pos,
+            format!("{path}: the {kind} for \"{name}\" is already declared at {existing}; one file declares a service's {kind}"),
+        ));
+        return false;
+    }
     match catalog.services.get(name) {
         None => problems.push(problem(
             file,
@@ -366,6 +372,7 @@ fn check_target(
         }
         Some(_) => {}
     }
+    true
 }
 
 fn problem(file: &Path, pos: Pos, message: String) -> Problem {
