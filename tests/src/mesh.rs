@@ -307,6 +307,16 @@ xds = "{xds}"
         Ok(port)
     }
 
+    /// Wait until every host's Envoy is ready; on timeout the error carries every log.
+    pub async fn wait_all_ready(&self, deadline: Duration) -> Result<()> {
+        for h in &self.hosts {
+            if let Err(e) = h.wait_ready(deadline).await {
+                anyhow::bail!("{e:#}\n{}", self.logs());
+            }
+        }
+        Ok(())
+    }
+
     /// Every process's log, for a failing test's output.
     pub fn logs(&self) -> String {
         let mut out = format!("--- discovery ---\n{}\n", tail(&self.discovery.log_text()));

@@ -62,11 +62,7 @@ async fn consul_mesh(d: &DoubleHandle, dcs: &[&str], extra: &str) -> Result<Mesh
 }
 
 async fn ready(mesh: &Mesh) -> Result<()> {
-    for h in &mesh.hosts {
-        if let Err(e) = h.wait_ready(READY).await {
-            bail!("{e:#}\n{}", mesh.logs());
-        }
-    }
+    mesh.wait_all_ready(READY).await?;
     Ok(())
 }
 

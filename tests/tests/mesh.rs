@@ -90,11 +90,7 @@ async fn reviews_mesh(xds: &'static str, v1: u32, v2: u32) -> Result<Reviews> {
     let v2_port = mesh.start_app("reviews", "v2", c_ip, &[])?;
     mesh.write_registry("services.toml", &services_toml(&mesh, v1_port, v2_port))?;
     mesh.write_registry("routes.toml", &routes_toml(v1, v2))?;
-    for h in &mesh.hosts {
-        if let Err(e) = h.wait_ready(READY).await {
-            bail!("{e:#}\n{}", mesh.logs());
-        }
-    }
+    mesh.wait_all_ready(READY).await?;
     let out = mesh.host("vm-a").outbound;
     // Ready means Envoy has its first config; wait until the route actually serves.
     if let Err(e) = wait_for("reviews reachable through vm-a", READY, || async move {

@@ -76,9 +76,7 @@ async fn canary_through_the_rules_api() -> Result<()> {
              [policies.reviews]\nsubsets = {{ v1 = {{ version = \"v1\" }}, v2 = {{ version = \"v2\" }} }}\n"
         ),
     )?;
-    for h in &mesh.hosts {
-        h.wait_ready(READY).await?;
-    }
+    mesh.wait_all_ready(READY).await?;
     let http = mesh.http;
     let out = mesh.host("vm-a").outbound;
 

@@ -73,11 +73,7 @@ async fn secure_mesh(mtls: &str, discovery_extra: &str) -> Result<Secure> {
     let b_ip = mesh.host("vm-b").ip;
     let port = mesh.start_app("reviews", "v1", b_ip, &[])?;
     mesh.write_registry("services.toml", &registry(&mesh, port, mtls))?;
-    for h in &mesh.hosts {
-        if let Err(e) = h.wait_ready(READY).await {
-            bail!("{e:#}\n{}", mesh.logs());
-        }
-    }
+    mesh.wait_all_ready(READY).await?;
     let out = mesh.host("vm-a").outbound;
     if let Err(e) = wait_for("reviews reachable over mTLS", READY, || async move {
         Ok(call(out, "GET", "/reviews/1")

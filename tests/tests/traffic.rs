@@ -75,11 +75,7 @@ fn app(
 }
 
 async fn ready(mesh: &Mesh) -> Result<()> {
-    for h in &mesh.hosts {
-        if let Err(e) = h.wait_ready(READY).await {
-            bail!("{e:#}\n{}", mesh.logs());
-        }
-    }
+    mesh.wait_all_ready(READY).await?;
     Ok(())
 }
 
