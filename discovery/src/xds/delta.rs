@@ -12,10 +12,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
 };
 
-use super::resource::{self, ResourceMap, PUSH_ORDER};
 use super::subscription::{Subscription, WILDCARD};
 use super::{check_node, control_plane, Event, ProtocolError, Step};
-use crate::translate::ProxyResources;
+use crate::resources::{self, ProxyResources, ResourceMap, PUSH_ORDER};
 
 /// How many unanswered responses per type are remembered for ACK correlation.
 const PENDING_NONCES: usize = 64;
@@ -125,7 +124,7 @@ impl DeltaState {
                 state.reported_absent.remove(name);
             }
         }
-        if state.always_respond && type_url == resource::ENDPOINT {
+        if state.always_respond && type_url == resources::ENDPOINT {
             state.always_respond = false;
             state.force.extend(
                 req.resource_names_subscribe
@@ -147,8 +146,8 @@ impl DeltaState {
         if !bare {
             self.respond(&type_url, first, &mut step);
         }
-        if type_url == resource::CLUSTER {
-            self.respond_forced(resource::ENDPOINT, &mut step);
+        if type_url == resources::CLUSTER {
+            self.respond_forced(resources::ENDPOINT, &mut step);
         }
         Ok(step)
     }
@@ -175,7 +174,7 @@ impl DeltaState {
             if Arc::ptr_eq(old, new) && state.force.is_empty() {
                 continue;
             }
-            let changed = resource::changed_names(old, new);
+            let changed = resources::changed_names(old, new);
             self.respond_to(type_url, false, Some(&changed), &mut step);
         }
         step
@@ -261,7 +260,7 @@ impl DeltaState {
         let nonce = self.nonce_counter.to_string();
         // Debugging only (b.5): chained from the last one with what this response changes, so
         // a push costs what it sends, not what the client holds.
-        let version = resource::versions_hash(
+        let version = resources::versions_hash(
             std::iter::once(("", state.last_version.as_str()))
                 .chain(send.iter().map(|r| (r.name.as_str(), r.version.as_str())))
                 .chain(removed.iter().map(|n| (n.as_str(), ""))),
@@ -271,12 +270,12 @@ impl DeltaState {
         if state.pending.len() > PENDING_NONCES {
             state.pending.pop_front();
         }
-        if type_url == resource::CLUSTER && !send.is_empty() {
+        if type_url == resources::CLUSTER && !send.is_empty() {
             // An updated cluster warms until it gets an assignment, but Envoy does not
             // re-subscribe names it already holds: push those assignments again ourselves.
             let eds = self
                 .types
-                .entry(resource::ENDPOINT.to_string())
+                .entry(resources::ENDPOINT.to_string())
                 .or_default();
             eds.always_respond = true;
             for r in &send {

@@ -6,12 +6,11 @@
 //! [`server`] only moves messages between the gRPC stream, the snapshot channel and the state,
 //! and records events in [`connections::Connections`] for the status API.
 //!
-//! [`ProxyResources`]: crate::translate::ProxyResources
+//! [`ProxyResources`]: crate::resources::ProxyResources
 
 pub mod connections;
 pub mod delta;
 pub mod metrics;
-pub mod resource;
 pub mod server;
 pub mod sotw;
 pub mod subscription;

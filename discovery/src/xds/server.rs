@@ -17,27 +17,24 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
-use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::connections::{ConnectionGuard, Connections, StreamKind};
 use super::delta::DeltaState;
 use super::metrics::XdsMetrics;
-use super::resource::short_name;
 use super::sotw::SotwState;
 use super::{Event, ProtocolError, Step};
 use crate::identity::PeerAuth;
 use crate::mesh::MeshSnapshot;
 use crate::proxy::Proxy;
-use crate::translate::ProxyResources;
+use crate::resources::short_name;
+use crate::resources::ProxyResources;
 
 /// Largest gRPC message accepted or sent; xDS responses for a large mesh exceed tonic's 4 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -96,50 +93,29 @@ impl AdsServer {
         }
     }
 
-    /// Serves until `shutdown`, then waits for every stream task to finish.
-    pub async fn run(
-        self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> Result<(), tonic::transport::Error> {
-        self.serve(
-            TcpListenerStream::new(listener),
-            Routes::default(),
-            shutdown,
-        )
-        .await
-    }
-
-    /// [`AdsServer::run`] on connections from `incoming` (TLS streams in secure mode), with the
-    /// gRPC services in `routes` (the identity service) on the same port.
-    pub async fn serve<I, IO, IE>(
-        self,
-        incoming: I,
-        routes: Routes,
-        shutdown: CancellationToken,
-    ) -> Result<(), tonic::transport::Error>
-    where
-        I: futures::Stream<Item = Result<IO, IE>>,
-        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    /// The gRPC service, for the router of the gRPC port ([`crate::grpc`]), and what that
+    /// port needs to know: how long a connection may live, and the stream tasks to wait for
+    /// once it stops.
+    pub fn into_parts(self, shutdown: CancellationToken) -> AdsParts {
         let mut service = self.service;
-        service.shutdown = shutdown.clone();
+        service.shutdown = shutdown;
         let tracker = service.tracker.clone();
         let grpc = AggregatedDiscoveryServiceServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let result = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .max_connection_age(self.max_connection_age)
-            .add_routes(routes.add_service(grpc))
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-            .await;
-        tracker.close();
-        tracker.wait().await;
-        result
+        AdsParts {
+            routes: Routes::new(grpc),
+            tasks: tracker,
+            max_connection_age: self.max_connection_age,
+        }
     }
+}
+
+/// [`AdsServer::into_parts`].
+pub struct AdsParts {
+    pub routes: Routes,
+    pub tasks: TaskTracker,
+    pub max_connection_age: Duration,
 }
 
 #[derive(Clone)]

@@ -11,10 +11,9 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::resource::{self, Resource, ResourceMap, PUSH_ORDER};
 use super::subscription::Subscription;
 use super::{check_node, control_plane, Event, ProtocolError, Step};
-use crate::translate::ProxyResources;
+use crate::resources::{self, ProxyResources, Resource, ResourceMap, PUSH_ORDER};
 
 /// Per-type state on one stream.
 #[derive(Debug, Default)]
@@ -142,8 +141,8 @@ impl SotwState {
             if Arc::ptr_eq(old, new) {
                 continue;
             }
-            if type_url == resource::ENDPOINT {
-                let changed = resource::changed_names(old, new);
+            if type_url == resources::ENDPOINT {
+                let changed = resources::changed_names(old, new);
                 self.respond_changed(type_url, &changed, &mut step);
             } else {
                 self.respond(type_url, false, &mut step);
@@ -173,14 +172,14 @@ impl SotwState {
             .filter(|name| state.sub.names.contains(*name))
             .map(|name| match all.get(name) {
                 Some(r) => r.clone(),
-                None => resource::empty_assignment(name),
+                None => resources::empty_assignment(name),
             })
             .collect();
         if contents.is_empty() {
             return;
         }
         let previous = state.sent_version.clone().unwrap_or_default();
-        let version = resource::versions_hash(
+        let version = resources::versions_hash(
             std::iter::once(("", previous.as_str())).chain(
                 contents
                     .iter()
@@ -203,8 +202,8 @@ impl SotwState {
             .iter()
             .filter_map(|name| match all.get(name) {
                 Some(r) => Some((name.clone(), r.clone())),
-                None if type_url == resource::ENDPOINT => {
-                    Some((name.clone(), resource::empty_assignment(name)))
+                None if type_url == resources::ENDPOINT => {
+                    Some((name.clone(), resources::empty_assignment(name)))
                 }
                 None => None,
             })
@@ -216,7 +215,7 @@ impl SotwState {
             return;
         };
         let contents = self.contents(type_url, &state.sub);
-        let version = resource::set_version(&contents);
+        let version = resources::set_version(&contents);
         if !force && state.sent_version.as_deref() == Some(version.as_str()) {
             return;
         }
@@ -238,11 +237,11 @@ impl SotwState {
             state.last_nonce = Some(nonce.clone());
             state.sent_version = Some(version.clone());
         }
-        if type_url == resource::CLUSTER {
+        if type_url == resources::CLUSTER {
             // A cluster warms only once an assignment arrives for it, so the next EDS request
             // is answered even if it looks like an ACK.
             self.types
-                .entry(resource::ENDPOINT.to_string())
+                .entry(resources::ENDPOINT.to_string())
                 .or_default()
                 .always_respond = true;
         }

@@ -1,4 +1,5 @@
-//! Encoded xDS resources, shared by every proxy that receives them.
+//! Encoded xDS resources, shared by every proxy that receives them. The bottom floor of
+//! discovery: `translate` produces these and `xds` serves them; neither imports the other.
 //!
 //! A resource is encoded to an `Any` once, when a snapshot is translated, and handed to every
 //! stream as an `Arc`. Its version is a content hash of the encoded bytes, so replicas and a
@@ -185,5 +186,26 @@ pub fn short_name(type_url: &str) -> &'static str {
         ENDPOINT => "eds",
         SECRET => "sds",
         _ => "other",
+    }
+}
+
+/// What one proxy receives, by type.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyResources {
+    pub clusters: Arc<ResourceMap>,
+    pub endpoints: Arc<ResourceMap>,
+    pub listeners: Arc<ResourceMap>,
+    pub routes: Arc<ResourceMap>,
+}
+
+impl ProxyResources {
+    pub fn of_type(&self, type_url: &str) -> Option<&Arc<ResourceMap>> {
+        match type_url {
+            CLUSTER => Some(&self.clusters),
+            ENDPOINT => Some(&self.endpoints),
+            LISTENER => Some(&self.listeners),
+            ROUTE => Some(&self.routes),
+            _ => None,
+        }
     }
 }
