@@ -28,8 +28,16 @@ struct TypeState {
     reported_absent: BTreeSet<String>,
     /// Names to send (or report removed) on the next response whatever the client holds.
     force: BTreeSet<String>,
-    /// Responses not yet ACKed or NACKed: nonce and `system_version_info`.
-    pending: VecDeque<(String, String)>,
+    /// Responses not yet ACKed or NACKed: nonce, `system_version_info` and stream-wide
+    /// sequence number.
+    pending: VecDeque<(String, String, u64)>,
+    /// The last answer was a NACK.
+    nacked: bool,
+    /// Sequence number of the last response sent and of the last one ACKed.
+    sent_seq: u64,
+    acked_seq: u64,
+    /// CDS only: the last response carried clusters that take their endpoints from EDS.
+    needs_assignments: bool,
     /// Resend the names of the next EDS request even if held (after a CDS response).
     always_respond: bool,
     /// The client has sent a request of this type.
@@ -77,10 +85,14 @@ impl DeltaState {
 
         let nonce = req.response_nonce.as_str();
         if !nonce.is_empty() {
-            match state.pending.iter().position(|(n, _)| n == nonce) {
+            match state.pending.iter().position(|(n, _, _)| n == nonce) {
                 Some(at) => {
-                    let version = state.pending[at].1.clone();
+                    let (_, version, seq) = state.pending[at].clone();
                     state.pending.drain(..=at);
+                    state.nacked = req.error_detail.is_some();
+                    if !state.nacked {
+                        state.acked_seq = seq;
+                    }
                     step.events.push(match &req.error_detail {
                         Some(error) => Event::Nack {
                             type_url: type_url.clone(),
@@ -180,6 +192,26 @@ impl DeltaState {
         step
     }
 
+    /// Whether the proxy has accepted everything sent, including the assignments of the
+    /// clusters last sent (a cluster warms until its assignment arrives): the condition for
+    /// the next make-before-break stage ([`super::stages`]).
+    pub fn settled(&self) -> bool {
+        let all_answered = self
+            .types
+            .values()
+            .all(|t| t.pending.is_empty() && !t.nacked);
+        let awaiting = match (
+            self.types.get(resources::CLUSTER),
+            self.types.get(resources::ENDPOINT),
+        ) {
+            (Some(cds), Some(eds)) => {
+                cds.needs_assignments && eds.requested && eds.acked_seq < cds.sent_seq
+            }
+            _ => false,
+        };
+        all_answered && !awaiting
+    }
+
     /// Sends what `force` holds for a type the client already requested.
     fn respond_forced(&mut self, type_url: &str, step: &mut Step<DeltaDiscoveryResponse>) {
         if self
@@ -266,9 +298,17 @@ impl DeltaState {
                 .chain(removed.iter().map(|n| (n.as_str(), ""))),
         );
         state.last_version.clone_from(&version);
-        state.pending.push_back((nonce.clone(), version.clone()));
+        state.sent_seq = self.nonce_counter;
+        state
+            .pending
+            .push_back((nonce.clone(), version.clone(), self.nonce_counter));
         if state.pending.len() > PENDING_NONCES {
             state.pending.pop_front();
+        }
+        if type_url == resources::CLUSTER {
+            state.needs_assignments = send
+                .iter()
+                .any(|r| self.resources.endpoints.contains_key(&r.name));
         }
         if type_url == resources::CLUSTER && !send.is_empty() {
             // An updated cluster warms until it gets an assignment, but Envoy does not

@@ -13,6 +13,7 @@ pub mod delta;
 pub mod metrics;
 pub mod server;
 pub mod sotw;
+pub mod stages;
 pub mod subscription;
 
 /// Something the protocol state noticed, for logs, metrics and the status API.

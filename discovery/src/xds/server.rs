@@ -29,6 +29,7 @@ use super::connections::{ConnectionGuard, Connections, StreamKind};
 use super::delta::DeltaState;
 use super::metrics::XdsMetrics;
 use super::sotw::SotwState;
+use super::stages::Stages;
 use super::{Event, ProtocolError, Step};
 use crate::identity::PeerAuth;
 use crate::mesh::MeshSnapshot;
@@ -189,6 +190,7 @@ trait StreamState: Sized + Send + 'static {
     fn on_request(&mut self, request: Self::Request)
         -> Result<Step<Self::Response>, ProtocolError>;
     fn on_resources(&mut self, resources: ProxyResources) -> Step<Self::Response>;
+    fn settled(&self) -> bool;
 }
 
 impl StreamState for SotwState {
@@ -210,6 +212,9 @@ impl StreamState for SotwState {
     fn on_resources(&mut self, resources: ProxyResources) -> Step<DiscoveryResponse> {
         SotwState::on_resources(self, resources)
     }
+    fn settled(&self) -> bool {
+        SotwState::settled(self)
+    }
 }
 
 impl StreamState for DeltaState {
@@ -230,6 +235,9 @@ impl StreamState for DeltaState {
     }
     fn on_resources(&mut self, resources: ProxyResources) -> Step<DeltaDiscoveryResponse> {
         DeltaState::on_resources(self, resources)
+    }
+    fn settled(&self) -> bool {
+        DeltaState::settled(self)
     }
 }
 
@@ -295,12 +303,10 @@ async fn stream_loop<S: StreamState>(
         },
     };
     let mut generation = snapshot.generation;
-    let mut state = S::new(
-        &svc.control_plane,
-        &proxy.node,
-        snapshot.shared.for_proxy(&proxy),
-    );
+    let initial = snapshot.shared.for_proxy(&proxy);
     drop(snapshot);
+    let mut stages = Stages::new(initial.clone());
+    let mut state = S::new(&svc.control_plane, &proxy.node, initial);
     let mut next = Some(first);
     loop {
         let step = match next.take() {
@@ -334,34 +340,59 @@ async fn stream_loop<S: StreamState>(
                         continue;
                     }
                     generation = snapshot.generation;
-                    state.on_resources(snapshot.shared.for_proxy(&proxy))
+                    stages.set_target(snapshot.shared.for_proxy(&proxy));
+                    Step { responses: Vec::new(), events: Vec::new() }
                 }
             },
         };
-        for event in &step.events {
-            guard.record(event);
-            svc.metrics.record(event);
-            log_event(event, generation);
+        if !deliver::<S>(svc, step, generation, &tx, guard).await {
+            return;
         }
-        for response in step.responses {
-            match tx.send_timeout(Ok(response), svc.send_timeout).await {
-                Ok(()) => {}
-                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                    svc.metrics.send_timeout();
-                    warn!(
-                        timeout = ?svc.send_timeout,
-                        "proxy did not accept a response in time; closing its stream"
-                    );
-                    return;
-                }
-                Err(mpsc::error::SendTimeoutError::Closed(_)) => {
-                    info!("proxy disconnected");
-                    return;
-                }
+        // Make-before-break: the next stage goes out once the proxy accepted the last one.
+        while state.settled() {
+            let Some(resources) = stages.next() else {
+                break;
+            };
+            let step = state.on_resources(resources);
+            if !deliver::<S>(svc, step, generation, &tx, guard).await {
+                return;
             }
         }
     }
     info!("proxy disconnected");
+}
+
+/// Records a step's events and sends its responses; false when the stream is gone.
+async fn deliver<S: StreamState>(
+    svc: &AdsService,
+    step: Step<S::Response>,
+    generation: u64,
+    tx: &Responses<S>,
+    guard: &ConnectionGuard,
+) -> bool {
+    for event in &step.events {
+        guard.record(event);
+        svc.metrics.record(event);
+        log_event(event, generation);
+    }
+    for response in step.responses {
+        match tx.send_timeout(Ok(response), svc.send_timeout).await {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                svc.metrics.send_timeout();
+                warn!(
+                    timeout = ?svc.send_timeout,
+                    "proxy did not accept a response in time; closing its stream"
+                );
+                return false;
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+                info!("proxy disconnected");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 fn log_event(event: &Event, generation: u64) {

@@ -16,7 +16,7 @@ use super::{check_node, control_plane, Event, ProtocolError, Step};
 use crate::resources::{self, ProxyResources, Resource, ResourceMap, PUSH_ORDER};
 
 /// Per-type state on one stream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TypeState {
     sub: Subscription,
     /// Nonce of the last response sent for this type; `None` until the first.
@@ -25,6 +25,28 @@ struct TypeState {
     sent_version: Option<String>,
     /// Answer the next request even when it looks like an ACK (EDS after a CDS response).
     always_respond: bool,
+    /// The last response sent was ACKed or NACKed (true until the first).
+    answered: bool,
+    /// The last answer was a NACK.
+    nacked: bool,
+    /// Stream-wide sequence number of the last response sent, and of the last one ACKed.
+    sent_seq: u64,
+    acked_seq: u64,
+}
+
+impl Default for TypeState {
+    fn default() -> Self {
+        TypeState {
+            sub: Subscription::default(),
+            last_nonce: None,
+            sent_version: None,
+            always_respond: false,
+            answered: true,
+            nacked: false,
+            sent_seq: 0,
+            acked_seq: 0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -82,6 +104,13 @@ impl SotwState {
             Some(before)
         };
 
+        if !initial {
+            state.answered = true;
+            state.nacked = req.error_detail.is_some();
+            if !state.nacked {
+                state.acked_seq = state.sent_seq;
+            }
+        }
         if let Some(error) = &req.error_detail {
             step.events.push(Event::Nack {
                 type_url: type_url.clone(),
@@ -113,8 +142,33 @@ impl SotwState {
         if respond {
             state.always_respond = false;
             self.respond(&type_url, true, &mut step);
+        } else if type_url == resources::CLUSTER && self.awaiting_assignments() {
+            // Clusters were accepted, but no assignment went out after them: they may be
+            // warming. Send the assignments rather than wait for a request that may not come.
+            let eds = self.types.get(resources::ENDPOINT);
+            if eds.is_some_and(|e| e.last_nonce.is_some() && e.answered) {
+                self.respond(resources::ENDPOINT, true, &mut step);
+            }
         }
         Ok(step)
+    }
+
+    /// Whether the proxy has accepted everything sent, including the assignments of the
+    /// clusters last sent (a cluster warms until its assignment arrives): the condition for
+    /// the next make-before-break stage ([`super::stages`]).
+    pub fn settled(&self) -> bool {
+        self.types.values().all(|t| t.answered && !t.nacked) && !self.awaiting_assignments()
+    }
+
+    /// A CDS response went out after the last ACKed EDS response.
+    fn awaiting_assignments(&self) -> bool {
+        let (Some(cds), Some(eds)) = (
+            self.types.get(resources::CLUSTER),
+            self.types.get(resources::ENDPOINT),
+        ) else {
+            return false;
+        };
+        !eds.sub.is_empty() && cds.sent_seq > 0 && eds.acked_seq < cds.sent_seq
     }
 
     /// New resources for the proxy: push every requested type whose content changed.
@@ -236,6 +290,8 @@ impl SotwState {
         if let Some(state) = self.types.get_mut(type_url) {
             state.last_nonce = Some(nonce.clone());
             state.sent_version = Some(version.clone());
+            state.answered = false;
+            state.sent_seq = self.nonce_counter;
         }
         if type_url == resources::CLUSTER {
             // A cluster warms only once an assignment arrives for it, so the next EDS request
