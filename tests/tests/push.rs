@@ -10,7 +10,10 @@
 //! checks: nothing failed, the load really ran while the config changed, and the caller Envoy's
 //! `http.outbound.no_cluster` counter did not move.
 //!
-//! Meshes are secure (mTLS, the default deployment) and run once per xDS flavour.
+//! Meshes are secure (mTLS, the default deployment) and run once per xDS flavour. Each test
+//! collects the verdict of every edit and fails at the end, listing each failed request's status
+//! and body with its time relative to the write.
+//! Run: `cargo build --workspace --bins && cargo test -p pilotfish-tests --test push`.
 //!
 //! Topology of the subset scenarios: vm-a calls (productpage), reviews runs on vm-b (version v1),
 //! vm-c (v2) and vm-d (v1b); the canary service `reviews-canary` runs on vm-c.
@@ -108,7 +111,7 @@ impl Load {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Tally> {
-        self.tally.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.tally)
     }
 
     /// Stop the workers, wait for them, and return what they saw.
@@ -117,8 +120,13 @@ impl Load {
         for w in std::mem::take(&mut self.workers) {
             let _ = w.await;
         }
-        std::mem::take(&mut *self.tally.lock().unwrap_or_else(|e| e.into_inner()))
+        std::mem::take(&mut *self.lock())
     }
+}
+
+/// A worker that panicked mid-update leaves a tally that is still worth reporting.
+fn lock(tally: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
+    tally.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Drop for Load {
@@ -141,6 +149,15 @@ async fn connect(addr: SocketAddr) -> Result<Connection> {
     Ok((sender, driver))
 }
 
+/// Drop a connection and wait until its driver task has ended.
+async fn close(conn: Option<Connection>) {
+    if let Some((sender, driver)) = conn {
+        drop(sender);
+        driver.abort();
+        let _ = driver.await;
+    }
+}
+
 /// One load worker: requests back to back on one keep-alive connection, a new connection
 /// whenever Envoy closed the previous one. Nothing is retried: every error counts.
 async fn worker(
@@ -150,7 +167,7 @@ async fn worker(
     tally: Arc<Mutex<Tally>>,
     stop: Arc<AtomicBool>,
 ) {
-    let record = |f: &dyn Fn(&mut Tally)| f(&mut tally.lock().unwrap_or_else(|e| e.into_inner()));
+    let fail = |what: String| lock(&tally).fail(what);
     let mut conn: Option<Connection> = None;
     while !stop.load(Ordering::Relaxed) {
         // A connection the server closed after its last answer (`Connection: close`, a
@@ -160,9 +177,7 @@ async fn worker(
             None => false,
         };
         if !reusable {
-            if let Some((_, driver)) = conn.take() {
-                let _ = driver.await;
-            }
+            close(conn.take()).await;
             match tokio::time::timeout(Duration::from_secs(5), connect(addr)).await {
                 Ok(Ok(c)) => conn = Some(c),
                 failed => {
@@ -170,7 +185,7 @@ async fn worker(
                         Ok(Err(e)) => format!("{e:#}"),
                         _ => "timed out".to_string(),
                     };
-                    record(&|t| t.fail(format!("connect to {addr}: {why}")));
+                    fail(format!("connect to {addr}: {why}"));
                     // Not a readiness wait: keeps a refused listener from spinning a core.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
@@ -188,7 +203,7 @@ async fn worker(
         let request = match request {
             Ok(r) => r,
             Err(e) => {
-                record(&|t| t.fail(format!("building the request: {e}")));
+                fail(format!("building the request: {e}"));
                 break;
             }
         };
@@ -207,29 +222,22 @@ async fn worker(
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or("?")
                     .to_string();
-                record(&|t| {
-                    t.ok += 1;
-                    *t.served_by.entry(who.clone()).or_insert(0) += 1;
-                });
+                let mut t = lock(&tally);
+                t.ok += 1;
+                *t.served_by.entry(who).or_insert(0) += 1;
             }
-            Ok(Ok((parts, body))) => {
-                let detail = describe(&parts, &body);
-                record(&|t| t.fail(detail.clone()));
-            }
+            Ok(Ok((parts, body))) => fail(describe(&parts, &body)),
             Ok(Err(e)) => {
-                record(&|t| t.fail(format!("request error: {e}")));
-                conn = None;
+                fail(format!("request error: {e}"));
+                close(conn.take()).await;
             }
             Err(_) => {
-                record(&|t| t.fail("no answer within 10s".to_string()));
-                conn = None;
+                fail("no answer within 10s".to_string());
+                close(conn.take()).await;
             }
         }
     }
-    if let Some((sender, driver)) = conn.take() {
-        drop(sender);
-        let _ = driver.await;
-    }
+    close(conn.take()).await;
 }
 
 /// A failed answer for the report: status, who produced it, Envoy's `x-envoy-*` headers and
@@ -279,6 +287,8 @@ where
     F: FnMut(BTreeMap<String, u64>) -> Fut,
     Fut: std::future::Future<Output = Result<bool>>,
 {
+    let what = format!("[{}] {what}", mesh.xds);
+    let what = what.as_str();
     let caller = mesh.host("vm-a");
     let (out, admin) = (caller.outbound, caller.admin);
     // Every NC from here on counts, like every failed request of the load.
