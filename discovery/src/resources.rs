@@ -203,6 +203,29 @@ pub fn set_version(resources: &ResourceMap) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// [`set_version`] of a shared map, computed once per map for large ones (every stream of a
+/// scope asks for the same map's version).
+pub fn map_version(map: &Arc<ResourceMap>) -> String {
+    type Entry = (Weak<ResourceMap>, String);
+    static MEMO: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    const MEMO_ENTRIES: usize = 16;
+    if map.len() < MEMO_MIN_LEN {
+        return set_version(map);
+    }
+    let hit = |(m, _): &&Entry| std::ptr::eq(m.as_ptr(), Arc::as_ptr(map));
+    if let Some((_, v)) = lock(&MEMO).iter().find(hit) {
+        return v.clone();
+    }
+    let version = set_version(map);
+    let mut memo = lock(&MEMO);
+    memo.retain(|(m, _)| m.strong_count() > 0);
+    if memo.len() >= MEMO_ENTRIES {
+        memo.remove(0);
+    }
+    memo.push((Arc::downgrade(map), version.clone()));
+    version
+}
+
 /// A version over `(name, version)` pairs: Delta's `system_version_info`, which only helps
 /// debugging.
 pub fn versions_hash<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {

@@ -9,10 +9,11 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
 
 use super::subscription::{Subscription, WILDCARD};
+use super::wire::{self, Flavour, Outgoing};
 use super::{check_node, control_plane, Event, ProtocolError, Step};
 use crate::resources::{self, ProxyResources, ResourceMap, PUSH_ORDER};
 
@@ -71,7 +72,7 @@ impl DeltaState {
     pub fn on_request(
         &mut self,
         req: DeltaDiscoveryRequest,
-    ) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+    ) -> Result<Step<Outgoing<DeltaDiscoveryResponse>>, ProtocolError> {
         check_node(&self.node, &mut self.seen_first, req.node.as_ref())?;
         let mut step = Step::default();
         let type_url = req.type_url.clone();
@@ -171,7 +172,10 @@ impl DeltaState {
     /// the two maps (a diff shared by every stream) and the forced ones are looked at. Between
     /// requests, what the client holds matches the old map for every covered name, so no
     /// other name can need sending.
-    pub fn on_resources(&mut self, resources: ProxyResources) -> Step<DeltaDiscoveryResponse> {
+    pub fn on_resources(
+        &mut self,
+        resources: ProxyResources,
+    ) -> Step<Outgoing<DeltaDiscoveryResponse>> {
         let previous = std::mem::replace(&mut self.resources, resources);
         let mut step = Step::default();
         for type_url in PUSH_ORDER {
@@ -213,7 +217,11 @@ impl DeltaState {
     }
 
     /// Sends what `force` holds for a type the client already requested.
-    fn respond_forced(&mut self, type_url: &str, step: &mut Step<DeltaDiscoveryResponse>) {
+    fn respond_forced(
+        &mut self,
+        type_url: &str,
+        step: &mut Step<Outgoing<DeltaDiscoveryResponse>>,
+    ) {
         if self
             .types
             .get(type_url)
@@ -225,7 +233,12 @@ impl DeltaState {
 
     /// Sends the difference between what the client holds and what it should hold. `always`
     /// sends even an empty response (the first request of a type must be answered).
-    fn respond(&mut self, type_url: &str, always: bool, step: &mut Step<DeltaDiscoveryResponse>) {
+    fn respond(
+        &mut self,
+        type_url: &str,
+        always: bool,
+        step: &mut Step<Outgoing<DeltaDiscoveryResponse>>,
+    ) {
         self.respond_to(type_url, always, None, step);
     }
 
@@ -236,7 +249,7 @@ impl DeltaState {
         type_url: &str,
         always: bool,
         changed: Option<&[String]>,
-        step: &mut Step<DeltaDiscoveryResponse>,
+        step: &mut Step<Outgoing<DeltaDiscoveryResponse>>,
     ) {
         let empty: Arc<ResourceMap> = Arc::default();
         let all = self.resources.of_type(type_url).unwrap_or(&empty).clone();
@@ -329,22 +342,23 @@ impl DeltaState {
             version: version.clone(),
             resources: send.len(),
         });
-        step.responses.push(DeltaDiscoveryResponse {
-            system_version_info: version,
-            resources: send
-                .iter()
-                .map(|r| WireResource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.body.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: type_url.to_string(),
-            removed_resources: removed,
-            nonce,
-            control_plane: control_plane(&self.control_plane),
-            ..Default::default()
+        // The whole map (a first response, a global change) is encoded once for every stream.
+        let entries = if !send.is_empty() && send.len() == all.len() {
+            wire::map_entries(&all, Flavour::Delta)
+        } else {
+            wire::entries(&send, Flavour::Delta)
+        };
+        step.responses.push(Outgoing {
+            entries,
+            count: send.len(),
+            head: DeltaDiscoveryResponse {
+                system_version_info: version,
+                type_url: type_url.to_string(),
+                removed_resources: removed,
+                nonce,
+                control_plane: control_plane(&self.control_plane),
+                ..Default::default()
+            },
         });
     }
 }

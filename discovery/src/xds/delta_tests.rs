@@ -3,6 +3,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use super::*;
 use crate::resources::{CLUSTER, ENDPOINT, LISTENER};
 use crate::xds::testing::{names, node, resources, NODE};
+use crate::xds::wire::Outgoing;
 
 fn state(svcs: &[&str]) -> DeltaState {
     DeltaState::new("cp-test", NODE, resources(svcs, 1))
@@ -25,9 +26,13 @@ fn first(type_url: &str, sub: &[&str]) -> DeltaDiscoveryRequest {
     }
 }
 
-fn one(step: Step<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
+fn one(step: Step<Outgoing<DeltaDiscoveryResponse>>) -> DeltaDiscoveryResponse {
     assert_eq!(step.responses.len(), 1, "expected one response: {step:?}");
-    step.responses.into_iter().next().expect("one response")
+    step.responses
+        .into_iter()
+        .next()
+        .expect("one response")
+        .decoded()
 }
 
 /// Resources for `svcs` where the first cluster's content differs from `resources()`.
@@ -240,7 +245,7 @@ fn eds_after_cds_resends_subscribed_names() {
     let step = s.on_resources(changed_a(&["a"]));
     let types: Vec<_> = step.responses.iter().map(|r| r.type_url.as_str()).collect();
     assert_eq!(types, [CLUSTER, ENDPOINT]);
-    assert_eq!(sent(&step.responses[1]), ["a"]);
+    assert_eq!(sent(&step.responses[1].decoded()), ["a"]);
     // A client that does re-subscribe after the CDS update is answered too.
     let r = one(s
         .on_request(req(ENDPOINT, &["a"], &[], &step.responses[1].nonce))

@@ -15,6 +15,7 @@ pub mod server;
 pub mod sotw;
 pub mod stages;
 pub mod subscription;
+pub mod wire;
 
 /// Something the protocol state noticed, for logs, metrics and the status API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,10 +61,19 @@ impl From<ProtocolError> for tonic::Status {
 }
 
 /// What one input produced: responses to send, in order, and events to record.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Step<R> {
     pub responses: Vec<R>,
     pub events: Vec<Event>,
+}
+
+impl<R> Default for Step<R> {
+    fn default() -> Self {
+        Step {
+            responses: Vec::new(),
+            events: Vec::new(),
+        }
+    }
 }
 
 /// Checks the node of a request: required on the first, unchanged after.

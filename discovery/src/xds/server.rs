@@ -11,18 +11,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use std::convert::Infallible;
+use std::task::Poll;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::codegen::Service;
+use tonic::server::NamedService;
 use tonic::service::Routes;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Status, Streaming};
+use tonic_prost::ProstDecoder;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::connections::{ConnectionGuard, Connections, StreamKind};
@@ -30,6 +31,7 @@ use super::delta::DeltaState;
 use super::metrics::XdsMetrics;
 use super::sotw::SotwState;
 use super::stages::Stages;
+use super::wire::{AdsBody, BodyItem, Outgoing};
 use super::{Event, ProtocolError, Step};
 use crate::identity::PeerAuth;
 use crate::mesh::MeshSnapshot;
@@ -101,11 +103,8 @@ impl AdsServer {
         let mut service = self.service;
         service.shutdown = shutdown;
         let tracker = service.tracker.clone();
-        let grpc = AggregatedDiscoveryServiceServer::new(service)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         AdsParts {
-            routes: Routes::new(grpc),
+            routes: Routes::new(service),
             tasks: tracker,
             max_connection_age: self.max_connection_age,
         }
@@ -144,52 +143,74 @@ impl AdsService {
     }
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsService {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+/// The gRPC name of the service, for the router.
+impl NamedService for AdsService {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}
 
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let bound = self.authorize(&request)?;
-        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
-        self.tracker.spawn(serve_stream::<SotwState>(
-            self.clone(),
-            bound,
-            request.into_inner(),
-            tx,
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+/// ADS by hand rather than through generated code: requests are decoded by tonic, responses
+/// are written as pre-encoded frames ([`wire`]), so every stream sends the same shared bytes.
+impl Service<http::Request<tonic::body::Body>> for AdsService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    async fn delta_aggregated_resources(
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let response = match request.uri().path().rsplit('/').next() {
+            Some("StreamAggregatedResources") => self.open::<SotwState>(request),
+            Some("DeltaAggregatedResources") => self.open::<DeltaState>(request),
+            _ => Status::unimplemented("no such ADS method").into_http(),
+        };
+        std::future::ready(Ok(response))
+    }
+}
+
+impl AdsService {
+    /// Authorizes a new stream and starts its task; the response body carries what it sends.
+    fn open<S: StreamState>(
         &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let bound = self.authorize(&request)?;
+        request: http::Request<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        let (parts, body) = request.into_parts();
+        let bound = match self.authorize(&Request::from_http(http::Request::from_parts(parts, ())))
+        {
+            Ok(bound) => bound,
+            Err(status) => return status.into_http(),
+        };
+        let inbound = Streaming::new_request(
+            ProstDecoder::<S::Request>::default(),
+            body,
+            None,
+            Some(MAX_MESSAGE_BYTES),
+        );
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
-        self.tracker.spawn(serve_stream::<DeltaState>(
-            self.clone(),
-            bound,
-            request.into_inner(),
-            tx,
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        self.tracker
+            .spawn(serve_stream::<S>(self.clone(), bound, inbound, tx));
+        let mut response = http::Response::new(tonic::body::Body::new(AdsBody::new(rx)));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        response
     }
 }
 
 /// What the stream loop needs from a protocol variant.
 trait StreamState: Sized + Send + 'static {
-    type Request: Send + 'static;
-    type Response: Send + 'static;
+    type Request: prost::Message + Default + Send + 'static;
+    type Response: prost::Message + Default + Send + 'static;
     const KIND: StreamKind;
     fn new(control_plane: &str, node: &str, resources: ProxyResources) -> Self;
     fn node(request: &Self::Request) -> Option<&Node>;
-    fn on_request(&mut self, request: Self::Request)
-        -> Result<Step<Self::Response>, ProtocolError>;
-    fn on_resources(&mut self, resources: ProxyResources) -> Step<Self::Response>;
+    fn on_request(
+        &mut self,
+        request: Self::Request,
+    ) -> Result<Step<Outgoing<Self::Response>>, ProtocolError>;
+    fn on_resources(&mut self, resources: ProxyResources) -> Step<Outgoing<Self::Response>>;
     fn settled(&self) -> bool;
 }
 
@@ -206,10 +227,10 @@ impl StreamState for SotwState {
     fn on_request(
         &mut self,
         request: DiscoveryRequest,
-    ) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+    ) -> Result<Step<Outgoing<DiscoveryResponse>>, ProtocolError> {
         SotwState::on_request(self, request)
     }
-    fn on_resources(&mut self, resources: ProxyResources) -> Step<DiscoveryResponse> {
+    fn on_resources(&mut self, resources: ProxyResources) -> Step<Outgoing<DiscoveryResponse>> {
         SotwState::on_resources(self, resources)
     }
     fn settled(&self) -> bool {
@@ -230,10 +251,13 @@ impl StreamState for DeltaState {
     fn on_request(
         &mut self,
         request: DeltaDiscoveryRequest,
-    ) -> Result<Step<DeltaDiscoveryResponse>, ProtocolError> {
+    ) -> Result<Step<Outgoing<DeltaDiscoveryResponse>>, ProtocolError> {
         DeltaState::on_request(self, request)
     }
-    fn on_resources(&mut self, resources: ProxyResources) -> Step<DeltaDiscoveryResponse> {
+    fn on_resources(
+        &mut self,
+        resources: ProxyResources,
+    ) -> Step<Outgoing<DeltaDiscoveryResponse>> {
         DeltaState::on_resources(self, resources)
     }
     fn settled(&self) -> bool {
@@ -241,7 +265,7 @@ impl StreamState for DeltaState {
     }
 }
 
-type Responses<S> = mpsc::Sender<Result<<S as StreamState>::Response, Status>>;
+type Responses = mpsc::Sender<BodyItem>;
 
 /// `bound`: the node of the client certificate (secure mode); the first request's `node.id`
 /// must name it, and [`check_node`](super::check_node) keeps it fixed for the stream.
@@ -249,7 +273,7 @@ async fn serve_stream<S: StreamState>(
     svc: AdsService,
     bound: Option<String>,
     mut inbound: Streaming<S::Request>,
-    tx: Responses<S>,
+    tx: Responses,
 ) {
     let first = tokio::select! {
         _ = svc.shutdown.cancelled() => return,
@@ -288,7 +312,7 @@ async fn stream_loop<S: StreamState>(
     proxy: Proxy,
     first: S::Request,
     mut inbound: Streaming<S::Request>,
-    tx: Responses<S>,
+    tx: Responses,
     guard: &ConnectionGuard,
 ) {
     info!("proxy connected");
@@ -365,9 +389,9 @@ async fn stream_loop<S: StreamState>(
 /// Records a step's events and sends its responses; false when the stream is gone.
 async fn deliver<S: StreamState>(
     svc: &AdsService,
-    step: Step<S::Response>,
+    step: Step<Outgoing<S::Response>>,
     generation: u64,
-    tx: &Responses<S>,
+    tx: &Responses,
     guard: &ConnectionGuard,
 ) -> bool {
     for event in &step.events {
@@ -376,7 +400,10 @@ async fn deliver<S: StreamState>(
         log_event(event, generation);
     }
     for response in step.responses {
-        match tx.send_timeout(Ok(response), svc.send_timeout).await {
+        match tx
+            .send_timeout(Ok(response.into_chunks()), svc.send_timeout)
+            .await
+        {
             Ok(()) => {}
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 svc.metrics.send_timeout();

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use pilotfish_registries::model::{Catalog, Instance, Origin, Protocol, Service};

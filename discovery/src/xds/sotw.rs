@@ -12,8 +12,10 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
 use super::subscription::Subscription;
+use super::wire::{self, Flavour, Outgoing};
 use super::{check_node, control_plane, Event, ProtocolError, Step};
 use crate::resources::{self, ProxyResources, Resource, ResourceMap, PUSH_ORDER};
+use bytes::Bytes;
 
 /// Per-type state on one stream.
 #[derive(Debug)]
@@ -76,7 +78,7 @@ impl SotwState {
     pub fn on_request(
         &mut self,
         req: DiscoveryRequest,
-    ) -> Result<Step<DiscoveryResponse>, ProtocolError> {
+    ) -> Result<Step<Outgoing<DiscoveryResponse>>, ProtocolError> {
         check_node(&self.node, &mut self.seen_first, req.node.as_ref())?;
         let mut step = Step::default();
         let type_url = req.type_url.clone();
@@ -176,7 +178,7 @@ impl SotwState {
     /// The work is proportional to what changed: a type whose map is the same `Arc` as before
     /// is skipped outright, and EDS (which SotW allows to carry any subset, b.5) sends only the
     /// subscribed assignments that changed, found by a diff shared by every stream.
-    pub fn on_resources(&mut self, resources: ProxyResources) -> Step<DiscoveryResponse> {
+    pub fn on_resources(&mut self, resources: ProxyResources) -> Step<Outgoing<DiscoveryResponse>> {
         let previous = std::mem::replace(&mut self.resources, resources);
         let mut step = Step::default();
         for type_url in PUSH_ORDER {
@@ -211,7 +213,7 @@ impl SotwState {
         &mut self,
         type_url: &str,
         changed: &[String],
-        step: &mut Step<DiscoveryResponse>,
+        step: &mut Step<Outgoing<DiscoveryResponse>>,
     ) {
         let Some(state) = self.types.get(type_url) else {
             return;
@@ -240,19 +242,24 @@ impl SotwState {
                     .map(|r| (r.name.as_str(), r.version.as_str())),
             ),
         );
-        let resources = contents.iter().map(|r| r.body.clone()).collect();
-        self.send(type_url, version, contents.len(), resources, step);
+        let entries = wire::entries(&contents, Flavour::Sotw);
+        self.send(type_url, version, contents.len(), entries, step);
     }
 
     /// What the client would get for `type_url` now: LDS/CDS the full subscribed set, EDS/RDS
-    /// the subscribed names (EDS answers unknown names with an empty assignment).
-    fn contents(&self, type_url: &str, sub: &Subscription) -> ResourceMap {
+    /// the subscribed names (EDS answers unknown names with an empty assignment). The shared
+    /// map itself when the subscription covers exactly it (the usual case).
+    fn contents(&self, type_url: &str, sub: &Subscription) -> Arc<ResourceMap> {
         let empty = Arc::default();
         let all = self.resources.of_type(type_url).unwrap_or(&empty);
-        if sub.wildcard {
-            return (**all).clone();
+        let exactly = || {
+            sub.names.len() == all.len() && sub.names.iter().zip(all.keys()).all(|(a, b)| a == b)
+        };
+        if sub.wildcard || exactly() {
+            return all.clone();
         }
-        sub.names
+        let picked: ResourceMap = sub
+            .names
             .iter()
             .filter_map(|name| match all.get(name) {
                 Some(r) => Some((name.clone(), r.clone())),
@@ -261,20 +268,26 @@ impl SotwState {
                 }
                 None => None,
             })
-            .collect()
+            .collect();
+        Arc::new(picked)
     }
 
-    fn respond(&mut self, type_url: &str, force: bool, step: &mut Step<DiscoveryResponse>) {
+    fn respond(
+        &mut self,
+        type_url: &str,
+        force: bool,
+        step: &mut Step<Outgoing<DiscoveryResponse>>,
+    ) {
         let Some(state) = self.types.get(type_url) else {
             return;
         };
         let contents = self.contents(type_url, &state.sub);
-        let version = resources::set_version(&contents);
+        let version = resources::map_version(&contents);
         if !force && state.sent_version.as_deref() == Some(version.as_str()) {
             return;
         }
-        let resources = contents.values().map(|r| r.body.clone()).collect();
-        self.send(type_url, version, contents.len(), resources, step);
+        let entries = wire::map_entries(&contents, Flavour::Sotw);
+        self.send(type_url, version, contents.len(), entries, step);
     }
 
     fn send(
@@ -282,8 +295,8 @@ impl SotwState {
         type_url: &str,
         version: String,
         count: usize,
-        resources: Vec<envoy_types::pb::google::protobuf::Any>,
-        step: &mut Step<DiscoveryResponse>,
+        entries: Bytes,
+        step: &mut Step<Outgoing<DiscoveryResponse>>,
     ) {
         self.nonce_counter += 1;
         let nonce = self.nonce_counter.to_string();
@@ -306,13 +319,16 @@ impl SotwState {
             version: version.clone(),
             resources: count,
         });
-        step.responses.push(DiscoveryResponse {
-            version_info: version,
-            resources,
-            type_url: type_url.to_string(),
-            nonce,
-            control_plane: control_plane(&self.control_plane),
-            ..Default::default()
+        step.responses.push(Outgoing {
+            entries,
+            count,
+            head: DiscoveryResponse {
+                version_info: version,
+                type_url: type_url.to_string(),
+                nonce,
+                control_plane: control_plane(&self.control_plane),
+                ..Default::default()
+            },
         });
     }
 

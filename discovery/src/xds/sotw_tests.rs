@@ -5,6 +5,7 @@ use prost::Message;
 use super::*;
 use crate::resources::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use crate::xds::testing::{names, node, resources, NODE};
+use crate::xds::wire::Outgoing;
 
 fn state(svcs: &[&str]) -> SotwState {
     SotwState::new("cp-test", NODE, resources(svcs, 1))
@@ -43,9 +44,13 @@ fn ack_of(r: &DiscoveryResponse, resource_names: &[&str]) -> DiscoveryRequest {
     req(&r.type_url, resource_names, &r.nonce, &r.version_info)
 }
 
-fn one(step: Step<DiscoveryResponse>) -> DiscoveryResponse {
+fn one(step: Step<Outgoing<DiscoveryResponse>>) -> DiscoveryResponse {
     assert_eq!(step.responses.len(), 1, "expected one response: {step:?}");
-    step.responses.into_iter().next().expect("one response")
+    step.responses
+        .into_iter()
+        .next()
+        .expect("one response")
+        .decoded()
 }
 
 fn resource_names(r: &DiscoveryResponse) -> Vec<String> {
@@ -240,7 +245,7 @@ fn unknown_names_are_remembered_and_eds_gets_empty_assignment() {
     let step = s.on_resources(res);
     let pushed: Vec<_> = step.responses.iter().map(|r| r.type_url.as_str()).collect();
     assert_eq!(pushed, [ROUTE]);
-    assert_eq!(step.responses[0].resources.len(), 1);
+    assert_eq!(step.responses[0].count, 1);
 }
 
 #[test]

@@ -1,0 +1,255 @@
+//! ADS responses on the wire, encoded once and shared by every stream.
+//!
+//! A response is a protobuf message, and concatenated protobuf encodings merge (repeated
+//! fields append). So a response goes out as three pieces: the gRPC frame header, the encoded
+//! resource entries (field 2 of `DiscoveryResponse` and of `DeltaDiscoveryResponse`), and the
+//! stream's own fields (nonce, versions, type, removed names). The entries of a whole map are
+//! encoded once per map and flavour and every stream sends the same [`Bytes`]; smaller sets
+//! (one changed assignment) are encoded per response. Nothing per stream copies a map's
+//! resources, and no send buffer keeps the largest response alive: the body hands `Bytes` to
+//! hyper, which writes them out and drops them.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use envoy_types::pb::envoy::service::discovery::v3::Resource as WireResource;
+use http::HeaderMap;
+use http_body::Frame;
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::resources::{Resource, ResourceMap};
+
+/// Which response message the entries belong to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavour {
+    Sotw,
+    Delta,
+}
+
+/// A response ready to send: shared resource entries and this stream's fields (`head`, the
+/// response message without resources).
+#[derive(Debug, Clone)]
+pub struct Outgoing<M> {
+    pub entries: Bytes,
+    /// How many resources `entries` holds.
+    pub count: usize,
+    pub head: M,
+}
+
+impl<M> std::ops::Deref for Outgoing<M> {
+    type Target = M;
+    fn deref(&self) -> &M {
+        &self.head
+    }
+}
+
+impl<M: Message + Default> Outgoing<M> {
+    /// The gRPC frame: header, entries, head.
+    pub fn into_chunks(self) -> [Bytes; 3] {
+        let head = Bytes::from(self.head.encode_to_vec());
+        let len = self.entries.len() + head.len();
+        let mut header = BytesMut::with_capacity(5);
+        header.put_u8(0);
+        header.put_u32(u32::try_from(len).unwrap_or(u32::MAX));
+        [header.freeze(), self.entries, head]
+    }
+
+    /// The whole message, decoded (tests and debugging).
+    pub fn decoded(&self) -> M {
+        let mut buf = self.entries.to_vec();
+        self.head.encode(&mut buf).expect("a Vec grows");
+        M::decode(buf.as_slice()).expect("entries and head decode")
+    }
+}
+
+/// Maps smaller than this are encoded per response instead of memoized.
+const MEMO_MIN_LEN: usize = 32;
+const MEMO_ENTRIES: usize = 16;
+
+/// The entries for every resource of `map`, encoded once per map and flavour while the map
+/// lives (the memo holds a `Weak`, so a dropped map's address cannot be mistaken for a new one
+/// while its entry is there).
+pub fn map_entries(map: &Arc<ResourceMap>, flavour: Flavour) -> Bytes {
+    type Entry = (Weak<ResourceMap>, Flavour, Bytes);
+    static MEMO: Mutex<VecDeque<Entry>> = Mutex::new(VecDeque::new());
+    if map.len() < MEMO_MIN_LEN {
+        return entries(map.values(), flavour);
+    }
+    let hit = |(m, f, _): &&Entry| std::ptr::eq(m.as_ptr(), Arc::as_ptr(map)) && *f == flavour;
+    if let Some((_, _, bytes)) = lock(&MEMO).iter().find(hit) {
+        return bytes.clone();
+    }
+    let bytes = entries(map.values(), flavour);
+    let mut memo = lock(&MEMO);
+    memo.retain(|(m, _, _)| m.strong_count() > 0);
+    if memo.len() >= MEMO_ENTRIES {
+        memo.pop_front();
+    }
+    memo.push_back((Arc::downgrade(map), flavour, bytes.clone()));
+    bytes
+}
+
+/// The entries for these resources, encoded now.
+pub fn entries<'a>(
+    resources: impl IntoIterator<Item = &'a Arc<Resource>>,
+    flavour: Flavour,
+) -> Bytes {
+    let mut buf = Vec::new();
+    for r in resources {
+        match flavour {
+            Flavour::Sotw => prost::encoding::message::encode(2, &r.body, &mut buf),
+            Flavour::Delta => prost::encoding::message::encode(
+                2,
+                &WireResource {
+                    name: r.name.clone(),
+                    version: r.version.clone(),
+                    resource: Some(r.body.clone()),
+                    ..Default::default()
+                },
+                &mut buf,
+            ),
+        }
+    }
+    Bytes::from(buf)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a stream task hands its response body: the chunks of one response, or the status
+/// that ends the stream.
+pub type BodyItem = Result<[Bytes; 3], Status>;
+
+/// The body of an ADS response: gRPC frames from the stream task, then the trailers.
+pub struct AdsBody {
+    rx: mpsc::Receiver<BodyItem>,
+    chunks: VecDeque<Bytes>,
+    done: bool,
+}
+
+impl AdsBody {
+    pub fn new(rx: mpsc::Receiver<BodyItem>) -> AdsBody {
+        AdsBody {
+            rx,
+            chunks: VecDeque::new(),
+            done: false,
+        }
+    }
+}
+
+fn trailers(status: &Status) -> Frame<Bytes> {
+    let mut headers = HeaderMap::new();
+    // Only fails for a message that cannot be a header value; then the code alone goes.
+    if status.add_header(&mut headers).is_err() {
+        let _ = Status::new(status.code(), "").add_header(&mut headers);
+    }
+    Frame::trailers(headers)
+}
+
+impl http_body::Body for AdsBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        loop {
+            if let Some(chunk) = self.chunks.pop_front() {
+                if chunk.is_empty() {
+                    continue;
+                }
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            if self.done {
+                return Poll::Ready(None);
+            }
+            return match self.rx.poll_recv(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Some(Ok(chunks))) => {
+                    self.chunks.extend(chunks);
+                    continue;
+                }
+                Poll::Ready(Some(Err(status))) => {
+                    self.done = true;
+                    Poll::Ready(Some(Ok(trailers(&status))))
+                }
+                Poll::Ready(None) => {
+                    self.done = true;
+                    Poll::Ready(Some(Ok(trailers(&Status::ok("")))))
+                }
+            };
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done && self.chunks.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::xds::testing::resources;
+    use envoy_types::pb::envoy::service::discovery::v3::{
+        DeltaDiscoveryResponse, DiscoveryResponse,
+    };
+
+    #[test]
+    fn shared_entries_and_head_decode_as_one_message() {
+        let res = resources(&["a", "b"], 1);
+        for flavour in [Flavour::Sotw, Flavour::Delta] {
+            let bytes = map_entries(&res.clusters, flavour);
+            match flavour {
+                Flavour::Sotw => {
+                    let out = Outgoing {
+                        entries: bytes,
+                        count: 2,
+                        head: DiscoveryResponse {
+                            nonce: "7".into(),
+                            ..Default::default()
+                        },
+                    };
+                    let r = out.decoded();
+                    assert_eq!((r.resources.len(), r.nonce.as_str()), (2, "7"));
+                    assert_eq!(r.resources[0], res.clusters["a"].body);
+                    let [header, entries, head] = out.into_chunks();
+                    assert_eq!(header[0], 0);
+                    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]);
+                    assert_eq!(len as usize, entries.len() + head.len());
+                }
+                Flavour::Delta => {
+                    let out = Outgoing {
+                        entries: bytes,
+                        count: 2,
+                        head: DeltaDiscoveryResponse {
+                            nonce: "8".into(),
+                            removed_resources: vec!["c".into()],
+                            ..Default::default()
+                        },
+                    };
+                    let r = out.decoded();
+                    assert_eq!(r.resources[1].name, "b");
+                    assert_eq!(r.resources[1].version, res.clusters["b"].version);
+                    assert_eq!(r.removed_resources, ["c"]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn large_maps_are_encoded_once() {
+        let names: Vec<String> = (0..40).map(|i| format!("s{i}")).collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let res = resources(&refs, 1);
+        let a = map_entries(&res.clusters, Flavour::Sotw);
+        let b = map_entries(&res.clusters, Flavour::Sotw);
+        assert_eq!(a.as_ptr(), b.as_ptr(), "the same bytes, not a copy");
+    }
+}
