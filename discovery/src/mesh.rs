@@ -162,6 +162,8 @@ impl Debouncer {
         let mut last: Option<Arc<Shared>> = None;
         let mut generation = self.snapshots.borrow().generation;
         let mut pending = true;
+        // When the last change was seen or built: `None` until the first build.
+        let mut last_activity: Option<Instant> = None;
         loop {
             if !pending {
                 tokio::select! {
@@ -173,23 +175,33 @@ impl Debouncer {
             let learned_at = SystemTime::now();
             let first = Instant::now();
             let mut closed = false;
-            loop {
-                // Re-planned on every change: a burst may turn from endpoint-only to full.
-                let catalog = Arc::clone(&self.catalogs.borrow());
-                let (quiet, max) = match plan(last.as_deref(), &catalog) {
-                    Plan::Full => (self.times.quiet, self.times.max),
-                    Plan::Endpoints(_) | Plan::Unchanged => {
-                        (self.times.endpoint_quiet, self.times.endpoint_max)
+            // Leading edge: the first change after a quiet period is built at once; only the
+            // changes that follow it within the quiet time are coalesced.
+            let quiet_for = |catalog: &Arc<Catalog>| match plan(last.as_deref(), catalog) {
+                Plan::Full => self.times.quiet,
+                Plan::Endpoints(_) | Plan::Unchanged => self.times.endpoint_quiet,
+            };
+            let idle = last_activity
+                .is_none_or(|t: Instant| t.elapsed() >= quiet_for(&self.catalogs.borrow()));
+            if !idle {
+                loop {
+                    // Re-planned on every change: a burst may turn from endpoint-only to full.
+                    let catalog = Arc::clone(&self.catalogs.borrow());
+                    let (quiet, max) = match plan(last.as_deref(), &catalog) {
+                        Plan::Full => (self.times.quiet, self.times.max),
+                        Plan::Endpoints(_) | Plan::Unchanged => {
+                            (self.times.endpoint_quiet, self.times.endpoint_max)
+                        }
+                    };
+                    let wake = (Instant::now() + quiet).min(first + max);
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep_until(wake) => break,
+                        changed = self.catalogs.changed() => if changed.is_err() {
+                            closed = true;
+                            break;
+                        },
                     }
-                };
-                let wake = (Instant::now() + quiet).min(first + max);
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep_until(wake) => break,
-                    changed = self.catalogs.changed() => if changed.is_err() {
-                        closed = true;
-                        break;
-                    },
                 }
             }
             let catalog = Arc::clone(&self.catalogs.borrow_and_update());
@@ -239,6 +251,7 @@ impl Debouncer {
                 // The last good snapshot stays in force.
                 Some((_, Err(e))) => error!(error = %e, "building the mesh snapshot failed"),
             }
+            last_activity = Some(Instant::now());
             if closed {
                 return;
             }
@@ -308,11 +321,9 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn initial_catalog_is_built_after_quiet_period() {
+    async fn initial_catalog_is_built_at_once() {
         let h = start(catalog(&["a"]));
-        advance(50).await;
-        assert_eq!(generation(&h), 0);
-        advance(100).await;
+        advance(10).await;
         assert_eq!(generation(&h), 1);
         assert_eq!(services(&h), 1);
         h.shutdown.cancel();
@@ -320,18 +331,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn burst_is_coalesced_into_one_build() {
-        let h = start(catalog(&["a"]));
+    async fn first_change_is_built_at_once_and_the_rest_of_a_burst_coalesced() {
+        let mut h = start(catalog(&["a"]));
         advance(200).await;
         assert_eq!(generation(&h), 1);
-        for i in 0..5 {
+        h.snapshots.borrow_and_update();
+        for i in 1..5 {
             h.catalogs
                 .send_replace(catalog(&["a", "b", "c", "d", "e"][..=i]));
+            if i == 1 {
+                // No timer runs while the build does, so paused time stands still unless the
+                // debouncer waits: the build must come with no time passing.
+                let sent = Instant::now();
+                h.snapshots.changed().await.expect("built");
+                assert_eq!(
+                    sent.elapsed(),
+                    Duration::ZERO,
+                    "leading edge: built at once"
+                );
+                assert_eq!((generation(&h), services(&h)), (2, 2));
+            }
             advance(50).await;
         }
-        assert_eq!(generation(&h), 1, "still changing: no build yet");
+        assert_eq!(generation(&h), 2, "still changing: the rest waits");
         advance(150).await;
-        assert_eq!(generation(&h), 2);
+        assert_eq!(generation(&h), 3, "the rest of the burst is one build");
         assert_eq!(services(&h), 5);
         h.shutdown.cancel();
         h.task.await.expect("debouncer ends");
@@ -347,10 +371,11 @@ mod tests {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             h.catalogs.send_replace(catalog(&refs));
             advance(50).await;
-            if built_at.is_none() && generation(&h) == 2 {
+            if built_at.is_none() && generation(&h) == 3 {
                 built_at = Some((i + 1) * 50);
             }
         }
+        // The first change was built at once (generation 2); the churn after it within max.
         let built_at = built_at.expect("built during churn");
         assert!((1000..=1100).contains(&built_at), "built at {built_at} ms");
         h.shutdown.cancel();
@@ -438,10 +463,11 @@ mod tests {
         for i in 0..40u16 {
             h.catalogs.send_replace(with_instance(100 + i));
             advance_fine(3).await;
-            if built_at.is_none() && generation(&h) == 2 {
+            if built_at.is_none() && generation(&h) == 3 {
                 built_at = Some((u64::from(i) + 1) * 3);
             }
         }
+        // The first change was built at once (generation 2); the churn after it within max.
         let built_at = built_at.expect("built during churn");
         assert!((50..=60).contains(&built_at), "built at {built_at} ms");
         assert_eq!(kind(&h), BuildKind::Endpoints);
@@ -451,18 +477,31 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_burst_that_turns_full_waits_the_full_quiet_period() {
-        let h = start(with_instance(80));
+        let mut h = start(with_instance(80));
         advance(200).await;
+        h.snapshots.borrow_and_update();
         h.catalogs.send_replace(with_instance(81));
+        let sent = Instant::now();
+        h.snapshots.changed().await.expect("built");
+        assert_eq!(
+            sent.elapsed(),
+            Duration::ZERO,
+            "leading edge: built at once"
+        );
+        assert_eq!(generation(&h), 2);
         advance_fine(2).await;
         let mut full = Catalog::clone(&with_instance(81));
         full.services
             .insert("b".into(), catalog(&["b"]).services["b"].clone());
         h.catalogs.send_replace(Arc::new(full));
         advance_fine(50).await;
-        assert_eq!(generation(&h), 1, "a full change waits for quiet");
+        assert_eq!(
+            generation(&h),
+            2,
+            "a full change within the burst waits for quiet"
+        );
         advance(100).await;
-        assert_eq!(generation(&h), 2);
+        assert_eq!(generation(&h), 3);
         assert_eq!(kind(&h), BuildKind::Full);
         assert_eq!(services(&h), 2);
         h.shutdown.cancel();

@@ -20,11 +20,27 @@ use crate::resources::{self, ProxyResources, ResourceMap, PUSH_ORDER};
 /// How many unanswered responses per type are remembered for ACK correlation.
 const PENDING_NONCES: usize = 64;
 
+/// What a client holds of one type.
+#[derive(Debug)]
+enum Held {
+    /// Exactly the resources of the stream's map of the type that its subscription covered
+    /// when they were last sent: the usual state, which costs nothing per resource.
+    Synced,
+    /// By name, the version of each resource: a new stream (nothing, or the client's
+    /// `initial_resource_versions`) until the first full answer makes it [`Held::Synced`].
+    Versions(BTreeMap<String, String>),
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held::Versions(BTreeMap::new())
+    }
+}
+
 #[derive(Debug, Default)]
 struct TypeState {
     sub: Subscription,
-    /// What the client holds, by name: the version of each resource.
-    held: BTreeMap<String, String>,
+    held: Held,
     /// Requested names known not to exist, already reported in `removed_resources`.
     reported_absent: BTreeSet<String>,
     /// Names to send (or report removed) on the next response whatever the client holds.
@@ -116,8 +132,21 @@ impl DeltaState {
             }
         }
 
-        for (name, version) in &req.initial_resource_versions {
-            state.held.insert(name.clone(), version.clone());
+        if !req.initial_resource_versions.is_empty() {
+            let mut versions = match std::mem::take(&mut state.held) {
+                Held::Versions(v) => v,
+                Held::Synced => BTreeMap::new(),
+            };
+            for (name, version) in &req.initial_resource_versions {
+                versions.insert(name.clone(), version.clone());
+            }
+            state.held = Held::Versions(versions);
+        }
+        // Names the subscription did not cover before are not held, whatever the map says.
+        for name in &req.resource_names_subscribe {
+            if name != WILDCARD && !state.sub.covers(name) {
+                state.force.insert(name.clone());
+            }
         }
         state.sub.apply_delta(
             &type_url,
@@ -128,12 +157,17 @@ impl DeltaState {
         for name in &req.resource_names_unsubscribe {
             if name == WILDCARD {
                 let sub = &state.sub;
-                state.held.retain(|n, _| sub.covers(n));
+                if let Held::Versions(v) = &mut state.held {
+                    v.retain(|n, _| sub.covers(n));
+                }
             } else if state.sub.covers(name) {
                 // Still covered by the wildcard: the client must hear about it either way.
                 state.force.insert(name.clone());
             } else {
-                state.held.remove(name);
+                if let Held::Versions(v) = &mut state.held {
+                    v.remove(name);
+                }
+                state.force.remove(name);
                 state.reported_absent.remove(name);
             }
         }
@@ -157,7 +191,20 @@ impl DeltaState {
                 .get(&type_url)
                 .is_some_and(|s| s.force.is_empty());
         if !bare {
-            self.respond(&type_url, first, &mut step);
+            let named = req
+                .resource_names_subscribe
+                .iter()
+                .chain(&req.resource_names_unsubscribe);
+            if first
+                || !req.initial_resource_versions.is_empty()
+                || named.clone().any(|n| n == WILDCARD)
+            {
+                self.respond(&type_url, first, &mut step);
+            } else {
+                // Only the names this request touched (and forced ones) can need an answer.
+                let names: Vec<String> = named.cloned().collect();
+                self.respond_to(&type_url, false, Some(&names), None, &mut step);
+            }
         }
         if type_url == resources::CLUSTER {
             self.respond_forced(resources::ENDPOINT, &mut step);
@@ -191,7 +238,8 @@ impl DeltaState {
                 continue;
             }
             let changed = resources::changed_names(old, new);
-            self.respond_to(type_url, false, Some(&changed), &mut step);
+            let old = old.clone();
+            self.respond_to(type_url, false, Some(&changed), Some(&old), &mut step);
         }
         step
     }
@@ -239,7 +287,7 @@ impl DeltaState {
         always: bool,
         step: &mut Step<Outgoing<DeltaDiscoveryResponse>>,
     ) {
-        self.respond_to(type_url, always, None, step);
+        self.respond_to(type_url, always, None, None, step);
     }
 
     /// [`DeltaState::respond`], looking only at `changed` (and forced) names when given: those
@@ -249,53 +297,78 @@ impl DeltaState {
         type_url: &str,
         always: bool,
         changed: Option<&[String]>,
+        previous: Option<&Arc<ResourceMap>>,
         step: &mut Step<Outgoing<DeltaDiscoveryResponse>>,
     ) {
         let empty: Arc<ResourceMap> = Arc::default();
         let all = self.resources.of_type(type_url).unwrap_or(&empty).clone();
+        let previous = previous.unwrap_or(&all).clone();
         let Some(state) = self.types.get_mut(type_url) else {
             return;
         };
-        let mut candidates: BTreeSet<String> = state.force.clone();
+        let force = std::mem::take(&mut state.force);
+        let mut candidates: BTreeSet<&str> = force.iter().map(String::as_str).collect();
+        // A full answer looks at every name the client could hold or want; these are copied
+        // (a first request, a reconnect), names from the maps are borrowed.
+        let mut owned: Vec<String> = Vec::new();
+        let full = changed.is_none();
         match changed {
-            Some(names) => candidates.extend(names.iter().cloned()),
+            Some(names) => candidates.extend(names.iter().map(String::as_str)),
             None => {
-                candidates.extend(state.sub.names.iter().cloned());
-                candidates.extend(state.held.keys().cloned());
+                owned.extend(state.sub.names.iter().cloned());
+                if let Held::Versions(v) = &state.held {
+                    owned.extend(v.keys().cloned());
+                }
                 if state.sub.wildcard {
-                    candidates.extend(all.keys().cloned());
+                    candidates.extend(all.keys().map(String::as_str));
+                    candidates.extend(previous.keys().map(String::as_str));
                 }
             }
         }
-        let force = std::mem::take(&mut state.force);
+        candidates.extend(owned.iter().map(String::as_str));
 
         let mut send = Vec::new();
         let mut removed = Vec::new();
         for name in candidates {
-            if !state.sub.covers(&name) {
-                state.held.remove(&name);
+            if !state.sub.covers(name) {
+                if let Held::Versions(v) = &mut state.held {
+                    v.remove(name);
+                }
                 continue;
             }
-            match all.get(&name) {
+            let held = match &state.held {
+                Held::Synced => previous.get(name).map(|r| r.version.as_str()),
+                Held::Versions(v) => v.get(name).map(String::as_str),
+            };
+            match all.get(name) {
                 Some(r) => {
-                    if force.contains(&name) || state.held.get(&name) != Some(&r.version) {
-                        state.held.insert(name.clone(), r.version.clone());
+                    if force.contains(name) || held != Some(r.version.as_str()) {
+                        if let Held::Versions(v) = &mut state.held {
+                            v.insert(name.to_string(), r.version.clone());
+                        }
                         send.push(r.clone());
                     }
-                    state.reported_absent.remove(&name);
+                    state.reported_absent.remove(name);
                 }
                 None => {
-                    let held = state.held.remove(&name).is_some();
-                    let explicit = state.sub.names.contains(&name);
-                    let unreported = explicit && !state.reported_absent.contains(&name);
-                    if held || force.contains(&name) || unreported {
-                        removed.push(name.clone());
+                    let was_held = held.is_some();
+                    if let Held::Versions(v) = &mut state.held {
+                        v.remove(name);
+                    }
+                    let explicit = state.sub.names.contains(name);
+                    let unreported = explicit && !state.reported_absent.contains(name);
+                    if was_held || force.contains(name) || unreported {
+                        removed.push(name.to_string());
                     }
                     if explicit {
-                        state.reported_absent.insert(name);
+                        state.reported_absent.insert(name.to_string());
                     }
                 }
             }
+        }
+        if full {
+            // The client now holds exactly the covered part of the map.
+            state.held = Held::Synced;
         }
         if send.is_empty() && removed.is_empty() && !always {
             return;
@@ -332,7 +405,11 @@ impl DeltaState {
                 .or_default();
             eds.always_respond = true;
             for r in &send {
-                if eds.held.contains_key(&r.name) || eds.sub.names.contains(&r.name) {
+                let held = match &eds.held {
+                    Held::Synced => eds.sub.covers(&r.name),
+                    Held::Versions(v) => v.contains_key(&r.name),
+                };
+                if held || eds.sub.names.contains(&r.name) {
                     eds.force.insert(r.name.clone());
                 }
             }

@@ -374,7 +374,7 @@ async fn stream_loop<S: StreamState>(
         }
         // Make-before-break: the next stage goes out once the proxy accepted the last one.
         while state.settled() {
-            let Some(resources) = stages.next() else {
+            let Some(resources) = stages.next_stage() else {
                 break;
             };
             let step = state.on_resources(resources);

@@ -336,7 +336,7 @@ impl SotwState {
     pub fn subscription(&self, type_url: &str) -> Option<(bool, BTreeSet<String>)> {
         self.types
             .get(type_url)
-            .map(|s| (s.sub.wildcard, s.sub.names.clone()))
+            .map(|s| (s.sub.wildcard, BTreeSet::clone(&s.sub.names)))
     }
 }
 

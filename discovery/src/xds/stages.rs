@@ -41,7 +41,7 @@ impl Stages {
 
     /// The resources the proxy should get next, once it has settled on the current ones;
     /// `None` when it runs the target.
-    pub fn next(&mut self) -> Option<ProxyResources> {
+    pub fn next_stage(&mut self) -> Option<ProxyResources> {
         let (c, t) = (&self.current, &self.target);
         let add = ProxyResources {
             clusters: keep_removed(&c.clusters, &t.clusters),
@@ -94,20 +94,20 @@ mod tests {
         let mut s = Stages::new(old.clone());
         s.set_target(new.clone());
 
-        let add = s.next().expect("add stage");
+        let add = s.next_stage().expect("add stage");
         assert_eq!(names(&add.clusters), ["a", "b", "c"], "b kept, c added");
         assert_eq!(names(&add.endpoints), ["a", "b", "c"]);
         assert!(std::sync::Arc::ptr_eq(&add.listeners, &old.listeners));
         assert!(std::sync::Arc::ptr_eq(&add.routes, &old.routes));
 
-        let switch = s.next().expect("switch stage");
+        let switch = s.next_stage().expect("switch stage");
         assert!(std::sync::Arc::ptr_eq(&switch.listeners, &new.listeners));
         assert_eq!(names(&switch.clusters), ["a", "b", "c"], "b still kept");
 
-        let remove = s.next().expect("remove stage");
+        let remove = s.next_stage().expect("remove stage");
         assert_eq!(names(&remove.clusters), ["a", "c"]);
         assert!(s.at_target());
-        assert!(s.next().is_none());
+        assert!(s.next_stage().is_none());
     }
 
     #[test]
@@ -119,10 +119,10 @@ mod tests {
         new.routes = old.routes.clone();
         let mut s = Stages::new(old);
         s.set_target(new.clone());
-        let first = s.next().expect("one push");
+        let first = s.next_stage().expect("one push");
         assert!(std::sync::Arc::ptr_eq(&first.endpoints, &new.endpoints));
         assert!(s.at_target());
-        assert!(s.next().is_none());
+        assert!(s.next_stage().is_none());
     }
 
     #[test]
@@ -132,15 +132,15 @@ mod tests {
         let v3 = resources(&["d"], 1);
         let mut s = Stages::new(v1);
         s.set_target(v2);
-        let add = s.next().expect("add");
+        let add = s.next_stage().expect("add");
         assert_eq!(names(&add.clusters), ["a", "b", "c"]);
         s.set_target(v3);
         // Everything sent so far stays until the new listeners and routes are in.
-        let add = s.next().expect("add d");
+        let add = s.next_stage().expect("add d");
         assert_eq!(names(&add.clusters), ["a", "b", "c", "d"]);
-        s.next().expect("switch");
-        let remove = s.next().expect("remove");
+        s.next_stage().expect("switch");
+        let remove = s.next_stage().expect("remove");
         assert_eq!(names(&remove.clusters), ["d"]);
-        assert!(s.next().is_none());
+        assert!(s.next_stage().is_none());
     }
 }

@@ -5,9 +5,48 @@
 //! EDS and RDS have no wildcard: an empty subscription always means nothing. Both protocol
 //! variants share this struct; SotW replaces the whole set per request, Delta adds and removes.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::resources::is_wildcard_type;
+
+/// A set of subscribed names. Thousands of streams subscribe to the same names (every EDS
+/// cluster of their scope), so sets are interned: equal sets share one allocation.
+pub type Names = Arc<BTreeSet<String>>;
+
+/// Sets smaller than this are not worth interning.
+const INTERN_MIN_LEN: usize = 16;
+
+/// The shared copy of `set` (interned when large).
+fn intern(set: BTreeSet<String>) -> Names {
+    type Table = HashMap<u64, Vec<Weak<BTreeSet<String>>>>;
+    static TABLE: Mutex<Option<Table>> = Mutex::new(None);
+    if set.len() < INTERN_MIN_LEN {
+        return Arc::new(set);
+    }
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    set.hash(&mut hasher);
+    let key = hasher.finish();
+    let mut table = TABLE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let table = table.get_or_insert_with(HashMap::new);
+    let bucket = table.entry(key).or_default();
+    bucket.retain(|w| w.strong_count() > 0);
+    if let Some(found) = bucket.iter().filter_map(Weak::upgrade).find(|s| **s == set) {
+        return found;
+    }
+    let shared = Arc::new(set);
+    bucket.push(Arc::downgrade(&shared));
+    if table.len() > 1024 {
+        table.retain(|_, b| {
+            b.retain(|w| w.strong_count() > 0);
+            !b.is_empty()
+        });
+    }
+    shared
+}
 
 /// The explicit wildcard name.
 pub const WILDCARD: &str = "*";
@@ -16,8 +55,8 @@ pub const WILDCARD: &str = "*";
 pub struct Subscription {
     /// Subscribed to every resource of the type (explicit `"*"` or the legacy empty request).
     pub wildcard: bool,
-    /// Names subscribed explicitly (never contains `"*"`).
-    pub names: BTreeSet<String>,
+    /// Names subscribed explicitly (never contains `"*"`), interned.
+    pub names: Names,
     /// The client has named something (`"*"` included), so the legacy wildcard is gone.
     explicit: bool,
 }
@@ -27,16 +66,18 @@ impl Subscription {
     pub fn set_sotw(&mut self, type_url: &str, names: &[String]) {
         if names.is_empty() {
             self.wildcard = is_wildcard_type(type_url) && !self.explicit;
-            self.names.clear();
+            self.names = Names::default();
             return;
         }
         self.explicit = true;
         self.wildcard = is_wildcard_type(type_url) && names.iter().any(|n| n == WILDCARD);
-        self.names = names
-            .iter()
-            .filter(|n| n.as_str() != WILDCARD)
-            .cloned()
-            .collect();
+        self.names = intern(
+            names
+                .iter()
+                .filter(|n| n.as_str() != WILDCARD)
+                .cloned()
+                .collect(),
+        );
     }
 
     /// Whether [`Subscription::set_sotw`] with these names would leave the subscription as it
@@ -54,7 +95,7 @@ impl Subscription {
         // compares, not a tree lookup per name (2000 SotW ACKs of 1000 names per push).
         if !wildcard
             && names.len() == self.names.len()
-            && names.iter().zip(&self.names).all(|(a, b)| a == b)
+            && names.iter().zip(self.names.iter()).all(|(a, b)| a == b)
         {
             return true;
         }
@@ -82,20 +123,30 @@ impl Subscription {
         if first && subscribe.is_empty() && !self.explicit {
             self.wildcard = wildcard_type;
         }
+        let changes = subscribe.iter().chain(unsubscribe).any(|n| n != WILDCARD);
+        let mut names = if changes {
+            // Copied once per request that changes names, then interned again.
+            BTreeSet::clone(&self.names)
+        } else {
+            BTreeSet::new()
+        };
         for name in subscribe {
             self.explicit = true;
             if name == WILDCARD {
                 self.wildcard = wildcard_type;
             } else {
-                self.names.insert(name.clone());
+                names.insert(name.clone());
             }
         }
         for name in unsubscribe {
             if name == WILDCARD {
                 self.wildcard = false;
             } else {
-                self.names.remove(name);
+                names.remove(name);
             }
+        }
+        if changes {
+            self.names = intern(names);
         }
     }
 
