@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use crate::identity::metrics::{CaMetrics, Kind};
 use crate::identity::{utc, Authority};
 use crate::mesh::MeshSnapshot;
+use crate::resources::short_name;
 use crate::sources::SourcesView;
 use crate::xds::connections::{Connections, ProxyStatus};
 use crate::xds::metrics::XdsMetrics;
-use crate::xds::resource::short_name;
 
 /// What the handlers read. Cheap to clone.
 #[derive(Clone)]
@@ -526,8 +526,8 @@ mod tests {
     use pilotfish_registries::files::{FileState, Problem};
 
     use super::*;
+    use crate::resources::CLUSTER;
     use crate::xds::connections::StreamKind;
-    use crate::xds::resource::CLUSTER;
     use crate::xds::Event;
 
     fn state() -> (HttpState, watch::Sender<Arc<FilesStatus>>) {

@@ -14,10 +14,12 @@
 
 pub mod admin;
 pub mod config;
+pub mod grpc;
 pub mod http;
 pub mod identity;
 pub mod mesh;
 pub mod proxy;
+pub mod resources;
 pub mod rules_api;
 pub mod sources;
 pub mod translate;
@@ -204,7 +206,7 @@ pub async fn run(
         (Some(authority), Some(identity)) => {
             let tls = authority.tls();
             tasks.spawn(async move {
-                identity::serve(ads, identity, tls, grpc_listener, token)
+                grpc::serve_tls(ads, identity, tls, grpc_listener, token)
                     .await
                     .map_err(RunError::Ads)
             });
@@ -215,7 +217,11 @@ pub async fn run(
             });
         }
         _ => {
-            tasks.spawn(async move { ads.run(grpc_listener, token).await.map_err(RunError::Ads) });
+            tasks.spawn(async move {
+                grpc::serve_plain(ads, grpc_listener, token)
+                    .await
+                    .map_err(RunError::Ads)
+            });
         }
     }
     let token = stop.clone();

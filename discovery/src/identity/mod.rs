@@ -24,14 +24,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use pilotfish_pki::wire::IdentityServer;
 use pilotfish_pki::{Ca, CaError, CaOptions, LocalKey, Role, SpiffeId, TokenStore, TrustDomain};
 use rustls_pki_types::CertificateDer;
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
-use tonic::service::Routes;
 use tonic::{Request, Status};
 use tracing::{error, info, warn};
 
@@ -39,7 +35,6 @@ use self::metrics::{CaMetrics, Refusal};
 use self::tls::ServerTls;
 use crate::config::Config;
 use crate::error_chain;
-use crate::xds::server::AdsServer;
 
 /// Discovery's own key, next to `ca/` in the state directory.
 pub const SERVER_KEY_FILE: &str = "discovery.key";
@@ -250,24 +245,6 @@ impl Authority {
             };
         }
     }
-}
-
-/// Serves ADS and the identity service over TLS on `listener` until `shutdown`, then waits for
-/// every stream and handshake task.
-pub async fn serve(
-    ads: AdsServer,
-    identity: service::IdentityService,
-    tls: Arc<ServerTls>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
-    let tracker = TaskTracker::new();
-    let incoming = tls::incoming(listener, tls, &tracker, shutdown.clone());
-    let routes = Routes::new(IdentityServer::new(identity));
-    let result = ads.serve(incoming, routes, shutdown).await;
-    tracker.close();
-    tracker.wait().await;
-    result
 }
 
 /// A TLS config serving a fresh certificate for `spiffe://<td>/discovery` (DNS

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 use std::time::Duration;
+use tokio::net::TcpListener;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -17,10 +18,10 @@ use super::metrics::Kind;
 use super::service::{service_identity, IdentityService};
 use super::*;
 use crate::mesh::MeshSnapshot;
+use crate::resources::CLUSTER;
 use crate::translate::Shared;
 use crate::xds::connections::Connections;
 use crate::xds::metrics::XdsMetrics;
-use crate::xds::resource::CLUSTER;
 use crate::xds::server::{AdsOptions, AdsServer};
 
 fn td() -> TrustDomain {
@@ -274,7 +275,7 @@ async fn start_secure() -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(serve(
+    let server = tokio::spawn(crate::grpc::serve_tls(
         ads,
         identity,
         authority.tls(),

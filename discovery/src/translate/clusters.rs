@@ -31,7 +31,7 @@ use super::endpoints::{lb_endpoint, load_assignment};
 use super::tls::{secure_cluster, ClientTls};
 use super::{ads, any, duration, inbound_name, outbound_name, subset_name};
 use crate::proxy::Proxy;
-use crate::xds::resource::Resource;
+use crate::resources::Resource;
 
 const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";

@@ -246,7 +246,7 @@ mod tests {
 
     use super::*;
     use crate::proxy::Proxy;
-    use crate::translate::ProxyResources;
+    use crate::resources::ProxyResources;
 
     fn instance(node: Option<&str>, address: &str, port: u16, version: &str) -> Instance {
         Instance {

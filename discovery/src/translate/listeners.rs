@@ -48,7 +48,7 @@ use super::endpoints::socket_address;
 use super::tls::{self, Settings};
 use super::{ads, any, inbound_name, outbound_name, rbac, routes, subset_name, INBOUND, OUTBOUND};
 use crate::proxy::Proxy;
-use crate::xds::resource::Resource;
+use crate::resources::Resource;
 
 const HCM: &str = "envoy.filters.network.http_connection_manager";
 const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";

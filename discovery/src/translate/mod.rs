@@ -79,7 +79,7 @@ use pilotfish_registries::model::{Catalog, Protocol};
 use prost::Message;
 
 use crate::proxy::Proxy;
-use crate::xds::resource::{self, Resource, ResourceMap};
+use crate::resources::{ProxyResources, Resource, ResourceMap};
 
 pub use describe::describe;
 pub use endpoints::labels_metadata;
@@ -88,27 +88,6 @@ pub use tls::{
     client_secret, node_id, service_id, service_secret, sni, Settings, NODE_SECRET, ROOTS_SECRET,
     SDS_CLUSTER,
 };
-
-/// What one proxy receives, by type.
-#[derive(Debug, Clone, Default)]
-pub struct ProxyResources {
-    pub clusters: Arc<ResourceMap>,
-    pub endpoints: Arc<ResourceMap>,
-    pub listeners: Arc<ResourceMap>,
-    pub routes: Arc<ResourceMap>,
-}
-
-impl ProxyResources {
-    pub fn of_type(&self, type_url: &str) -> Option<&Arc<ResourceMap>> {
-        match type_url {
-            resource::CLUSTER => Some(&self.clusters),
-            resource::ENDPOINT => Some(&self.endpoints),
-            resource::LISTENER => Some(&self.listeners),
-            resource::ROUTE => Some(&self.routes),
-            _ => None,
-        }
-    }
-}
 
 /// The outbound name of a service's cluster, endpoints and TCP listener.
 pub fn outbound_name(service: &str) -> String {

@@ -55,7 +55,7 @@ pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 pub const RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
 /// The response header set on a request refused by a service's rate limit.
 pub const RATE_LIMITED_HEADER: &str = "x-pilotfish-ratelimited";
-use crate::xds::resource::Resource;
+use crate::resources::Resource;
 
 /// Retry conditions when a route asks for retries without naming any: failures where the
 /// request did not reach the app, so that retrying is safe for any method.

@@ -36,7 +36,7 @@ use pilotfish_registries::model::{
 use prost::Message;
 
 use super::*;
-use crate::xds::resource::ResourceMap;
+use crate::resources::ResourceMap;
 
 fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
     pairs

@@ -12,7 +12,7 @@ use prost::Message;
 
 use super::Shared;
 use crate::proxy::Proxy;
-use crate::xds::resource::ResourceMap;
+use crate::resources::ResourceMap;
 
 const REGISTRY: &str = r#"
 [services.reviews]

@@ -7,8 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use super::resource::short_name;
 use super::Event;
+use crate::resources::short_name;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -143,7 +143,7 @@ impl Drop for ConnectionGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xds::resource::CLUSTER;
+    use crate::resources::CLUSTER;
 
     #[test]
     fn records_acks_and_nacks_and_forgets_closed_streams() {

@@ -12,10 +12,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource as WireResource,
 };
 
-use super::resource::{self, ResourceMap, PUSH_ORDER};
 use super::subscription::{Subscription, WILDCARD};
 use super::{check_node, control_plane, Event, ProtocolError, Step};
-use crate::translate::ProxyResources;
+use crate::resources::{self, ProxyResources, ResourceMap, PUSH_ORDER};
 
 /// How many unanswered responses per type are remembered for ACK correlation.
 const PENDING_NONCES: usize = 64;
@@ -29,8 +28,16 @@ struct TypeState {
     reported_absent: BTreeSet<String>,
     /// Names to send (or report removed) on the next response whatever the client holds.
     force: BTreeSet<String>,
-    /// Responses not yet ACKed or NACKed: nonce and `system_version_info`.
-    pending: VecDeque<(String, String)>,
+    /// Responses not yet ACKed or NACKed: nonce, `system_version_info` and stream-wide
+    /// sequence number.
+    pending: VecDeque<(String, String, u64)>,
+    /// The last answer was a NACK.
+    nacked: bool,
+    /// Sequence number of the last response sent and of the last one ACKed.
+    sent_seq: u64,
+    acked_seq: u64,
+    /// CDS only: the last response carried clusters that take their endpoints from EDS.
+    needs_assignments: bool,
     /// Resend the names of the next EDS request even if held (after a CDS response).
     always_respond: bool,
     /// The client has sent a request of this type.
@@ -78,10 +85,14 @@ impl DeltaState {
 
         let nonce = req.response_nonce.as_str();
         if !nonce.is_empty() {
-            match state.pending.iter().position(|(n, _)| n == nonce) {
+            match state.pending.iter().position(|(n, _, _)| n == nonce) {
                 Some(at) => {
-                    let version = state.pending[at].1.clone();
+                    let (_, version, seq) = state.pending[at].clone();
                     state.pending.drain(..=at);
+                    state.nacked = req.error_detail.is_some();
+                    if !state.nacked {
+                        state.acked_seq = seq;
+                    }
                     step.events.push(match &req.error_detail {
                         Some(error) => Event::Nack {
                             type_url: type_url.clone(),
@@ -125,7 +136,7 @@ impl DeltaState {
                 state.reported_absent.remove(name);
             }
         }
-        if state.always_respond && type_url == resource::ENDPOINT {
+        if state.always_respond && type_url == resources::ENDPOINT {
             state.always_respond = false;
             state.force.extend(
                 req.resource_names_subscribe
@@ -147,8 +158,8 @@ impl DeltaState {
         if !bare {
             self.respond(&type_url, first, &mut step);
         }
-        if type_url == resource::CLUSTER {
-            self.respond_forced(resource::ENDPOINT, &mut step);
+        if type_url == resources::CLUSTER {
+            self.respond_forced(resources::ENDPOINT, &mut step);
         }
         Ok(step)
     }
@@ -175,10 +186,30 @@ impl DeltaState {
             if Arc::ptr_eq(old, new) && state.force.is_empty() {
                 continue;
             }
-            let changed = resource::changed_names(old, new);
+            let changed = resources::changed_names(old, new);
             self.respond_to(type_url, false, Some(&changed), &mut step);
         }
         step
+    }
+
+    /// Whether the proxy has accepted everything sent, including the assignments of the
+    /// clusters last sent (a cluster warms until its assignment arrives): the condition for
+    /// the next make-before-break stage ([`super::stages`]).
+    pub fn settled(&self) -> bool {
+        let all_answered = self
+            .types
+            .values()
+            .all(|t| t.pending.is_empty() && !t.nacked);
+        let awaiting = match (
+            self.types.get(resources::CLUSTER),
+            self.types.get(resources::ENDPOINT),
+        ) {
+            (Some(cds), Some(eds)) => {
+                cds.needs_assignments && eds.requested && eds.acked_seq < cds.sent_seq
+            }
+            _ => false,
+        };
+        all_answered && !awaiting
     }
 
     /// Sends what `force` holds for a type the client already requested.
@@ -261,22 +292,30 @@ impl DeltaState {
         let nonce = self.nonce_counter.to_string();
         // Debugging only (b.5): chained from the last one with what this response changes, so
         // a push costs what it sends, not what the client holds.
-        let version = resource::versions_hash(
+        let version = resources::versions_hash(
             std::iter::once(("", state.last_version.as_str()))
                 .chain(send.iter().map(|r| (r.name.as_str(), r.version.as_str())))
                 .chain(removed.iter().map(|n| (n.as_str(), ""))),
         );
         state.last_version.clone_from(&version);
-        state.pending.push_back((nonce.clone(), version.clone()));
+        state.sent_seq = self.nonce_counter;
+        state
+            .pending
+            .push_back((nonce.clone(), version.clone(), self.nonce_counter));
         if state.pending.len() > PENDING_NONCES {
             state.pending.pop_front();
         }
-        if type_url == resource::CLUSTER && !send.is_empty() {
+        if type_url == resources::CLUSTER {
+            state.needs_assignments = send
+                .iter()
+                .any(|r| self.resources.endpoints.contains_key(&r.name));
+        }
+        if type_url == resources::CLUSTER && !send.is_empty() {
             // An updated cluster warms until it gets an assignment, but Envoy does not
             // re-subscribe names it already holds: push those assignments again ourselves.
             let eds = self
                 .types
-                .entry(resource::ENDPOINT.to_string())
+                .entry(resources::ENDPOINT.to_string())
                 .or_default();
             eds.always_respond = true;
             for r in &send {

@@ -1,7 +1,7 @@
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 
 use super::*;
-use crate::xds::resource::{CLUSTER, ENDPOINT, LISTENER};
+use crate::resources::{CLUSTER, ENDPOINT, LISTENER};
 use crate::xds::testing::{names, node, resources, NODE};
 
 fn state(svcs: &[&str]) -> DeltaState {
@@ -31,13 +31,13 @@ fn one(step: Step<DeltaDiscoveryResponse>) -> DeltaDiscoveryResponse {
 }
 
 /// Resources for `svcs` where the first cluster's content differs from `resources()`.
-fn changed_a(svcs: &[&str]) -> crate::translate::ProxyResources {
+fn changed_a(svcs: &[&str]) -> crate::resources::ProxyResources {
     let mut res = resources(svcs, 1);
     let mut clusters = (*res.clusters).clone();
     let name = svcs[0];
     clusters.insert(
         name.into(),
-        resource::Resource::encode(
+        resources::Resource::encode(
             name,
             &envoy_types::pb::envoy::config::cluster::v3::Cluster {
                 name: name.into(),

@@ -2,8 +2,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::resource::PUSH_ORDER;
 use super::Event;
+use crate::resources::PUSH_ORDER;
 
 #[derive(Debug, Default)]
 pub struct XdsMetrics {

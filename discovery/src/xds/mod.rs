@@ -6,14 +6,14 @@
 //! [`server`] only moves messages between the gRPC stream, the snapshot channel and the state,
 //! and records events in [`connections::Connections`] for the status API.
 //!
-//! [`ProxyResources`]: crate::translate::ProxyResources
+//! [`ProxyResources`]: crate::resources::ProxyResources
 
 pub mod connections;
 pub mod delta;
 pub mod metrics;
-pub mod resource;
 pub mod server;
 pub mod sotw;
+pub mod stages;
 pub mod subscription;
 
 /// Something the protocol state noticed, for logs, metrics and the status API.

@@ -17,27 +17,25 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
-use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::connections::{ConnectionGuard, Connections, StreamKind};
 use super::delta::DeltaState;
 use super::metrics::XdsMetrics;
-use super::resource::short_name;
 use super::sotw::SotwState;
+use super::stages::Stages;
 use super::{Event, ProtocolError, Step};
 use crate::identity::PeerAuth;
 use crate::mesh::MeshSnapshot;
 use crate::proxy::Proxy;
-use crate::translate::ProxyResources;
+use crate::resources::short_name;
+use crate::resources::ProxyResources;
 
 /// Largest gRPC message accepted or sent; xDS responses for a large mesh exceed tonic's 4 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -96,50 +94,29 @@ impl AdsServer {
         }
     }
 
-    /// Serves until `shutdown`, then waits for every stream task to finish.
-    pub async fn run(
-        self,
-        listener: TcpListener,
-        shutdown: CancellationToken,
-    ) -> Result<(), tonic::transport::Error> {
-        self.serve(
-            TcpListenerStream::new(listener),
-            Routes::default(),
-            shutdown,
-        )
-        .await
-    }
-
-    /// [`AdsServer::run`] on connections from `incoming` (TLS streams in secure mode), with the
-    /// gRPC services in `routes` (the identity service) on the same port.
-    pub async fn serve<I, IO, IE>(
-        self,
-        incoming: I,
-        routes: Routes,
-        shutdown: CancellationToken,
-    ) -> Result<(), tonic::transport::Error>
-    where
-        I: futures::Stream<Item = Result<IO, IE>>,
-        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
-        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    /// The gRPC service, for the router of the gRPC port ([`crate::grpc`]), and what that
+    /// port needs to know: how long a connection may live, and the stream tasks to wait for
+    /// once it stops.
+    pub fn into_parts(self, shutdown: CancellationToken) -> AdsParts {
         let mut service = self.service;
-        service.shutdown = shutdown.clone();
+        service.shutdown = shutdown;
         let tracker = service.tracker.clone();
         let grpc = AggregatedDiscoveryServiceServer::new(service)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        let result = tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .max_connection_age(self.max_connection_age)
-            .add_routes(routes.add_service(grpc))
-            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-            .await;
-        tracker.close();
-        tracker.wait().await;
-        result
+        AdsParts {
+            routes: Routes::new(grpc),
+            tasks: tracker,
+            max_connection_age: self.max_connection_age,
+        }
     }
+}
+
+/// [`AdsServer::into_parts`].
+pub struct AdsParts {
+    pub routes: Routes,
+    pub tasks: TaskTracker,
+    pub max_connection_age: Duration,
 }
 
 #[derive(Clone)]
@@ -213,6 +190,7 @@ trait StreamState: Sized + Send + 'static {
     fn on_request(&mut self, request: Self::Request)
         -> Result<Step<Self::Response>, ProtocolError>;
     fn on_resources(&mut self, resources: ProxyResources) -> Step<Self::Response>;
+    fn settled(&self) -> bool;
 }
 
 impl StreamState for SotwState {
@@ -234,6 +212,9 @@ impl StreamState for SotwState {
     fn on_resources(&mut self, resources: ProxyResources) -> Step<DiscoveryResponse> {
         SotwState::on_resources(self, resources)
     }
+    fn settled(&self) -> bool {
+        SotwState::settled(self)
+    }
 }
 
 impl StreamState for DeltaState {
@@ -254,6 +235,9 @@ impl StreamState for DeltaState {
     }
     fn on_resources(&mut self, resources: ProxyResources) -> Step<DeltaDiscoveryResponse> {
         DeltaState::on_resources(self, resources)
+    }
+    fn settled(&self) -> bool {
+        DeltaState::settled(self)
     }
 }
 
@@ -319,12 +303,10 @@ async fn stream_loop<S: StreamState>(
         },
     };
     let mut generation = snapshot.generation;
-    let mut state = S::new(
-        &svc.control_plane,
-        &proxy.node,
-        snapshot.shared.for_proxy(&proxy),
-    );
+    let initial = snapshot.shared.for_proxy(&proxy);
     drop(snapshot);
+    let mut stages = Stages::new(initial.clone());
+    let mut state = S::new(&svc.control_plane, &proxy.node, initial);
     let mut next = Some(first);
     loop {
         let step = match next.take() {
@@ -358,34 +340,59 @@ async fn stream_loop<S: StreamState>(
                         continue;
                     }
                     generation = snapshot.generation;
-                    state.on_resources(snapshot.shared.for_proxy(&proxy))
+                    stages.set_target(snapshot.shared.for_proxy(&proxy));
+                    Step { responses: Vec::new(), events: Vec::new() }
                 }
             },
         };
-        for event in &step.events {
-            guard.record(event);
-            svc.metrics.record(event);
-            log_event(event, generation);
+        if !deliver::<S>(svc, step, generation, &tx, guard).await {
+            return;
         }
-        for response in step.responses {
-            match tx.send_timeout(Ok(response), svc.send_timeout).await {
-                Ok(()) => {}
-                Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
-                    svc.metrics.send_timeout();
-                    warn!(
-                        timeout = ?svc.send_timeout,
-                        "proxy did not accept a response in time; closing its stream"
-                    );
-                    return;
-                }
-                Err(mpsc::error::SendTimeoutError::Closed(_)) => {
-                    info!("proxy disconnected");
-                    return;
-                }
+        // Make-before-break: the next stage goes out once the proxy accepted the last one.
+        while state.settled() {
+            let Some(resources) = stages.next() else {
+                break;
+            };
+            let step = state.on_resources(resources);
+            if !deliver::<S>(svc, step, generation, &tx, guard).await {
+                return;
             }
         }
     }
     info!("proxy disconnected");
+}
+
+/// Records a step's events and sends its responses; false when the stream is gone.
+async fn deliver<S: StreamState>(
+    svc: &AdsService,
+    step: Step<S::Response>,
+    generation: u64,
+    tx: &Responses<S>,
+    guard: &ConnectionGuard,
+) -> bool {
+    for event in &step.events {
+        guard.record(event);
+        svc.metrics.record(event);
+        log_event(event, generation);
+    }
+    for response in step.responses {
+        match tx.send_timeout(Ok(response), svc.send_timeout).await {
+            Ok(()) => {}
+            Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
+                svc.metrics.send_timeout();
+                warn!(
+                    timeout = ?svc.send_timeout,
+                    "proxy did not accept a response in time; closing its stream"
+                );
+                return false;
+            }
+            Err(mpsc::error::SendTimeoutError::Closed(_)) => {
+                info!("proxy disconnected");
+                return false;
+            }
+        }
+    }
+    true
 }
 
 fn log_event(event: &Event, generation: u64) {

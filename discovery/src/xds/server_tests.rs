@@ -1,14 +1,15 @@
 //! The gRPC shell over a real TCP port: both variants, node check, pushes on snapshot change.
 
 use std::time::Duration;
+use tokio::net::TcpListener;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use pilotfish_registries::model::{Catalog, Instance, Origin, Protocol, Service};
 use tokio_stream::StreamExt;
 
 use super::*;
+use crate::resources::CLUSTER;
 use crate::translate::Shared;
-use crate::xds::resource::CLUSTER;
 use crate::xds::testing::node;
 
 fn catalog(services: &[&str]) -> Arc<Catalog> {
@@ -71,7 +72,7 @@ async fn start(initial: Arc<MeshSnapshot>) -> Running {
         },
     );
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(server.run(listener, shutdown.clone()));
+    let server = tokio::spawn(crate::grpc::serve_plain(server, listener, shutdown.clone()));
     let client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("connect");

@@ -11,13 +11,12 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::resource::{self, Resource, ResourceMap, PUSH_ORDER};
 use super::subscription::Subscription;
 use super::{check_node, control_plane, Event, ProtocolError, Step};
-use crate::translate::ProxyResources;
+use crate::resources::{self, ProxyResources, Resource, ResourceMap, PUSH_ORDER};
 
 /// Per-type state on one stream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct TypeState {
     sub: Subscription,
     /// Nonce of the last response sent for this type; `None` until the first.
@@ -26,6 +25,28 @@ struct TypeState {
     sent_version: Option<String>,
     /// Answer the next request even when it looks like an ACK (EDS after a CDS response).
     always_respond: bool,
+    /// The last response sent was ACKed or NACKed (true until the first).
+    answered: bool,
+    /// The last answer was a NACK.
+    nacked: bool,
+    /// Stream-wide sequence number of the last response sent, and of the last one ACKed.
+    sent_seq: u64,
+    acked_seq: u64,
+}
+
+impl Default for TypeState {
+    fn default() -> Self {
+        TypeState {
+            sub: Subscription::default(),
+            last_nonce: None,
+            sent_version: None,
+            always_respond: false,
+            answered: true,
+            nacked: false,
+            sent_seq: 0,
+            acked_seq: 0,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -83,6 +104,13 @@ impl SotwState {
             Some(before)
         };
 
+        if !initial {
+            state.answered = true;
+            state.nacked = req.error_detail.is_some();
+            if !state.nacked {
+                state.acked_seq = state.sent_seq;
+            }
+        }
         if let Some(error) = &req.error_detail {
             step.events.push(Event::Nack {
                 type_url: type_url.clone(),
@@ -114,8 +142,33 @@ impl SotwState {
         if respond {
             state.always_respond = false;
             self.respond(&type_url, true, &mut step);
+        } else if type_url == resources::CLUSTER && self.awaiting_assignments() {
+            // Clusters were accepted, but no assignment went out after them: they may be
+            // warming. Send the assignments rather than wait for a request that may not come.
+            let eds = self.types.get(resources::ENDPOINT);
+            if eds.is_some_and(|e| e.last_nonce.is_some() && e.answered) {
+                self.respond(resources::ENDPOINT, true, &mut step);
+            }
         }
         Ok(step)
+    }
+
+    /// Whether the proxy has accepted everything sent, including the assignments of the
+    /// clusters last sent (a cluster warms until its assignment arrives): the condition for
+    /// the next make-before-break stage ([`super::stages`]).
+    pub fn settled(&self) -> bool {
+        self.types.values().all(|t| t.answered && !t.nacked) && !self.awaiting_assignments()
+    }
+
+    /// A CDS response went out after the last ACKed EDS response.
+    fn awaiting_assignments(&self) -> bool {
+        let (Some(cds), Some(eds)) = (
+            self.types.get(resources::CLUSTER),
+            self.types.get(resources::ENDPOINT),
+        ) else {
+            return false;
+        };
+        !eds.sub.is_empty() && cds.sent_seq > 0 && eds.acked_seq < cds.sent_seq
     }
 
     /// New resources for the proxy: push every requested type whose content changed.
@@ -142,8 +195,8 @@ impl SotwState {
             if Arc::ptr_eq(old, new) {
                 continue;
             }
-            if type_url == resource::ENDPOINT {
-                let changed = resource::changed_names(old, new);
+            if type_url == resources::ENDPOINT {
+                let changed = resources::changed_names(old, new);
                 self.respond_changed(type_url, &changed, &mut step);
             } else {
                 self.respond(type_url, false, &mut step);
@@ -173,14 +226,14 @@ impl SotwState {
             .filter(|name| state.sub.names.contains(*name))
             .map(|name| match all.get(name) {
                 Some(r) => r.clone(),
-                None => resource::empty_assignment(name),
+                None => resources::empty_assignment(name),
             })
             .collect();
         if contents.is_empty() {
             return;
         }
         let previous = state.sent_version.clone().unwrap_or_default();
-        let version = resource::versions_hash(
+        let version = resources::versions_hash(
             std::iter::once(("", previous.as_str())).chain(
                 contents
                     .iter()
@@ -203,8 +256,8 @@ impl SotwState {
             .iter()
             .filter_map(|name| match all.get(name) {
                 Some(r) => Some((name.clone(), r.clone())),
-                None if type_url == resource::ENDPOINT => {
-                    Some((name.clone(), resource::empty_assignment(name)))
+                None if type_url == resources::ENDPOINT => {
+                    Some((name.clone(), resources::empty_assignment(name)))
                 }
                 None => None,
             })
@@ -216,7 +269,7 @@ impl SotwState {
             return;
         };
         let contents = self.contents(type_url, &state.sub);
-        let version = resource::set_version(&contents);
+        let version = resources::set_version(&contents);
         if !force && state.sent_version.as_deref() == Some(version.as_str()) {
             return;
         }
@@ -237,12 +290,14 @@ impl SotwState {
         if let Some(state) = self.types.get_mut(type_url) {
             state.last_nonce = Some(nonce.clone());
             state.sent_version = Some(version.clone());
+            state.answered = false;
+            state.sent_seq = self.nonce_counter;
         }
-        if type_url == resource::CLUSTER {
+        if type_url == resources::CLUSTER {
             // A cluster warms only once an assignment arrives for it, so the next EDS request
             // is answered even if it looks like an ACK.
             self.types
-                .entry(resource::ENDPOINT.to_string())
+                .entry(resources::ENDPOINT.to_string())
                 .or_default()
                 .always_respond = true;
         }

@@ -3,7 +3,7 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
 
 use super::*;
-use crate::xds::resource::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use crate::resources::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use crate::xds::testing::{names, node, resources, NODE};
 
 fn state(svcs: &[&str]) -> SotwState {
@@ -100,7 +100,7 @@ fn initial_cds_is_full_set_with_content_version_and_identifier() {
     let r = one(s.on_request(first(CLUSTER, &[])).expect("ok"));
     assert_eq!(resource_names(&r), ["a", "b"]);
     let res = resources(&["a", "b"], 1);
-    assert_eq!(r.version_info, resource::set_version(&res.clusters));
+    assert_eq!(r.version_info, resources::set_version(&res.clusters));
     assert_eq!(
         r.control_plane.as_ref().map(|c| c.identifier.as_str()),
         Some("cp-test")
@@ -228,7 +228,7 @@ fn unknown_names_are_remembered_and_eds_gets_empty_assignment() {
     let mut routes = (*res.routes).clone();
     routes.insert(
         "inbound".into(),
-        resource::Resource::encode(
+        resources::Resource::encode(
             "inbound",
             &envoy_types::pb::envoy::config::route::v3::RouteConfiguration {
                 name: "inbound".into(),
@@ -260,7 +260,7 @@ fn eds_request_after_cds_response_is_always_answered() {
     let mut clusters = (*res.clusters).clone();
     clusters.insert(
         "a".into(),
-        resource::Resource::encode(
+        resources::Resource::encode(
             "a",
             &envoy_types::pb::envoy::config::cluster::v3::Cluster {
                 name: "a".into(),

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use super::resource::is_wildcard_type;
+use crate::resources::is_wildcard_type;
 
 /// The explicit wildcard name.
 pub const WILDCARD: &str = "*";
@@ -113,7 +113,7 @@ impl Subscription {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::xds::resource::{CLUSTER, ENDPOINT};
+    use crate::resources::{CLUSTER, ENDPOINT};
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()

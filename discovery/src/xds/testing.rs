@@ -8,8 +8,8 @@ use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Locali
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
-use super::resource::{Resource, ResourceMap};
-use crate::translate::ProxyResources;
+use crate::resources::ProxyResources;
+use crate::resources::{Resource, ResourceMap};
 
 pub const NODE: &str = "vm-a";
 

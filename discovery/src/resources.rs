@@ -1,4 +1,5 @@
-//! Encoded xDS resources, shared by every proxy that receives them.
+//! Encoded xDS resources, shared by every proxy that receives them. The bottom floor of
+//! discovery: `translate` produces these and `xds` serves them; neither imports the other.
 //!
 //! A resource is encoded to an `Any` once, when a snapshot is translated, and handed to every
 //! stream as an `Arc`. Its version is a content hash of the encoded bytes, so replicas and a
@@ -68,6 +69,9 @@ pub fn changed_names(old: &Arc<ResourceMap>, new: &Arc<ResourceMap>) -> Arc<[Str
     if Arc::ptr_eq(old, new) {
         return Arc::from([]);
     }
+    if old.len().max(new.len()) < MEMO_MIN_LEN {
+        return diff(old, new).into();
+    }
     let hit = |(o, n, _): &Entry| {
         std::ptr::eq(o.as_ptr(), Arc::as_ptr(old)) && std::ptr::eq(n.as_ptr(), Arc::as_ptr(new))
     };
@@ -117,6 +121,57 @@ fn diff(old: &ResourceMap, new: &ResourceMap) -> Vec<String> {
             },
         }
     }
+}
+
+/// Maps smaller than this are compared directly rather than through a memo (per-proxy maps
+/// would only crowd the shared ones out of it).
+const MEMO_MIN_LEN: usize = 32;
+
+/// `new`, plus the resources of `old` that `new` no longer has: what a proxy may hold while
+/// something it runs may still name them (make-before-break). Returns `new` itself (the same
+/// `Arc`) when nothing was removed, and `old` itself when it already holds every resource of
+/// `new` at the same version, so streams keep sharing maps and a repeated call changes nothing.
+///
+/// Memoized like [`changed_names`]: every stream of a scope asks for the same pair.
+pub fn keep_removed(old: &Arc<ResourceMap>, new: &Arc<ResourceMap>) -> Arc<ResourceMap> {
+    type Entry = (Weak<ResourceMap>, Weak<ResourceMap>, Arc<ResourceMap>);
+    static MEMO: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    const MEMO_ENTRIES: usize = 8;
+    if Arc::ptr_eq(old, new) {
+        return new.clone();
+    }
+    let memoize = old.len().max(new.len()) >= MEMO_MIN_LEN;
+    let hit = |(o, n, _): &Entry| {
+        std::ptr::eq(o.as_ptr(), Arc::as_ptr(old)) && std::ptr::eq(n.as_ptr(), Arc::as_ptr(new))
+    };
+    if memoize {
+        if let Some((_, _, kept)) = lock(&MEMO).iter().find(|e| hit(e)) {
+            return kept.clone();
+        }
+    }
+    let removed = old.keys().any(|k| !new.contains_key(k));
+    let kept = if !removed {
+        new.clone()
+    } else if new
+        .iter()
+        .all(|(k, r)| old.get(k).is_some_and(|o| o.version == r.version))
+    {
+        old.clone()
+    } else {
+        let mut union = ResourceMap::clone(new);
+        for (name, r) in old.iter() {
+            union.entry(name.clone()).or_insert_with(|| r.clone());
+        }
+        Arc::new(union)
+    };
+    if memoize {
+        let mut memo = lock(&MEMO);
+        if memo.len() >= MEMO_ENTRIES {
+            memo.remove(0);
+        }
+        memo.push((Arc::downgrade(old), Arc::downgrade(new), kept.clone()));
+    }
+    kept
 }
 
 /// The memo only caches derived values, so a panic elsewhere cannot leave it wrong.
@@ -185,5 +240,26 @@ pub fn short_name(type_url: &str) -> &'static str {
         ENDPOINT => "eds",
         SECRET => "sds",
         _ => "other",
+    }
+}
+
+/// What one proxy receives, by type.
+#[derive(Debug, Clone, Default)]
+pub struct ProxyResources {
+    pub clusters: Arc<ResourceMap>,
+    pub endpoints: Arc<ResourceMap>,
+    pub listeners: Arc<ResourceMap>,
+    pub routes: Arc<ResourceMap>,
+}
+
+impl ProxyResources {
+    pub fn of_type(&self, type_url: &str) -> Option<&Arc<ResourceMap>> {
+        match type_url {
+            CLUSTER => Some(&self.clusters),
+            ENDPOINT => Some(&self.endpoints),
+            LISTENER => Some(&self.listeners),
+            ROUTE => Some(&self.routes),
+            _ => None,
+        }
     }
 }

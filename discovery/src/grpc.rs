@@ -1,0 +1,75 @@
+//! The gRPC port: ADS, and in secure mode the identity service, on one listener.
+//!
+//! This module assembles the server so that neither `xds` nor `identity` needs the other:
+//! `xds` offers its service ([`AdsServer::into_parts`]), `identity` offers TLS and its service,
+//! and only this module knows both.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pilotfish_pki::wire::IdentityServer;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::service::Routes;
+use tonic::transport::server::Connected;
+
+use crate::identity::service::IdentityService;
+use crate::identity::tls::{self, ServerTls};
+use crate::xds::server::AdsServer;
+
+/// Insecure mode: ADS in plaintext on `listener` until `shutdown`, then waits for every stream.
+pub async fn serve_plain(
+    ads: AdsServer,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    serve(ads, TcpListenerStream::new(listener), None, shutdown).await
+}
+
+/// ADS and the identity service over TLS on `listener` until `shutdown`, then waits for every
+/// stream and handshake task.
+pub async fn serve_tls(
+    ads: AdsServer,
+    identity: IdentityService,
+    tls: Arc<ServerTls>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let handshakes = TaskTracker::new();
+    let incoming = tls::incoming(listener, tls, &handshakes, shutdown.clone());
+    let result = serve(ads, incoming, Some(identity), shutdown).await;
+    handshakes.close();
+    handshakes.wait().await;
+    result
+}
+
+async fn serve<I, IO, IE>(
+    ads: AdsServer,
+    incoming: I,
+    identity: Option<IdentityService>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error>
+where
+    I: futures::Stream<Item = Result<IO, IE>>,
+    IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let parts = ads.into_parts(shutdown.clone());
+    let mut routes: Routes = parts.routes;
+    if let Some(identity) = identity {
+        routes = routes.add_service(IdentityServer::new(identity));
+    }
+    let result = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_connection_age(parts.max_connection_age)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+        .await;
+    parts.tasks.close();
+    parts.tasks.wait().await;
+    result
+}
