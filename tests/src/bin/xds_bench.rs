@@ -16,7 +16,9 @@
 //!    with a fresh discovery (`insecure`, in a temp dir) and a TOML registry of N services x M
 //!    instances (one file per service). P simulated proxies (tonic ADS clients, one HTTP/2
 //!    connection each) subscribe CDS (wildcard) then EDS for every cluster, ACK every response
-//!    and, for SotW, re-request EDS after a CDS update as Envoy does.
+//!    and, for SotW, re-request EDS after a CDS update as Envoy does. A proxy whose stream ends
+//!    opens a new one after Envoy's backoff (500 ms to 30 s, jittered); the run counts these
+//!    *lost streams*, and a change reaches such a proxy when its new stream delivers it.
 //!    - *initial sync*: from the first connection until every proxy has CDS and EDS.
 //!    - *endpoint changes* (K): rewrite one service's file with a new port on one instance, one
 //!      change at a time; per proxy, the time until it received that ClusterLoadAssignment.
@@ -49,6 +51,7 @@
 //!   bytes; target p99 <= 3x the floor's p99. The "vs transport floor" column is measured /
 //!   floor at p50 and at p99.
 //! - *peak RSS*: target <= 128 MB in the push runs, <= 256 MB in the storm.
+//! - *lost streams*: proxy streams that ended during a push run (target 0).
 //! - *storm*: time until every proxy synced (target <= 10 s), proxies that never connected
 //!   within the deadline (target 0), failed connection attempts and lost streams.
 //!
@@ -65,7 +68,8 @@
 //!   (after the pushes it set off have ended).
 //! - `--streams-per-connection S` (1: one HTTP/2 connection per proxy, like real agents).
 //! - `--storm S` (5000; 0 = no storm), `--storm-flavour sotw|delta` (delta, the agent's
-//!   default), `--storm-deadline-s` (60).
+//!   default), `--storm-deadline-s` (60), `--storm-services N` (default `--services`; about
+//!   300 gives the ~100 KB per proxy of a scoped config instead of full visibility).
 //! - `--only LIST`: comma-separated parts among `endpoint`, `global`, `floor`, `storm`, `agent`
 //!   (default: all). A push run (with its initial sync) happens when any of the first three or
 //!   `agent` is chosen.
@@ -129,6 +133,8 @@ struct Args {
     global_interval: Duration,
     per_connection: usize,
     storm: usize,
+    /// Services in the storm's registry (default: `services`).
+    storm_services: Option<usize>,
     storm_flavour: Flavour,
     storm_deadline: Duration,
     parts: Parts,
@@ -157,6 +163,7 @@ fn parse_args() -> Result<Args> {
         global_interval: Duration::from_millis(1000),
         per_connection: 1,
         storm: 5000,
+        storm_services: None,
         storm_flavour: Flavour::Delta,
         storm_deadline: Duration::from_secs(60),
         parts: Parts {
@@ -188,6 +195,7 @@ fn parse_args() -> Result<Args> {
             "--delta-percent" => a.runs = Runs::Mixed(num()?.min(100)),
             "--streams-per-connection" => a.per_connection = num()?.max(1),
             "--storm" => a.storm = num()?,
+            "--storm-services" => a.storm_services = Some(num()?.max(1)),
             "--storm-deadline-s" => a.storm_deadline = Duration::from_secs(num()? as u64),
             "--flavour" => {
                 a.runs = match parse_flavour("--flavour", it.next())? {
@@ -327,7 +335,7 @@ async fn run(args: Args) -> Result<()> {
                 clients: args.storm,
                 flavour: args.storm_flavour,
                 deadline: args.storm_deadline,
-                services: args.services,
+                services: args.storm_services.unwrap_or(args.services),
                 instances: args.instances,
                 floor: p.floor,
                 keep: args.keep,

@@ -93,7 +93,8 @@ pub struct RunResult {
     pub initial_bytes: usize,
     pub endpoint_bytes: usize,
     pub global_bytes: usize,
-    pub failed_streams: usize,
+    /// Proxy streams that ended during the run (each reopened after a backoff).
+    pub lost_streams: usize,
     pub agent: Option<(Mem, Mem)>,
 }
 
@@ -178,9 +179,12 @@ pub async fn run(opts: &RunOptions) -> Result<RunResult> {
         result.global = Some(changes);
     }
     result.rss_end_kb = discovery.memory().rss_kb;
-    result.failed_streams = tracker.failed.load(Ordering::SeqCst);
-    if result.failed_streams > 0 {
-        println!("WARNING: {} proxy streams failed", result.failed_streams);
+    result.lost_streams = tracker.lost.load(Ordering::SeqCst);
+    if result.lost_streams > 0 {
+        println!(
+            "WARNING: {} proxy streams were lost (and reopened after a backoff)",
+            result.lost_streams
+        );
     }
     if opts.agent {
         match agent::rss(&dir, discovery.grpc, opts.services).await {
@@ -203,9 +207,8 @@ pub async fn run(opts: &RunOptions) -> Result<RunResult> {
     Ok(result)
 }
 
+/// Bytes one proxy received: of the flavour that received more, in a mixed run.
 fn captured_len(c: &Captured) -> usize {
-    // The sizes per proxy: of the flavour that has any (both are the same in a mixed run's
-    // terms, and a single-flavour run has one).
     c.iter()
         .map(|v| v.iter().map(|b| b.len()).sum::<usize>())
         .max()
@@ -233,20 +236,14 @@ async fn connect_all(
         let ch = channel.clone().context("channel")?;
         let tracker = tracker.clone();
         let flavour = flavour_of(i, opts.proxies, opts.delta_percent);
-        tasks.spawn(async move {
-            if let Err(e) = proxy::run(i, flavour, ch, tracker.clone()).await {
-                if tracker.failed.fetch_add(1, Ordering::SeqCst) < 5 {
-                    eprintln!("proxy bench-{i}: {e:#}");
-                }
-            }
-        });
+        tasks.spawn(proxy::run_reconnecting(i, flavour, ch, tracker));
     }
     if !tracker.wait_all_synced(SYNC_TIMEOUT).await {
         bail!(
-            "only {} of {} proxies synced in {SYNC_TIMEOUT:?} ({} failed)",
+            "only {} of {} proxies synced in {SYNC_TIMEOUT:?} ({} streams lost)",
             tracker.synced(),
             opts.proxies,
-            tracker.failed.load(Ordering::SeqCst)
+            tracker.lost.load(Ordering::SeqCst)
         );
     }
     Ok((tasks, started.elapsed()))

@@ -116,7 +116,8 @@ pub struct Tracker {
     all_synced: Notify,
     sync_times: Mutex<Vec<Duration>>,
     initial: Mutex<Captured>,
-    pub failed: AtomicUsize,
+    /// Streams that ended (error or not) and were opened again.
+    pub lost: AtomicUsize,
     pub bytes: AtomicU64,
     pub responses: AtomicU64,
     /// Cluster names by CDS version: every SotW proxy gets the same set, decoded once.
@@ -147,7 +148,7 @@ impl Tracker {
             all_synced: Notify::new(),
             sync_times: Mutex::new(Vec::new()),
             initial: Mutex::new(Default::default()),
-            failed: AtomicUsize::new(0),
+            lost: AtomicUsize::new(0),
             bytes: AtomicU64::new(0),
             responses: AtomicU64::new(0),
             cds_names: Mutex::default(),
@@ -263,7 +264,8 @@ impl Tracker {
     }
 
     fn capture_initial(&self, i: usize, f: Flavour, encoded: impl FnOnce() -> Vec<u8>) {
-        if self.capturers[f.index()] == Some(i) {
+        // Once only: not again when the proxy reconnects.
+        if self.capturers[f.index()] == Some(i) && !self.is_synced(i) {
             lock(&self.initial)[f.index()].push(Bytes::from(encoded()));
         }
     }
@@ -490,7 +492,9 @@ async fn sotw(i: usize, channel: Channel, tracker: Arc<Tracker>) -> Result<()> {
                         synced = true;
                         tracker.synced_one(i);
                     }
-                } else if let Some(Want::Assignment { cluster, port }) = tracker.want().as_deref() {
+                }
+                // Also on a reconnected stream's first responses: the change arrived then.
+                if let Some(Want::Assignment { cluster, port }) = tracker.want().as_deref() {
                     // SotW carries no names: the assignment says which cluster it is.
                     if r.resources
                         .iter()
@@ -575,7 +579,8 @@ async fn delta(i: usize, channel: Channel, tracker: Arc<Tracker>) -> Result<()> 
                         synced = true;
                         tracker.synced_one(i);
                     }
-                } else if let Some(Want::Assignment { cluster, port }) = tracker.want().as_deref() {
+                }
+                if let Some(Want::Assignment { cluster, port }) = tracker.want().as_deref() {
                     if delta_has(&r, cluster, *port) {
                         tracker.progress(i, f, now, 1, || r.encode_to_vec());
                     }
@@ -595,4 +600,67 @@ fn delta_has(r: &DeltaDiscoveryResponse, cluster: &str, port: u32) -> bool {
                 .as_ref()
                 .is_some_and(|any| is_assignment(&any.value, cluster, port))
     })
+}
+
+/// Envoy's reconnect backoff: exponential from 500 ms to 30 s, each wait drawn between half
+/// and all of the bound. A splitmix64 stream per proxy keeps the bench free of a RNG crate.
+pub struct Backoff {
+    state: u64,
+    attempt: u32,
+}
+
+impl Backoff {
+    const BASE: Duration = Duration::from_millis(500);
+    const MAX: Duration = Duration::from_secs(30);
+
+    pub fn new(seed: u64) -> Backoff {
+        Backoff {
+            state: seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03,
+            attempt: 0,
+        }
+    }
+
+    fn random(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// The wait before the next attempt.
+    pub fn next_wait(&mut self) -> Duration {
+        let bound = Self::BASE
+            .saturating_mul(1 << self.attempt.min(6))
+            .min(Self::MAX);
+        self.attempt += 1;
+        let half = bound.as_millis() as u64 / 2;
+        Duration::from_millis(half + self.random() % (half + 1))
+    }
+
+    /// A stream worked (the proxy synced on it): start from the base again.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Runs proxy `i` on `channel` for good: when its stream ends it opens another after Envoy's
+/// backoff (tonic reconnects the channel), counting the loss in `tracker.lost`.
+pub async fn run_reconnecting(i: usize, flavour: Flavour, channel: Channel, tracker: Arc<Tracker>) {
+    let mut backoff = Backoff::new(i as u64);
+    loop {
+        let result = run(i, flavour, channel.clone(), tracker.clone()).await;
+        let lost = tracker.lost.fetch_add(1, Ordering::SeqCst);
+        if lost < 5 {
+            let why = match result {
+                Ok(()) => "the server ended it".to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            eprintln!("proxy {} lost its stream, reconnecting: {why}", node_id(i));
+        }
+        if tracker.is_synced(i) {
+            backoff.reset();
+        }
+        tokio::time::sleep(backoff.next_wait()).await;
+    }
 }

@@ -116,6 +116,14 @@ fn run_rows(r: &RunResult, services: usize, rows: &mut Vec<Row>) {
         floor: floor_sync,
         verdict: verdict(Some(r.sync.as_secs_f64() <= 10.0)),
     });
+    rows.push(Row {
+        figure: "proxy streams lost during the run (reopened after Envoy's backoff)".into(),
+        run: r.label.clone(),
+        measured: r.lost_streams.to_string(),
+        target: "0".into(),
+        floor: String::new(),
+        verdict: verdict(Some(r.lost_streams == 0)),
+    });
     for (name, changes, floor_times, bytes, write_target, write_limit) in [
         (
             "endpoint change",
@@ -242,8 +250,9 @@ fn storm_rows(s: &StormResult, deadline_s: u64, flavour: &str, rows: &mut Vec<Ro
     };
     rows.push(Row {
         figure: format!(
-            "storm: {} mTLS proxies connect at once, all have CDS+EDS ({} per proxy)",
+            "storm: {} mTLS proxies connect at once, all have CDS+EDS ({} services, {} per proxy)",
             s.clients,
+            s.services,
             size(s.initial_bytes)
         ),
         run: run.clone(),

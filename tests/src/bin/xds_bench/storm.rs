@@ -25,13 +25,11 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 use crate::discovery::{self, Discovery, Mem, STATE_DIR, TRUST_DOMAIN};
 use crate::floor::{self, Floor};
-use crate::proxy::{self, Flavour, Tracker};
+use crate::proxy::{self, Backoff, Flavour, Tracker};
 use crate::registry::write_registry;
 
 /// Connection attempt deadline, as the agent's.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-const BACKOFF_BASE: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct StormOptions {
@@ -63,6 +61,7 @@ pub struct StormRun {
 #[derive(Debug, Clone, Default)]
 pub struct StormResult {
     pub clients: usize,
+    pub services: usize,
     pub discovery: StormRun,
     pub peak: Mem,
     pub peak_reset: bool,
@@ -151,6 +150,7 @@ pub async fn run(opts: &StormOptions) -> Result<StormResult> {
     }
     Ok(StormResult {
         clients: n,
+        services: opts.services,
         discovery: run,
         peak,
         peak_reset,
@@ -267,8 +267,7 @@ async fn storm(
         let counters = counters.clone();
         let flavour = opts.flavour;
         tasks.spawn(async move {
-            let mut attempt = 0u32;
-            let mut rng = Jitter::new(i as u64);
+            let mut backoff = Backoff::new(i as u64);
             loop {
                 match tokio::time::timeout_at(end, endpoint.connect()).await {
                     Err(_) => return,
@@ -293,12 +292,11 @@ async fn storm(
                         };
                         counters.error(format!("bench-{i} stream: {why}"));
                         if tracker.is_synced(i) {
-                            attempt = 0;
+                            backoff.reset();
                         }
                     }
                 }
-                attempt += 1;
-                let wait = rng.backoff(attempt);
+                let wait = backoff.next_wait();
                 if tokio::time::Instant::now() + wait >= end {
                     return;
                 }
@@ -344,30 +342,4 @@ fn chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     msg
-}
-
-/// Envoy's reconnect backoff: exponential from 500 ms to 30 s, each wait drawn between half
-/// and all of the bound. A splitmix64 stream per client keeps the bench free of a RNG crate.
-struct Jitter(u64);
-
-impl Jitter {
-    fn new(seed: u64) -> Jitter {
-        Jitter(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn backoff(&mut self, attempt: u32) -> Duration {
-        let bound = BACKOFF_BASE
-            .saturating_mul(1 << attempt.saturating_sub(1).min(6))
-            .min(BACKOFF_MAX);
-        let half = bound.as_millis() as u64 / 2;
-        Duration::from_millis(half + self.next() % (half + 1))
-    }
 }
