@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use std::convert::Infallible;
 use std::task::Poll;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::codegen::Service;
@@ -43,6 +43,13 @@ use crate::resources::ProxyResources;
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Responses buffered per stream before the stream task waits on the client.
 const RESPONSE_QUEUE: usize = 2;
+/// Streams that may do their initial sync (the full config, the biggest responses) at once.
+/// When thousands of proxies connect together (discovery restarted, a network partition
+/// healed) the rest wait their turn in order (the semaphore is fair), while streams already
+/// synced keep getting pushes: their tasks never take a permit.
+const INITIAL_SYNCS: usize = 64;
+/// A stream gives its permit back once settled on its first config, or after this long.
+const INITIAL_SYNC_HOLD: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct AdsOptions {
@@ -91,6 +98,7 @@ impl AdsServer {
                 auth: options.auth,
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
+                initial_syncs: Arc::new(Semaphore::new(INITIAL_SYNCS)),
             },
             max_connection_age: options.max_connection_age,
         }
@@ -128,6 +136,8 @@ struct AdsService {
     auth: Option<PeerAuth>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    /// Admission: streams doing their initial sync at once (see [`INITIAL_SYNCS`]).
+    initial_syncs: Arc<Semaphore>,
 }
 
 impl AdsService {
@@ -331,6 +341,13 @@ async fn stream_loop<S: StreamState>(
     drop(snapshot);
     let mut stages = Stages::new(initial.clone());
     let mut state = S::new(&svc.control_plane, &proxy.node, initial);
+    // Admission: wait for a turn before answering anything (the first request waits too).
+    let mut admission = tokio::select! {
+        _ = svc.shutdown.cancelled() => return,
+        permit = Arc::clone(&svc.initial_syncs).acquire_owned() => permit.ok(),
+    };
+    let admitted_until = tokio::time::Instant::now() + INITIAL_SYNC_HOLD;
+    let mut sent = 0usize;
     let mut next = Some(first);
     loop {
         let step = match next.take() {
@@ -344,6 +361,10 @@ async fn stream_loop<S: StreamState>(
             },
             None => tokio::select! {
                 _ = svc.shutdown.cancelled() => break,
+                _ = tokio::time::sleep_until(admitted_until), if admission.is_some() => {
+                    admission = None;
+                    continue;
+                }
                 message = inbound.message() => match message {
                     Ok(Some(request)) => {
                         next = Some(request);
@@ -369,8 +390,13 @@ async fn stream_loop<S: StreamState>(
                 }
             },
         };
+        sent += step.responses.len();
         if !deliver::<S>(svc, step, generation, &tx, guard).await {
             return;
+        }
+        // The initial sync is done once the proxy accepted its clusters and assignments.
+        if admission.is_some() && sent >= 2 && state.settled() {
+            admission = None;
         }
         // Make-before-break: the next stage goes out once the proxy accepted the last one.
         while state.settled() {
