@@ -143,4 +143,106 @@ mod tests {
         assert_eq!(names(&remove.clusters), ["d"]);
         assert!(s.next_stage().is_none());
     }
+
+    mod with_sotw {
+        use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+        use envoy_types::pb::google::rpc::Status as RpcStatus;
+
+        use super::*;
+        use crate::resources::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+        use crate::xds::sotw::SotwState;
+        use crate::xds::testing::{names, node, NODE};
+        use crate::xds::wire::Outgoing;
+
+        fn req(type_url: &str, names_: &[&str], nonce: &str) -> DiscoveryRequest {
+            DiscoveryRequest {
+                node: node(),
+                type_url: type_url.into(),
+                resource_names: names(names_),
+                response_nonce: nonce.into(),
+                ..Default::default()
+            }
+        }
+
+        /// What the stream loop does after each input: the next stage while settled.
+        fn advance(state: &mut SotwState, stages: &mut Stages) -> Vec<Outgoing<DiscoveryResponse>> {
+            let mut out = Vec::new();
+            while state.settled() {
+                let Some(next) = stages.next_stage() else {
+                    break;
+                };
+                out.extend(state.on_resources(next).responses);
+            }
+            out
+        }
+
+        fn types(rs: &[Outgoing<DiscoveryResponse>]) -> Vec<&str> {
+            rs.iter().map(|r| r.type_url.as_str()).collect()
+        }
+
+        /// A proxy synced on `a`: CDS, EDS, LDS and RDS all ACKed.
+        fn synced() -> (SotwState, Stages) {
+            let initial = resources(&["a"], 1);
+            let mut state = SotwState::new("cp", NODE, initial.clone());
+            let stages = Stages::new(initial);
+            for (t, n) in [
+                (CLUSTER, vec![]),
+                (ENDPOINT, vec!["a"]),
+                (LISTENER, vec![]),
+                (ROUTE, vec!["outbound"]),
+            ] {
+                let r = state.on_request(req(t, &n, "")).expect("ok").responses;
+                let nonce = r[0].nonce.clone();
+                state.on_request(req(t, &n, &nonce)).expect("ack");
+            }
+            assert!(state.settled());
+            (state, stages)
+        }
+
+        #[test]
+        fn listeners_wait_for_the_clusters_and_their_assignments() {
+            let (mut state, mut stages) = synced();
+            stages.set_target(resources(&["a", "b"], 1));
+            let sent = advance(&mut state, &mut stages);
+            assert_eq!(types(&sent), [CLUSTER], "clusters first, nothing else yet");
+            // Envoy asks for the new cluster's assignment, then ACKs the clusters.
+            let eds = state
+                .on_request(req(ENDPOINT, &["a", "b"], ""))
+                .expect("ok")
+                .responses;
+            let eds_nonce = eds.last().expect("assignments").nonce.clone();
+            state
+                .on_request(req(CLUSTER, &[], &sent[0].nonce))
+                .expect("ack");
+            assert!(
+                advance(&mut state, &mut stages).is_empty(),
+                "b still warming"
+            );
+            state
+                .on_request(req(ENDPOINT, &["a", "b"], &eds_nonce))
+                .expect("ack");
+            let sent = advance(&mut state, &mut stages);
+            assert_eq!(types(&sent), [LISTENER], "now the listener that may name b");
+        }
+
+        #[test]
+        fn a_nack_stops_the_chain() {
+            let (mut state, mut stages) = synced();
+            stages.set_target(resources(&["a", "b"], 1));
+            let sent = advance(&mut state, &mut stages);
+            assert_eq!(types(&sent), [CLUSTER]);
+            let mut nack = req(CLUSTER, &[], &sent[0].nonce);
+            nack.error_detail = Some(RpcStatus {
+                code: 3,
+                message: "bad cluster".into(),
+                details: vec![],
+            });
+            state.on_request(nack).expect("nack");
+            assert!(!state.settled());
+            assert!(
+                advance(&mut state, &mut stages).is_empty(),
+                "no route to a rejected cluster"
+            );
+        }
+    }
 }
