@@ -5,9 +5,9 @@
 //!
 //! ```text
 //! cargo build --release -p pilotfish-discovery -p pilotfish-agent -p pilotfish-tests
-//! target/release/pilotfish-xds-bench                   # everything, about 10 minutes
+//! target/release/pilotfish-xds-bench                   # everything, 7-10 minutes
 //! target/release/pilotfish-xds-bench --only endpoint,global --flavour delta
-//! target/release/pilotfish-xds-bench --only storm --storm 2000
+//! target/release/pilotfish-xds-bench --only storm,floor --storm 2000
 //! ```
 //!
 //! # What runs
@@ -32,12 +32,15 @@
 //!      client code, same connection settings) with the bytes discovery sent: the initial
 //!      responses one proxy of each flavour got, then, as often as discovery made each kind of
 //!      change, the responses that proxy got for the first one, copied into each stream by a
-//!      codec that does no encoding. Timed from the send to each proxy having it.
+//!      codec that does no encoding. Timed from the send to each proxy having it. The floor
+//!      sets TCP_NODELAY on its connections; discovery's insecure listener does not (tonic
+//!      ignores its own nodelay setting for a listener passed in), its TLS listener does.
 //! 2. **Storm**: a fresh discovery in secure mode (mTLS, its own CA) and S simulated proxies
 //!    that connect at once, each with its own node certificate (signed in the bench with the CA
 //!    discovery created in its state dir; see `xds_bench/storm.rs`), retrying with Envoy's
 //!    jittered backoff, until every one has CDS and EDS or the deadline. Then the same storm
-//!    against the transport floor over TLS, serving the initial responses discovery sent.
+//!    against the transport floor over TLS, serving the initial responses discovery sent
+//!    (when the `floor` part is chosen too).
 //! 3. **Agent**: during the first push run, one `pilotfish-agent` with real Envoy against the
 //!    same discovery; its RSS and Envoy's.
 //!
