@@ -10,11 +10,10 @@ use std::time::Duration;
 use pilotfish_pki::wire::IdentityServer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::service::Routes;
-use tonic::transport::server::Connected;
+use tonic::transport::server::{Connected, TcpIncoming};
 
 use crate::identity::service::IdentityService;
 use crate::identity::tls::{self, ServerTls};
@@ -26,7 +25,9 @@ pub async fn serve_plain(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    serve(ads, TcpListenerStream::new(listener), None, shutdown).await
+    // Small responses (one assignment) must not wait for Nagle.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    serve(ads, incoming, None, shutdown).await
 }
 
 /// ADS and the identity service over TLS on `listener` until `shutdown`, then waits for every

@@ -15,7 +15,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use super::subscription::{Subscription, WILDCARD};
 use super::wire::{self, Flavour, Outgoing};
 use super::{check_node, control_plane, Event, ProtocolError, Step};
-use crate::resources::{self, ProxyResources, ResourceMap, PUSH_ORDER};
+use crate::resources::{self, ProxyResources, Resource, ResourceMap, PUSH_ORDER};
 
 /// How many unanswered responses per type are remembered for ACK correlation.
 const PENDING_NONCES: usize = 64;
@@ -45,6 +45,9 @@ struct TypeState {
     reported_absent: BTreeSet<String>,
     /// Names to send (or report removed) on the next response whatever the client holds.
     force: BTreeSet<String>,
+    /// EDS only: updated clusters whose assignments must be sent again whatever the client
+    /// holds (shared `Arc`s, not copied names: a global change updates every cluster).
+    force_clusters: Vec<Arc<Resource>>,
     /// Responses not yet ACKed or NACKed: nonce, `system_version_info` and stream-wide
     /// sequence number.
     pending: VecDeque<(String, String, u64)>,
@@ -189,7 +192,7 @@ impl DeltaState {
             && self
                 .types
                 .get(&type_url)
-                .is_some_and(|s| s.force.is_empty());
+                .is_some_and(|s| s.force.is_empty() && s.force_clusters.is_empty());
         if !bare {
             let named = req
                 .resource_names_subscribe
@@ -234,7 +237,7 @@ impl DeltaState {
             else {
                 continue;
             };
-            if Arc::ptr_eq(old, new) && state.force.is_empty() {
+            if Arc::ptr_eq(old, new) && state.force.is_empty() && state.force_clusters.is_empty() {
                 continue;
             }
             let changed = resources::changed_names(old, new);
@@ -273,7 +276,7 @@ impl DeltaState {
         if self
             .types
             .get(type_url)
-            .is_some_and(|s| s.requested && !s.force.is_empty())
+            .is_some_and(|s| s.requested && !(s.force.is_empty() && s.force_clusters.is_empty()))
         {
             self.respond(type_url, false, step);
         }
@@ -306,8 +309,14 @@ impl DeltaState {
         let Some(state) = self.types.get_mut(type_url) else {
             return;
         };
-        let force = std::mem::take(&mut state.force);
-        let mut candidates: BTreeSet<&str> = force.iter().map(String::as_str).collect();
+        let force_names = std::mem::take(&mut state.force);
+        let force_clusters = std::mem::take(&mut state.force_clusters);
+        let force: BTreeSet<&str> = force_names
+            .iter()
+            .map(String::as_str)
+            .chain(force_clusters.iter().map(|r| r.name.as_str()))
+            .collect();
+        let mut candidates: BTreeSet<&str> = force.clone();
         // A full answer looks at every name the client could hold or want; these are copied
         // (a first request, a reconnect), names from the maps are borrowed.
         let mut owned: Vec<String> = Vec::new();
@@ -378,11 +387,17 @@ impl DeltaState {
         let nonce = self.nonce_counter.to_string();
         // Debugging only (b.5): chained from the last one with what this response changes, so
         // a push costs what it sends, not what the client holds.
-        let version = resources::versions_hash(
-            std::iter::once(("", state.last_version.as_str()))
-                .chain(send.iter().map(|r| (r.name.as_str(), r.version.as_str())))
-                .chain(removed.iter().map(|n| (n.as_str(), ""))),
-        );
+        let whole = !send.is_empty() && send.len() == all.len() && removed.is_empty();
+        let version = if whole {
+            // Shared by every stream sent the whole map (and costs one hash for all of them).
+            resources::map_version(&all)
+        } else {
+            resources::versions_hash(
+                std::iter::once(("", state.last_version.as_str()))
+                    .chain(send.iter().map(|r| (r.name.as_str(), r.version.as_str())))
+                    .chain(removed.iter().map(|n| (n.as_str(), ""))),
+            )
+        };
         state.last_version.clone_from(&version);
         state.sent_seq = self.nonce_counter;
         state
@@ -410,7 +425,7 @@ impl DeltaState {
                     Held::Versions(v) => v.contains_key(&r.name),
                 };
                 if held || eds.sub.names.contains(&r.name) {
-                    eds.force.insert(r.name.clone());
+                    eds.force_clusters.push(r.clone());
                 }
             }
         }
@@ -420,7 +435,7 @@ impl DeltaState {
             resources: send.len(),
         });
         // The whole map (a first response, a global change) is encoded once for every stream.
-        let entries = if !send.is_empty() && send.len() == all.len() {
+        let entries = if whole {
             wire::map_entries(&all, Flavour::Delta)
         } else {
             wire::entries(&send, Flavour::Delta)

@@ -22,8 +22,7 @@ use tokio_util::task::TaskTracker;
 use tonic::codegen::Service;
 use tonic::server::NamedService;
 use tonic::service::Routes;
-use tonic::{Request, Status, Streaming};
-use tonic_prost::ProstDecoder;
+use tonic::{Request, Status};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::connections::{ConnectionGuard, Connections, StreamKind};
@@ -31,7 +30,7 @@ use super::delta::DeltaState;
 use super::metrics::XdsMetrics;
 use super::sotw::SotwState;
 use super::stages::Stages;
-use super::wire::{AdsBody, BodyItem, Outgoing};
+use super::wire::{AdsBody, BodyItem, Outgoing, Requests};
 use super::{Event, ProtocolError, Step};
 use crate::identity::PeerAuth;
 use crate::mesh::MeshSnapshot;
@@ -191,12 +190,7 @@ impl AdsService {
             Ok(bound) => bound,
             Err(status) => return status.into_http(),
         };
-        let inbound = Streaming::new_request(
-            ProstDecoder::<S::Request>::default(),
-            body,
-            None,
-            Some(MAX_MESSAGE_BYTES),
-        );
+        let inbound = Requests::<S::Request>::new(body, MAX_MESSAGE_BYTES);
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         self.tracker
             .spawn(serve_stream::<S>(self.clone(), bound, inbound, tx));
@@ -282,7 +276,7 @@ type Responses = mpsc::Sender<BodyItem>;
 async fn serve_stream<S: StreamState>(
     svc: AdsService,
     bound: Option<String>,
-    mut inbound: Streaming<S::Request>,
+    mut inbound: Requests<S::Request>,
     tx: Responses,
 ) {
     let first = tokio::select! {
@@ -321,7 +315,7 @@ async fn stream_loop<S: StreamState>(
     svc: &AdsService,
     proxy: Proxy,
     first: S::Request,
-    mut inbound: Streaming<S::Request>,
+    mut inbound: Requests<S::Request>,
     tx: Responses,
     guard: &ConnectionGuard,
 ) {

@@ -87,7 +87,7 @@ async fn start(initial: Arc<MeshSnapshot>) -> Running {
     }
 }
 
-async fn next<T>(stream: &mut Streaming<T>) -> T {
+async fn next<T>(stream: &mut tonic::Streaming<T>) -> T {
     tokio::time::timeout(Duration::from_secs(5), stream.message())
         .await
         .expect("a response in time")

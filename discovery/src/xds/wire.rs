@@ -193,6 +193,86 @@ impl http_body::Body for AdsBody {
     }
 }
 
+/// The requests of one ADS stream, decoded from the request body. tonic's decoder keeps a
+/// buffer the size of the largest request for the life of the stream (a SotW EDS ACK names
+/// every cluster: tens of KB, times thousands of streams); this one lets it go between
+/// requests.
+pub struct Requests<M> {
+    body: tonic::body::Body,
+    buf: BytesMut,
+    done: bool,
+    max: usize,
+    _message: std::marker::PhantomData<fn() -> M>,
+}
+
+impl<M: Message + Default> Requests<M> {
+    pub fn new(body: tonic::body::Body, max: usize) -> Requests<M> {
+        Requests {
+            body,
+            buf: BytesMut::new(),
+            done: false,
+            max,
+            _message: std::marker::PhantomData,
+        }
+    }
+
+    /// The next request; `None` when the client ended the stream.
+    pub async fn message(&mut self) -> Result<Option<M>, Status> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(message) = self.decode()? {
+                return Ok(Some(message));
+            }
+            if self.done {
+                return match self.buf.is_empty() {
+                    true => Ok(None),
+                    false => Err(Status::invalid_argument(
+                        "the stream ended inside a message",
+                    )),
+                };
+            }
+            match self.body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+                Some(Err(status)) => return Err(status),
+                None => self.done = true,
+            }
+        }
+    }
+
+    fn decode(&mut self) -> Result<Option<M>, Status> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        if self.buf[0] != 0 {
+            return Err(Status::unimplemented(
+                "compressed requests are not supported",
+            ));
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > self.max {
+            return Err(Status::resource_exhausted(format!(
+                "request of {len} bytes exceeds the limit of {} bytes",
+                self.max
+            )));
+        }
+        if self.buf.len() < 5 + len {
+            return Ok(None);
+        }
+        let _ = self.buf.split_to(5);
+        let body = self.buf.split_to(len);
+        let message = M::decode(body.freeze())
+            .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))?;
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        Ok(Some(message))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,6 +321,37 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[tokio::test]
+    async fn requests_are_decoded_across_chunk_boundaries() {
+        use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+        let mut wire = Vec::new();
+        for nonce in ["1", "2"] {
+            let m = DiscoveryRequest {
+                response_nonce: nonce.into(),
+                ..Default::default()
+            }
+            .encode_to_vec();
+            wire.push(0u8);
+            wire.extend_from_slice(&(m.len() as u32).to_be_bytes());
+            wire.extend_from_slice(&m);
+        }
+        // Split mid-header and mid-message.
+        let chunks: Vec<Result<Frame<Bytes>, Status>> = vec![
+            Ok(Frame::data(Bytes::copy_from_slice(&wire[..3]))),
+            Ok(Frame::data(Bytes::copy_from_slice(&wire[3..9]))),
+            Ok(Frame::data(Bytes::copy_from_slice(&wire[9..]))),
+        ];
+        let body = http_body_util::StreamBody::new(futures::stream::iter(chunks));
+        let mut requests = Requests::<DiscoveryRequest>::new(tonic::body::Body::new(body), 1024);
+        let a = requests.message().await.expect("ok").expect("first");
+        let b = requests.message().await.expect("ok").expect("second");
+        assert_eq!(
+            (a.response_nonce.as_str(), b.response_nonce.as_str()),
+            ("1", "2")
+        );
+        assert!(requests.message().await.expect("ok").is_none());
     }
 
     #[test]

@@ -174,6 +174,8 @@ impl FileRegistry {
         let mut tick = tokio::time::interval(RESCAN_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.reset();
+        // When files were last read: events soon after are part of the same burst.
+        let mut last_rescan = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -182,15 +184,22 @@ impl FileRegistry {
                         // Only the watcher holds the sender, and it lives as long as this loop.
                         return Ok(());
                     }
+                    let (quiet, max) = if last_rescan.elapsed() >= watch::QUIET {
+                        (watch::LEADING_QUIET, watch::QUIET)
+                    } else {
+                        (watch::QUIET, watch::MAX_DELAY)
+                    };
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(()),
-                        _ = watch::coalesce(&mut events, watch::QUIET, watch::MAX_DELAY) => {}
+                        _ = watch::coalesce(&mut events, quiet, max) => {}
                     }
                 }
                 _ = tick.tick() => {}
             }
             watcher.refresh(&self.paths);
-            if self.rescan(&mut set).await? {
+            let rescanned = self.rescan(&mut set).await?;
+            last_rescan = tokio::time::Instant::now();
+            if rescanned {
                 self.settle_and_publish(&mut set, &catalog, &status, false);
             }
         }

@@ -18,6 +18,10 @@ use tokio::time::Instant;
 
 /// Wait this long without events before rescanning: an editor's save is several events.
 pub(crate) const QUIET: Duration = Duration::from_millis(50);
+/// Leading edge: the first event after a quiet period is acted on after only this long
+/// without another event (the truncate and the write of one save come microseconds apart),
+/// and at most [`QUIET`] later; what follows within a burst is coalesced with [`QUIET`].
+pub(crate) const LEADING_QUIET: Duration = Duration::from_millis(3);
 /// But never longer than this after the first event, so a steady trickle of writes (a
 /// deploy tool copying many files) still gets picked up.
 pub(crate) const MAX_DELAY: Duration = Duration::from_millis(500);
