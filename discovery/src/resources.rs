@@ -123,6 +123,47 @@ fn diff(old: &ResourceMap, new: &ResourceMap) -> Vec<String> {
     }
 }
 
+/// The resources present in `new` among those that differ from `old`, and the names `new`
+/// no longer has, in name order.
+#[derive(Debug, Default)]
+pub struct Changes {
+    pub present: Vec<Arc<Resource>>,
+    pub absent: Vec<String>,
+}
+
+/// [`changed_names`] split into what to send and what went away, memoized the same way.
+pub fn classified_changes(old: &Arc<ResourceMap>, new: &Arc<ResourceMap>) -> Arc<Changes> {
+    type Entry = (Weak<ResourceMap>, Weak<ResourceMap>, Arc<Changes>);
+    static MEMO: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+    const MEMO_ENTRIES: usize = 8;
+    let classify = || {
+        let mut c = Changes::default();
+        for name in changed_names(old, new).iter() {
+            match new.get(name) {
+                Some(r) => c.present.push(r.clone()),
+                None => c.absent.push(name.clone()),
+            }
+        }
+        Arc::new(c)
+    };
+    if old.len().max(new.len()) < MEMO_MIN_LEN {
+        return classify();
+    }
+    let hit = |(o, n, _): &Entry| {
+        std::ptr::eq(o.as_ptr(), Arc::as_ptr(old)) && std::ptr::eq(n.as_ptr(), Arc::as_ptr(new))
+    };
+    if let Some((_, _, c)) = lock(&MEMO).iter().find(|e| hit(e)) {
+        return c.clone();
+    }
+    let c = classify();
+    let mut memo = lock(&MEMO);
+    if memo.len() >= MEMO_ENTRIES {
+        memo.remove(0);
+    }
+    memo.push((Arc::downgrade(old), Arc::downgrade(new), c.clone()));
+    c
+}
+
 /// Maps smaller than this are compared directly rather than through a memo (per-proxy maps
 /// would only crowd the shared ones out of it).
 const MEMO_MIN_LEN: usize = 32;

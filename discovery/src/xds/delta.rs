@@ -48,6 +48,8 @@ struct TypeState {
     /// EDS only: updated clusters whose assignments must be sent again whatever the client
     /// holds (shared `Arc`s, not copied names: a global change updates every cluster).
     force_clusters: Vec<Arc<Resource>>,
+    /// EDS only: every cluster was updated; send every covered assignment again.
+    force_all: bool,
     /// Responses not yet ACKed or NACKed: nonce, `system_version_info` and stream-wide
     /// sequence number.
     pending: VecDeque<(String, String, u64)>,
@@ -192,7 +194,7 @@ impl DeltaState {
             && self
                 .types
                 .get(&type_url)
-                .is_some_and(|s| s.force.is_empty() && s.force_clusters.is_empty());
+                .is_some_and(|s| s.force.is_empty() && s.force_clusters.is_empty() && !s.force_all);
         if !bare {
             let named = req
                 .resource_names_subscribe
@@ -237,7 +239,11 @@ impl DeltaState {
             else {
                 continue;
             };
-            if Arc::ptr_eq(old, new) && state.force.is_empty() && state.force_clusters.is_empty() {
+            if Arc::ptr_eq(old, new)
+                && state.force.is_empty()
+                && state.force_clusters.is_empty()
+                && !state.force_all
+            {
                 continue;
             }
             let changed = resources::changed_names(old, new);
@@ -273,11 +279,9 @@ impl DeltaState {
         type_url: &str,
         step: &mut Step<Outgoing<DeltaDiscoveryResponse>>,
     ) {
-        if self
-            .types
-            .get(type_url)
-            .is_some_and(|s| s.requested && !(s.force.is_empty() && s.force_clusters.is_empty()))
-        {
+        if self.types.get(type_url).is_some_and(|s| {
+            s.requested && !(s.force.is_empty() && s.force_clusters.is_empty() && !s.force_all)
+        }) {
             self.respond(type_url, false, step);
         }
     }
@@ -305,80 +309,114 @@ impl DeltaState {
     ) {
         let empty: Arc<ResourceMap> = Arc::default();
         let all = self.resources.of_type(type_url).unwrap_or(&empty).clone();
+        let previous_given = previous.is_some();
         let previous = previous.unwrap_or(&all).clone();
         let Some(state) = self.types.get_mut(type_url) else {
             return;
         };
-        let force_names = std::mem::take(&mut state.force);
-        let force_clusters = std::mem::take(&mut state.force_clusters);
-        let force: BTreeSet<&str> = force_names
-            .iter()
-            .map(String::as_str)
-            .chain(force_clusters.iter().map(|r| r.name.as_str()))
-            .collect();
-        let mut candidates: BTreeSet<&str> = force.clone();
-        // A full answer looks at every name the client could hold or want; these are copied
-        // (a first request, a reconnect), names from the maps are borrowed.
-        let mut owned: Vec<String> = Vec::new();
-        let full = changed.is_none();
-        match changed {
-            Some(names) => candidates.extend(names.iter().map(String::as_str)),
-            None => {
-                owned.extend(state.sub.names.iter().cloned());
-                if let Held::Versions(v) = &state.held {
-                    owned.extend(v.keys().cloned());
-                }
-                if state.sub.wildcard {
-                    candidates.extend(all.keys().map(String::as_str));
-                    candidates.extend(previous.keys().map(String::as_str));
-                }
+        let synced_only = matches!(state.held, Held::Synced)
+            && state.force.is_empty()
+            && state.force_clusters.is_empty();
+        let mut force_all = std::mem::take(&mut state.force_all);
+        if force_all {
+            let exactly = state.sub.wildcard
+                || (state.sub.names.len() == all.len()
+                    && state.sub.names.iter().zip(all.keys()).all(|(a, b)| a == b));
+            if !(exactly && synced_only) {
+                // The general path: force each covered name.
+                let sub = &state.sub;
+                state
+                    .force_clusters
+                    .extend(all.values().filter(|r| sub.covers(&r.name)).cloned());
+                force_all = false;
             }
         }
-        candidates.extend(owned.iter().map(String::as_str));
-
-        let mut send = Vec::new();
-        let mut removed = Vec::new();
-        for name in candidates {
-            if !state.sub.covers(name) {
-                if let Held::Versions(v) = &mut state.held {
-                    v.remove(name);
-                }
-                continue;
-            }
-            let held = match &state.held {
-                Held::Synced => previous.get(name).map(|r| r.version.as_str()),
-                Held::Versions(v) => v.get(name).map(String::as_str),
-            };
-            match all.get(name) {
-                Some(r) => {
-                    if force.contains(name) || held != Some(r.version.as_str()) {
-                        if let Held::Versions(v) = &mut state.held {
-                            v.insert(name.to_string(), r.version.clone());
-                        }
-                        send.push(r.clone());
-                    }
-                    state.reported_absent.remove(name);
-                }
+        let wildcard_change = previous_given
+            && changed.is_some()
+            && synced_only
+            && state.sub.wildcard
+            && state.sub.names.is_empty();
+        let (send, removed): (Vec<Arc<Resource>>, Vec<String>) = if force_all {
+            // Every cluster was updated and the client holds exactly this map: all of it
+            // again (encoded once for every stream).
+            (all.values().cloned().collect(), Vec::new())
+        } else if wildcard_change {
+            // What changed between the two maps is the same for every stream: computed once.
+            let c = resources::classified_changes(&previous, &all);
+            (c.present.clone(), c.absent.clone())
+        } else {
+            let force_names = std::mem::take(&mut state.force);
+            let force_clusters = std::mem::take(&mut state.force_clusters);
+            let force: BTreeSet<&str> = force_names
+                .iter()
+                .map(String::as_str)
+                .chain(force_clusters.iter().map(|r| r.name.as_str()))
+                .collect();
+            let mut candidates: BTreeSet<&str> = force.clone();
+            // A full answer looks at every name the client could hold or want; these are copied
+            // (a first request, a reconnect), names from the maps are borrowed.
+            let mut owned: Vec<String> = Vec::new();
+            let full = changed.is_none();
+            match changed {
+                Some(names) => candidates.extend(names.iter().map(String::as_str)),
                 None => {
-                    let was_held = held.is_some();
+                    owned.extend(state.sub.names.iter().cloned());
+                    if let Held::Versions(v) = &state.held {
+                        owned.extend(v.keys().cloned());
+                    }
+                    if state.sub.wildcard {
+                        candidates.extend(all.keys().map(String::as_str));
+                        candidates.extend(previous.keys().map(String::as_str));
+                    }
+                }
+            }
+            candidates.extend(owned.iter().map(String::as_str));
+
+            let mut send = Vec::new();
+            let mut removed = Vec::new();
+            for name in candidates {
+                if !state.sub.covers(name) {
                     if let Held::Versions(v) = &mut state.held {
                         v.remove(name);
                     }
-                    let explicit = state.sub.names.contains(name);
-                    let unreported = explicit && !state.reported_absent.contains(name);
-                    if was_held || force.contains(name) || unreported {
-                        removed.push(name.to_string());
+                    continue;
+                }
+                let held = match &state.held {
+                    Held::Synced => previous.get(name).map(|r| r.version.as_str()),
+                    Held::Versions(v) => v.get(name).map(String::as_str),
+                };
+                match all.get(name) {
+                    Some(r) => {
+                        if force.contains(name) || held != Some(r.version.as_str()) {
+                            if let Held::Versions(v) = &mut state.held {
+                                v.insert(name.to_string(), r.version.clone());
+                            }
+                            send.push(r.clone());
+                        }
+                        state.reported_absent.remove(name);
                     }
-                    if explicit {
-                        state.reported_absent.insert(name.to_string());
+                    None => {
+                        let was_held = held.is_some();
+                        if let Held::Versions(v) = &mut state.held {
+                            v.remove(name);
+                        }
+                        let explicit = state.sub.names.contains(name);
+                        let unreported = explicit && !state.reported_absent.contains(name);
+                        if was_held || force.contains(name) || unreported {
+                            removed.push(name.to_string());
+                        }
+                        if explicit {
+                            state.reported_absent.insert(name.to_string());
+                        }
                     }
                 }
             }
-        }
-        if full {
-            // The client now holds exactly the covered part of the map.
-            state.held = Held::Synced;
-        }
+            if full {
+                // The client now holds exactly the covered part of the map.
+                state.held = Held::Synced;
+            }
+            (send, removed)
+        };
         if send.is_empty() && removed.is_empty() && !always {
             return;
         }
@@ -419,7 +457,10 @@ impl DeltaState {
                 .entry(resources::ENDPOINT.to_string())
                 .or_default();
             eds.always_respond = true;
-            for r in &send {
+            if whole {
+                eds.force_all = true;
+            }
+            for r in send.iter().filter(|_| !whole) {
                 let held = match &eds.held {
                     Held::Synced => eds.sub.covers(&r.name),
                     Held::Versions(v) => v.contains_key(&r.name),

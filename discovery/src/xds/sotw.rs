@@ -305,6 +305,11 @@ impl SotwState {
             state.sent_version = Some(version.clone());
             state.answered = false;
             state.sent_seq = self.nonce_counter;
+            // Any assignments sent after the clusters complete their warming: a request that
+            // only ACKs needs no second copy.
+            if type_url == resources::ENDPOINT {
+                state.always_respond = false;
+            }
         }
         if type_url == resources::CLUSTER {
             // A cluster warms only once an assignment arrives for it, so the next EDS request

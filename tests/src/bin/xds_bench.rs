@@ -79,6 +79,7 @@
 //! - `--no-agent`: skip the agent. `--keep`: keep the work directories and print their paths.
 //!
 //! Environment: `PILOTFISH_LOG` for discovery (default `warn,pilotfish_discovery::mesh=info`),
+//! `MALLOC_ARENA_MAX` (default 2, as discovery's systemd unit sets it),
 //! `PILOTFISH_BENCH_WRAP=heaptrack` (or `perf record -g --`) runs discovery under a profiler.
 
 #[path = "xds_bench/agent.rs"]
@@ -260,6 +261,11 @@ fn main() -> Result<()> {
     // Per-stream debug lines would cost more than the pushes being measured.
     if std::env::var_os("PILOTFISH_LOG").is_none() {
         std::env::set_var("PILOTFISH_LOG", "warn,pilotfish_discovery::mesh=info");
+    }
+    // Discovery runs with this in its systemd unit (fewer glibc malloc arenas: less memory
+    // held by idle per-thread arenas); measure it as it is deployed.
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        std::env::set_var("MALLOC_ARENA_MAX", "2");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
