@@ -27,8 +27,12 @@ use tracing::{debug, info, warn};
 
 /// Longest a client may take to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; further connections wait to be accepted.
+/// Handshakes in progress at once; further accepted connections wait their turn (in order).
 pub const MAX_HANDSHAKES: usize = 256;
+/// Connections accepted and not yet handshaken (waiting or in progress). Accepting eagerly
+/// keeps a reconnect storm out of the kernel's backlog, where dropped SYNs would make clients
+/// wait for their 1 s, 3 s, 7 s retransmissions.
+pub const MAX_PENDING: usize = 8192;
 
 /// The serving certificate, key or bundle could not be made into a TLS config.
 #[derive(Debug, thiserror::Error)]
@@ -118,12 +122,13 @@ pub fn incoming(
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(16);
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let pending = Arc::new(Semaphore::new(MAX_PENDING));
     let spawner = tracker.clone();
     tracker.spawn(async move {
         loop {
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                permit = Arc::clone(&handshakes).acquire_owned() => match permit {
+                permit = Arc::clone(&pending).acquire_owned() => match permit {
                     Ok(p) => p,
                     Err(_) => return,
                 },
@@ -144,8 +149,16 @@ pub fn incoming(
             let acceptor = tls.acceptor();
             let tx = tx.clone();
             let shutdown = shutdown.clone();
+            let handshakes = Arc::clone(&handshakes);
             spawner.spawn(async move {
-                let _permit = permit;
+                let _pending = permit;
+                let _turn = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    turn = handshakes.acquire_owned() => match turn {
+                        Ok(t) => t,
+                        Err(_) => return,
+                    },
+                };
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
                 let stream = tokio::select! {
                     _ = shutdown.cancelled() => return,
