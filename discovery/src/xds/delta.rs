@@ -338,8 +338,18 @@ impl DeltaState {
             && state.sub.names.is_empty();
         let (send, removed): (Vec<Arc<Resource>>, Vec<String>) = if force_all {
             // Every cluster was updated and the client holds exactly this map: all of it
-            // again (encoded once for every stream).
-            (all.values().cloned().collect(), Vec::new())
+            // again (encoded once for every stream), and what went away since `previous`.
+            let removed = if previous_given {
+                let c = resources::classified_changes(&previous, &all);
+                c.absent
+                    .iter()
+                    .filter(|n| state.sub.covers(n))
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (all.values().cloned().collect(), removed)
         } else if wildcard_change {
             // What changed between the two maps is the same for every stream: computed once.
             let c = resources::classified_changes(&previous, &all);

@@ -261,3 +261,50 @@ fn types_are_not_sent_before_requested() {
     let order: Vec<_> = step.responses.iter().map(|r| r.type_url.as_str()).collect();
     assert_eq!(order, [LISTENER]);
 }
+
+/// Every cluster of `svcs` with a new version (a global change, such as a new load balancer).
+fn all_changed(svcs: &[&str]) -> crate::resources::ProxyResources {
+    let mut res = resources(svcs, 1);
+    let clusters = svcs
+        .iter()
+        .map(|name| {
+            let c = envoy_types::pb::envoy::config::cluster::v3::Cluster {
+                name: name.to_string(),
+                alt_stat_name: "v2".into(),
+                ..Default::default()
+            };
+            (name.to_string(), resources::Resource::encode(*name, &c))
+        })
+        .collect();
+    res.clusters = std::sync::Arc::new(clusters);
+    res
+}
+
+/// A stream holding CDS and EDS for `svcs`, everything ACKed.
+fn synced(svcs: &[&str]) -> DeltaState {
+    let mut s = state(svcs);
+    let c = one(s.on_request(first(CLUSTER, &[])).expect("ok"));
+    let e = one(s.on_request(req(ENDPOINT, svcs, &[], "")).expect("ok"));
+    s.on_request(req(CLUSTER, &[], &[], &c.nonce)).expect("ok");
+    s.on_request(req(ENDPOINT, &[], &[], &e.nonce)).expect("ok");
+    assert!(s.settled());
+    s
+}
+
+#[test]
+fn a_global_change_resends_every_assignment_once_and_only_updated_ones_otherwise() {
+    let names: Vec<String> = (0..40).map(|i| format!("s{i:02}")).collect();
+    let svcs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut s = synced(&svcs);
+    let step = s.on_resources(all_changed(&svcs));
+    let r: Vec<_> = step.responses.iter().map(|r| r.decoded()).collect();
+    assert_eq!(r.len(), 2);
+    assert_eq!((r[0].resources.len(), r[1].resources.len()), (40, 40));
+    assert!(r[1].removed_resources.is_empty());
+    assert!(!s.settled(), "waiting for the ACKs");
+
+    // One cluster of two: only its assignment goes again.
+    let mut s = synced(&["a", "b"]);
+    let step = s.on_resources(changed_a(&["a", "b"]));
+    assert_eq!(sent(&step.responses[1].decoded()), ["a"]);
+}
