@@ -7,7 +7,7 @@
 //! encode deterministically: prost encodes `map` fields in `HashMap` order, so no map we build
 //! holds more than one entry (see `translate::labels_metadata`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
 
 use envoy_types::pb::google::protobuf::Any;
@@ -63,28 +63,15 @@ pub type ResourceMap = BTreeMap<String, Arc<Resource>>;
 /// times. The memo holds `Weak`s, which keep the maps' allocations (not their contents)
 /// alive, so an address in it can never be reused by another map while it is there.
 pub fn changed_names(old: &Arc<ResourceMap>, new: &Arc<ResourceMap>) -> Arc<[String]> {
-    type Entry = (Weak<ResourceMap>, Weak<ResourceMap>, Arc<[String]>);
-    static MEMO: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
-    const MEMO_ENTRIES: usize = 8;
+    static MEMO: MapMemo<(MapKey, MapKey), Arc<[String]>> = MapMemo::new(8);
     if Arc::ptr_eq(old, new) {
         return Arc::from([]);
     }
-    if old.len().max(new.len()) < MEMO_MIN_LEN {
-        return diff(old, new).into();
-    }
-    let hit = |(o, n, _): &Entry| {
-        std::ptr::eq(o.as_ptr(), Arc::as_ptr(old)) && std::ptr::eq(n.as_ptr(), Arc::as_ptr(new))
-    };
-    if let Some((_, _, names)) = lock(&MEMO).iter().find(|e| hit(e)) {
-        return names.clone();
-    }
-    let names: Arc<[String]> = diff(old, new).into();
-    let mut memo = lock(&MEMO);
-    if memo.len() >= MEMO_ENTRIES {
-        memo.remove(0);
-    }
-    memo.push((Arc::downgrade(old), Arc::downgrade(new), names.clone()));
-    names
+    MEMO.get_or_make(
+        (MapKey::of(old), MapKey::of(new)),
+        large(&[old, new]),
+        || diff(old, new).into(),
+    )
 }
 
 fn diff(old: &ResourceMap, new: &ResourceMap) -> Vec<String> {
@@ -133,40 +120,22 @@ pub struct Changes {
 
 /// [`changed_names`] split into what to send and what went away, memoized the same way.
 pub fn classified_changes(old: &Arc<ResourceMap>, new: &Arc<ResourceMap>) -> Arc<Changes> {
-    type Entry = (Weak<ResourceMap>, Weak<ResourceMap>, Arc<Changes>);
-    static MEMO: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
-    const MEMO_ENTRIES: usize = 8;
-    let classify = || {
-        let mut c = Changes::default();
-        for name in changed_names(old, new).iter() {
-            match new.get(name) {
-                Some(r) => c.present.push(r.clone()),
-                None => c.absent.push(name.clone()),
+    static MEMO: MapMemo<(MapKey, MapKey), Arc<Changes>> = MapMemo::new(8);
+    MEMO.get_or_make(
+        (MapKey::of(old), MapKey::of(new)),
+        large(&[old, new]),
+        || {
+            let mut c = Changes::default();
+            for name in changed_names(old, new).iter() {
+                match new.get(name) {
+                    Some(r) => c.present.push(r.clone()),
+                    None => c.absent.push(name.clone()),
+                }
             }
-        }
-        Arc::new(c)
-    };
-    if old.len().max(new.len()) < MEMO_MIN_LEN {
-        return classify();
-    }
-    let hit = |(o, n, _): &Entry| {
-        std::ptr::eq(o.as_ptr(), Arc::as_ptr(old)) && std::ptr::eq(n.as_ptr(), Arc::as_ptr(new))
-    };
-    if let Some((_, _, c)) = lock(&MEMO).iter().find(|e| hit(e)) {
-        return c.clone();
-    }
-    let c = classify();
-    let mut memo = lock(&MEMO);
-    if memo.len() >= MEMO_ENTRIES {
-        memo.remove(0);
-    }
-    memo.push((Arc::downgrade(old), Arc::downgrade(new), c.clone()));
-    c
+            Arc::new(c)
+        },
+    )
 }
-
-/// Maps smaller than this are compared directly rather than through a memo (per-proxy maps
-/// would only crowd the shared ones out of it).
-const MEMO_MIN_LEN: usize = 32;
 
 /// `new`, plus the resources of `old` that `new` no longer has: what a proxy may hold while
 /// something it runs may still name them (make-before-break). Returns `new` itself (the same
@@ -175,49 +144,116 @@ const MEMO_MIN_LEN: usize = 32;
 ///
 /// Memoized like [`changed_names`]: every stream of a scope asks for the same pair.
 pub fn keep_removed(old: &Arc<ResourceMap>, new: &Arc<ResourceMap>) -> Arc<ResourceMap> {
-    type Entry = (Weak<ResourceMap>, Weak<ResourceMap>, Arc<ResourceMap>);
-    static MEMO: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
-    const MEMO_ENTRIES: usize = 8;
+    static MEMO: MapMemo<(MapKey, MapKey), Arc<ResourceMap>> = MapMemo::new(8);
     if Arc::ptr_eq(old, new) {
         return new.clone();
     }
-    let memoize = old.len().max(new.len()) >= MEMO_MIN_LEN;
-    let hit = |(o, n, _): &Entry| {
-        std::ptr::eq(o.as_ptr(), Arc::as_ptr(old)) && std::ptr::eq(n.as_ptr(), Arc::as_ptr(new))
-    };
-    if memoize {
-        if let Some((_, _, kept)) = lock(&MEMO).iter().find(|e| hit(e)) {
-            return kept.clone();
-        }
-    }
-    let removed = old.keys().any(|k| !new.contains_key(k));
-    let kept = if !removed {
-        new.clone()
-    } else if new
-        .iter()
-        .all(|(k, r)| old.get(k).is_some_and(|o| o.version == r.version))
-    {
-        old.clone()
-    } else {
-        let mut union = ResourceMap::clone(new);
-        for (name, r) in old.iter() {
-            union.entry(name.clone()).or_insert_with(|| r.clone());
-        }
-        Arc::new(union)
-    };
-    if memoize {
-        let mut memo = lock(&MEMO);
-        if memo.len() >= MEMO_ENTRIES {
-            memo.remove(0);
-        }
-        memo.push((Arc::downgrade(old), Arc::downgrade(new), kept.clone()));
-    }
-    kept
+    MEMO.get_or_make(
+        (MapKey::of(old), MapKey::of(new)),
+        large(&[old, new]),
+        || {
+            if old.keys().all(|k| new.contains_key(k)) {
+                new.clone()
+            } else if new
+                .iter()
+                .all(|(k, r)| old.get(k).is_some_and(|o| o.version == r.version))
+            {
+                old.clone()
+            } else {
+                let mut union = ResourceMap::clone(new);
+                for (name, r) in old.iter() {
+                    union.entry(name.clone()).or_insert_with(|| r.clone());
+                }
+                Arc::new(union)
+            }
+        },
+    )
 }
 
-/// The memo only caches derived values, so a panic elsewhere cannot leave it wrong.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+/// A map's identity for a memo: its address, with a `Weak` that keeps the allocation (not
+/// the contents) alive, so the address cannot be reused by another map while the entry lives.
+#[derive(Debug)]
+pub struct MapKey(Weak<ResourceMap>);
+
+impl MapKey {
+    pub fn of(map: &Arc<ResourceMap>) -> MapKey {
+        MapKey(Arc::downgrade(map))
+    }
+}
+
+/// What a memo key must say: whether it names the same maps, and whether they still exist.
+pub trait MemoKey {
+    fn same(&self, other: &Self) -> bool;
+    fn alive(&self) -> bool;
+}
+
+impl MemoKey for MapKey {
+    fn same(&self, other: &Self) -> bool {
+        self.0.ptr_eq(&other.0)
+    }
+    fn alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
+
+impl<A: MemoKey, B: MemoKey> MemoKey for (A, B) {
+    fn same(&self, other: &Self) -> bool {
+        self.0.same(&other.0) && self.1.same(&other.1)
+    }
+    fn alive(&self) -> bool {
+        self.0.alive() && self.1.alive()
+    }
+}
+
+/// Maps smaller than this are computed directly rather than memoized (per-proxy maps would
+/// only crowd the shared ones out).
+const MEMO_MIN_LEN: usize = 32;
+
+/// Whether any of these maps is worth a memo entry.
+pub fn large(maps: &[&Arc<ResourceMap>]) -> bool {
+    maps.iter().any(|m| m.len() >= MEMO_MIN_LEN)
+}
+
+/// A few values derived from shared maps, newest last. Every stream of a scope asks for the
+/// same value after a snapshot change; the memo makes that one computation, not thousands.
+/// It only caches derived values, so a panic elsewhere cannot leave it wrong.
+pub struct MapMemo<K, V> {
+    entries: Mutex<VecDeque<(K, V)>>,
+    capacity: usize,
+}
+
+impl<K: MemoKey, V: Clone> MapMemo<K, V> {
+    pub const fn new(capacity: usize) -> MapMemo<K, V> {
+        MapMemo {
+            entries: Mutex::new(VecDeque::new()),
+            capacity,
+        }
+    }
+
+    /// The value for `key`, made by `make` (outside the lock) when not there. `memoize` false
+    /// just makes it.
+    pub fn get_or_make(&self, key: K, memoize: bool, make: impl FnOnce() -> V) -> V {
+        if !memoize {
+            return make();
+        }
+        if let Some((_, v)) = self.lock().iter().find(|(k, _)| k.same(&key)) {
+            return v.clone();
+        }
+        let value = make();
+        let mut entries = self.lock();
+        entries.retain(|(k, _)| k.alive());
+        if entries.len() >= self.capacity {
+            entries.pop_front();
+        }
+        entries.push_back((key, value.clone()));
+        value
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<(K, V)>> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// A short hex SHA-256 over the given byte strings.
@@ -247,24 +283,8 @@ pub fn set_version(resources: &ResourceMap) -> String {
 /// [`set_version`] of a shared map, computed once per map for large ones (every stream of a
 /// scope asks for the same map's version).
 pub fn map_version(map: &Arc<ResourceMap>) -> String {
-    type Entry = (Weak<ResourceMap>, String);
-    static MEMO: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
-    const MEMO_ENTRIES: usize = 16;
-    if map.len() < MEMO_MIN_LEN {
-        return set_version(map);
-    }
-    let hit = |(m, _): &&Entry| std::ptr::eq(m.as_ptr(), Arc::as_ptr(map));
-    if let Some((_, v)) = lock(&MEMO).iter().find(hit) {
-        return v.clone();
-    }
-    let version = set_version(map);
-    let mut memo = lock(&MEMO);
-    memo.retain(|(m, _)| m.strong_count() > 0);
-    if memo.len() >= MEMO_ENTRIES {
-        memo.remove(0);
-    }
-    memo.push((Arc::downgrade(map), version.clone()));
-    version
+    static MEMO: MapMemo<MapKey, String> = MapMemo::new(16);
+    MEMO.get_or_make(MapKey::of(map), large(&[map]), || set_version(map))
 }
 
 /// A version over `(name, version)` pairs: Delta's `system_version_info`, which only helps

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -22,7 +22,7 @@ use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::resources::{Resource, ResourceMap};
+use crate::resources::{large, MapKey, MapMemo, MemoKey, Resource, ResourceMap};
 
 /// Which response message the entries belong to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,31 +67,22 @@ impl<M: Message + Default> Outgoing<M> {
     }
 }
 
-/// Maps smaller than this are encoded per response instead of memoized.
-const MEMO_MIN_LEN: usize = 32;
-const MEMO_ENTRIES: usize = 16;
-
 /// The entries for every resource of `map`, encoded once per map and flavour while the map
-/// lives (the memo holds a `Weak`, so a dropped map's address cannot be mistaken for a new one
-/// while its entry is there).
+/// lives.
 pub fn map_entries(map: &Arc<ResourceMap>, flavour: Flavour) -> Bytes {
-    type Entry = (Weak<ResourceMap>, Flavour, Bytes);
-    static MEMO: Mutex<VecDeque<Entry>> = Mutex::new(VecDeque::new());
-    if map.len() < MEMO_MIN_LEN {
-        return entries(map.values(), flavour);
+    static MEMO: MapMemo<(MapKey, Flavour), Bytes> = MapMemo::new(16);
+    MEMO.get_or_make((MapKey::of(map), flavour), large(&[map]), || {
+        entries(map.values(), flavour)
+    })
+}
+
+impl MemoKey for Flavour {
+    fn same(&self, other: &Self) -> bool {
+        self == other
     }
-    let hit = |(m, f, _): &&Entry| std::ptr::eq(m.as_ptr(), Arc::as_ptr(map)) && *f == flavour;
-    if let Some((_, _, bytes)) = lock(&MEMO).iter().find(hit) {
-        return bytes.clone();
+    fn alive(&self) -> bool {
+        true
     }
-    let bytes = entries(map.values(), flavour);
-    let mut memo = lock(&MEMO);
-    memo.retain(|(m, _, _)| m.strong_count() > 0);
-    if memo.len() >= MEMO_ENTRIES {
-        memo.pop_front();
-    }
-    memo.push_back((Arc::downgrade(map), flavour, bytes.clone()));
-    bytes
 }
 
 /// The entries for these resources, encoded now.
@@ -116,10 +107,6 @@ pub fn entries<'a>(
         }
     }
     Bytes::from(buf)
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What a stream task hands its response body: the chunks of one response, or the status
