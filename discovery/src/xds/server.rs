@@ -35,8 +35,8 @@ use super::{Event, ProtocolError, Step};
 use crate::identity::PeerAuth;
 use crate::mesh::MeshSnapshot;
 use crate::proxy::Proxy;
-use crate::resources::short_name;
 use crate::resources::ProxyResources;
+use crate::resources::{short_name, CLUSTER, LISTENER, ROUTE};
 
 /// Largest gRPC message accepted or sent; xDS responses for a large mesh exceed tonic's 4 MiB.
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -210,6 +210,7 @@ trait StreamState: Sized + Send + 'static {
     const KIND: StreamKind;
     fn new(control_plane: &str, node: &str, resources: ProxyResources) -> Self;
     fn node(request: &Self::Request) -> Option<&Node>;
+    fn type_url(request: &Self::Request) -> &str;
     fn on_request(
         &mut self,
         request: Self::Request,
@@ -227,6 +228,9 @@ impl StreamState for SotwState {
     }
     fn node(request: &DiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
+    }
+    fn type_url(request: &DiscoveryRequest) -> &str {
+        &request.type_url
     }
     fn on_request(
         &mut self,
@@ -251,6 +255,9 @@ impl StreamState for DeltaState {
     }
     fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
         request.node.as_ref()
+    }
+    fn type_url(request: &DeltaDiscoveryRequest) -> &str {
+        &request.type_url
     }
     fn on_request(
         &mut self,
@@ -342,9 +349,17 @@ async fn stream_loop<S: StreamState>(
     };
     let admitted_until = tokio::time::Instant::now() + INITIAL_SYNC_HOLD;
     let mut sent = 0usize;
+    // Make-before-break on (re)connect: a proxy that asks for clusters gets its listeners and
+    // routes only once it has accepted the clusters and their assignments. Envoy asks in that
+    // order anyway; a reconnecting one (it runs its old config meanwhile) asks for all at once.
+    let mut gate = InitialGate::<S::Request>::default();
     let mut next = Some(first);
     loop {
         let step = match next.take() {
+            Some(request) if gate.holds(S::type_url(&request)) => {
+                gate.held.push(request);
+                continue;
+            }
             Some(request) => match state.on_request(request) {
                 Ok(step) => step,
                 Err(e) => {
@@ -353,10 +368,15 @@ async fn stream_loop<S: StreamState>(
                     return;
                 }
             },
+            None if gate.open && !gate.held.is_empty() => {
+                next = Some(gate.held.remove(0));
+                continue;
+            }
             None => tokio::select! {
                 _ = svc.shutdown.cancelled() => break,
-                _ = tokio::time::sleep_until(admitted_until), if admission.is_some() => {
+                _ = tokio::time::sleep_until(admitted_until), if admission.is_some() || !gate.open => {
                     admission = None;
+                    gate.open = true;
                     continue;
                 }
                 message = inbound.message() => match message {
@@ -392,6 +412,9 @@ async fn stream_loop<S: StreamState>(
         if admission.is_some() && sent >= 2 && state.settled() {
             admission = None;
         }
+        if !gate.open && gate.clusters_asked && sent >= 1 && state.settled() {
+            gate.open = true;
+        }
         // Make-before-break: the next stage goes out once the proxy accepted the last one.
         while state.settled() {
             let Some(resources) = stages.next_stage() else {
@@ -404,6 +427,35 @@ async fn stream_loop<S: StreamState>(
         }
     }
     info!("proxy disconnected");
+}
+
+/// Listener and route requests held back until the proxy has its clusters (see
+/// `stream_loop`). Opens for good once the proxy settles after asking for clusters, or after
+/// [`INITIAL_SYNC_HOLD`]; a stream that never asks for clusters is not held at all.
+struct InitialGate<R> {
+    open: bool,
+    clusters_asked: bool,
+    held: Vec<R>,
+}
+
+impl<R> Default for InitialGate<R> {
+    fn default() -> Self {
+        InitialGate {
+            open: false,
+            clusters_asked: false,
+            held: Vec::new(),
+        }
+    }
+}
+
+impl<R> InitialGate<R> {
+    /// Whether a request of this type waits.
+    fn holds(&mut self, type_url: &str) -> bool {
+        if type_url == CLUSTER {
+            self.clusters_asked = true;
+        }
+        !self.open && self.clusters_asked && (type_url == LISTENER || type_url == ROUTE)
+    }
 }
 
 /// Records a step's events and sends its responses; false when the stream is gone.

@@ -231,3 +231,61 @@ async fn streams_wait_for_the_first_real_snapshot() {
     r.shutdown.cancel();
     r.server.await.expect("joins").expect("serves");
 }
+
+/// A reconnecting Envoy asks for every type at once; its listeners must not arrive before it
+/// accepted the clusters they may name.
+#[tokio::test]
+async fn listeners_wait_for_clusters_when_asked_together() {
+    use crate::resources::{ENDPOINT, LISTENER};
+    let mut r = start(snapshot(1, &["a"])).await;
+    let (tx, rx) = mpsc::channel(8);
+    for type_url in [CLUSTER, LISTENER] {
+        tx.send(DiscoveryRequest {
+            node: node(),
+            type_url: type_url.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+    }
+    let mut responses = r
+        .client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let cds = next(&mut responses).await;
+    assert_eq!(cds.type_url, CLUSTER, "clusters first");
+    tx.send(DiscoveryRequest {
+        type_url: ENDPOINT.into(),
+        resource_names: vec!["outbound|a".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("eds");
+    let eds = next(&mut responses).await;
+    assert_eq!(
+        eds.type_url, ENDPOINT,
+        "the listener waits while clusters warm"
+    );
+    for (type_url, response) in [(CLUSTER, &cds), (ENDPOINT, &eds)] {
+        tx.send(DiscoveryRequest {
+            type_url: type_url.into(),
+            resource_names: if type_url == ENDPOINT {
+                vec!["outbound|a".into()]
+            } else {
+                vec![]
+            },
+            version_info: response.version_info.clone(),
+            response_nonce: response.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("ack");
+    }
+    let lds = next(&mut responses).await;
+    assert_eq!(lds.type_url, LISTENER, "then the listener");
+    drop(tx);
+    r.shutdown.cancel();
+    r.server.await.expect("joins").expect("serves");
+}
