@@ -46,8 +46,10 @@ const WITH_CANARY: [&[(&str, &str)]; 4] = [PLAIN, PLAIN, PLAIN, CANARY];
 /// removed late (after the new route) still meets traffic.
 const AFTER: u64 = 500;
 /// Fewest requests that must complete between the write and the edit being seen in force, so
-/// that the load demonstrably overlapped the change.
-const MIN_DURING: u64 = 50;
+/// that the load demonstrably overlapped the change. Edits are acted on at once (leading
+/// edge) and are in force 50-100 ms after the write, in which four workers complete 20-60
+/// requests; 10 still proves the overlap, and the AFTER requests cover the late removals.
+const MIN_DURING: u64 = 10;
 /// The caller Envoy's router counter for requests whose route named a cluster it does not have
 /// (response flag NC); the outbound connection manager's stat prefix is `outbound`.
 const NO_CLUSTER: &str = "http.outbound.no_cluster";
