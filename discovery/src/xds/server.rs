@@ -400,7 +400,7 @@ async fn stream_loop<S: StreamState>(
                     }
                     generation = snapshot.generation;
                     stages.set_target(snapshot.shared.for_proxy(&proxy));
-                    Step { responses: Vec::new(), events: Vec::new() }
+                    Step::default()
                 }
             },
         };
