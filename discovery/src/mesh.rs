@@ -305,6 +305,18 @@ mod tests {
         }
     }
 
+    /// Waits for the next snapshot and checks that no (paused) time passed: no timer runs
+    /// while a build does, so time stands still unless the debouncer waited.
+    async fn built_at_once(h: &mut Harness) {
+        let sent = Instant::now();
+        h.snapshots.changed().await.expect("built");
+        assert_eq!(
+            sent.elapsed(),
+            Duration::ZERO,
+            "leading edge: built at once"
+        );
+    }
+
     fn generation(h: &Harness) -> u64 {
         h.snapshots.borrow().generation
     }
@@ -340,15 +352,7 @@ mod tests {
             h.catalogs
                 .send_replace(catalog(&["a", "b", "c", "d", "e"][..=i]));
             if i == 1 {
-                // No timer runs while the build does, so paused time stands still unless the
-                // debouncer waits: the build must come with no time passing.
-                let sent = Instant::now();
-                h.snapshots.changed().await.expect("built");
-                assert_eq!(
-                    sent.elapsed(),
-                    Duration::ZERO,
-                    "leading edge: built at once"
-                );
+                built_at_once(&mut h).await;
                 assert_eq!((generation(&h), services(&h)), (2, 2));
             }
             advance(50).await;
@@ -481,13 +485,7 @@ mod tests {
         advance(200).await;
         h.snapshots.borrow_and_update();
         h.catalogs.send_replace(with_instance(81));
-        let sent = Instant::now();
-        h.snapshots.changed().await.expect("built");
-        assert_eq!(
-            sent.elapsed(),
-            Duration::ZERO,
-            "leading edge: built at once"
-        );
+        built_at_once(&mut h).await;
         assert_eq!(generation(&h), 2);
         advance_fine(2).await;
         let mut full = Catalog::clone(&with_instance(81));

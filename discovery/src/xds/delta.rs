@@ -319,9 +319,7 @@ impl DeltaState {
             && state.force_clusters.is_empty();
         let mut force_all = std::mem::take(&mut state.force_all);
         if force_all {
-            let exactly = state.sub.wildcard
-                || (state.sub.names.len() == all.len()
-                    && state.sub.names.iter().zip(all.keys()).all(|(a, b)| a == b));
+            let exactly = state.sub.covers_exactly(&all);
             if !(exactly && synced_only) {
                 // The general path: force each covered name.
                 let sub = &state.sub;

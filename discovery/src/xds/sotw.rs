@@ -252,10 +252,7 @@ impl SotwState {
     fn contents(&self, type_url: &str, sub: &Subscription) -> Arc<ResourceMap> {
         let empty = Arc::default();
         let all = self.resources.of_type(type_url).unwrap_or(&empty);
-        let exactly = || {
-            sub.names.len() == all.len() && sub.names.iter().zip(all.keys()).all(|(a, b)| a == b)
-        };
-        if sub.wildcard || exactly() {
+        if sub.covers_exactly(all) {
             return all.clone();
         }
         let picked: ResourceMap = sub

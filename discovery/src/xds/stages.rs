@@ -62,11 +62,6 @@ impl Stages {
         }
         None
     }
-
-    /// Whether the proxy has been given the target (it may not have ACKed it yet).
-    pub fn at_target(&self) -> bool {
-        same_maps(&self.current, &self.target)
-    }
 }
 
 /// Same maps by pointer: stages are built from the target's and the current maps themselves.
@@ -106,7 +101,6 @@ mod tests {
 
         let remove = s.next_stage().expect("remove stage");
         assert_eq!(names(&remove.clusters), ["a", "c"]);
-        assert!(s.at_target());
         assert!(s.next_stage().is_none());
     }
 
@@ -121,7 +115,6 @@ mod tests {
         s.set_target(new.clone());
         let first = s.next_stage().expect("one push");
         assert!(std::sync::Arc::ptr_eq(&first.endpoints, &new.endpoints));
-        assert!(s.at_target());
         assert!(s.next_stage().is_none());
     }
 

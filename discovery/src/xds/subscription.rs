@@ -155,6 +155,14 @@ impl Subscription {
         self.wildcard || self.names.contains(name)
     }
 
+    /// Whether exactly the names of `map` are covered: then the shared map itself is the
+    /// answer, with no per-stream copy. (A wildcard covers every map.)
+    pub fn covers_exactly(&self, map: &crate::resources::ResourceMap) -> bool {
+        self.wildcard
+            || (self.names.len() == map.len()
+                && self.names.iter().zip(map.keys()).all(|(a, b)| a == b))
+    }
+
     /// Subscribed to nothing at all.
     pub fn is_empty(&self) -> bool {
         !self.wildcard && self.names.is_empty()

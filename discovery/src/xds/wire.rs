@@ -59,7 +59,8 @@ impl<M: Message + Default> Outgoing<M> {
         [header.freeze(), self.entries, head]
     }
 
-    /// The whole message, decoded (tests and debugging).
+    /// The whole message, decoded.
+    #[cfg(test)]
     pub fn decoded(&self) -> M {
         let mut buf = self.entries.to_vec();
         self.head.encode(&mut buf).expect("a Vec grows");
