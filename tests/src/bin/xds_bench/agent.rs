@@ -70,8 +70,9 @@ xds = "delta"
     let envoy = envoy_child(pid).map(memory).unwrap_or_default();
     agent.terminate(Duration::from_secs(10));
     println!(
-        "agent (real Envoy, {services} clusters): agent VmRSS {:.1} MB, VmHWM {:.1} MB (Envoy itself: VmRSS {:.1} MB)",
+        "agent (real Envoy, {services} clusters): agent VmRSS {:.1} MB (private {:.1} MB), VmHWM {:.1} MB (Envoy itself: VmRSS {:.1} MB)",
         crate::discovery::mb(mem.rss_kb),
+        crate::discovery::mb(mem.anon_kb),
         crate::discovery::mb(mem.hwm_kb),
         crate::discovery::mb(envoy.rss_kb)
     );

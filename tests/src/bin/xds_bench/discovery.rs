@@ -148,6 +148,8 @@ impl Discovery {
 pub struct Mem {
     pub rss_kb: u64,
     pub hwm_kb: u64,
+    /// Private memory (heap, stacks): RSS without the mapped binary and shared libraries.
+    pub anon_kb: u64,
 }
 
 pub fn memory(pid: u32) -> Mem {
@@ -162,6 +164,7 @@ pub fn memory(pid: u32) -> Mem {
     Mem {
         rss_kb: field("VmRSS:"),
         hwm_kb: field("VmHWM:"),
+        anon_kb: field("RssAnon:"),
     }
 }
 
