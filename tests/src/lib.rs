@@ -5,6 +5,7 @@
 //! handle drops, so a failing test leaves nothing behind; logs go to files in the test's work
 //! directory and are printed when a wait times out.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{Read, Write};
@@ -12,6 +13,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -105,12 +107,24 @@ impl Default for Net {
     }
 }
 
-/// A port that is free on `ip` right now.
+/// A port that is free on `ip` right now and that this process has not handed out before.
+///
+/// The kernel may return a port it just released to the next `bind(0)`, so two calls in a row
+/// can give the same port (an Envoy admin port and a listener port, say); the ports handed out
+/// are remembered to rule that out.
 pub fn free_port(ip: IpAddr) -> u16 {
-    TcpListener::bind((ip, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
+    static HANDED_OUT: Mutex<BTreeSet<(IpAddr, u16)>> = Mutex::new(BTreeSet::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..64 {
+        let port = TcpListener::bind((ip, 0))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(0);
+        if port != 0 && handed_out.insert((ip, port)) {
+            return port;
+        }
+    }
+    0
 }
 
 /// A child process that is killed when dropped; its output goes to `log`.
