@@ -14,6 +14,8 @@
 //! insecure = false                    # true: plaintext gRPC, no CA, no authentication.
 //!                                     # Local experiments only; logged loudly.
 //! debounce = { quiet = "100ms", max = "1s" }
+//! node_grace = "15s"                  # a host whose agent has been disconnected this long:
+//!                                     # its instances become unhealthy in EDS
 //!
 //! [registry.files]
 //! paths = ["/etc/pilotfish/registry.d"]
@@ -54,6 +56,7 @@ use pilotfish_pki::TrustDomain;
 use pilotfish_registries::consul::{ConsulConfig, ConsulSection};
 use serde::Deserialize;
 
+use crate::liveness::DEFAULT_NODE_GRACE;
 use crate::mesh::DebounceTimes;
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "pilotfish.local";
@@ -87,6 +90,8 @@ pub struct Config {
     /// `[registry.consul]`, validated: the Consul adapter runs when set.
     pub consul: Option<ConsulConfig>,
     pub debounce: DebounceTimes,
+    /// How long a host's instances stay healthy after its agent's last stream closed.
+    pub node_grace: Duration,
     /// `[api]`: the rules API.
     pub api: ApiConfig,
 }
@@ -192,6 +197,7 @@ struct RawConfig {
     insecure: Option<bool>,
     registry: Option<RawRegistry>,
     debounce: Option<RawDebounce>,
+    node_grace: Option<String>,
     ca: Option<RawCa>,
     api: Option<RawApi>,
 }
@@ -340,6 +346,19 @@ impl Config {
             }
         }
 
+        let node_grace = match raw.node_grace.as_deref().map(parse_duration) {
+            None => DEFAULT_NODE_GRACE,
+            Some(Ok(v)) if !v.is_zero() => v,
+            Some(Ok(_)) => {
+                problems.push("node_grace: must be more than 0".into());
+                DEFAULT_NODE_GRACE
+            }
+            Some(Err(e)) => {
+                problems.push(format!("node_grace: {e}"));
+                DEFAULT_NODE_GRACE
+            }
+        };
+
         let raw_api = raw.api.unwrap_or_default();
         let api = ApiConfig {
             token_file: match raw_api.token_file {
@@ -364,6 +383,7 @@ impl Config {
                 registry_files,
                 consul,
                 debounce,
+                node_grace,
                 api,
             }),
             _ => Err(ConfigError::Invalid {

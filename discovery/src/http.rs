@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::identity::metrics::{CaMetrics, Kind};
 use crate::identity::{utc, Authority};
+use crate::liveness::{NodeLiveness, NodesView};
 use crate::mesh::MeshSnapshot;
 use crate::resources::short_name;
 use crate::sources::SourcesView;
@@ -36,6 +37,8 @@ pub struct HttpState {
     pub files: watch::Receiver<Arc<FilesStatus>>,
     pub snapshots: watch::Receiver<Arc<MeshSnapshot>>,
     pub connections: Connections,
+    /// Each mesh node's liveness (see [`crate::liveness`]).
+    pub nodes: NodesView,
     pub metrics: Arc<XdsMetrics>,
     /// The CA; `None` in insecure mode.
     pub ca: Option<Arc<Authority>>,
@@ -90,6 +93,9 @@ pub struct Status {
     pub snapshot: SnapshotStatus,
     pub sources: SourcesStatus,
     pub proxies: Vec<ProxyStatus>,
+    /// Every node the registries place instances on or that has connected: `live`, `grace`
+    /// (its agent disconnected less than `node_grace` ago), `dead` or `revoked`.
+    pub nodes: Vec<NodeLiveness>,
     /// Absent in insecure mode.
     pub ca: Option<CaStatus>,
 }
@@ -325,6 +331,7 @@ pub fn status_of(state: &HttpState) -> Status {
         },
         sources: sources_status(state),
         proxies: state.connections.list(),
+        nodes: state.nodes.borrow().as_ref().clone(),
         ca: state.ca.as_deref().map(ca_status),
     }
 }
@@ -550,6 +557,7 @@ mod tests {
             files: files_rx,
             snapshots,
             connections: Connections::default(),
+            nodes: watch::channel(Arc::new(Vec::new())).1,
             metrics: Arc::new(XdsMetrics::default()),
             ca: None,
             ca_metrics: Arc::new(CaMetrics::default()),

@@ -17,6 +17,7 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod identity;
+pub mod liveness;
 pub mod mesh;
 pub mod proxy;
 pub mod resources;
@@ -25,6 +26,7 @@ pub mod sources;
 pub mod translate;
 pub mod xds;
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use pilotfish_registries::consul::{ConsulError, ConsulRegistry, ConsulStatus};
@@ -41,6 +43,7 @@ use crate::http::{HttpServer, HttpState};
 use crate::identity::metrics::CaMetrics;
 use crate::identity::service::IdentityService;
 use crate::identity::{Authority, IdentityError};
+use crate::liveness::LivenessStage;
 use crate::mesh::{Debouncer, MeshSnapshot};
 use crate::sources::{Combiner, ConsulView, SourcesView, CONSUL_FIRST_SYNC_WAIT};
 use crate::xds::connections::Connections;
@@ -158,8 +161,22 @@ pub async fn run(
         trust_domain: config.trust_domain.to_string(),
         mtls: !config.insecure,
     });
+    // Host liveness: dead hosts' instances become unhealthy before translation. Revoked nodes
+    // are never alive.
+    let (_revoked, revoked_rx) = watch::channel(Arc::new(BTreeSet::new()));
+    let (liveness, live_catalog_rx, nodes_rx) = LivenessStage::new(
+        catalog_rx.clone(),
+        connections.clone(),
+        revoked_rx,
+        config.node_grace,
+    );
+    let token = stop.clone();
+    tasks.spawn(async move {
+        liveness.run(token).await;
+        Ok(())
+    });
     let debouncer =
-        Debouncer::new(catalog_rx, snapshot_tx, config.debounce).with_settings(settings);
+        Debouncer::new(live_catalog_rx, snapshot_tx, config.debounce).with_settings(settings);
     let ads = AdsServer::new(
         snapshot_rx.clone(),
         connections.clone(),
@@ -174,6 +191,7 @@ pub async fn run(
         files: status_rx,
         snapshots: snapshot_rx,
         connections,
+        nodes: nodes_rx,
         metrics,
         ca: authority.clone(),
         ca_metrics,

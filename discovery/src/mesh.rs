@@ -276,6 +276,7 @@ mod tests {
                     upstreams: None,
                     instances: vec![],
                     mtls: Default::default(),
+                    health: Default::default(),
                     origin: Origin::default(),
                 },
             );

@@ -178,6 +178,7 @@ mod tests {
                 })
                 .collect(),
             mtls: Default::default(),
+            health: Default::default(),
             origin: Origin {
                 file: origin.into(),
                 line: 2,

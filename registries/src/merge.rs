@@ -124,6 +124,7 @@ mod tests {
             },
             instances,
             mtls: Default::default(),
+            health: Default::default(),
             origin: Origin {
                 file: file.into(),
                 line: 3,

@@ -113,7 +113,42 @@ pub struct Service {
     pub instances: Vec<Instance>,
     /// Whether the service's mesh port also accepts plaintext (when discovery runs with mTLS).
     pub mtls: MtlsMode,
+    /// What makes its mesh instances healthy: their host's agent being connected, or nothing.
+    pub health: HealthMode,
     pub origin: Origin,
+}
+
+/// Where the health of a service's mesh instances (those with a `node`) comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HealthMode {
+    /// Healthy while the host's agent is connected to discovery, and for `node_grace` after it
+    /// disconnects (plus Consul's own checks for Consul instances).
+    #[default]
+    Agent,
+    /// As declared: for instances reached without a Pilotfish agent.
+    Static,
+}
+
+impl HealthMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HealthMode::Agent => "agent",
+            HealthMode::Static => "static",
+        }
+    }
+}
+
+impl std::str::FromStr for HealthMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "agent" => Ok(HealthMode::Agent),
+            "static" => Ok(HealthMode::Static),
+            other => Err(format!(
+                "unknown health mode \"{other}\" (expected agent or static)"
+            )),
+        }
+    }
 }
 
 /// What a host's mesh port accepts for a service, when the mesh runs with mTLS.

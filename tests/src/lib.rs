@@ -427,4 +427,5 @@ pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+pub mod load;
 pub mod mesh;

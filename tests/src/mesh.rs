@@ -96,6 +96,8 @@ pub struct MeshOptions {
     pub secure: bool,
     /// Extra TOML appended to discovery.toml (for example a `[ca]` table).
     pub discovery_extra: String,
+    /// Extra top-level keys for discovery.toml (before its first table).
+    pub discovery_top: String,
 }
 
 impl Default for MeshOptions {
@@ -104,6 +106,7 @@ impl Default for MeshOptions {
             xds: "delta",
             secure: false,
             discovery_extra: String::new(),
+            discovery_top: String::new(),
         }
     }
 }
@@ -147,8 +150,8 @@ impl Mesh {
         fs::write(
             &config,
             format!(
-                "{insecure}trust_domain = \"pilotfish.local\"\nstate_dir = \"state\"\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n\n[registry.files]\npaths = [\"registry.d\"]\n{}\n",
-                opts.discovery_extra
+                "{insecure}trust_domain = \"pilotfish.local\"\nstate_dir = \"state\"\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n{}\n\n[registry.files]\npaths = [\"registry.d\"]\n{}\n",
+                opts.discovery_top, opts.discovery_extra
             ),
         )?;
         // The rules API's bearer token, for tests that use it (`[api] token_file = "api-token"`).

@@ -58,6 +58,7 @@ fn catalog() -> Arc<Catalog> {
                     locality: None,
                 }],
                 mtls: Default::default(),
+                health: Default::default(),
                 origin: Origin::default(),
             },
         );

@@ -8,7 +8,10 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::cluster::v3::{
     circuit_breakers::Thresholds,
-    cluster::{ClusterDiscoveryType, DiscoveryType, DnsLookupFamily, EdsClusterConfig, LbPolicy},
+    cluster::{
+        ClusterDiscoveryType, CommonLbConfig, DiscoveryType, DnsLookupFamily, EdsClusterConfig,
+        LbPolicy,
+    },
     CircuitBreakers, Cluster, OutlierDetection,
 };
 use envoy_types::pb::envoy::config::core::v3::{
@@ -23,7 +26,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     },
     HttpProtocolOptions,
 };
-use envoy_types::pb::envoy::r#type::v3::CodecClientType;
+use envoy_types::pb::envoy::r#type::v3::{CodecClientType, Percent};
 use envoy_types::pb::google::protobuf::UInt32Value;
 use pilotfish_registries::model::{Catalog, Instance, LoadBalancer, Policy, Protocol, Service};
 
@@ -89,6 +92,9 @@ fn build_outbound(
         if let Some(policy) = policy {
             resilience(&mut cluster, svc, policy);
         }
+        if !dns {
+            mesh_defaults(&mut cluster, svc);
+        }
         if let Some(tls) = tls {
             secure_cluster(&mut cluster, svc, tls);
         }
@@ -135,6 +141,49 @@ pub(super) fn inbound(catalog: &Catalog, svc: &Service, proxy: &Proxy) -> Arc<Re
         ..Default::default()
     });
     Resource::encode(name, &cluster)
+}
+
+/// What every EDS cluster gets unless its policy says otherwise:
+///
+/// - no limit on concurrent retries (routes retry connect failures and resets by default);
+/// - no panic mode (Envoy's default sends to every host once fewer than half are healthy):
+///   an instance discovery marks unhealthy (its host is dead, Consul says critical) gets no
+///   traffic, however many others share its fate;
+/// - for services with mesh instances, outlier detection on gateway failures (connect
+///   failures, resets, 502/503/504: failures of the path, not of the app), which ejects a host
+///   that died before discovery noticed (at most half the hosts).
+fn mesh_defaults(cluster: &mut Cluster, svc: &Service) {
+    cluster.common_lb_config = Some(CommonLbConfig {
+        healthy_panic_threshold: Some(Percent { value: 0.0 }),
+        ..Default::default()
+    });
+    // Envoy allows 3 concurrent retries per cluster by default: when a host dies with more
+    // requests in flight, the rest fail without a retry. Istio lifts the limit the same way.
+    let breakers = cluster
+        .circuit_breakers
+        .get_or_insert_with(|| CircuitBreakers {
+            thresholds: vec![Thresholds::default()],
+            ..Default::default()
+        });
+    for t in &mut breakers.thresholds {
+        t.max_retries.get_or_insert(UInt32Value { value: u32::MAX });
+    }
+    let mesh = svc.instances.iter().any(|i| i.node.is_some());
+    if mesh && cluster.outlier_detection.is_none() {
+        let count = |value| Some(UInt32Value { value });
+        cluster.outlier_detection = Some(OutlierDetection {
+            consecutive_gateway_failure: count(5),
+            enforcing_consecutive_gateway_failure: count(100),
+            // An app's own 500s are not a reason to eject its host.
+            enforcing_consecutive_5xx: count(0),
+            enforcing_success_rate: count(0),
+            interval: Some(duration(std::time::Duration::from_secs(5))),
+            base_ejection_time: Some(duration(std::time::Duration::from_secs(10))),
+            // Never the last healthy half: a lone host that fails stays in (it is all there is).
+            max_ejection_percent: count(50),
+            ..Default::default()
+        });
+    }
 }
 
 /// A policy's circuit breakers, outlier detection and active health check, on an outbound

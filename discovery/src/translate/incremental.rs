@@ -68,6 +68,8 @@ pub fn endpoint_change(old: &Catalog, new: &Catalog) -> Option<EndpointChange> {
             upstreams,
             instances,
             mtls,
+            // Read by the liveness stage, which sets `healthy` before translation.
+            health: _,
             origin: _,
         } = o;
         if name != new_name
@@ -269,6 +271,7 @@ mod tests {
             upstreams: upstreams.map(|u| u.iter().map(|s| s.to_string()).collect()),
             instances,
             mtls: Default::default(),
+            health: Default::default(),
             origin: Default::default(),
         }
     }

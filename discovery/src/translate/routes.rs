@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     header_matcher::HeaderMatchSpecifier,
     query_parameter_matcher::QueryParameterMatchSpecifier,
     redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier},
-    retry_policy::RetryBackOff,
+    retry_policy::{retry_host_predicate, RetryBackOff, RetryHostPredicate},
     route::Action,
     route_action::{
         hash_policy::{self, PolicySpecifier},
@@ -38,6 +38,7 @@ use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
     fault_abort::ErrorType, FaultAbort, HttpFault,
 };
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     string_matcher::MatchPattern, RegexMatcher, StringMatcher,
 };
@@ -60,6 +61,15 @@ use crate::resources::Resource;
 /// Retry conditions when a route asks for retries without naming any: failures where the
 /// request did not reach the app, so that retrying is safe for any method.
 const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,reset";
+
+/// Retries of a route that sets none: twice, on those same failures, as Istio does, so a
+/// host that died a moment ago costs a retry rather than a failed request.
+const DEFAULT_RETRIES: model::Retries = model::Retries {
+    attempts: 2,
+    per_try_timeout: None,
+    on: Vec::new(),
+    backoff: None,
+};
 
 /// The Host values that reach `svc`: `svc`, `svc:port`, `svc.mesh`, `svc.mesh:port`.
 pub(super) fn domains(svc: &Service) -> Vec<String> {
@@ -450,7 +460,10 @@ fn action(rule: Option<&model::Route>, specifier: ClusterSpecifier) -> RouteActi
         cluster_specifier: Some(specifier),
         // Unset: Envoy's default of 15s.
         timeout: rule.and_then(|r| r.timeout).map(duration),
-        retry_policy: rule.and_then(|r| r.retries.as_ref()).map(retry_policy),
+        retry_policy: Some(retry_policy(
+            rule.and_then(|r| r.retries.as_ref())
+                .unwrap_or(&DEFAULT_RETRIES),
+        )),
         ..Default::default()
     }
 }
@@ -471,6 +484,14 @@ fn retry_policy(retries: &model::Retries) -> RetryPolicy {
             base_interval: Some(duration(base)),
             max_interval: max.map(duration),
         }),
+        // A retry goes to another host when there is one.
+        retry_host_predicate: vec![RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: Some(retry_host_predicate::ConfigType::TypedConfig(any(
+                &PreviousHostsPredicate {},
+            ))),
+        }],
+        host_selection_retry_max_attempts: 3,
         ..Default::default()
     }
 }

@@ -66,6 +66,7 @@ fn service(name: &str, port: u16, upstreams: Option<&[&str]>, instances: Vec<Ins
         upstreams: upstreams.map(|u| u.iter().map(|s| s.to_string()).collect()),
         instances,
         mtls: Default::default(),
+        health: Default::default(),
         origin: Default::default(),
     }
 }
@@ -268,6 +269,19 @@ fn demo_outbound_clusters_and_endpoints() {
     assert_eq!(c.connect_timeout.unwrap().seconds, 5);
     assert_eq!(c.lb_policy, LbPolicy::LeastRequest as i32);
     assert!(c.typed_extension_protocol_options.is_empty(), "HTTP/1.1");
+    // Mesh defaults: no panic mode, outlier detection on gateway failures only.
+    let panic = c.common_lb_config.as_ref().unwrap().healthy_panic_threshold;
+    assert_eq!(panic.unwrap().value, 0.0);
+    let od = c
+        .outlier_detection
+        .as_ref()
+        .expect("default outlier detection");
+    assert_eq!(od.consecutive_gateway_failure.unwrap().value, 5);
+    assert_eq!(od.enforcing_consecutive_5xx.unwrap().value, 0);
+    assert_eq!(od.max_ejection_percent.unwrap().value, 50);
+    let breakers = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
+    assert_eq!(breakers.max_retries.unwrap().value, u32::MAX);
+    assert_eq!(breakers.max_connections, None, "Envoy's default");
 
     let cla: ClusterLoadAssignment = decode(&res.endpoints, "outbound|reviews|v1");
     assert_eq!(cla.cluster_name, "outbound|reviews|v1");
@@ -425,7 +439,16 @@ fn default_route_fallback_and_undeclared_subsets() {
         fallback.timeout.is_none(),
         "Envoy's default unless configured"
     );
-    assert!(fallback.retry_policy.is_none());
+    let retry = fallback
+        .retry_policy
+        .as_ref()
+        .expect("the mesh's default retries");
+    assert_eq!(retry.retry_on, "connect-failure,refused-stream,reset");
+    assert_eq!(retry.num_retries.as_ref().map(|n| n.value), Some(2));
+    assert_eq!(
+        retry.retry_host_predicate[0].name,
+        "envoy.retry_host_predicates.previous_hosts"
+    );
 
     let pp = vhost(&rc, "productpage");
     assert_eq!(pp.routes.len(), 1);

@@ -3,12 +3,13 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use tokio::sync::watch;
 
 use super::Event;
-use crate::resources::short_name;
+use crate::resources::{short_name, LISTENER};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -24,6 +25,8 @@ pub struct ProxyStatus {
     pub stream: StreamKind,
     /// Seconds since the Unix epoch.
     pub connected_since: u64,
+    /// The proxy has accepted listeners on this stream: its host serves the mesh.
+    pub serving: bool,
     /// By short type name (`cds`, `eds`, `lds`, `rds`).
     pub types: BTreeMap<&'static str, TypeStatus>,
 }
@@ -38,16 +41,49 @@ pub struct TypeStatus {
     pub last_nack: Option<String>,
 }
 
-/// The registry of open ADS streams. Cheap to clone.
-#[derive(Debug, Clone, Default)]
+/// A node as its streams show it: how many serve, and when one last did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeSeen {
+    /// Open ADS streams from this node on which its proxy has accepted listeners (a proxy
+    /// that has only connected does not serve yet).
+    pub streams: usize,
+    /// When it last had an open stream: now, while `streams > 0`.
+    pub last_seen: Instant,
+    /// The same, in milliseconds since the Unix epoch (for `/status`).
+    pub last_seen_unix_ms: u64,
+}
+
+/// How long a node that disconnected is remembered.
+const FORGET_NODES_AFTER: Duration = Duration::from_secs(3600);
+
+/// The registry of open ADS streams, and of the nodes seen lately. Cheap to clone.
+#[derive(Debug, Clone)]
 pub struct Connections {
     inner: Arc<Mutex<Inner>>,
+    /// Bumped whenever a node's first serving stream starts or its last one closes.
+    nodes_changed: Arc<watch::Sender<u64>>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            inner: Arc::default(),
+            nodes_changed: Arc::new(watch::channel(0).0),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     next_id: u64,
     streams: BTreeMap<u64, ProxyStatus>,
+    nodes: BTreeMap<String, NodeSeen>,
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
 }
 
 impl Connections {
@@ -60,12 +96,24 @@ impl Connections {
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
+        let now = Instant::now();
+        inner
+            .nodes
+            .retain(|_, n| n.streams > 0 || now.duration_since(n.last_seen) < FORGET_NODES_AFTER);
+        let seen = inner.nodes.entry(node.to_string()).or_insert(NodeSeen {
+            streams: 0,
+            last_seen: now,
+            last_seen_unix_ms: 0,
+        });
+        seen.last_seen = now;
+        seen.last_seen_unix_ms = unix_ms(SystemTime::now());
         inner.streams.insert(
             id,
             ProxyStatus {
                 node: node.to_string(),
                 stream,
                 connected_since,
+                serving: false,
                 types: BTreeMap::new(),
             },
         );
@@ -84,6 +132,30 @@ impl Connections {
 
     pub fn count(&self) -> usize {
         self.lock().streams.len()
+    }
+
+    /// Every node with an open stream or one seen in the last hour.
+    pub fn nodes(&self) -> BTreeMap<String, NodeSeen> {
+        self.lock().nodes.clone()
+    }
+
+    /// Changes whenever a node gets its first open stream or loses its last one.
+    pub fn watch_nodes(&self) -> watch::Receiver<u64> {
+        self.nodes_changed.subscribe()
+    }
+
+    /// `node` gained (`delta` 1) or lost (-1) a serving stream, or (0) just lost a stream.
+    fn serving(&self, inner: &mut Inner, node: &str, delta: isize) {
+        let Some(seen) = inner.nodes.get_mut(node) else {
+            return;
+        };
+        let before = seen.streams;
+        seen.streams = seen.streams.saturating_add_signed(delta);
+        seen.last_seen = Instant::now();
+        seen.last_seen_unix_ms = unix_ms(SystemTime::now());
+        if (before == 0) != (seen.streams == 0) {
+            self.nodes_changed.send_modify(|n| *n += 1);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -114,6 +186,11 @@ impl ConnectionGuard {
                     .entry(short_name(type_url))
                     .or_default()
                     .acked_version = Some(version.clone());
+                if type_url == LISTENER && !status.serving {
+                    status.serving = true;
+                    let node = status.node.clone();
+                    self.connections.serving(&mut inner, &node, 1);
+                }
             }
             Event::Nack {
                 type_url, message, ..
@@ -136,7 +213,12 @@ impl ConnectionGuard {
 
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
-        self.connections.lock().streams.remove(&self.id);
+        let mut inner = self.connections.lock();
+        let Some(status) = inner.streams.remove(&self.id) else {
+            return;
+        };
+        let delta = if status.serving { -1 } else { 0 };
+        self.connections.serving(&mut inner, &status.node, delta);
     }
 }
 
@@ -172,5 +254,41 @@ mod tests {
         assert_eq!((cds.nacks, cds.last_nack.as_deref()), (1, Some("bad")));
         drop(g);
         assert_eq!(c.count(), 0);
+    }
+
+    #[test]
+    fn remembers_nodes_after_their_last_stream_closes() {
+        let c = Connections::default();
+        let mut changes = c.watch_nodes();
+        let listeners = |version: &str| Event::Ack {
+            type_url: LISTENER.into(),
+            version: version.into(),
+            nonce: "1".into(),
+        };
+        let first = c.register("vm-a", StreamKind::Delta);
+        assert_eq!(c.nodes()["vm-a"].streams, 0, "connected, not serving yet");
+        assert!(!changes.has_changed().unwrap());
+        first.record(&listeners("v1"));
+        assert!(
+            changes.has_changed().unwrap(),
+            "the first serving stream is a change"
+        );
+        changes.mark_unchanged();
+        first.record(&listeners("v2"));
+        let second = c.register("vm-a", StreamKind::Sotw);
+        second.record(&listeners("v2"));
+        assert!(!changes.has_changed().unwrap(), "a second one is not");
+        assert_eq!(c.nodes()["vm-a"].streams, 2);
+        drop(first);
+        assert!(!changes.has_changed().unwrap());
+        let before = c.nodes()["vm-a"].last_seen;
+        drop(second);
+        assert!(
+            changes.has_changed().unwrap(),
+            "losing the last one is a change"
+        );
+        let seen = c.nodes()["vm-a"];
+        assert_eq!(seen.streams, 0);
+        assert!(seen.last_seen >= before && seen.last_seen_unix_ms > 0);
     }
 }

@@ -34,6 +34,7 @@ fn catalog(services: &[&str]) -> Arc<Catalog> {
                     locality: None,
                 }],
                 mtls: Default::default(),
+                health: Default::default(),
                 origin: Origin::default(),
             },
         );

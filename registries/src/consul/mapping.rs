@@ -278,6 +278,7 @@ pub fn build_catalog<'a>(
                 upstreams: None,
                 instances,
                 mtls: MtlsMode::default(),
+                health: Default::default(),
                 origin: Origin {
                     file: PathBuf::from(format!("consul://{}/{}", dcs.join(","), name)),
                     line: 0,

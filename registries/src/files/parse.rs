@@ -24,7 +24,7 @@ use super::gateways::RawGateway;
 pub(crate) use super::rules::{PolicyDecl, RouteDecl};
 use super::rules::{RawPolicy, RawRoute};
 use super::Problem;
-use crate::model::{Instance, Labels, MtlsMode, Origin, Protocol, DEFAULT_MESH_PORT};
+use crate::model::{HealthMode, Instance, Labels, MtlsMode, Origin, Protocol, DEFAULT_MESH_PORT};
 
 /// Bound on an instance's weight and on the weights of one rule's destinations together, so
 /// that sums computed downstream stay far from `u32::MAX`.
@@ -63,6 +63,7 @@ pub(crate) struct ServiceDef {
     pub port: u16,
     pub upstreams: Option<Vec<(String, Pos)>>,
     pub mtls: MtlsMode,
+    pub health: HealthMode,
     pub origin: Origin,
 }
 
@@ -99,6 +100,7 @@ struct RawService {
     port: Option<Spanned<i64>>,
     upstreams: Option<Vec<Spanned<String>>>,
     mtls: Option<Spanned<String>>,
+    health: Option<Spanned<String>>,
     #[serde(default)]
     instances: Vec<Spanned<RawInstance>>,
 }
@@ -353,6 +355,13 @@ impl Context {
                     }),
                     None => MtlsMode::default(),
                 };
+                let health = match raw.health {
+                    Some(h) => h.get_ref().parse().unwrap_or_else(|message| {
+                        self.report(h.span(), &format!("{path}.health"), message);
+                        HealthMode::default()
+                    }),
+                    None => HealthMode::default(),
+                };
                 let upstreams = raw.upstreams.map(|list| {
                     let mut seen = BTreeSet::new();
                     let mut out = Vec::new();
@@ -375,6 +384,7 @@ impl Context {
                     port: self.port(&port, &format!("{path}.port")),
                     upstreams,
                     mtls,
+                    health,
                     origin: self.origin(name.span()),
                 })
             }
@@ -389,6 +399,9 @@ impl Context {
                 }
                 if let Some(m) = &raw.mtls {
                     self.report(m.span(), &format!("{path}.mtls"), "set without port; a service's protocol, port, upstreams and mtls are set together, where it is defined");
+                }
+                if let Some(h) = &raw.health {
+                    self.report(h.span(), &format!("{path}.health"), "set without port; a service's protocol, port, upstreams, mtls and health are set together, where it is defined");
                 }
                 if raw.instances.is_empty() {
                     self.report(name.span(), &format!("{path}.port"), "missing (a service table sets the port that defines the service, or only adds instances)");

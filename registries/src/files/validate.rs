@@ -54,6 +54,7 @@ where
                         .map(|list| list.iter().map(|(u, _)| u.clone()).collect()),
                     instances: Vec::new(),
                     mtls: def.mtls,
+                    health: def.health,
                     origin: def.origin.clone(),
                 },
             );
