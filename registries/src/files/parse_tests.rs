@@ -403,6 +403,21 @@ fn mtls_defaults_to_strict() {
 }
 
 #[test]
+fn health_is_agent_unless_declared_static() {
+    let decls = parse("[services.a]\nport = 80\n").expect("valid");
+    let def = decls.services["a"].def.as_ref().expect("defined");
+    assert_eq!(def.health, crate::model::HealthMode::Agent);
+    let decls = parse("[services.a]\nport = 80\nhealth = \"static\"\n").expect("valid");
+    let def = decls.services["a"].def.as_ref().expect("defined");
+    assert_eq!(def.health, crate::model::HealthMode::Static);
+    let problems = parse("[services.a]\nport = 80\nhealth = \"checked\"\n").unwrap_err();
+    assert_eq!(
+        problems[0].to_string(),
+        "reg/a.toml:3:10: services.a.health: unknown health mode \"checked\" (expected agent or static)"
+    );
+}
+
+#[test]
 fn authorization_errors_name_the_field() {
     let rule = |body: &str| format!("[[authorization.a.rules]]\n{body}\n");
     let cases: Vec<(String, &str)> = vec![
