@@ -181,6 +181,9 @@ pub struct SourcesStatus {
     pub consul: Option<ConsulSourceStatus>,
     /// Instances declared by TOML and Consul at the same address:port (TOML's is used).
     pub merge_conflicts: Vec<ConflictStatus>,
+    /// References to services that no file or Consul datacenter declares (yet), as
+    /// `file:line: key: message`: warnings, nothing is refused for them.
+    pub unresolved: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -309,6 +312,13 @@ fn sources_status(state: &HttpState) -> SourcesStatus {
             .collect(),
         consul,
         merge_conflicts,
+        unresolved: state
+            .sources
+            .unresolved
+            .borrow()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
     }
 }
 

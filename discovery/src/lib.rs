@@ -144,10 +144,19 @@ pub async fn run(
                     status: status_rx,
                 }),
                 conflicts: conflicts_rx,
+                unresolved: watch::channel(Arc::new(Vec::new())).1,
             };
             (merged_rx, view, Some(combiner))
         }
     };
+    let mut sources_view = sources_view;
+    let (unresolved_tx, unresolved_rx) = watch::channel(Arc::new(Vec::new()));
+    sources_view.unresolved = unresolved_rx;
+    let (catalogs, token) = (catalog_rx.clone(), stop.clone());
+    tasks.spawn(async move {
+        sources::report_unresolved(catalogs, unresolved_tx, token).await;
+        Ok(())
+    });
     let (status_tx, status_rx) = watch::channel(Arc::new(FilesStatus::default()));
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(MeshSnapshot::placeholder()));
     let connections = Connections::default();

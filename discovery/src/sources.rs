@@ -19,6 +19,7 @@ use std::time::Duration;
 use pilotfish_registries::consul::ConsulStatus;
 use pilotfish_registries::merge::{merge, MergeConflict};
 use pilotfish_registries::model::Catalog;
+use pilotfish_registries::references::{unresolved, Unresolved};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -31,6 +32,9 @@ pub const CONSUL_FIRST_SYNC_WAIT: Duration = Duration::from_secs(10);
 /// The conflicts of the latest merge, as published.
 pub type Conflicts = watch::Receiver<Arc<Vec<MergeConflict>>>;
 
+/// References to services that no source declares, in the latest merged catalog.
+pub type UnresolvedView = watch::Receiver<Arc<Vec<Unresolved>>>;
+
 /// What `/status` and `/metrics` read about the sources, besides the file registry's status.
 #[derive(Clone)]
 pub struct SourcesView {
@@ -38,6 +42,8 @@ pub struct SourcesView {
     pub consul: Option<ConsulView>,
     /// The conflicts of the last merge (empty without Consul).
     pub conflicts: Conflicts,
+    /// See [`report_unresolved`].
+    pub unresolved: UnresolvedView,
 }
 
 #[derive(Clone)]
@@ -53,6 +59,7 @@ impl SourcesView {
         SourcesView {
             consul: None,
             conflicts: watch::channel(Arc::new(Vec::new())).1,
+            unresolved: watch::channel(Arc::new(Vec::new())).1,
         }
     }
 }
@@ -284,5 +291,33 @@ mod tests {
         );
         shutdown.cancel();
         task.await.expect("joins");
+    }
+}
+
+/// Checks the references of every merged catalog (files and Consul together): a reference to a
+/// service no source declares is published for `/status` and logged once as a warning with its
+/// file and line, and logged again when it resolves. Never a reason to refuse anything.
+pub async fn report_unresolved(
+    mut catalogs: watch::Receiver<Arc<Catalog>>,
+    out: watch::Sender<Arc<Vec<Unresolved>>>,
+    shutdown: CancellationToken,
+) {
+    let mut last: Vec<Unresolved> = Vec::new();
+    loop {
+        let now = unresolved(&catalogs.borrow_and_update());
+        for u in now.iter().filter(|u| !last.contains(u)) {
+            warn!(reference = %u, "a reference names a service that no source declares yet");
+        }
+        for u in last.iter().filter(|u| !now.contains(u)) {
+            info!(origin = %u.origin, field = %u.field, service = %u.service, "reference resolved");
+        }
+        if now != last {
+            out.send_replace(Arc::new(now.clone()));
+            last = now;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = catalogs.changed() => if changed.is_err() { return },
+        }
     }
 }

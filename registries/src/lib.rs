@@ -7,3 +7,4 @@ pub mod consul;
 pub mod files;
 pub mod merge;
 pub mod model;
+pub mod references;

@@ -175,7 +175,14 @@ fn rule_action(catalog: &Catalog, svc: &Service, r: &model::RouteRule, a: &mut R
     if let Some(retries) = &r.actions.retries {
         a.retry_policy = Some(retry_policy(retries));
     }
-    if let Some(m) = &r.actions.mirror {
+    // A mirror to a service no source declares (yet) is left out: it is reported as an
+    // unresolved reference, and would only name a cluster the proxy does not have.
+    if let Some(m) = r
+        .actions
+        .mirror
+        .as_ref()
+        .filter(|m| catalog.services.contains_key(&m.service))
+    {
         let cluster = match &m.subset {
             Some(s) => subset_name(&m.service, s),
             None => outbound_name(&m.service),
