@@ -676,8 +676,23 @@ mod tests {
                 status,
             }),
             conflicts,
+            unresolved: watch::channel(Arc::new(vec![
+                pilotfish_registries::references::Unresolved {
+                    origin: Origin {
+                        file: "/r/app.toml".into(),
+                        line: 1,
+                    },
+                    field: "services.app.upstreams[0]".into(),
+                    service: "web2".into(),
+                },
+            ]))
+            .1,
         };
         let json = serde_json::to_value(status_of(&state)).expect("serializes");
+        assert_eq!(
+            json["sources"]["unresolved"][0],
+            "/r/app.toml:1: services.app.upstreams[0]: unknown service \"web2\" (no file or Consul datacenter declares it yet)"
+        );
         let dc1 = &json["sources"]["consul"]["datacenters"]["dc1"];
         assert_eq!(json["sources"]["consul"]["stale"], true);
         assert_eq!(dc1["index"], 42);

@@ -206,7 +206,7 @@ pub async fn run(
         ca_metrics,
         sources: sources_view,
     })
-    .with_rules(Arc::new(rules_api).router());
+    .with_rules(Arc::new(rules_api.with_catalog(catalog_rx.clone())).router());
     info!(grpc = %config.grpc, http = %config.http, "discovery starting");
 
     if let Some(combiner) = combiner {

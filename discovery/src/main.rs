@@ -187,11 +187,16 @@ fn run_admin(config: &Config, command: Command) -> ExitCode {
     }
 }
 
-/// `validate DIR...`: problems on stdout, one per line; a summary when there are none.
+/// `validate DIR...`: problems on stdout, one per line, then warnings (`warning: ...`); a
+/// summary when there are no problems.
 fn validate(dirs: &[PathBuf]) -> ExitCode {
     let (catalog, problems) = load_once(dirs);
     for problem in &problems {
         println!("{problem}");
+    }
+    // Not errors: Consul (or a file not given here) may declare those services.
+    for reference in pilotfish_registries::references::unresolved(&catalog) {
+        println!("warning: {reference}");
     }
     if problems.is_empty() {
         println!("{}", summary(&catalog));

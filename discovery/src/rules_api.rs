@@ -30,8 +30,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use pilotfish_registries::files::{check_with, declared, is_valid_name, Declared};
+use pilotfish_registries::model::Catalog;
+use pilotfish_registries::references::unresolved;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Config;
@@ -159,6 +162,9 @@ pub struct RulesApi {
     /// Held across check-then-write, so two writes cannot both pass a check against the same
     /// state. A std mutex: it is only taken on the blocking pool.
     writes: Mutex<()>,
+    /// The merged catalog (files and Consul): a write for a service that no source declares is
+    /// refused, since nothing would come of it. `None` checks the files alone.
+    catalog: Option<watch::Receiver<Arc<Catalog>>>,
 }
 
 impl RulesApi {
@@ -205,6 +211,7 @@ impl RulesApi {
                     paths: registry_paths(config),
                     access: Access::Disabled(reason),
                     writes: Mutex::new(()),
+                    catalog: None,
                 })
             }
             result => result,
@@ -232,6 +239,7 @@ impl RulesApi {
             paths,
             access,
             writes: Mutex::new(()),
+            catalog: None,
         })
     }
 
@@ -393,6 +401,7 @@ impl RulesApi {
             false,
         )?;
         self.validate(&file, Some(content.clone()))?;
+        self.known(&file, &content)?;
         write_atomically(&file, &content)
             .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", file.display())))?;
         let version = version_of(&content);
@@ -444,6 +453,43 @@ impl RulesApi {
             .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", file.display())))?;
         info!(kind = kind.segment(), service, file = %file.display(), "rules API: deleted");
         Ok(StatusCode::NO_CONTENT.into_response())
+    }
+
+    /// Check writes against the merged catalog of every source from now on.
+    pub fn with_catalog(mut self, catalog: watch::Receiver<Arc<Catalog>>) -> RulesApi {
+        self.catalog = Some(catalog);
+        self
+    }
+
+    /// 400 when the object names a service that no source declares. Files may name services
+    /// declared later (a warning, see `pilotfish_registries::references`); an API write is
+    /// made by a tool that can be told at once.
+    fn known(&self, file: &Path, content: &str) -> Result<(), ApiError> {
+        let (catalog, _) = check_with(&self.paths, &[(file.to_path_buf(), Some(content.into()))]);
+        let merged = self.catalog.as_ref().map(|c| Arc::clone(&c.borrow()));
+        let errors: Vec<String> = unresolved(&catalog)
+            .into_iter()
+            .filter(|u| u.origin.file == file)
+            .filter(|u| {
+                !merged
+                    .as_ref()
+                    .is_some_and(|m| m.services.contains_key(&u.service))
+            })
+            .map(|u| {
+                format!(
+                    "{}: unknown service \"{}\" (no file or Consul datacenter declares it)",
+                    u.field, u.service
+                )
+            })
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ApiError {
+                status: StatusCode::BAD_REQUEST,
+                errors,
+            })
+        }
     }
 
     /// 400 with every problem the change brings: any in the API's file, and any elsewhere

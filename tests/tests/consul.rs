@@ -591,3 +591,69 @@ async fn consul_two_datacenters_carry_locality_and_merge_with_toml() -> Result<(
     .await?;
     Ok(())
 }
+
+/// Issue 9: a TOML file may name a service that only Consul declares. Its `upstreams` are in
+/// force (the host is scoped to them, not shown the whole mesh), the reference is a warning in
+/// `/status` until Consul declares the service, and then it resolves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn toml_may_name_a_service_only_consul_declares() -> Result<()> {
+    let d = double(&["dc1"], None).await?;
+    let mut mesh = consul_mesh(&d, &["dc1"], "").await?;
+    let a = mesh.host("vm-a");
+    let (a_ip, a_mesh, admin) = (a.ip, a.mesh_port, a.admin);
+    mesh.write_registry(
+        "productpage.toml",
+        &format!(
+            "[services.productpage]\nport = 9080\nupstreams = [\"reviews\"]\n\n\
+             [[services.productpage.instances]]\nnode = \"vm-a\"\naddress = \"{a_ip}\"\n\
+             port = 9080\nmesh_port = {a_mesh}\n",
+        ),
+    )?;
+    let http = mesh.http;
+    let status = move || async move {
+        let r = blocking(move || pilotfish_tests::http_get(http, "discovery", "/status")).await?;
+        Ok::<_, anyhow::Error>(serde_json::from_str::<serde_json::Value>(&r.body)?)
+    };
+    wait_for("the upstream reference reported, the file in force", PATIENCE, || async move {
+        let s = status().await?;
+        let in_force = s["sources"]["files"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .any(|(path, f)| path.ends_with("productpage.toml") && f["in_force"] == true && f["problems"] == serde_json::json!([]));
+        let warned = s["sources"]["unresolved"].as_array().is_some_and(|u| {
+            u.iter().any(|w| {
+                let w = w.as_str().unwrap_or("");
+                w.contains("productpage.toml:1: services.productpage.upstreams[0]: unknown service \"reviews\"")
+            })
+        });
+        Ok((in_force && warned).then_some(()))
+    })
+    .await?;
+
+    let v1 = mesh.start_app("reviews", "v1", mesh.host("vm-b").ip, &[])?;
+    register(
+        &d,
+        "dc1",
+        mesh.host("vm-b"),
+        "reviews",
+        "reviews-b",
+        v1,
+        "v1",
+    )?;
+    ready(&mesh).await?;
+    until_served_by(&mesh, &["reviews-v1"], READY).await?;
+    wait_for("the reference resolved", PATIENCE, || async move {
+        let s = status().await?;
+        Ok((s["sources"]["unresolved"] == serde_json::json!([])).then_some(()))
+    })
+    .await?;
+    // Scoped to its upstreams: vm-a has reviews, and not the rest of the mesh.
+    let clusters = blocking(move || admin_get(admin, "/clusters")).await?;
+    assert!(clusters.contains("outbound|reviews::"), "{clusters}");
+    assert!(
+        !clusters.contains("outbound|productpage::"),
+        "vm-a sees the whole mesh: its upstreams were not in force"
+    );
+    Ok(())
+}

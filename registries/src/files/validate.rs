@@ -1,7 +1,9 @@
 //! Merging the declarations of a set of files into one [`Catalog`], and the checks that need
-//! more than one file: one definition per service, instances and rules only for defined
-//! services, unique instance addresses, known upstreams, declared subsets, authorizations of
-//! known services by known services (and with HTTP conditions only for HTTP services).
+//! more than one file: one definition per service, instances only for defined services, unique
+//! instance addresses, one rule table of each kind per service, declared subsets, HTTP-only
+//! keys only for HTTP services. A reference to a service no file declares is not checked here:
+//! Consul may declare it, so it is checked on the merged catalog ([`crate::references`]) and
+//! is a warning, never a reason to refuse a file.
 //!
 //! Files are visited in path order, so when two files clash the problem is reported on the
 //! later one, the same way on every run.
@@ -23,7 +25,6 @@ where
     let mut problems = Vec::new();
     let mut catalog = Catalog::default();
     // Definitions first, so that instances and rules in any file can find their service.
-    let mut upstream_refs = Vec::new();
     for (file, decls) in &files {
         for (name, decl) in &decls.services {
             let Some(def) = &decl.def else { continue };
@@ -38,9 +39,6 @@ where
                     ),
                 ));
                 continue;
-            }
-            for (i, (upstream, pos)) in def.upstreams.iter().flatten().enumerate() {
-                upstream_refs.push((*file, *pos, format!("{path}.upstreams[{i}]"), upstream));
             }
             catalog.services.insert(
                 name.clone(),
@@ -58,16 +56,6 @@ where
                     origin: def.origin.clone(),
                 },
             );
-        }
-    }
-
-    for (file, pos, field, upstream) in upstream_refs {
-        if !catalog.services.contains_key(upstream) {
-            problems.push(problem(
-                file,
-                pos,
-                format!("{field}: unknown service \"{upstream}\""),
-            ));
         }
     }
 
@@ -164,12 +152,9 @@ where
                 .map(|p| p.subsets.keys().collect())
                 .unwrap_or_default();
             for m in &decl.mirrors {
+                // A service no file declares may come from Consul: checked on the merged
+                // catalog (`crate::references`), never a reason to refuse this file.
                 let Some(target) = catalog.services.get(&m.service) else {
-                    problems.push(problem(
-                        file,
-                        m.pos,
-                        format!("{}.service: unknown service \"{}\"", m.field, m.service),
-                    ));
                     continue;
                 };
                 if !target.protocol.is_http() {
@@ -242,15 +227,6 @@ where
             ) {
                 continue;
             }
-            for r in &decl.from_refs {
-                if !catalog.services.contains_key(&r.service) {
-                    problems.push(problem(
-                        file,
-                        r.pos,
-                        format!("{}: unknown service \"{}\"", r.field, r.service),
-                    ));
-                }
-            }
             catalog
                 .authorizations
                 .insert(name.clone(), decl.authorization.clone());
@@ -275,11 +251,8 @@ where
             }
             for (field, service, pos) in &decl.service_refs {
                 match catalog.services.get(service) {
-                    None => problems.push(problem(
-                        file,
-                        *pos,
-                        format!("{field}: unknown service \"{service}\""),
-                    )),
+                    // Perhaps a Consul service: see `crate::references`.
+                    None => {}
                     Some(s) if !s.protocol.is_http() => problems.push(problem(
                         file,
                         *pos,
@@ -357,11 +330,8 @@ fn check_target(
         return false;
     }
     match catalog.services.get(name) {
-        None => problems.push(problem(
-            file,
-            pos,
-            format!("{path}: unknown service \"{name}\""),
-        )),
+        // Perhaps a Consul service: see `crate::references`.
+        None => {}
         Some(service) if service.protocol == Protocol::Tcp => {
             for (field, pos) in http_only {
                 problems.push(problem(
