@@ -159,6 +159,34 @@ pub async fn wait_first_sync(
     }
 }
 
+/// Checks the references of every merged catalog (files and Consul together): a reference to a
+/// service no source declares is published for `/status` and logged once as a warning with its
+/// file and line, and logged again when it resolves. Never a reason to refuse anything.
+pub async fn report_unresolved(
+    mut catalogs: watch::Receiver<Arc<Catalog>>,
+    out: watch::Sender<Arc<Vec<Unresolved>>>,
+    shutdown: CancellationToken,
+) {
+    let mut last: Vec<Unresolved> = Vec::new();
+    loop {
+        let now = unresolved(&catalogs.borrow_and_update());
+        for u in now.iter().filter(|u| !last.contains(u)) {
+            warn!(reference = %u, "a reference names a service that no source declares yet");
+        }
+        for u in last.iter().filter(|u| !now.contains(u)) {
+            info!(origin = %u.origin, field = %u.field, service = %u.service, "reference resolved");
+        }
+        if now != last {
+            out.send_replace(Arc::new(now.clone()));
+            last = now;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = catalogs.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use pilotfish_registries::model::{Instance, Origin, Service};
@@ -291,33 +319,5 @@ mod tests {
         );
         shutdown.cancel();
         task.await.expect("joins");
-    }
-}
-
-/// Checks the references of every merged catalog (files and Consul together): a reference to a
-/// service no source declares is published for `/status` and logged once as a warning with its
-/// file and line, and logged again when it resolves. Never a reason to refuse anything.
-pub async fn report_unresolved(
-    mut catalogs: watch::Receiver<Arc<Catalog>>,
-    out: watch::Sender<Arc<Vec<Unresolved>>>,
-    shutdown: CancellationToken,
-) {
-    let mut last: Vec<Unresolved> = Vec::new();
-    loop {
-        let now = unresolved(&catalogs.borrow_and_update());
-        for u in now.iter().filter(|u| !last.contains(u)) {
-            warn!(reference = %u, "a reference names a service that no source declares yet");
-        }
-        for u in last.iter().filter(|u| !now.contains(u)) {
-            info!(origin = %u.origin, field = %u.field, service = %u.service, "reference resolved");
-        }
-        if now != last {
-            out.send_replace(Arc::new(now.clone()));
-            last = now;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = catalogs.changed() => if changed.is_err() { return },
-        }
     }
 }
