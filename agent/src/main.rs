@@ -25,7 +25,18 @@ struct Args {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not errors; bad usage exits 64 like bad config.
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_BAD_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     init_tracing();
     let config = match pilotfish_agent::config::load(&args.config) {
         Ok(config) => config,
@@ -103,9 +114,11 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter =
         EnvFilter::try_from_env("PILOTFISH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // No colour codes unless a person is watching (journald would store them).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if std::env::var("PILOTFISH_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {

@@ -322,7 +322,11 @@ impl RulesApi {
                 "this call needs Authorization: Bearer <token> ([api] token_file)",
             )),
             Some(t) if tokens_match(t, token) => Ok(()),
-            Some(_) => Err(ApiError::new(StatusCode::FORBIDDEN, "wrong token")),
+            // RFC 6750: a token that is not valid is 401 with a challenge, like a missing one.
+            Some(_) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the bearer token is not valid ([api] token_file)",
+            )),
         }
     }
 

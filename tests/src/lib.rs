@@ -18,6 +18,26 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+/// `--help` / `-h` and a bare `--version` for the helper binaries (demo, sample app, bench),
+/// whose other flags are read by hand: prints `usage` or `<binary> <version>` and returns
+/// true when the caller should exit 0. A `--version` followed by a value is the caller's own
+/// flag (the sample app's `--version v2`).
+pub fn help_or_version(binary: &str, usage: &str) -> bool {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{usage}");
+        return true;
+    }
+    let bare_version = args.iter().enumerate().any(|(i, a)| {
+        a == "--version" && args.get(i + 1).is_none_or(|next| next.starts_with("--"))
+    });
+    if bare_version {
+        println!("{binary} {}", env!("CARGO_PKG_VERSION"));
+        return true;
+    }
+    false
+}
+
 /// The workspace root (the folder holding the top-level Cargo.toml).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -122,3 +122,35 @@ fn the_demo_runs() -> Result<()> {
     assert!(stdout.contains("applied within"), "{stdout}");
     Ok(())
 }
+
+/// Every binary answers `--help` and `--version` with exit 0, and bad usage exits 64 for the
+/// product's binaries.
+#[test]
+fn every_binary_answers_help_and_version() -> Result<()> {
+    for name in [
+        "pilotfish-agent",
+        "pilotfish-discovery",
+        "pilotfish-ctl",
+        "pilotfish-sample-app",
+        "pilotfish-demo",
+        "pilotfish-xds-bench",
+    ] {
+        for flag in ["--help", "--version"] {
+            let out = Command::new(binary(name)?).arg(flag).output()?;
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success(), "{name} {flag}: {:?}", out.status);
+            assert!(!stdout.trim().is_empty(), "{name} {flag} printed nothing");
+            if flag == "--version" {
+                assert!(
+                    stdout.contains(env!("CARGO_PKG_VERSION")),
+                    "{name} --version: {stdout}"
+                );
+            }
+        }
+    }
+    for name in ["pilotfish-agent", "pilotfish-discovery", "pilotfish-ctl"] {
+        let out = Command::new(binary(name)?).arg("--no-such-flag").output()?;
+        assert_eq!(out.status.code(), Some(64), "{name} --no-such-flag");
+    }
+    Ok(())
+}

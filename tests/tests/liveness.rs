@@ -186,6 +186,14 @@ async fn a_dead_host_leaves_rotation_within_the_grace_and_returns() -> Result<()
     })
     .await?;
     let tally = load.stop().await;
+    // Logs go to files here, as to journald: no terminal, so no colour codes.
+    for log in [mesh.discovery_log(), mesh.host("vm-a").agent.log_text()] {
+        let agent_lines = log.lines().filter(|l| !l.starts_with('['));
+        assert!(
+            agent_lines.clone().all(|l| !l.contains('\x1b')),
+            "ANSI escape codes in a log that is not a terminal"
+        );
+    }
     let after = tally.failed - failed_before;
     assert_eq!(
         after,

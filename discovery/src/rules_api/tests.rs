@@ -689,7 +689,12 @@ async fn tokens_guard_writes_and_reads() {
     assert_eq!(none.status, StatusCode::UNAUTHORIZED);
     assert_eq!(none.headers[header::WWW_AUTHENTICATE], "Bearer");
     let wrong = call(r, Method::GET, "/v1/routes", Some("nope"), &[], None).await;
-    assert_eq!(wrong.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        wrong.status,
+        StatusCode::UNAUTHORIZED,
+        "RFC 6750: an invalid token is 401"
+    );
+    assert_eq!(wrong.headers[header::WWW_AUTHENTICATE], "Bearer");
     let put = call(
         r,
         Method::PUT,
@@ -709,7 +714,7 @@ async fn tokens_guard_writes_and_reads() {
         Some(canary(1)),
     )
     .await;
-    assert_eq!(put.status, StatusCode::FORBIDDEN);
+    assert_eq!(put.status, StatusCode::UNAUTHORIZED);
     let del = call(
         r,
         Method::DELETE,
@@ -719,7 +724,7 @@ async fn tokens_guard_writes_and_reads() {
         None,
     )
     .await;
-    assert_eq!(del.status, StatusCode::FORBIDDEN);
+    assert_eq!(del.status, StatusCode::UNAUTHORIZED);
     assert!(!f.rules.join("routes-reviews.toml").exists());
 
     // Reads may be open; writes never are.

@@ -71,6 +71,15 @@ fn set_weights(routes: &Path, v1: u32, v2: u32) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    if pilotfish_tests::help_or_version(
+        "pilotfish-demo",
+        "pilotfish-demo [--keep-running]\n\n\
+         Runs discovery, three hosts (agent + Envoy) and sample apps on loopback addresses, \
+         moves a canary's weights under traffic, and stops (or keeps running).\n\
+         PILOTFISH_DEMO_DIR: work directory (default .demo).",
+    ) {
+        return Ok(());
+    }
     let keep_running = std::env::args().any(|a| a == "--keep-running");
     let root = workspace_root();
     let work: PathBuf = std::env::var_os("PILOTFISH_DEMO_DIR")

@@ -76,6 +76,15 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    if pilotfish_tests::help_or_version(
+        "pilotfish-sample-app",
+        "pilotfish-sample-app --listen ADDR [--name NAME] [--version APP_VERSION] \
+         [--fail-percent N] [--fail-spread] [--delay-ms N] [--h2c]\n\n\
+         An HTTP app for tests and the demo: answers every request with `<name>-<version> \
+         METHOD URI xfcc=<caller>` and `x-served-by: <name>-<version>`.",
+    ) {
+        return Ok(());
+    }
     let args: Vec<String> = std::env::args().collect();
     let listen: SocketAddr = arg(&args, "--listen")
         .ok_or_else(|| anyhow::anyhow!("--listen ADDR is required"))?

@@ -256,6 +256,15 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() -> Result<()> {
+    if pilotfish_tests::help_or_version(
+        "pilotfish-xds-bench",
+        "pilotfish-xds-bench [--services N] [--instances M] [--proxies P] \
+         [--flavour sotw|delta|both] [--only endpoint,global,floor,storm,agent] [--storm S] ...\n\n\
+         Push latency, memory and connect-storm figures of a real discovery, each next to the \
+         transport floor. Every flag is described at the top of tests/src/bin/xds_bench.rs.",
+    ) {
+        return Ok(());
+    }
     let args = parse_args()?;
     raise_fd_limit();
     // Per-stream debug lines would cost more than the pushes being measured.
