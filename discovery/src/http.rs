@@ -39,6 +39,8 @@ pub struct HttpState {
     pub connections: Connections,
     /// Each mesh node's liveness (see [`crate::liveness`]).
     pub nodes: NodesView,
+    /// The rules API, whose token also guards `/v1/proxies`; `None`: open (tests).
+    pub api: Option<Arc<crate::rules_api::RulesApi>>,
     pub metrics: Arc<XdsMetrics>,
     /// The CA; `None` in insecure mode.
     pub ca: Option<Arc<Authority>>,
@@ -69,6 +71,7 @@ impl HttpServer {
             .route("/healthz", get(|| async { "ok" }))
             .route("/status", get(status))
             .route("/metrics", get(metrics))
+            .route("/v1/proxies", get(proxies))
             .with_state(state)
     }
 
@@ -346,6 +349,28 @@ pub fn status_of(state: &HttpState) -> Status {
     }
 }
 
+/// `GET /v1/proxies`: `{"items": [...]}`, see [`crate::proxy_status`]. Reads need the rules
+/// API's token when its reads do.
+async fn proxies(
+    State(state): State<HttpState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    if let Some(api) = &state.api {
+        if let Err(e) = api.authorize(&headers, false) {
+            return e.into_response();
+        }
+    }
+    let catalog = Arc::clone(&state.snapshots.borrow().shared.catalog);
+    let nodes = Arc::clone(&state.nodes.borrow());
+    let items = crate::proxy_status::entries(
+        state.connections.list(),
+        state.connections.gone(),
+        &catalog,
+        &nodes,
+    );
+    Json(serde_json::json!({ "items": items })).into_response()
+}
+
 async fn status(State(state): State<HttpState>) -> axum::response::Response {
     match tokio::task::spawn_blocking(move || status_of(&state)).await {
         Ok(status) => Json(status).into_response(),
@@ -568,6 +593,7 @@ mod tests {
             snapshots,
             connections: Connections::default(),
             nodes: watch::channel(Arc::new(Vec::new())).1,
+            api: None,
             metrics: Arc::new(XdsMetrics::default()),
             ca: None,
             ca_metrics: Arc::new(CaMetrics::default()),

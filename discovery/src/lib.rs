@@ -20,6 +20,7 @@ pub mod identity;
 pub mod liveness;
 pub mod mesh;
 pub mod proxy;
+pub mod proxy_status;
 pub mod resources;
 pub mod rules_api;
 pub mod sources;
@@ -196,6 +197,7 @@ pub async fn run(
             ..AdsOptions::default()
         },
     );
+    let rules_api = Arc::new(rules_api.with_catalog(catalog_rx.clone()));
     let http = HttpServer::new(HttpState {
         files: status_rx,
         snapshots: snapshot_rx,
@@ -205,8 +207,9 @@ pub async fn run(
         ca: authority.clone(),
         ca_metrics,
         sources: sources_view,
+        api: Some(rules_api.clone()),
     })
-    .with_rules(Arc::new(rules_api.with_catalog(catalog_rx.clone())).router());
+    .with_rules(rules_api.clone().router());
     info!(grpc = %config.grpc, http = %config.http, "discovery starting");
 
     if let Some(combiner) = combiner {

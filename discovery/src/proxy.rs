@@ -21,6 +21,29 @@ pub const META_ADDRESS: &str = "pilotfish.address";
 pub const META_MESH_PORT: &str = "pilotfish.mesh_port";
 pub const META_OUTBOUND: &str = "pilotfish.outbound";
 pub const META_APP_ADDRESS: &str = "pilotfish.app_address";
+/// The version of the Pilotfish agent that runs the proxy (for `proxy-status`).
+pub const META_AGENT_VERSION: &str = "pilotfish.agent_version";
+
+/// What a proxy says it runs: the agent's version (node metadata) and Envoy's build version.
+pub fn versions(node: Option<&Node>) -> (Option<String>, Option<String>) {
+    use envoy_types::pb::envoy::config::core::v3::node::UserAgentVersionType;
+    let Some(node) = node else {
+        return (None, None);
+    };
+    let agent = match field(node.metadata.as_ref(), META_AGENT_VERSION) {
+        Some(Kind::StringValue(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let envoy = match &node.user_agent_version_type {
+        Some(UserAgentVersionType::UserAgentVersion(v)) => Some(v.clone()),
+        Some(UserAgentVersionType::UserAgentBuildVersion(b)) => b
+            .version
+            .as_ref()
+            .map(|v| format!("{}.{}.{}", v.major_number, v.minor_number, v.patch)),
+        None => None,
+    };
+    (agent, envoy)
+}
 
 /// The proxy a stream serves, as translation needs it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -293,7 +293,7 @@ impl RulesApi {
             .with_state(self)
     }
 
-    fn authorize(&self, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
+    pub(crate) fn authorize(&self, headers: &HeaderMap, write: bool) -> Result<(), ApiError> {
         let (token, reads_need_token) = match &self.access {
             Access::Disabled(reason) => {
                 return Err(ApiError::new(

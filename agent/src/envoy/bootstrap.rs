@@ -26,6 +26,8 @@ pub const META_ADDRESS: &str = "pilotfish.address";
 pub const META_MESH_PORT: &str = "pilotfish.mesh_port";
 pub const META_OUTBOUND: &str = "pilotfish.outbound";
 pub const META_APP_ADDRESS: &str = "pilotfish.app_address";
+/// This agent's version, which discovery shows in `proxy-status`.
+pub const META_AGENT_VERSION: &str = "pilotfish.agent_version";
 
 /// Builds the bootstrap for `config`, with the xDS cluster dialling `xds_socket`.
 pub fn bootstrap(config: &AgentConfig, xds_socket: &Path) -> Value {
@@ -43,6 +45,7 @@ pub fn bootstrap(config: &AgentConfig, xds_socket: &Path) -> Value {
                 META_MESH_PORT: config.mesh_port,
                 META_OUTBOUND: config.outbound.to_string(),
                 META_APP_ADDRESS: config.app_address.to_string(),
+                META_AGENT_VERSION: env!("CARGO_PKG_VERSION"),
             },
         },
         "admin": {

@@ -1,10 +1,13 @@
-//! `pilotfish-ctl`: the command-line client of discovery's rules API.
+//! `pilotfish-ctl`: the command-line client of discovery's HTTP API.
 //!
 //! ```text
 //! pilotfish-ctl [--url http://127.0.0.1:15014] [--token-file FILE] routes|policies|authorizations
 //!     list | get SVC | put SVC FILE.json|FILE.toml|- [--if-match VERSION | --create]
 //!     | delete SVC [--if-match VERSION]
+//! pilotfish-ctl proxy-status [--output table|json]
 //! ```
+//!
+//! `proxy-status` exits 0 when every connected proxy is synced, 2 when any is stale or NACKing.
 //!
 //! `put` without `--if-match` reads the current version first, so replacing is one command;
 //! `--create` refuses to replace. Defaults come from `PILOTFISH_URL` and `PILOTFISH_TOKEN_FILE`.
@@ -41,10 +44,39 @@ struct Cli {
     /// A file holding the API token ([api] token_file on discovery) [env: PILOTFISH_TOKEN_FILE].
     #[arg(long, global = true, value_name = "FILE")]
     token_file: Option<PathBuf>,
-    #[arg(value_enum)]
-    kind: Kind,
     #[command(subcommand)]
-    command: Command,
+    command: Top,
+}
+
+#[derive(Debug, Subcommand)]
+enum Top {
+    /// Routes (`[routes.<service>]`).
+    Routes {
+        #[command(subcommand)]
+        command: Command,
+    },
+    /// Policies (`[policies.<service>]`).
+    Policies {
+        #[command(subcommand)]
+        command: Command,
+    },
+    /// Authorization rules (`[authorization.<service>]`).
+    Authorizations {
+        #[command(subcommand)]
+        command: Command,
+    },
+    /// One line per proxy discovery knows (connected, or seen in the last hour): where each
+    /// resource type stands. Exit 0 when all connected proxies are synced, 2 when not.
+    ProxyStatus {
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -151,7 +183,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             if let Some(failed) = e.downcast_ref::<ApiFailed>() {
                 if failed.errors.is_empty() {
@@ -172,7 +204,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> Result<()> {
+async fn run(cli: Cli) -> Result<ExitCode> {
     let url = cli
         .url
         .or_else(|| {
@@ -200,10 +232,15 @@ async fn run(cli: Cli) -> Result<()> {
         token,
         client: Client::builder(TokioExecutor::new()).build_http(),
     };
-    let kind = cli.kind;
+    let (kind, command) = match cli.command {
+        Top::Routes { command } => (Kind::Routes, command),
+        Top::Policies { command } => (Kind::Policies, command),
+        Top::Authorizations { command } => (Kind::Authorizations, command),
+        Top::ProxyStatus { output } => return proxy_status(&api, output).await,
+    };
     let object_path = |service: &str| format!("/v1/{}/{service}", kind.segment());
 
-    match cli.command {
+    match command {
         Command::List => {
             let reply = api
                 .call(Method::GET, &format!("/v1/{}", kind.segment()), &[], None)
@@ -283,7 +320,135 @@ async fn run(cli: Cli) -> Result<()> {
             println!("deleted {}.{service}", kind.table());
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Exit code of `proxy-status` when a connected proxy is stale or NACKing.
+const EXIT_NOT_SYNCED: u8 = 2;
+
+/// `proxy-status`: a table (or the JSON list) of `GET /v1/proxies`.
+async fn proxy_status(api: &Api, output: Output) -> Result<ExitCode> {
+    let reply = api
+        .call(Method::GET, "/v1/proxies", &[], None)
+        .await?
+        .ok()?;
+    let items = reply.body["items"].as_array().cloned().unwrap_or_default();
+    let synced = items.iter().filter(|p| p["connected"] == true).all(|p| {
+        p["types"].as_object().is_some_and(|t| {
+            t.values()
+                .all(|t| t["state"] == "synced" || t["state"] == "not_sent")
+        })
+    });
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&Value::Array(items))?),
+        Output::Table => print!("{}", proxy_table(&items, now_unix_ms())),
+    }
+    Ok(if synced {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_NOT_SYNCED)
+    })
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}
+
+/// `3s`, `4m`, `2h`: how long ago `then` was.
+fn ago(now_ms: u64, then_ms: u64) -> String {
+    let s = now_ms.saturating_sub(then_ms) / 1000;
+    match s {
+        0..=119 => format!("{s}s"),
+        120..=7199 => format!("{}m", s / 60),
+        _ => format!("{}h", s / 3600),
+    }
+}
+
+/// The proxy-status table, then one line per NACK with its reason.
+fn proxy_table(items: &[Value], now_ms: u64) -> String {
+    const TYPES: [(&str, &str); 5] = [
+        ("clusters", "CDS"),
+        ("listeners", "LDS"),
+        ("endpoints", "EDS"),
+        ("routes", "RDS"),
+        ("secrets", "SDS"),
+    ];
+    let text = |v: &Value| v.as_str().unwrap_or("-").to_string();
+    let mut rows = vec![[
+        "NODE", "SERVICES", "FLAVOUR", "AGENT", "CDS", "LDS", "EDS", "RDS", "SDS",
+    ]
+    .map(String::from)
+    .to_vec()];
+    let mut nacks = Vec::new();
+    for p in items {
+        let node = text(&p["node"]);
+        let services = p["services"]
+            .as_array()
+            .map(|s| s.iter().map(text).collect::<Vec<_>>().join(","))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "-".into());
+        let mut row = vec![
+            node.clone(),
+            services,
+            text(&p["flavour"]),
+            text(&p["agent"]),
+        ];
+        if p["connected"] != true {
+            let seen = p["last_seen_unix_ms"].as_u64().unwrap_or(0);
+            row.push(format!(
+                "DISCONNECTED (last seen {} ago)",
+                ago(now_ms, seen)
+            ));
+            rows.push(row);
+            continue;
+        }
+        for (key, label) in TYPES {
+            let t = &p["types"][key];
+            row.push(match t["state"].as_str().unwrap_or("not_sent") {
+                "synced" => "SYNCED".into(),
+                "stale" => {
+                    let sent = t["sent_unix_ms"].as_u64().unwrap_or(now_ms);
+                    format!("STALE ({})", ago(now_ms, sent))
+                }
+                "nacked" => {
+                    nacks.push(format!(
+                        "{node} {label} NACKED: {}",
+                        text(&t["nack_reason"])
+                    ));
+                    "NACKED".into()
+                }
+                _ => "NOT SENT".into(),
+            });
+        }
+        rows.push(row);
+    }
+    let widths: Vec<usize> = (0..rows[0].len())
+        .map(|i| {
+            rows.iter()
+                .filter_map(|r| r.get(i))
+                .map(String::len)
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    for n in nacks {
+        out.push_str(&n);
+        out.push('\n');
+    }
+    out
 }
 
 fn quoted(version: &str) -> String {

@@ -27,6 +27,10 @@ pub struct ProxyStatus {
     pub connected_since: u64,
     /// The proxy has accepted listeners on this stream: its host serves the mesh.
     pub serving: bool,
+    /// The Pilotfish agent's version (node metadata), when the proxy is run by one.
+    pub agent: Option<String>,
+    /// Envoy's build version, as the proxy reports it.
+    pub envoy: Option<String>,
     /// By short type name (`cds`, `eds`, `lds`, `rds`).
     pub types: BTreeMap<&'static str, TypeStatus>,
 }
@@ -39,6 +43,35 @@ pub struct TypeStatus {
     pub pushes: u64,
     pub nacks: u64,
     pub last_nack: Option<String>,
+    /// The last answer to a push was a NACK (cleared by the next ACK).
+    pub nacked: bool,
+    /// When the last response was sent (milliseconds since the Unix epoch).
+    pub sent_unix_ms: Option<u64>,
+}
+
+/// Where one resource type stands at one proxy, as `proxy-status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncState {
+    /// The proxy accepted the last version sent.
+    Synced,
+    /// Sent, not answered yet.
+    Stale,
+    /// The proxy rejected the last version sent.
+    Nacked,
+    /// Nothing of this type was sent on this stream.
+    NotSent,
+}
+
+impl TypeStatus {
+    pub fn state(&self) -> SyncState {
+        match (&self.sent_version, &self.acked_version) {
+            _ if self.nacked => SyncState::Nacked,
+            (None, _) => SyncState::NotSent,
+            (Some(sent), Some(acked)) if sent == acked => SyncState::Synced,
+            _ => SyncState::Stale,
+        }
+    }
 }
 
 /// A node as its streams show it: how many serve, and when one last did.
@@ -78,6 +111,8 @@ struct Inner {
     next_id: u64,
     streams: BTreeMap<u64, ProxyStatus>,
     nodes: BTreeMap<String, NodeSeen>,
+    /// The last stream of each node that has none open now (kept as long as `nodes` keeps it).
+    gone: BTreeMap<String, ProxyStatus>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -89,6 +124,17 @@ fn unix_ms(t: SystemTime) -> u64 {
 impl Connections {
     /// Registers a stream; it stays listed until the guard is dropped.
     pub fn register(&self, node: &str, stream: StreamKind) -> ConnectionGuard {
+        self.register_proxy(node, stream, None, None)
+    }
+
+    /// [`Connections::register`], with the versions of the agent and Envoy behind the stream.
+    pub fn register_proxy(
+        &self,
+        node: &str,
+        stream: StreamKind,
+        agent: Option<String>,
+        envoy: Option<String>,
+    ) -> ConnectionGuard {
         let connected_since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -100,6 +146,9 @@ impl Connections {
         inner
             .nodes
             .retain(|_, n| n.streams > 0 || now.duration_since(n.last_seen) < FORGET_NODES_AFTER);
+        let Inner { nodes, gone, .. } = &mut *inner;
+        gone.retain(|node, _| nodes.contains_key(node));
+        gone.remove(node);
         let seen = inner.nodes.entry(node.to_string()).or_insert(NodeSeen {
             streams: 0,
             last_seen: now,
@@ -114,6 +163,8 @@ impl Connections {
                 stream,
                 connected_since,
                 serving: false,
+                agent,
+                envoy,
                 types: BTreeMap::new(),
             },
         );
@@ -132,6 +183,21 @@ impl Connections {
 
     pub fn count(&self) -> usize {
         self.lock().streams.len()
+    }
+
+    /// The last stream of every node that has none open now and was seen in the last hour,
+    /// with when it was last seen (milliseconds since the Unix epoch).
+    pub fn gone(&self) -> Vec<(ProxyStatus, u64)> {
+        let inner = self.lock();
+        inner
+            .gone
+            .iter()
+            .filter_map(|(node, status)| {
+                let seen = inner.nodes.get(node)?;
+                (seen.streams == 0 && !inner.streams.values().any(|s| &s.node == node))
+                    .then(|| (status.clone(), seen.last_seen_unix_ms))
+            })
+            .collect()
     }
 
     /// Every node with an open stream or one seen in the last hour.
@@ -186,6 +252,9 @@ impl ConnectionGuard {
                     .entry(short_name(type_url))
                     .or_default()
                     .acked_version = Some(version.clone());
+                if let Some(t) = status.types.get_mut(short_name(type_url)) {
+                    t.nacked = false;
+                }
                 if type_url == LISTENER && !status.serving {
                     status.serving = true;
                     let node = status.node.clone();
@@ -198,6 +267,7 @@ impl ConnectionGuard {
                 let t = status.types.entry(short_name(type_url)).or_default();
                 t.nacks += 1;
                 t.last_nack = Some(message.clone());
+                t.nacked = true;
             }
             Event::Pushed {
                 type_url, version, ..
@@ -205,6 +275,7 @@ impl ConnectionGuard {
                 let t = status.types.entry(short_name(type_url)).or_default();
                 t.pushes += 1;
                 t.sent_version = Some(version.clone());
+                t.sent_unix_ms = Some(unix_ms(SystemTime::now()));
             }
             Event::StaleNonce { .. } | Event::UnknownType { .. } => {}
         }
@@ -219,6 +290,8 @@ impl Drop for ConnectionGuard {
         };
         let delta = if status.serving { -1 } else { 0 };
         self.connections.serving(&mut inner, &status.node, delta);
+        let node = status.node.clone();
+        inner.gone.insert(node, status);
     }
 }
 

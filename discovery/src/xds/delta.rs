@@ -253,6 +253,17 @@ impl DeltaState {
         step
     }
 
+    /// A newer snapshot supersedes whatever the proxy rejected: the make-before-break chain
+    /// may go on from what the proxy holds. Without this a NACK would stop every later push.
+    pub fn forget_rejections(&mut self) {
+        for t in self.types.values_mut() {
+            if t.nacked {
+                t.nacked = false;
+                t.sent_seq = t.acked_seq;
+            }
+        }
+    }
+
     /// Whether the proxy has accepted everything sent, including the assignments of the
     /// clusters last sent (a cluster warms until its assignment arrives): the condition for
     /// the next make-before-break stage ([`super::stages`]).

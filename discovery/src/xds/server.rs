@@ -217,6 +217,7 @@ trait StreamState: Sized + Send + 'static {
     ) -> Result<Step<Outgoing<Self::Response>>, ProtocolError>;
     fn on_resources(&mut self, resources: ProxyResources) -> Step<Outgoing<Self::Response>>;
     fn settled(&self) -> bool;
+    fn forget_rejections(&mut self);
 }
 
 impl StreamState for SotwState {
@@ -243,6 +244,9 @@ impl StreamState for SotwState {
     }
     fn settled(&self) -> bool {
         SotwState::settled(self)
+    }
+    fn forget_rejections(&mut self) {
+        SotwState::forget_rejections(self)
     }
 }
 
@@ -273,6 +277,9 @@ impl StreamState for DeltaState {
     }
     fn settled(&self) -> bool {
         DeltaState::settled(self)
+    }
+    fn forget_rejections(&mut self) {
+        DeltaState::forget_rejections(self)
     }
 }
 
@@ -312,7 +319,10 @@ async fn serve_stream<S: StreamState>(
         }
     };
     let span = info_span!("ads", node = %proxy.node, stream = ?S::KIND);
-    let guard = svc.connections.register(&proxy.node, S::KIND);
+    let (agent, envoy) = crate::proxy::versions(S::node(&first));
+    let guard = svc
+        .connections
+        .register_proxy(&proxy.node, S::KIND, agent, envoy);
     stream_loop::<S>(&svc, proxy, first, inbound, tx, &guard)
         .instrument(span)
         .await;
@@ -400,6 +410,9 @@ async fn stream_loop<S: StreamState>(
                     }
                     generation = snapshot.generation;
                     stages.set_target(snapshot.shared.for_proxy(&proxy));
+                    // What the proxy rejected is superseded: the chain goes on toward the new
+                    // target (a resource still rejected is rejected again, and stops it again).
+                    state.forget_rejections();
                     Step::default()
                 }
             },

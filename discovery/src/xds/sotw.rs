@@ -162,6 +162,19 @@ impl SotwState {
         self.types.values().all(|t| t.answered && !t.nacked) && !self.awaiting_assignments()
     }
 
+    /// A newer snapshot supersedes whatever the proxy rejected: the make-before-break chain
+    /// may go on from what the proxy holds (a rejected response left it as it was). Without
+    /// this a NACK would stop every later push to that proxy.
+    pub fn forget_rejections(&mut self) {
+        for t in self.types.values_mut() {
+            if t.nacked {
+                t.nacked = false;
+                // The rejected response is not in force: nothing warms from it.
+                t.sent_seq = t.acked_seq;
+            }
+        }
+    }
+
     /// A CDS response went out after the last ACKed EDS response.
     fn awaiting_assignments(&self) -> bool {
         let (Some(cds), Some(eds)) = (

@@ -236,6 +236,12 @@ mod tests {
                 advance(&mut state, &mut stages).is_empty(),
                 "no route to a rejected cluster"
             );
+            // The next snapshot (the operator fixed it) goes out: a NACK stops the chain for
+            // that change, never for good.
+            stages.set_target(resources(&["a", "c"], 1));
+            state.forget_rejections();
+            let sent = advance(&mut state, &mut stages);
+            assert_eq!(types(&sent), [CLUSTER], "the fix is pushed");
         }
     }
 }
