@@ -218,7 +218,7 @@ mod tests {
                  [envoy]\nbinary = \"{}\"\nxds = \"{flavour}\"\n",
                 envoy.display()
             );
-            let config = parse(&text, dir.path(), None).unwrap();
+            let config = parse(Path::new("agent.toml"), &text, dir.path(), None).unwrap();
             let file = dir.path().join(format!("bootstrap-{flavour}.json"));
             let mut doc = bootstrap(&config, &config.xds_socket());
             // A listener whose TLS context names its secrets the way translation does, so
