@@ -218,7 +218,10 @@ impl<'t> FileProblems<'t> {
         self.problems.len()
     }
 
-    pub fn into_vec(self) -> Vec<Problem> {
+    /// The problems in file order (problems with the whole file first), as a reader fixes
+    /// them; problems at one place keep the order they were found in.
+    pub fn into_vec(mut self) -> Vec<Problem> {
+        self.problems.sort_by_key(|p| (p.line, p.column));
         self.problems
     }
 

@@ -124,3 +124,13 @@ fn durations_are_reported_under_their_key() {
         "{shown}"
     );
 }
+
+#[test]
+fn problems_come_in_file_order() {
+    let mut problems = FileProblems::new("d.toml", TEXT);
+    problems.push("registry.consul.wait", "third");
+    problems.push("top", "second");
+    problems.push("node", "first");
+    let order: Vec<String> = problems.into_vec().into_iter().map(|p| p.message).collect();
+    assert_eq!(order, ["first", "second", "third"]);
+}
