@@ -4,8 +4,8 @@
 //! Validation collects every problem before failing, so `pilotfish-agent --check` lists them all
 //! at once, each as `agent.toml:line:column: key.path: message` (the shared
 //! [`pilotfish_registries::config_vocab`]). Durations everywhere: decimals with `ms`, `s`, `m`,
-//! `h` or `d`. Relative paths are resolved against the directory
-//! of the config file, so an agent started from any working directory reads the same files.
+//! `h` or `d`. Relative paths are resolved against the directory of the config file, so an
+//! agent started from any working directory reads the same files.
 
 use std::ffi::{OsStr, OsString};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
