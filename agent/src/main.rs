@@ -46,14 +46,11 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
-        let problems = pilotfish_agent::config::check_enrolment(&config);
+        let problems = pilotfish_agent::config::check_enrolment(&config, &args.config);
         if !problems.is_empty() {
             eprintln!(
                 "{}",
-                pilotfish_agent::config::ConfigError::Invalid {
-                    path: args.config.clone(),
-                    problems,
-                }
+                pilotfish_agent::config::ConfigError::Invalid { problems }
             );
             return ExitCode::from(EXIT_BAD_CONFIG);
         }

@@ -23,8 +23,9 @@ use std::time::{Duration, SystemTime};
 
 use pilotfish_pki::tokens::DEFAULT_TOKEN_TTL;
 use pilotfish_pki::{Ca, CaError, TokenStore, TokenStoreError};
+use pilotfish_registries::config_vocab::parse_duration;
 
-use crate::config::{parse_duration, Config};
+use crate::config::Config;
 use crate::identity::utc;
 
 /// A command failed.

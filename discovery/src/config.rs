@@ -1,7 +1,9 @@
 //! `discovery.toml`: serde structs that mirror the file, validated into [`Config`].
 //!
-//! Every problem is collected with its key path (`registry.files.paths[1]: ...`) and reported
-//! together, so an operator fixes the file in one pass. Relative paths are resolved against the
+//! Every problem is collected with its place and key path
+//! (`discovery.toml:12:10: registry.files.paths[1]: ...`, see
+//! [`pilotfish_registries::config_vocab`]) and reported together, so an operator fixes the file
+//! in one pass. Relative paths are resolved against the
 //! directory of the config file, so a config works the same from any working directory.
 //!
 //! Every key, with its default:
@@ -43,7 +45,7 @@
 //! node_ttl = "7d"                     # lifetime of node (host) certificates
 //! ```
 //!
-//! Durations take `ms`, `s`, `m`, `h` or `d`. Node certificates outlive workload ones on
+//! Durations everywhere: decimals with `ms`, `s`, `m`, `h` or `d` (`250ms`, `1.5s`, `7d`). Node certificates outlive workload ones on
 //! purpose: an agent renews at about half life, so the default survives a three-day
 //! control-plane outage without the host needing a new join token, while the identities
 //! that carry traffic stay at a day.
@@ -53,6 +55,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use pilotfish_pki::TrustDomain;
+use pilotfish_registries::config_vocab::{FileProblems, Problem};
 use pilotfish_registries::consul::{ConsulConfig, ConsulSection};
 use serde::Deserialize;
 
@@ -157,23 +160,22 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{}: {message}", path.display())]
-    Parse { path: PathBuf, message: String },
-    #[error("{}: {} problem(s):\n  {}", path.display(), problems.len(), problems.join("\n  "))]
-    Invalid {
-        path: PathBuf,
-        problems: Vec<String>,
-    },
+    /// Every problem (a TOML syntax or type error is one), one per line as
+    /// `file:line:column: key.path: message`.
+    #[error("{}", lines(problems))]
+    Invalid { problems: Vec<Problem> },
+}
+
+fn lines(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    lines.join("\n")
 }
 
 impl ConfigError {
     /// Every problem, one line each, for printing.
     pub fn problems(&self) -> Vec<String> {
         match self {
-            ConfigError::Invalid { path, problems } => problems
-                .iter()
-                .map(|p| format!("{}: {p}", path.display()))
-                .collect(),
+            ConfigError::Invalid { problems } => problems.iter().map(ToString::to_string).collect(),
             other => {
                 let mut line = other.to_string();
                 let mut source = std::error::Error::source(other);
@@ -252,12 +254,17 @@ impl Config {
 
     /// Validates `text` as if read from `path` (relative paths resolve against its directory).
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_path_buf(),
-            message: e.to_string().trim_end().to_string(),
-        })?;
+        let mut problems = FileProblems::new(path, text);
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                problems.toml_error(&e);
+                return Err(ConfigError::Invalid {
+                    problems: problems.into_vec(),
+                });
+            }
+        };
         let base = path.parent().unwrap_or(Path::new("."));
-        let mut problems = Vec::new();
 
         let trust_domain = raw
             .trust_domain
@@ -265,11 +272,14 @@ impl Config {
         let trust_domain = match TrustDomain::new(&trust_domain) {
             Ok(td) => Some(td),
             Err(e) => {
-                problems.push(format!(
-                    "trust_domain: \"{trust_domain}\": {} (lowercase letters, digits, '.', '-' \
-                     and '_', e.g. \"mesh.example\")",
-                    e.reason
-                ));
+                problems.push(
+                    "trust_domain",
+                    format!(
+                        "\"{trust_domain}\": {} (lowercase letters, digits, '.', '-' and '_', \
+                         e.g. \"mesh.example\")",
+                        e.reason
+                    ),
+                );
                 None
             }
         };
@@ -290,7 +300,7 @@ impl Config {
         );
         if let (Some(g), Some(h)) = (grpc, http) {
             if g == h {
-                problems.push(format!("http: {h} is also the grpc address"));
+                problems.push("http", format!("{h} is also the grpc address"));
             }
         }
 
@@ -304,11 +314,11 @@ impl Config {
         let registry_files: Vec<PathBuf> = match files {
             Some(f) => {
                 if f.paths.is_empty() {
-                    problems.push("registry.files.paths: list at least one directory".into());
+                    problems.push("registry.files.paths", "list at least one directory");
                 }
                 for (i, p) in f.paths.iter().enumerate() {
                     if p.as_os_str().is_empty() {
-                        problems.push(format!("registry.files.paths[{i}]: empty path"));
+                        problems.push(format!("registry.files.paths[{i}]"), "empty path");
                     }
                 }
                 f.paths.iter().map(|p| resolve(base, p)).collect()
@@ -319,51 +329,53 @@ impl Config {
         let consul = consul.and_then(|section| consul_config(base, section, &mut problems));
         if registry_files.is_empty() && !consul_declared {
             problems.push(
-                "registry: no registry configured (add [registry.files] paths = [...])".into(),
+                "registry",
+                "no registry configured (add [registry.files] paths = [...])",
             );
         }
 
         let mut debounce = DebounceTimes::default();
         if let Some(d) = raw.debounce {
             if let Some(q) = d.quiet {
-                match parse_duration(&q) {
-                    Ok(v) if !v.is_zero() => debounce.quiet = v,
-                    Ok(_) => problems.push("debounce.quiet: must be more than 0".into()),
-                    Err(e) => problems.push(format!("debounce.quiet: {e}")),
+                match problems.duration("debounce.quiet", &q) {
+                    Some(v) if !v.is_zero() => debounce.quiet = v,
+                    Some(_) => problems.push("debounce.quiet", "must be more than 0"),
+                    None => {}
                 }
             }
             if let Some(m) = d.max {
-                match parse_duration(&m) {
-                    Ok(v) => debounce.max = v,
-                    Err(e) => problems.push(format!("debounce.max: {e}")),
+                if let Some(v) = problems.duration("debounce.max", &m) {
+                    debounce.max = v;
                 }
             }
             if debounce.max < debounce.quiet {
-                problems.push(format!(
-                    "debounce.max: {:?} is shorter than debounce.quiet ({:?})",
-                    debounce.max, debounce.quiet
-                ));
+                problems.push(
+                    "debounce.max",
+                    format!(
+                        "{:?} is shorter than debounce.quiet ({:?})",
+                        debounce.max, debounce.quiet
+                    ),
+                );
             }
         }
 
-        let node_grace = match raw.node_grace.as_deref().map(parse_duration) {
+        let node_grace = match raw.node_grace.as_deref() {
             None => DEFAULT_NODE_GRACE,
-            Some(Ok(v)) if !v.is_zero() => v,
-            Some(Ok(_)) => {
-                problems.push("node_grace: must be more than 0".into());
-                DEFAULT_NODE_GRACE
-            }
-            Some(Err(e)) => {
-                problems.push(format!("node_grace: {e}"));
-                DEFAULT_NODE_GRACE
-            }
+            Some(text) => match problems.duration("node_grace", text) {
+                Some(v) if !v.is_zero() => v,
+                Some(_) => {
+                    problems.push("node_grace", "must be more than 0");
+                    DEFAULT_NODE_GRACE
+                }
+                None => DEFAULT_NODE_GRACE,
+            },
         };
 
         let raw_api = raw.api.unwrap_or_default();
         let api = ApiConfig {
             token_file: match raw_api.token_file {
                 Some(p) if p.as_os_str().is_empty() => {
-                    problems.push("api.token_file: empty path".into());
+                    problems.push("api.token_file", "empty path");
                     None
                 }
                 p => p.map(|p| resolve(base, &p)),
@@ -387,18 +399,17 @@ impl Config {
                 api,
             }),
             _ => Err(ConfigError::Invalid {
-                path: path.to_path_buf(),
-                problems,
+                problems: problems.into_vec(),
             }),
         }
     }
 }
 
-fn ca_config(base: &Path, raw: RawCa, problems: &mut Vec<String>) -> CaConfig {
+fn ca_config(base: &Path, raw: RawCa, problems: &mut FileProblems<'_>) -> CaConfig {
     let mut ca = CaConfig::default();
     let mut file = |key: &str, p: Option<PathBuf>| match p {
         Some(p) if p.as_os_str().is_empty() => {
-            problems.push(format!("ca.{key}: empty path"));
+            problems.push(format!("ca.{key}"), "empty path");
             None
         }
         Some(p) => Some(resolve(base, &p)),
@@ -413,10 +424,10 @@ fn ca_config(base: &Path, raw: RawCa, problems: &mut Vec<String>) -> CaConfig {
         }
     }
     match (&ca.cert_file, &ca.key_file) {
-        (Some(_), None) => problems.push("ca.key_file: needed with ca.cert_file".into()),
-        (None, Some(_)) => problems.push("ca.cert_file: needed with ca.key_file".into()),
+        (Some(_), None) => problems.push("ca.key_file", "needed with ca.cert_file"),
+        (None, Some(_)) => problems.push("ca.cert_file", "needed with ca.key_file"),
         (None, None) if ca.chain_file.is_some() => {
-            problems.push("ca.chain_file: needs ca.cert_file and ca.key_file".into())
+            problems.push("ca.chain_file", "needs ca.cert_file and ca.key_file")
         }
         _ => {}
     }
@@ -425,13 +436,14 @@ fn ca_config(base: &Path, raw: RawCa, problems: &mut Vec<String>) -> CaConfig {
         ("node_ttl", raw.node_ttl, &mut ca.node_ttl),
     ] {
         let Some(text) = raw else { continue };
-        match parse_duration(&text) {
-            Ok(v) if (MIN_TTL..=MAX_TTL).contains(&v) => *slot = v,
-            Ok(_) => problems.push(format!(
-                "ca.{key}: must be between {}s and 365d",
-                MIN_TTL.as_secs()
-            )),
-            Err(e) => problems.push(format!("ca.{key}: {e}")),
+        let key = format!("ca.{key}");
+        match problems.duration(&key, &text) {
+            Some(v) if (MIN_TTL..=MAX_TTL).contains(&v) => *slot = v,
+            Some(_) => problems.push(
+                key,
+                format!("must be between {}s and 365d", MIN_TTL.as_secs()),
+            ),
+            None => {}
         }
     }
     ca
@@ -442,7 +454,7 @@ fn ca_config(base: &Path, raw: RawCa, problems: &mut Vec<String>) -> CaConfig {
 fn consul_config(
     base: &Path,
     mut section: ConsulSection,
-    problems: &mut Vec<String>,
+    problems: &mut FileProblems<'_>,
 ) -> Option<ConsulConfig> {
     for (key, slot) in [
         ("token_file", &mut section.token_file),
@@ -450,20 +462,14 @@ fn consul_config(
     ] {
         match slot.as_deref() {
             Some(p) if p.as_os_str().is_empty() => {
-                problems.push(format!("registry.consul.{key}: empty path"));
+                problems.push(format!("registry.consul.{key}"), "empty path");
                 *slot = None;
             }
             Some(p) => *slot = Some(resolve(base, p)),
             None => {}
         }
     }
-    match section.validate() {
-        Ok(c) => Some(c),
-        Err(errors) => {
-            problems.extend(errors);
-            None
-        }
-    }
+    section.validate(problems)
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -474,41 +480,17 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
-fn socket_addr(key: &str, value: &str, problems: &mut Vec<String>) -> Option<SocketAddr> {
+fn socket_addr(key: &str, value: &str, problems: &mut FileProblems<'_>) -> Option<SocketAddr> {
     match value.parse() {
         Ok(a) => Some(a),
         Err(_) => {
-            problems.push(format!(
-                "{key}: \"{value}\" is not an ip:port address (e.g. \"127.0.0.1:15014\")"
-            ));
+            problems.push(
+                key,
+                format!("\"{value}\" is not an ip:port address (e.g. \"127.0.0.1:15014\")"),
+            );
             None
         }
     }
-}
-
-/// `"100ms"`, `"1s"`, `"1.5s"`, `"2m"`, `"1h"`, `"7d"`.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("\"{s}\" is not a duration (e.g. \"100ms\", \"1s\", \"2m\")"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        "d" => value * 86400.0,
-        _ => {
-            return Err(format!(
-                "\"{s}\" has no known unit (use ms, s, m, h or d, e.g. \"100ms\")"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|_| format!("\"{s}\" is out of range"))
 }
 
 #[cfg(test)]
@@ -519,9 +501,13 @@ mod tests {
         Config::parse(text, Path::new("/etc/pilotfish/discovery.toml"))
     }
 
+    /// `key.path: message` of each problem.
     fn problems(text: &str) -> Vec<String> {
         match parse(text) {
-            Err(ConfigError::Invalid { problems, .. }) => problems,
+            Err(ConfigError::Invalid { problems }) => problems
+                .iter()
+                .map(|p| format!("{}: {}", p.key_path, p.message))
+                .collect(),
             other => panic!("expected invalid, got {other:?}"),
         }
     }
@@ -620,8 +606,11 @@ stale = true
     #[test]
     fn unknown_key_is_rejected_with_its_name() {
         let err = parse("insecure = true\ngrcp = \"1.2.3.4:5\"\n").expect_err("rejected");
-        assert!(matches!(err, ConfigError::Parse { .. }));
-        assert!(err.to_string().contains("grcp"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("/etc/pilotfish/discovery.toml:2:1: grcp: unknown field `grcp`"),
+            "{err}"
+        );
         let err = parse("insecure = true\n[registry.files]\npaths = []\npath = []\n")
             .expect_err("rejected");
         assert!(err.to_string().contains("path"), "{err}");
@@ -644,6 +633,28 @@ stale = true
         ] {
             assert!(joined.contains(key), "missing {key} in:\n{joined}");
         }
+    }
+
+    #[test]
+    fn problems_read_file_line_column_key_message() {
+        let err = parse("[registry.files]\npaths = [\"r\"]\n\n[ca]\nnode_ttl = \"1y\"\n")
+            .expect_err("invalid");
+        assert_eq!(
+            err.problems(),
+            [
+                "/etc/pilotfish/discovery.toml:5:12: ca.node_ttl: \"1y\" is not a duration \
+              (expected a number and a unit, like \"250ms\", \"1.5s\", \"2m\", \"1.5h\" or \"7d\")"
+            ]
+        );
+        // A missing key is about the whole file.
+        let err = parse("insecure = true\n").expect_err("no registry");
+        assert_eq!(
+            err.problems(),
+            [
+                "/etc/pilotfish/discovery.toml: registry: no registry configured \
+              (add [registry.files] paths = [...])"
+            ]
+        );
     }
 
     #[test]
@@ -720,7 +731,8 @@ node_ttl = "3d"
             [
                 "ca.key_file: needed with ca.cert_file",
                 "ca.workload_ttl: must be between 5s and 365d",
-                "ca.node_ttl: \"soon\" is not a duration (e.g. \"100ms\", \"1s\", \"2m\")",
+                "ca.node_ttl: \"soon\" is not a duration (expected a number and a unit, like \
+                 \"250ms\", \"1.5s\", \"2m\", \"1.5h\" or \"7d\")",
             ]
         );
         let p = problems("[registry.files]\npaths = [\"r\"]\n[ca]\nchain_file = \"x\"\n");
@@ -735,16 +747,6 @@ node_ttl = "3d"
         let p = problems("trust_domain = \"Mesh.Example\"\n[registry.files]\npaths = [\"r\"]\n");
         assert_eq!(p.len(), 1);
         assert!(p[0].starts_with("trust_domain: \"Mesh.Example\""), "{p:?}");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
-        assert!(parse_duration("10").is_err());
-        assert!(parse_duration("s").is_err());
     }
 
     #[test]

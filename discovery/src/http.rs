@@ -578,12 +578,13 @@ mod tests {
             PathBuf::from("/r/services.toml"),
             FileState {
                 in_force: true,
-                problems: vec![Problem {
-                    file: PathBuf::from("/r/services.toml"),
-                    line: 3,
-                    column: 7,
-                    message: "services.reviews.port: expected a number".into(),
-                }],
+                problems: vec![Problem::new(
+                    "/r/services.toml",
+                    3,
+                    7,
+                    "services.reviews.port",
+                    "expected a number",
+                )],
             },
         );
         let (files_tx, files_rx) = watch::channel(Arc::new(files));

@@ -3,6 +3,7 @@
 //! Each adapter publishes whole [`model::Catalog`] snapshots on a `tokio::sync::watch` channel;
 //! consumers compute what changed. Restarting an adapter is therefore harmless.
 
+pub mod config_vocab;
 pub mod consul;
 pub mod files;
 pub mod merge;

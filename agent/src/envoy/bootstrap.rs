@@ -125,7 +125,8 @@ mod tests {
         assert!(meta["pilotfish.mesh_port"].is_number());
         assert_eq!(meta["pilotfish.outbound"], "127.0.0.1:15001");
         assert_eq!(meta["pilotfish.app_address"], "127.0.0.1");
-        assert_eq!(meta.as_object().unwrap().len(), 4);
+        assert_eq!(meta["pilotfish.agent_version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(meta.as_object().unwrap().len(), 5);
         assert_eq!(
             b["admin"]["address"]["socket_address"]["port_value"],
             config.envoy.admin.port()
@@ -221,7 +222,7 @@ mod tests {
                  [envoy]\nbinary = \"{}\"\nxds = \"{flavour}\"\n",
                 envoy.display()
             );
-            let config = parse(&text, dir.path(), None).unwrap();
+            let config = parse(Path::new("agent.toml"), &text, dir.path(), None).unwrap();
             let file = dir.path().join(format!("bootstrap-{flavour}.json"));
             let mut doc = bootstrap(&config, &config.xds_socket());
             // A listener whose TLS context names its secrets the way translation does, so

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config_vocab::FileProblems;
 use crate::model::DEFAULT_MESH_PORT;
 
 /// The `[registry.consul]` table as written. Durations are strings like `"5m"`, `"30s"`, `"250ms"`.
@@ -115,47 +116,35 @@ impl ConsulConfig {
     }
 }
 
-/// Parses `"250ms"`, `"30s"`, `"5m"`, `"1h"`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n * 60)),
-        "h" => Some(Duration::from_secs(n * 3600)),
-        _ => None,
-    }
-}
-
 impl ConsulSection {
-    /// Checks every field and builds the runtime config, or lists every problem, each naming
-    /// its field (`registry.consul.wait: ...`).
-    pub fn validate(&self) -> Result<ConsulConfig, Vec<String>> {
+    /// Checks every field and builds the runtime config, or reports every problem into
+    /// `problems` (the problems of the discovery.toml this section is in), each under its key
+    /// path (`registry.consul.wait`).
+    pub fn validate(&self, problems: &mut FileProblems<'_>) -> Option<ConsulConfig> {
         const P: &str = "registry.consul";
-        let mut errors = Vec::new();
+        let before = problems.len();
         let mut cfg = ConsulConfig::new(self.address.trim(), self.datacenters.clone());
 
         if self.address.starts_with("https://") {
-            errors.push(format!(
-                "{P}.address: https is not supported by this build (no TLS client compiled in); \
-                 point it at a local Consul agent over http"
-            ));
+            problems.push(
+                format!("{P}.address"),
+                "https is not supported by this build (no TLS client compiled in); \
+                 point it at a local Consul agent over http",
+            );
         } else if !self.address.starts_with("http://") || self.address.len() <= "http://".len() {
-            errors.push(format!(
-                "{P}.address: \"{}\" is not an http:// URL",
-                self.address
-            ));
+            problems.push(
+                format!("{P}.address"),
+                format!("\"{}\" is not an http:// URL", self.address),
+            );
         }
         if self.ca_file.is_some() {
-            errors.push(format!(
-                "{P}.ca_file: TLS to Consul is not supported by this build"
-            ));
+            problems.push(
+                format!("{P}.ca_file"),
+                "TLS to Consul is not supported by this build",
+            );
         }
         if self.datacenters.is_empty() {
-            errors.push(format!("{P}.datacenters: name at least one datacenter"));
+            problems.push(format!("{P}.datacenters"), "name at least one datacenter");
         }
         for (i, dc) in self.datacenters.iter().enumerate() {
             if dc.is_empty()
@@ -163,18 +152,28 @@ impl ConsulSection {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
-                errors.push(format!(
-                    "{P}.datacenters[{i}]: \"{dc}\" is not a datacenter name"
-                ));
+                problems.push(
+                    format!("{P}.datacenters[{i}]"),
+                    format!("\"{dc}\" is not a datacenter name"),
+                );
             }
             if self.datacenters[..i].contains(dc) {
-                errors.push(format!("{P}.datacenters[{i}]: \"{dc}\" is listed twice"));
+                problems.push(
+                    format!("{P}.datacenters[{i}]"),
+                    format!("\"{dc}\" is listed twice"),
+                );
             }
         }
         if !self.enterprise && (self.namespace.is_some() || self.partition.is_some()) {
-            errors.push(format!(
-                "{P}.namespace/partition: Enterprise-only; set enterprise = true (Consul CE rejects them with 400)"
-            ));
+            let key = if self.namespace.is_some() {
+                "namespace"
+            } else {
+                "partition"
+            };
+            problems.push(
+                format!("{P}.{key}"),
+                "Enterprise-only; set enterprise = true (Consul CE rejects it with 400)",
+            );
         }
         if self.enterprise {
             cfg.enterprise = Some(Enterprise {
@@ -184,26 +183,25 @@ impl ConsulSection {
         }
         if let Some(t) = &self.service_tag {
             if t.is_empty() {
-                errors.push(format!("{P}.service_tag: empty"));
+                problems.push(format!("{P}.service_tag"), "empty");
             }
         }
         if let Some(f) = &self.name_filter {
             if f.is_empty() {
-                errors.push(format!("{P}.name_filter: empty"));
+                problems.push(format!("{P}.name_filter"), "empty");
             }
         }
         let mut dur =
             |field: &str, v: &Option<String>, min: Duration, max: Duration, out: &mut Duration| {
-                if let Some(s) = v {
-                    match parse_duration(s) {
-                        Some(d) if d >= min && d <= max => *out = d,
-                        Some(_) => errors.push(format!(
-                            "{P}.{field}: \"{s}\" is out of range ({min:?} to {max:?})"
-                        )),
-                        None => errors.push(format!(
-                        "{P}.{field}: \"{s}\" is not a duration (like \"250ms\", \"30s\", \"5m\")"
-                    )),
-                    }
+                let Some(text) = v else { return };
+                let key = format!("{P}.{field}");
+                match problems.duration(&key, text) {
+                    Some(d) if d >= min && d <= max => *out = d,
+                    Some(_) => problems.push(
+                        key,
+                        format!("\"{text}\" is out of range ({min:?} to {max:?})"),
+                    ),
+                    None => {}
                 }
             };
         let s = Duration::from_secs;
@@ -230,19 +228,20 @@ impl ConsulSection {
             &mut cfg.resync_interval,
         );
         match self.rate_limit_burst {
-            Some(0) => errors.push(format!("{P}.rate_limit_burst: must be at least 1")),
+            Some(0) => problems.push(format!("{P}.rate_limit_burst"), "must be at least 1"),
             Some(b) => cfg.rate_limit_burst = b,
             None => {}
         }
         match self.fetch_concurrency {
-            Some(n) if n == 0 || n > 64 => errors.push(format!(
-                "{P}.fetch_concurrency: {n} is out of range (1 to 64)"
-            )),
+            Some(n) if n == 0 || n > 64 => problems.push(
+                format!("{P}.fetch_concurrency"),
+                format!("{n} is out of range (1 to 64)"),
+            ),
             Some(n) => cfg.fetch_concurrency = n,
             None => {}
         }
         match self.default_mesh_port {
-            Some(0) => errors.push(format!("{P}.default_mesh_port: 0 is not a port")),
+            Some(0) => problems.push(format!("{P}.default_mesh_port"), "0 is not a port"),
             Some(p) => cfg.default_mesh_port = p,
             None => {}
         }
@@ -251,11 +250,7 @@ impl ConsulSection {
         cfg.stale = self.stale;
         cfg.service_tag = self.service_tag.clone();
         cfg.name_filter = self.name_filter.clone();
-        if errors.is_empty() {
-            Ok(cfg)
-        } else {
-            Err(errors)
-        }
+        (problems.len() == before).then_some(cfg)
     }
 }
 
@@ -276,7 +271,9 @@ mod tests {
             "#,
         )
         .unwrap();
-        let c = s.validate().unwrap();
+        let mut problems = FileProblems::new("discovery.toml", "");
+        let c = s.validate(&mut problems).unwrap();
+        assert!(problems.is_empty());
         assert_eq!(c.wait, Duration::from_secs(120));
         assert!(c.stale);
         assert!(c.enterprise.is_none());
@@ -292,26 +289,35 @@ mod tests {
 
     #[test]
     fn consul_section_lists_every_error() {
-        let s: ConsulSection = toml::from_str(
-            r#"
-            address = "ftp://x"
-            datacenters = ["dc1", "dc1", ""]
-            namespace = "team-a"
-            wait = "forever"
-            rate_limit_burst = 0
-            fetch_concurrency = 500
-            "#,
-        )
-        .unwrap();
-        let errs = s.validate().unwrap_err();
+        let text = r#"
+[registry.consul]
+address = "ftp://x"
+datacenters = ["dc1", "dc1", ""]
+namespace = "team-a"
+wait = "forever"
+rate_limit_burst = 0
+fetch_concurrency = 500
+"#;
+        #[derive(Deserialize)]
+        struct File {
+            registry: Registry,
+        }
+        #[derive(Deserialize)]
+        struct Registry {
+            consul: ConsulSection,
+        }
+        let file: File = toml::from_str(text).unwrap();
+        let mut problems = FileProblems::new("discovery.toml", text);
+        assert!(file.registry.consul.validate(&mut problems).is_none());
+        let errs: Vec<String> = problems.into_vec().iter().map(|p| p.to_string()).collect();
         for needle in [
-            "address",
-            "listed twice",
-            "datacenters[2]",
-            "Enterprise-only",
-            "wait",
-            "rate_limit_burst",
-            "fetch_concurrency",
+            "discovery.toml:3:11: registry.consul.address: \"ftp://x\" is not an http:// URL",
+            "discovery.toml:4:23: registry.consul.datacenters[1]: \"dc1\" is listed twice",
+            "registry.consul.datacenters[2]: \"\" is not a datacenter name",
+            "discovery.toml:5:13: registry.consul.namespace: Enterprise-only",
+            "discovery.toml:6:8: registry.consul.wait: \"forever\" is not a duration",
+            "registry.consul.rate_limit_burst: must be at least 1",
+            "registry.consul.fetch_concurrency: 500 is out of range",
         ] {
             assert!(
                 errs.iter().any(|e| e.contains(needle)),

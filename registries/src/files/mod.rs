@@ -16,7 +16,6 @@
 
 mod actions;
 mod authz;
-mod duration;
 mod gateways;
 mod overlay;
 mod parse;
@@ -35,6 +34,7 @@ use tokio::sync::{mpsc, watch as channel};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub use crate::config_vocab::Problem;
 use crate::model::Catalog;
 pub use overlay::{check_with, declared, Declared};
 pub use parse::is_valid_name;
@@ -44,35 +44,6 @@ use state::{FileSet, Settled};
 /// deleted and recreated directory, an inotify limit) and the way a missing directory is
 /// noticed when its parent is not watchable either.
 const RESCAN_EVERY: Duration = Duration::from_secs(5);
-
-/// One thing wrong with a registry file, located for a person to find.
-///
-/// `line` and `column` are 1-based; both are 0 for a problem with the whole file (it could not
-/// be read), and then `Display` leaves them out.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Problem {
-    pub file: PathBuf,
-    pub line: usize,
-    pub column: usize,
-    pub message: String,
-}
-
-impl std::fmt::Display for Problem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.line == 0 {
-            write!(f, "{}: {}", self.file.display(), self.message)
-        } else {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                self.file.display(),
-                self.line,
-                self.column,
-                self.message
-            )
-        }
-    }
-}
 
 /// The state of every registry file, for discovery's status API.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -18,12 +18,13 @@ use toml::Spanned;
 
 pub(crate) use super::authz::AuthzDecl;
 use super::authz::RawAuthorization;
-use super::duration::parse_duration;
 pub(crate) use super::gateways::GatewayDecl;
 use super::gateways::RawGateway;
 pub(crate) use super::rules::{PolicyDecl, RouteDecl};
 use super::rules::{RawPolicy, RawRoute};
 use super::Problem;
+pub(crate) use crate::config_vocab::key_segment as key;
+use crate::config_vocab::{parse_duration, FileProblems, LineIndex};
 use crate::model::{HealthMode, Instance, Labels, MtlsMode, Origin, Protocol, DEFAULT_MESH_PORT};
 
 /// Bound on an instance's weight and on the weights of one rule's destinations together, so
@@ -128,10 +129,9 @@ pub(crate) fn parse_file(file: &Path, text: &str) -> Result<FileDecls, Vec<Probl
     let raw: RawFile = match toml::from_str(text) {
         Ok(raw) => raw,
         Err(err) => {
-            let pos = err
-                .span()
-                .map_or(Pos { line: 1, column: 1 }, |span| cx.lines.pos(span.start));
-            return Err(vec![cx.problem_at(pos, one_line(err.message()))]);
+            let mut problems = FileProblems::new(file, text);
+            problems.toml_error(&err);
+            return Err(problems.into_vec());
         }
     };
     let decls = FileDecls {
@@ -169,17 +169,6 @@ pub(crate) fn parse_file(file: &Path, text: &str) -> Result<FileDecls, Vec<Probl
     }
 }
 
-/// toml's messages may span lines ("expected one of ...", a list of keys); a `Problem` is one
-/// line so that logs and `--check` output stay one problem per line.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 /// Names of services and subsets: 1 to 63 characters of `a-z`, `0-9`, `-`, `.` and `_`,
 /// starting and ending with a letter or digit.
 ///
@@ -197,58 +186,6 @@ pub fn is_valid_name(name: &str) -> bool {
         && edge(name.chars().last())
 }
 
-/// A key as it would be written in a TOML path: bare when it can be, quoted otherwise, so
-/// that `services."a.b".port` is not mistaken for `services.a.b.port`.
-pub(crate) fn key(name: &str) -> String {
-    let bare = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if bare {
-        name.to_string()
-    } else {
-        format!("{name:?}")
-    }
-}
-
-/// Byte offsets -> 1-based line and column.
-struct LineIndex {
-    text: String,
-    starts: Vec<usize>,
-}
-
-impl LineIndex {
-    fn new(text: &str) -> LineIndex {
-        let starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
-        LineIndex {
-            text: text.to_string(),
-            starts,
-        }
-    }
-
-    fn pos(&self, offset: usize) -> Pos {
-        let offset = offset.min(self.text.len());
-        let line = self.starts.partition_point(|&start| start <= offset);
-        let start = self
-            .starts
-            .get(line.saturating_sub(1))
-            .copied()
-            .unwrap_or(0);
-        // Columns count characters, as editors do; `get` guards a span that is not on a char
-        // boundary (it should always be).
-        let column = self
-            .text
-            .get(start..offset)
-            .map_or(offset - start, |s| s.chars().count());
-        Pos {
-            line: line.max(1),
-            column: column + 1,
-        }
-    }
-}
-
 pub(super) struct Context {
     file: PathBuf,
     lines: LineIndex,
@@ -257,7 +194,8 @@ pub(super) struct Context {
 
 impl Context {
     pub(super) fn pos(&self, span: Range<usize>) -> Pos {
-        self.lines.pos(span.start)
+        let (line, column) = self.lines.position(span.start);
+        Pos { line, column }
     }
 
     pub(super) fn origin(&self, span: Range<usize>) -> Origin {
@@ -267,17 +205,15 @@ impl Context {
         }
     }
 
-    pub(super) fn problem_at(&self, pos: Pos, message: String) -> Problem {
-        Problem {
-            file: self.file.clone(),
-            line: pos.line,
-            column: pos.column,
-            message,
-        }
-    }
-
     pub(super) fn report(&mut self, span: Range<usize>, field: &str, message: impl Display) {
-        let problem = self.problem_at(self.pos(span), format!("{field}: {message}"));
+        let pos = self.pos(span);
+        let problem = Problem::new(
+            self.file.clone(),
+            pos.line,
+            pos.column,
+            field,
+            message.to_string(),
+        );
         self.problems.push(problem);
     }
 

@@ -278,12 +278,7 @@ impl FileSet {
 fn on_disk(path: &Path, read: FileRead) -> OnDisk {
     let parsed = match &read {
         Ok(text) => parse_file(path, text).map(Arc::new),
-        Err(message) => Err(vec![Problem {
-            file: path.to_path_buf(),
-            line: 0,
-            column: 0,
-            message: message.clone(),
-        }]),
+        Err(message) => Err(vec![Problem::whole_file(path, "", message.clone())]),
     };
     OnDisk { read, parsed }
 }

@@ -56,27 +56,6 @@ to = [{ subset = "v1", weight = 90 }, { subset = "v3", weight = 10 }]
 "#;
 
 #[test]
-fn problem_display() {
-    let problem = Problem {
-        file: p("a.toml"),
-        line: 3,
-        column: 7,
-        message: "services.a.port: 0 is not a port (1-65535)".into(),
-    };
-    assert_eq!(
-        problem.to_string(),
-        "reg/a.toml:3:7: services.a.port: 0 is not a port (1-65535)"
-    );
-    let whole = Problem {
-        line: 0,
-        column: 0,
-        message: "not UTF-8 text".into(),
-        ..problem
-    };
-    assert_eq!(whole.to_string(), "reg/a.toml: not UTF-8 text");
-}
-
-#[test]
 fn route_to_unknown_subset_names_file_line_and_field() {
     let set = settled(&[("reviews.toml", REVIEWS), ("rules.toml", RULES)]);
     assert_eq!(
@@ -459,9 +438,8 @@ async fn registry_publishes_changes_and_keeps_last_good() {
     let state = status_rx.borrow().files[&file].clone();
     assert!(state.in_force);
     assert_eq!(state.problems[0].line, 3);
-    assert!(state.problems[0]
-        .message
-        .starts_with("services.reviews.port: 0 is not a port"));
+    assert_eq!(state.problems[0].key_path, "services.reviews.port");
+    assert!(state.problems[0].message.starts_with("0 is not a port"));
     assert_eq!(
         *catalog_rx.borrow(),
         good,

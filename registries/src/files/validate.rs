@@ -33,9 +33,10 @@ where
                 problems.push(problem(
                     file,
                     decl.pos,
+                    &path,
                     format!(
-                        "{path}: service \"{name}\" is already defined at {}; its port, protocol and upstreams are set in one file (another file may add instances with a table that has only instances)",
-                        existing.origin
+                        "service \"{name}\" is already defined at {}; its port, protocol and upstreams are set in one file (another file may add instances with a table that has only instances)",
+                        existing.origin,
                     ),
                 ));
                 continue;
@@ -70,7 +71,11 @@ where
                 problems.push(problem(
                     file,
                     decl.pos,
-                    format!("{path}.instances: service \"{name}\" is not defined in any file (no [services.{}] table with a port)", key(name)),
+                    &format!("{path}.instances"),
+                    format!(
+                        "service \"{name}\" is not defined in any file (no [services.{}] table with a port)",
+                        key(name),
+                    ),
                 ));
                 continue;
             };
@@ -88,8 +93,9 @@ where
                     problems.push(problem(
                         file,
                         inst.pos,
+                        &format!("{path}.instances[{i}]"),
                         format!(
-                            "{path}.instances[{i}]: {}:{} is already an instance of \"{name}\" at {first}",
+                            "{}:{} is already an instance of \"{name}\" at {first}",
                             inst.instance.address, inst.instance.port
                         ),
                     ));
@@ -161,9 +167,10 @@ where
                     problems.push(problem(
                         file,
                         m.pos,
+                        &format!("{}.service", m.field),
                         format!(
-                            "{}.service: \"{}\" is a tcp service; only HTTP requests are mirrored",
-                            m.field, m.service
+                            "\"{}\" is a tcp service; only HTTP requests are mirrored",
+                            m.service
                         ),
                     ));
                 }
@@ -176,7 +183,12 @@ where
                         problems.push(problem(
                             file,
                             m.pos,
-                            format!("{}.subset: unknown subset \"{subset}\" of service \"{}\" (declare it in [policies.{}] subsets)", m.field, m.service, key(&m.service)),
+                            &format!("{}.subset", m.field),
+                            format!(
+                                "unknown subset \"{subset}\" of service \"{}\" (declare it in [policies.{}] subsets)",
+                                m.service,
+                                key(&m.service),
+                            ),
                         ));
                     }
                 }
@@ -197,9 +209,10 @@ where
                 problems.push(problem(
                     file,
                     r.pos,
+                    &r.field,
                     format!(
-                        "{}: unknown subset \"{}\" of service \"{name}\" ({hint})",
-                        r.field, r.subset
+                        "unknown subset \"{}\" of service \"{name}\" ({hint})",
+                        r.subset
                     ),
                 ));
             }
@@ -242,8 +255,9 @@ where
                 problems.push(problem(
                     file,
                     decl.pos,
+                    &path,
                     format!(
-                        "{path}: gateway \"{name}\" is already declared at {}",
+                        "gateway \"{name}\" is already declared at {}",
                         existing.origin
                     ),
                 ));
@@ -256,7 +270,8 @@ where
                     Some(s) if !s.protocol.is_http() => problems.push(problem(
                         file,
                         *pos,
-                        format!("{field}: \"{service}\" is a tcp service; a gateway routes HTTP"),
+                        field,
+                        format!("\"{service}\" is a tcp service; a gateway routes HTTP"),
                     )),
                     Some(_) => {}
                 }
@@ -273,7 +288,11 @@ where
                 problems.push(problem(
                     file,
                     decl.listen_pos,
-                    format!("{path}.listen: {listen} overlaps {addr} of the gateway at {origin} on node \"{}\"", decl.gateway.node),
+                    &format!("{path}.listen"),
+                    format!(
+                        "{listen} overlaps {addr} of the gateway at {origin} on node \"{}\"",
+                        decl.gateway.node
+                    ),
                 ));
             }
             listens.push((
@@ -325,7 +344,10 @@ fn check_target(
         problems.push(problem(
             file,
             pos,
-            format!("{path}: the {kind} for \"{name}\" is already declared at {existing}; one file declares a service's {kind}"),
+            path,
+            format!(
+                "the {kind} for \"{name}\" is already declared at {existing}; one file declares a service's {kind}",
+            ),
         ));
         return false;
     }
@@ -337,7 +359,8 @@ fn check_target(
                 problems.push(problem(
                     file,
                     *pos,
-                    format!("{field}: \"{name}\" is a tcp service; only HTTP services have {what}"),
+                    field,
+                    format!("\"{name}\" is a tcp service; only HTTP services have {what}"),
                 ));
             }
         }
@@ -346,11 +369,6 @@ fn check_target(
     true
 }
 
-fn problem(file: &Path, pos: Pos, message: String) -> Problem {
-    Problem {
-        file: file.to_path_buf(),
-        line: pos.line,
-        column: pos.column,
-        message,
-    }
+fn problem(file: &Path, pos: Pos, key_path: &str, message: String) -> Problem {
+    Problem::new(file, pos.line, pos.column, key_path, message)
 }
