@@ -4,6 +4,8 @@
 //! consumers compute what changed. Restarting an adapter is therefore harmless.
 
 pub mod consul;
+pub mod durable;
 pub mod files;
+pub mod last_good;
 pub mod merge;
 pub mod model;
