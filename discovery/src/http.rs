@@ -196,8 +196,14 @@ pub struct DatacenterSourceStatus {
     /// `X-Consul-Index` of the service list and of the health checks.
     pub index: u64,
     pub checks_index: u64,
-    /// The last good catalog is served: a request is failing or Consul has no known leader.
+    /// The last good catalog is served: a request is failing, Consul has no known leader, or
+    /// Consul has not been read in full since start (`restored`).
     pub stale: bool,
+    /// The catalog served is the one an earlier run stored in `state_dir/last-good/consul/`:
+    /// Consul has not been read in full since discovery started.
+    pub restored: bool,
+    /// When that stored catalog was saved, UTC (RFC 3339); absent unless `restored`.
+    pub since: Option<String>,
     pub known_leader: bool,
     pub last_contact_ms: u64,
     /// The error still in force, if any (cleared when that request succeeds again).
@@ -250,6 +256,8 @@ fn sources_status(state: &HttpState) -> SourcesStatus {
                             index: d.index,
                             checks_index: d.checks_index,
                             stale: d.stale,
+                            restored: d.restored_since.is_some(),
+                            since: d.restored_since.map(utc),
                             known_leader: d.known_leader,
                             last_contact_ms: d.last_contact_ms,
                             last_error: d.last_error.clone(),
@@ -296,6 +304,10 @@ fn sources_status(state: &HttpState) -> SourcesStatus {
                     path.display().to_string(),
                     FileStatus {
                         in_force: f.in_force,
+                        stale: f.in_force && !f.problems.is_empty(),
+                        restored: f.restored.is_some(),
+                        since: f.restored.as_ref().map(|r| utc(r.saved)),
+                        last_good_copy: f.restored.as_ref().map(|r| r.copy.display().to_string()),
                         problems: f.problems.iter().map(|p| p.to_string()).collect(),
                     },
                 )
@@ -309,6 +321,13 @@ fn sources_status(state: &HttpState) -> SourcesStatus {
 #[derive(Debug, Serialize)]
 pub struct FileStatus {
     pub in_force: bool,
+    /// The version in force is not the one on disk (which has `problems`): an earlier good one.
+    pub stale: bool,
+    /// The version in force is the copy an earlier run stored (`last_good_copy`, saved
+    /// `since`), because the file has been broken since discovery started.
+    pub restored: bool,
+    pub since: Option<String>,
+    pub last_good_copy: Option<String>,
     /// `file:line:col: message`.
     pub problems: Vec<String>,
 }
@@ -542,6 +561,10 @@ mod tests {
                     column: 7,
                     message: "services.reviews.port: expected a number".into(),
                 }],
+                restored: Some(pilotfish_registries::files::Restored {
+                    copy: PathBuf::from("/var/lib/pilotfish/last-good/files/services-0.toml"),
+                    saved: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+                }),
             },
         );
         let (files_tx, files_rx) = watch::channel(Arc::new(files));
@@ -572,6 +595,14 @@ mod tests {
         assert_eq!(
             json["sources"]["files"]["/r/services.toml"]["problems"][0],
             "/r/services.toml:3:7: services.reviews.port: expected a number"
+        );
+        let file = &json["sources"]["files"]["/r/services.toml"];
+        assert_eq!(file["stale"], true);
+        assert_eq!(file["restored"], true);
+        assert_eq!(file["since"], "2023-11-14T22:13:20Z");
+        assert_eq!(
+            file["last_good_copy"],
+            "/var/lib/pilotfish/last-good/files/services-0.toml"
         );
         assert_eq!(json["snapshot"]["generation"], 0);
         assert_eq!(json["proxies"][0]["node"], "vm-a");
@@ -640,6 +671,17 @@ mod tests {
                 ..DatacenterStatus::default()
             },
         );
+        consul.datacenters.insert(
+            "dc2".into(),
+            DatacenterStatus {
+                stale: true,
+                restored_since: Some(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+                ),
+                last_error: Some("Consul at http://127.0.0.1:8500 unreachable".into()),
+                ..DatacenterStatus::default()
+            },
+        );
         let (_status_tx, status) = watch::channel(Arc::new(consul));
         let (_conflicts_tx, conflicts) = watch::channel(Arc::new(vec![MergeConflict {
             service: "web".into(),
@@ -666,6 +708,14 @@ mod tests {
         assert_eq!(dc1["last_sync"], "2023-11-14T22:13:20Z");
         assert_eq!(dc1["errors_total"], 3);
         assert_eq!(dc1["rejected"][0]["reason"], "port 0");
+        assert_eq!(dc1["restored"], false);
+        assert_eq!(dc1["since"], serde_json::Value::Null);
+        let dc2 = &json["sources"]["consul"]["datacenters"]["dc2"];
+        assert_eq!(
+            (&dc2["stale"], &dc2["restored"]),
+            (&true.into(), &true.into())
+        );
+        assert_eq!(dc2["since"], "2023-11-14T22:13:20Z");
         assert_eq!(
             json["sources"]["merge_conflicts"][0]["toml"],
             "/r/web.toml:3"

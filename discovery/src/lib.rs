@@ -28,7 +28,8 @@ pub mod xds;
 use std::sync::Arc;
 
 use pilotfish_registries::consul::{ConsulError, ConsulRegistry, ConsulStatus};
-use pilotfish_registries::files::{load_once, FileRegistry, FilesError, FilesStatus};
+use pilotfish_registries::files::{load_once_with, FileRegistry, FilesError, FilesStatus};
+use pilotfish_registries::last_good::LastGoodStore;
 use pilotfish_registries::model::Catalog;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -105,17 +106,24 @@ pub async fn run(
         .map_err(RunError::Task)?
         .map_err(RunError::RulesApi)?;
     let registry_paths = rules_api.registry_paths().to_vec();
+    // The last good registry files and Consul catalogs, so that a restart never shrinks the
+    // mesh: a file broken now, or a Consul not reachable now, is served from there (stale).
+    let last_good = LastGoodStore::in_state_dir(&config.state_dir);
     let paths = registry_paths.clone();
-    let (catalog, _problems) = tokio::task::spawn_blocking(move || load_once(&paths))
-        .await
-        .map_err(RunError::Task)?;
+    let store = last_good.clone();
+    let (catalog, _problems) =
+        tokio::task::spawn_blocking(move || load_once_with(&paths, Some(&store)))
+            .await
+            .map_err(RunError::Task)?;
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
     let mut tasks = JoinSet::new();
     // With Consul, everything downstream (debouncer, CA) reads the merge of both sources.
     let (catalog_rx, sources_view, combiner) = match &config.consul {
         None => (catalog_rx, SourcesView::files_only(), None),
         Some(consul) => {
-            let registry = ConsulRegistry::new(consul.clone()).map_err(RunError::Consul)?;
+            let registry = ConsulRegistry::new(consul.clone())
+                .map_err(RunError::Consul)?
+                .with_last_good(last_good.clone());
             let (consul_tx, consul_rx) = watch::channel(Arc::new(Catalog::default()));
             let (status_tx, mut status_rx) = watch::channel(Arc::new(ConsulStatus::default()));
             let token = stop.clone();
@@ -150,7 +158,7 @@ pub async fn run(
     let connections = Connections::default();
     let metrics = Arc::new(XdsMetrics::default());
 
-    let registry = FileRegistry::new(registry_paths);
+    let registry = FileRegistry::new(registry_paths).with_last_good(last_good);
     let identity = authority
         .as_ref()
         .map(|a| IdentityService::new(a.clone(), catalog_rx.clone()));

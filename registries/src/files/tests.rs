@@ -685,7 +685,10 @@ port =
     assert_eq!(catalog.services.keys().collect::<Vec<_>>(), ["reviews"]);
     assert_eq!(problems.len(), 1);
     assert_eq!(
-        load_once(std::slice::from_ref(&registry_dir)).0.services.len(),
+        load_once(std::slice::from_ref(&registry_dir))
+            .0
+            .services
+            .len(),
         0,
         "without the store: nothing"
     );
