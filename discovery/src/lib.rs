@@ -96,8 +96,9 @@ pub async fn run(
     let stop = shutdown.child_token();
 
     // Load the files once before serving, so the first snapshot is the real catalog rather
-    // than an empty one that would make reconnecting proxies drop their config. The registry
-    // loads them again as it starts watching, and logs any problems then.
+    // than an empty one that would make reconnecting proxies drop their config (a file broken
+    // now counts with its stored last good version). The registry loads them again as it
+    // starts watching, and logs any problems then.
     // The rules API writes into its own directory (state_dir/rules.d), which the file registry
     // watches with the configured paths: an accepted API write is pushed like a file edit.
     let cfg = config.clone();

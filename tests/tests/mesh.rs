@@ -526,6 +526,7 @@ async fn a_broken_file_keeps_its_services_across_a_discovery_restart() -> Result
     let after = split(out, 50, &[]).await;
     stop.store(true, Ordering::Relaxed);
     let during = load.await?;
+    eprintln!("requests across the restart: {during:?}");
     assert_eq!(
         count(&after, "reviews-v2"),
         50,
