@@ -364,13 +364,16 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 
 pub fn render_metrics(state: &HttpState) -> String {
     let mut out = String::new();
-    let problems: usize = state
-        .files
-        .borrow()
-        .files
-        .values()
-        .map(|f| f.problems.len())
-        .sum();
+    let (problems, restored) = {
+        let files = state.files.borrow();
+        let problems: usize = files.files.values().map(|f| f.problems.len()).sum();
+        let restored = files
+            .files
+            .values()
+            .filter(|f| f.restored.is_some())
+            .count();
+        (problems, restored)
+    };
     let m = &state.metrics;
     metric(
         &mut out,
@@ -418,6 +421,13 @@ pub fn render_metrics(state: &HttpState) -> String {
         "gauge",
         "Problems in registry files (their last good version stays in force).",
         &[("", problems as u64)],
+    );
+    metric(
+        &mut out,
+        "pilotfish_registry_files_restored",
+        "gauge",
+        "Broken registry files served from the copy an earlier run stored (state_dir/last-good).",
+        &[("", restored as u64)],
     );
     render_consul_metrics(&mut out, state);
     metric(
@@ -468,12 +478,18 @@ fn render_consul_metrics(out: &mut String, state: &HttpState) {
         };
         // (name, type, help, samples)
         type Family = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
-        let families: [Family; 7] = [
+        let families: [Family; 8] = [
             (
                 "pilotfish_consul_stale",
                 "gauge",
                 "1 while the datacenter's last good catalog is served instead of a fresh one.",
                 per_dc(&|d| u64::from(d.stale)),
+            ),
+            (
+                "pilotfish_consul_restored",
+                "gauge",
+                "1 while the catalog an earlier run stored is served (not read in full since start).",
+                per_dc(&|d| u64::from(d.restored_since.is_some())),
             ),
             (
                 "pilotfish_consul_synced",
@@ -628,6 +644,7 @@ mod tests {
             "pilotfish_xds_pushes_total{type=\"eds\"} 0",
             "pilotfish_xds_nacks_total 0",
             "pilotfish_registry_file_problems 1",
+            "pilotfish_registry_files_restored 1",
             "pilotfish_snapshot_generation 0",
             "pilotfish_ca_certificates_issued_total{kind=\"node\"} 0",
             "pilotfish_ca_refusals_total{call=\"ads\",reason=\"no_certificate\"} 1",
@@ -723,6 +740,8 @@ mod tests {
         let text = render_metrics(&state);
         for line in [
             "pilotfish_consul_stale{dc=\"dc1\"} 1",
+            "pilotfish_consul_restored{dc=\"dc1\"} 0",
+            "pilotfish_consul_restored{dc=\"dc2\"} 1",
             "pilotfish_consul_last_sync_timestamp_seconds{dc=\"dc1\"} 1700000000",
             "pilotfish_consul_errors_total{dc=\"dc1\"} 3",
             "pilotfish_consul_requests_total{dc=\"dc1\"} 10",
