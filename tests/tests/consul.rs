@@ -592,20 +592,6 @@ async fn consul_two_datacenters_carry_locality_and_merge_with_toml() -> Result<(
     Ok(())
 }
 
-/// Whether `node`'s stream to the discovery running now has accepted clusters and listeners.
-async fn resynced(mesh: &Mesh, node: &str) -> Result<bool> {
-    let s = status(mesh).await?;
-    let empty = Vec::new();
-    let proxies = s["proxies"].as_array().unwrap_or(&empty);
-    Ok(proxies.iter().any(|p| {
-        p["node"] == node
-            && ["cds", "lds"].iter().all(|t| {
-                let ty = &p["types"][*t];
-                !ty["acked_version"].is_null() && ty["acked_version"] == ty["sent_version"]
-            })
-    }))
-}
-
 /// Issue 9: discovery stores each datacenter's last good catalog in state_dir/last-good; one
 /// that restarts while Consul is unreachable serves it (marked stale and restored) so the
 /// Consul services keep working, and takes Consul's new state once it answers again.
@@ -653,23 +639,7 @@ async fn consul_down_at_restart_serves_the_stored_catalog_until_it_is_back() -> 
         s["sources"]["consul"]["datacenters"]["dc1"]["since"].is_string(),
         "{s:#}"
     );
-    let m = &mesh;
-    if let Err(e) = wait_for(
-        "every proxy resynced with the restarted discovery",
-        Duration::from_secs(40),
-        || async move {
-            for node in ["vm-a", "vm-b", "vm-c"] {
-                if !resynced(m, node).await.unwrap_or(false) {
-                    return Ok(None);
-                }
-            }
-            Ok(Some(()))
-        },
-    )
-    .await
-    {
-        bail!("{e:#}\n{}", mesh.logs());
-    }
+    mesh.wait_resynced(Duration::from_secs(40)).await?;
     assert_served_only_by(&mesh, &["reviews-v1"], "Consul down, stored catalog").await?;
     assert!(
         mesh.discovery_log().contains("stored by an earlier run"),
