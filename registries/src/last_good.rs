@@ -208,6 +208,11 @@ impl LastGoodStore {
     }
 }
 
+/// Seconds since the Unix epoch (0 before it), for log fields.
+pub fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 fn create_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()

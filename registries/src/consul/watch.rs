@@ -133,11 +133,10 @@ impl ConsulRegistry {
         }
         status.send_replace(Arc::new(current.clone()));
         loop {
-            let update = tokio::select! {
+            let mut update = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 u = rx.recv() => match u { Some(u) => u, None => break },
             };
-            let mut update = update;
             if let Some(services) = update.services {
                 if restored.remove(&update.dc).is_some() {
                     tracing::info!(
@@ -199,7 +198,7 @@ fn load_stored(store: &LastGoodStore, dcs: &[String]) -> BTreeMap<String, Stored
                 tracing::warn!(
                     dc,
                     copy = %store.consul_copy(dc).display(),
-                    saved = ?stored.saved,
+                    saved_unix_s = crate::last_good::unix_secs(stored.saved),
                     services = stored.services.len(),
                     "serving the consul catalog stored by an earlier run until consul is read in full (stale)"
                 );

@@ -221,7 +221,7 @@ impl FileRegistry {
             tracing::warn!(
                 file = %path.display(),
                 copy = %r.copy.display(),
-                since = ?r.saved,
+                saved_unix_s = crate::last_good::unix_secs(r.saved),
                 "registry file has problems (above); serving its last good version from an earlier run"
             );
         }
