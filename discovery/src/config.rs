@@ -10,7 +10,7 @@
 //!
 //! ```toml
 //! trust_domain = "pilotfish.local"    # SPIFFE trust domain: [a-z0-9._-], e.g. "mesh.example"
-//! state_dir = "/var/lib/pilotfish"    # CA keys (ca/), join tokens (tokens.json), discovery.key
+//! state_dir = "/var/lib/pilotfish"    # CA keys (ca/), join tokens (tokens.json), rules.d/, last-good/
 //! grpc = "0.0.0.0:15012"              # ADS + pilotfish.identity.v1.Identity, TLS (mTLS per call)
 //! http = "127.0.0.1:15014"            # status and metrics, plaintext: keep it on loopback
 //! insecure = false                    # true: plaintext gRPC, no CA, no authentication.

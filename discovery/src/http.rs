@@ -208,8 +208,14 @@ pub struct DatacenterSourceStatus {
     /// `X-Consul-Index` of the service list and of the health checks.
     pub index: u64,
     pub checks_index: u64,
-    /// The last good catalog is served: a request is failing or Consul has no known leader.
+    /// The last good catalog is served: a request is failing, Consul has no known leader, or
+    /// Consul has not been read in full since start (`restored`).
     pub stale: bool,
+    /// The catalog served is the one an earlier run stored in `state_dir/last-good/consul/`:
+    /// Consul has not been read in full since discovery started.
+    pub restored: bool,
+    /// When that stored catalog was saved, UTC (RFC 3339); absent unless `restored`.
+    pub since: Option<String>,
     pub known_leader: bool,
     pub last_contact_ms: u64,
     /// The error still in force, if any (cleared when that request succeeds again).
@@ -262,6 +268,8 @@ fn sources_status(state: &HttpState) -> SourcesStatus {
                             index: d.index,
                             checks_index: d.checks_index,
                             stale: d.stale,
+                            restored: d.restored_since.is_some(),
+                            since: d.restored_since.map(utc),
                             known_leader: d.known_leader,
                             last_contact_ms: d.last_contact_ms,
                             last_error: d.last_error.clone(),
@@ -308,6 +316,10 @@ fn sources_status(state: &HttpState) -> SourcesStatus {
                     path.display().to_string(),
                     FileStatus {
                         in_force: f.in_force,
+                        stale: f.in_force && !f.problems.is_empty(),
+                        restored: f.restored.is_some(),
+                        since: f.restored.as_ref().map(|r| utc(r.saved)),
+                        last_good_copy: f.restored.as_ref().map(|r| r.copy.display().to_string()),
                         problems: f.problems.iter().map(|p| p.to_string()).collect(),
                     },
                 )
@@ -328,6 +340,13 @@ fn sources_status(state: &HttpState) -> SourcesStatus {
 #[derive(Debug, Serialize)]
 pub struct FileStatus {
     pub in_force: bool,
+    /// The version in force is not the one on disk (which has `problems`): an earlier good one.
+    pub stale: bool,
+    /// The version in force is the copy an earlier run stored (`last_good_copy`, saved
+    /// `since`), because the file has been broken since discovery started.
+    pub restored: bool,
+    pub since: Option<String>,
+    pub last_good_copy: Option<String>,
     /// `file:line:col: message`.
     pub problems: Vec<String>,
 }
@@ -387,13 +406,16 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
 
 pub fn render_metrics(state: &HttpState) -> String {
     let mut out = String::new();
-    let problems: usize = state
-        .files
-        .borrow()
-        .files
-        .values()
-        .map(|f| f.problems.len())
-        .sum();
+    let (problems, restored) = {
+        let files = state.files.borrow();
+        let problems: usize = files.files.values().map(|f| f.problems.len()).sum();
+        let restored = files
+            .files
+            .values()
+            .filter(|f| f.restored.is_some())
+            .count();
+        (problems, restored)
+    };
     let m = &state.metrics;
     metric(
         &mut out,
@@ -441,6 +463,13 @@ pub fn render_metrics(state: &HttpState) -> String {
         "gauge",
         "Problems in registry files (their last good version stays in force).",
         &[("", problems as u64)],
+    );
+    metric(
+        &mut out,
+        "pilotfish_registry_files_restored",
+        "gauge",
+        "Broken registry files served from the copy an earlier run stored (state_dir/last-good).",
+        &[("", restored as u64)],
     );
     render_consul_metrics(&mut out, state);
     metric(
@@ -491,12 +520,18 @@ fn render_consul_metrics(out: &mut String, state: &HttpState) {
         };
         // (name, type, help, samples)
         type Family = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
-        let families: [Family; 7] = [
+        let families: [Family; 8] = [
             (
                 "pilotfish_consul_stale",
                 "gauge",
                 "1 while the datacenter's last good catalog is served instead of a fresh one.",
                 per_dc(&|d| u64::from(d.stale)),
+            ),
+            (
+                "pilotfish_consul_restored",
+                "gauge",
+                "1 while the catalog an earlier run stored is served (not read in full since start).",
+                per_dc(&|d| u64::from(d.restored_since.is_some())),
             ),
             (
                 "pilotfish_consul_synced",
@@ -585,6 +620,10 @@ mod tests {
                     "services.reviews.port",
                     "expected a number",
                 )],
+                restored: Some(pilotfish_registries::files::Restored {
+                    copy: PathBuf::from("/var/lib/pilotfish/last-good/files/services-0.toml"),
+                    saved: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+                }),
             },
         );
         let (files_tx, files_rx) = watch::channel(Arc::new(files));
@@ -618,6 +657,14 @@ mod tests {
             json["sources"]["files"]["/r/services.toml"]["problems"][0],
             "/r/services.toml:3:7: services.reviews.port: expected a number"
         );
+        let file = &json["sources"]["files"]["/r/services.toml"];
+        assert_eq!(file["stale"], true);
+        assert_eq!(file["restored"], true);
+        assert_eq!(file["since"], "2023-11-14T22:13:20Z");
+        assert_eq!(
+            file["last_good_copy"],
+            "/var/lib/pilotfish/last-good/files/services-0.toml"
+        );
         assert_eq!(json["snapshot"]["generation"], 0);
         assert_eq!(json["proxies"][0]["node"], "vm-a");
         assert_eq!(json["proxies"][0]["stream"], "sotw");
@@ -642,6 +689,7 @@ mod tests {
             "pilotfish_xds_pushes_total{type=\"eds\"} 0",
             "pilotfish_xds_nacks_total 0",
             "pilotfish_registry_file_problems 1",
+            "pilotfish_registry_files_restored 1",
             "pilotfish_snapshot_generation 0",
             "pilotfish_ca_certificates_issued_total{kind=\"node\"} 0",
             "pilotfish_ca_refusals_total{call=\"ads\",reason=\"no_certificate\"} 1",
@@ -682,6 +730,17 @@ mod tests {
                     service_id: "web-1".into(),
                     reason: "port 0".into(),
                 }],
+                ..DatacenterStatus::default()
+            },
+        );
+        consul.datacenters.insert(
+            "dc2".into(),
+            DatacenterStatus {
+                stale: true,
+                restored_since: Some(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+                ),
+                last_error: Some("Consul at http://127.0.0.1:8500 unreachable".into()),
                 ..DatacenterStatus::default()
             },
         );
@@ -726,6 +785,14 @@ mod tests {
         assert_eq!(dc1["last_sync"], "2023-11-14T22:13:20Z");
         assert_eq!(dc1["errors_total"], 3);
         assert_eq!(dc1["rejected"][0]["reason"], "port 0");
+        assert_eq!(dc1["restored"], false);
+        assert_eq!(dc1["since"], serde_json::Value::Null);
+        let dc2 = &json["sources"]["consul"]["datacenters"]["dc2"];
+        assert_eq!(
+            (&dc2["stale"], &dc2["restored"]),
+            (&true.into(), &true.into())
+        );
+        assert_eq!(dc2["since"], "2023-11-14T22:13:20Z");
         assert_eq!(
             json["sources"]["merge_conflicts"][0]["toml"],
             "/r/web.toml:3"
@@ -733,6 +800,8 @@ mod tests {
         let text = render_metrics(&state);
         for line in [
             "pilotfish_consul_stale{dc=\"dc1\"} 1",
+            "pilotfish_consul_restored{dc=\"dc1\"} 0",
+            "pilotfish_consul_restored{dc=\"dc2\"} 1",
             "pilotfish_consul_last_sync_timestamp_seconds{dc=\"dc1\"} 1700000000",
             "pilotfish_consul_errors_total{dc=\"dc1\"} 3",
             "pilotfish_consul_requests_total{dc=\"dc1\"} 10",

@@ -31,7 +31,8 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use pilotfish_registries::consul::{ConsulError, ConsulRegistry, ConsulStatus};
-use pilotfish_registries::files::{load_once, FileRegistry, FilesError, FilesStatus};
+use pilotfish_registries::files::{load_once_with, FileRegistry, FilesError, FilesStatus};
+use pilotfish_registries::last_good::LastGoodStore;
 use pilotfish_registries::model::Catalog;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -99,8 +100,9 @@ pub async fn run(
     let stop = shutdown.child_token();
 
     // Load the files once before serving, so the first snapshot is the real catalog rather
-    // than an empty one that would make reconnecting proxies drop their config. The registry
-    // loads them again as it starts watching, and logs any problems then.
+    // than an empty one that would make reconnecting proxies drop their config (a file broken
+    // now counts with its stored last good version). The registry loads them again as it
+    // starts watching, and logs any problems then.
     // The rules API writes into its own directory (state_dir/rules.d), which the file registry
     // watches with the configured paths: an accepted API write is pushed like a file edit.
     let cfg = config.clone();
@@ -109,17 +111,24 @@ pub async fn run(
         .map_err(RunError::Task)?
         .map_err(RunError::RulesApi)?;
     let registry_paths = rules_api.registry_paths().to_vec();
+    // The last good registry files and Consul catalogs, so that a restart never shrinks the
+    // mesh: a file broken now, or a Consul not reachable now, is served from there (stale).
+    let last_good = LastGoodStore::in_state_dir(&config.state_dir);
     let paths = registry_paths.clone();
-    let (catalog, _problems) = tokio::task::spawn_blocking(move || load_once(&paths))
-        .await
-        .map_err(RunError::Task)?;
+    let store = last_good.clone();
+    let (catalog, _problems) =
+        tokio::task::spawn_blocking(move || load_once_with(&paths, Some(&store)))
+            .await
+            .map_err(RunError::Task)?;
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
     let mut tasks = JoinSet::new();
     // With Consul, everything downstream (debouncer, CA) reads the merge of both sources.
     let (catalog_rx, sources_view, combiner) = match &config.consul {
         None => (catalog_rx, SourcesView::files_only(), None),
         Some(consul) => {
-            let registry = ConsulRegistry::new(consul.clone()).map_err(RunError::Consul)?;
+            let registry = ConsulRegistry::new(consul.clone())
+                .map_err(RunError::Consul)?
+                .with_last_good(last_good.clone());
             let (consul_tx, consul_rx) = watch::channel(Arc::new(Catalog::default()));
             let (status_tx, mut status_rx) = watch::channel(Arc::new(ConsulStatus::default()));
             let token = stop.clone();
@@ -163,7 +172,7 @@ pub async fn run(
     let connections = Connections::default();
     let metrics = Arc::new(XdsMetrics::default());
 
-    let registry = FileRegistry::new(registry_paths);
+    let registry = FileRegistry::new(registry_paths).with_last_good(last_good);
     let identity = authority
         .as_ref()
         .map(|a| IdentityService::new(a.clone(), catalog_rx.clone()));

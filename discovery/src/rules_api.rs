@@ -19,7 +19,6 @@
 //! `read_requires_token = false`) for reads. Without a token file the API is disabled (503),
 //! unless discovery runs `insecure`, where it is open.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -29,6 +28,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use pilotfish_registries::durable;
 use pilotfish_registries::files::{check_with, declared, is_valid_name, Declared};
 use pilotfish_registries::model::Catalog;
 use pilotfish_registries::references::unresolved;
@@ -406,7 +406,9 @@ impl RulesApi {
         )?;
         self.validate(&file, Some(content.clone()))?;
         self.known(&file, &content)?;
-        write_atomically(&file, &content)
+        // Temp file (a dot name, which the registry skips), fsync, rename, fsync of the directory:
+        // the registry sees the old file or the new one, never a partial one.
+        durable::write_atomic(&file, content.as_bytes(), 0o600)
             .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", file.display())))?;
         let version = version_of(&content);
         info!(kind = kind.segment(), service, %version, file = %file.display(), "rules API: wrote");
@@ -453,7 +455,7 @@ impl RulesApi {
         };
         allowed(kind, service, Some(version_of(&current)), &pre, true)?;
         self.validate(&file, None)?;
-        remove_durably(&file)
+        durable::remove(&file)
             .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", file.display())))?;
         info!(kind = kind.segment(), service, file = %file.display(), "rules API: deleted");
         Ok(StatusCode::NO_CONTENT.into_response())
@@ -860,43 +862,6 @@ fn read_current(file: &Path) -> Result<Option<String>, ApiError> {
             file.display()
         ))),
     }
-}
-
-/// Temp file (a dot name, which the registry skips) + fsync + rename + fsync of the directory:
-/// the registry sees the old file or the new one, never a partial one, even after a crash.
-fn write_atomically(file: &Path, content: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = file.parent().unwrap_or(Path::new("."));
-    let name = file
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(content.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, file)?;
-        sync_dir(dir)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn remove_durably(file: &Path) -> std::io::Result<()> {
-    std::fs::remove_file(file)?;
-    sync_dir(file.parent().unwrap_or(Path::new(".")))
-}
-
-fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

@@ -143,19 +143,17 @@ impl Combiner {
     }
 }
 
-/// Waits until every configured datacenter has been read in full once, at most `within`.
-/// True when they all were.
+/// Waits until every configured datacenter has been read in full once, or serves the catalog
+/// an earlier run stored while Consul does not answer ([`ConsulStatus::ready`]), at most
+/// `within`. True when they all were.
 pub async fn wait_first_sync(
     status: &mut watch::Receiver<Arc<ConsulStatus>>,
     within: Duration,
     shutdown: &CancellationToken,
 ) -> bool {
-    let synced = |s: &Arc<ConsulStatus>| {
-        !s.datacenters.is_empty() && s.datacenters.values().all(|d| d.synced)
-    };
     tokio::select! {
         _ = shutdown.cancelled() => false,
-        r = tokio::time::timeout(within, status.wait_for(synced)) => matches!(r, Ok(Ok(_))),
+        r = tokio::time::timeout(within, status.wait_for(|s| s.ready())) => matches!(r, Ok(Ok(_))),
     }
 }
 

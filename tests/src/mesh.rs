@@ -333,6 +333,42 @@ xds = "{xds}"
         out
     }
 
+    /// Whether `node`'s ADS stream to the discovery running now has accepted its clusters and
+    /// listeners (discovery's `/status` lists only its own streams).
+    pub async fn resynced(&self, node: &str) -> Result<bool> {
+        let http = self.http;
+        let body = crate::blocking(move || crate::admin_get(http, "/status")).await?;
+        let status: serde_json::Value = serde_json::from_str(&body)?;
+        let empty = Vec::new();
+        let proxies = status["proxies"].as_array().unwrap_or(&empty);
+        Ok(proxies.iter().any(|p| {
+            p["node"] == node
+                && ["cds", "lds"].iter().all(|t| {
+                    let ty = &p["types"][*t];
+                    !ty["acked_version"].is_null() && ty["acked_version"] == ty["sent_version"]
+                })
+        }))
+    }
+
+    /// Waits until every host has resynced with the discovery running now (after a restart);
+    /// on timeout the error carries every log.
+    pub async fn wait_resynced(&self, deadline: Duration) -> Result<()> {
+        let waited = wait_for(
+            "every proxy resynced with discovery",
+            deadline,
+            || async move {
+                for h in &self.hosts {
+                    if !self.resynced(&h.node).await.unwrap_or(false) {
+                        return Ok(None);
+                    }
+                }
+                Ok(Some(()))
+            },
+        )
+        .await;
+        waited.map_err(|e| anyhow::anyhow!("{e:#}\n{}", self.logs()))
+    }
+
     pub fn discovery_log(&self) -> String {
         self.discovery.log_text()
     }

@@ -657,3 +657,88 @@ async fn toml_may_name_a_service_only_consul_declares() -> Result<()> {
     );
     Ok(())
 }
+
+/// Issue 9: discovery stores each datacenter's last good catalog in state_dir/last-good; one
+/// that restarts while Consul is unreachable serves it (marked stale and restored) so the
+/// Consul services keep working, and takes Consul's new state once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_down_at_restart_serves_the_stored_catalog_until_it_is_back() -> Result<()> {
+    let d = double(&["dc1"], None).await?;
+    let mut mesh = consul_mesh(&d, &["dc1"], "").await?;
+    let (b, c) = (mesh.host("vm-b").ip, mesh.host("vm-c").ip);
+    let v1 = mesh.start_app("reviews", "v1", b, &[])?;
+    let v2 = mesh.start_app("reviews", "v2", c, &[])?;
+    register(
+        &d,
+        "dc1",
+        mesh.host("vm-b"),
+        "reviews",
+        "reviews-b",
+        v1,
+        "v1",
+    )?;
+    ready(&mesh).await?;
+    until_served_by(&mesh, &["reviews-v1"], READY).await?;
+    let stored = mesh.path("state/last-good/consul/dc1.json");
+    wait_for("dc1's catalog stored", PATIENCE, || {
+        let stored = stored.clone();
+        async move {
+            let text = std::fs::read_to_string(&stored).unwrap_or_default();
+            Ok(text.contains("\"reviews\"").then_some(()))
+        }
+    })
+    .await?;
+
+    // Consul goes away, then discovery restarts.
+    d.set_faults(Faults {
+        refuse_connections: true,
+        ..Faults::default()
+    });
+    d.spurious_wakeup();
+    mesh.discovery.restart()?;
+    let s = until_status(&mesh, "dc1 served from the store", |s| {
+        let dc1 = &s["sources"]["consul"]["datacenters"]["dc1"];
+        dc1["restored"] == true && dc1["stale"] == true
+    })
+    .await?;
+    assert!(
+        s["sources"]["consul"]["datacenters"]["dc1"]["since"].is_string(),
+        "{s:#}"
+    );
+    mesh.wait_resynced(Duration::from_secs(40)).await?;
+    assert_served_only_by(&mesh, &["reviews-v1"], "Consul down, stored catalog").await?;
+    assert!(
+        mesh.discovery_log().contains("stored by an earlier run"),
+        "the restore is logged"
+    );
+
+    // Consul changes while unreachable (v1 leaves, v2 arrives), then comes back.
+    deregister(&d, "dc1", "vm-b", "reviews-b")?;
+    register(
+        &d,
+        "dc1",
+        mesh.host("vm-c"),
+        "reviews",
+        "reviews-c",
+        v2,
+        "v2",
+    )?;
+    assert_served_only_by(&mesh, &["reviews-v1"], "Consul still down").await?;
+    d.set_faults(Faults::default());
+    d.spurious_wakeup();
+    until_served_by(&mesh, &["reviews-v2"], PATIENCE).await?;
+    until_status(&mesh, "dc1 fresh, no longer restored", |s| {
+        let dc1 = &s["sources"]["consul"]["datacenters"]["dc1"];
+        dc1["restored"] == false && dc1["stale"] == false
+    })
+    .await?;
+    wait_for("the new catalog stored", PATIENCE, || {
+        let stored = stored.clone();
+        async move {
+            let text = std::fs::read_to_string(&stored).unwrap_or_default();
+            Ok(text.contains(&format!("\"port\":{v2}")).then_some(()))
+        }
+    })
+    .await?;
+    Ok(())
+}

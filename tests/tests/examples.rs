@@ -154,3 +154,38 @@ fn every_binary_answers_help_and_version() -> Result<()> {
     }
     Ok(())
 }
+
+/// Issue 9: the unit's `ExecStartPre=--check` checks discovery.toml only, so a broken registry
+/// file no longer keeps discovery from starting (it is a warning, with file:line:column);
+/// `validate` still fails on it.
+#[test]
+fn check_warns_about_a_broken_registry_file_and_validate_fails() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let registry = dir.path().join("registry.d");
+    std::fs::create_dir(&registry)?;
+    std::fs::write(registry.join("broken.toml"), "[services.web]\nport = \n")?;
+    let config = dir.path().join("discovery.toml");
+    std::fs::write(
+        &config,
+        "insecure = true\nstate_dir = \"state\"\n\n[registry.files]\npaths = [\"registry.d\"]\n",
+    )?;
+    let out = Command::new(binary("pilotfish-discovery")?)
+        .args(["--check", "--config"])
+        .arg(&config)
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "--check passes: {err}");
+    assert!(
+        err.contains("warning: ") && err.contains("broken.toml:2:"),
+        "the problem is a warning with file:line:column: {err}"
+    );
+
+    let out = Command::new(binary("pilotfish-discovery")?)
+        .arg("validate")
+        .arg(&registry)
+        .output()?;
+    assert_eq!(out.status.code(), Some(64));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("broken.toml:2:"), "{text}");
+    Ok(())
+}

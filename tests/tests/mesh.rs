@@ -6,6 +6,8 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -420,4 +422,135 @@ async fn delta_cluster_change_completes_warming() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sotw_cluster_change_completes_warming() -> Result<()> {
     cluster_change_completes_warming("sotw").await
+}
+
+/// Issue 9: a registry file that is broken when discovery restarts keeps its last good
+/// version (stored in state_dir/last-good): traffic to its services goes on across the restart
+/// and the proxies that reconnect keep their clusters; fixing the file is picked up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_file_keeps_its_services_across_a_discovery_restart() -> Result<()> {
+    let mut r = reviews_mesh("delta", 0, 100).await?;
+    let out = r.mesh.host("vm-a").outbound;
+    wait_all_to(out, "reviews-v2", Duration::from_secs(5)).await?;
+    let stored = r.mesh.path("state/last-good/files");
+    wait_for(
+        "services.toml in the last-good store",
+        Duration::from_secs(5),
+        || {
+            let stored = stored.clone();
+            async move {
+                let names: Vec<String> = std::fs::read_dir(&stored)
+                    .map(|d| {
+                        d.flatten()
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                Ok(names
+                    .iter()
+                    .any(|n| n.starts_with("services-"))
+                    .then_some(()))
+            }
+        },
+    )
+    .await?;
+
+    // services.toml declares reviews and its instances; break it.
+    r.mesh
+        .write_registry("services.toml", "[services.reviews]\nport = \n")?;
+    let log = &r.mesh;
+    wait_for(
+        "the syntax error in the discovery log",
+        Duration::from_secs(5),
+        || async move {
+            Ok(log
+                .discovery_log()
+                .contains("services.toml:2:")
+                .then_some(()))
+        },
+    )
+    .await?;
+
+    // A steady load from vm-a across the restart.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+            while !stop.load(Ordering::Relaxed) {
+                let who = call(out, &[])
+                    .await
+                    .unwrap_or_else(|e| format!("error: {e:#}"));
+                *seen.entry(who).or_insert(0) += 1;
+            }
+            seen
+        }
+    });
+    let before = r.mesh.discovery_log().len();
+    r.mesh.discovery.restart()?;
+    // Envoy reconnects with jittered backoff (up to 30 s in the worst case).
+    if let Err(e) = r.mesh.wait_resynced(Duration::from_secs(40)).await {
+        stop.store(true, Ordering::Relaxed);
+        return Err(e);
+    }
+    // Requests after every proxy took the restarted discovery's config.
+    let after = split(out, 50, &[]).await;
+    stop.store(true, Ordering::Relaxed);
+    let during = load.await?;
+    eprintln!("requests across the restart: {during:?}");
+    assert_eq!(
+        count(&after, "reviews-v2"),
+        50,
+        "traffic after the restart: {after:?}\n{}",
+        r.mesh.logs()
+    );
+    assert_eq!(
+        during.keys().collect::<Vec<_>>(),
+        ["reviews-v2"],
+        "every request across the restart was answered: {during:?}"
+    );
+    let admin = r.mesh.host("vm-a").admin;
+    let clusters = blocking(move || pilotfish_tests::admin_get(admin, "/clusters")).await?;
+    assert!(
+        clusters.contains("reviews"),
+        "vm-a's Envoy keeps the reviews clusters"
+    );
+    let log = r.mesh.discovery_log()[before..].to_string();
+    assert!(
+        log.contains("services.toml:2:"),
+        "the restarted discovery names the problem as file:line:column:\n{log}"
+    );
+    let http = r.mesh.http;
+    let status: serde_json::Value = serde_json::from_str(
+        &blocking(move || pilotfish_tests::admin_get(http, "/status")).await?,
+    )?;
+    let file = status["sources"]["files"]
+        .as_object()
+        .and_then(|files| {
+            files
+                .iter()
+                .find(|(path, _)| path.ends_with("services.toml"))
+        })
+        .map(|(_, f)| f.clone())
+        .unwrap_or_default();
+    assert_eq!(file["restored"], true, "{status:#}");
+    assert_eq!(file["stale"], true, "{status:#}");
+    assert!(file["since"].is_string(), "{status:#}");
+
+    // Fixed, with vm-b's instance now labelled v2 as well: both apps answer the v2 subset.
+    let fixed = services_toml(&r.mesh, r.v1_port, r.v2_port).replace(
+        "labels = { version = \"v1\" }",
+        "labels = { version = \"v2\" }",
+    );
+    r.mesh.write_registry("services.toml", &fixed)?;
+    wait_for(
+        "the fixed file's instance serves",
+        Duration::from_secs(5),
+        || async move {
+            let seen = split(out, 20, &[]).await;
+            Ok((count(&seen, "reviews-v1") > 0 && count(&seen, "error") == 0).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
 }

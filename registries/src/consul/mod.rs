@@ -9,7 +9,10 @@
 //!
 //! Failure behaviour: errors (unreachable, 5xx, 429, 403, cut or truncated responses) back off
 //! with jitter and are reported in the status; the last good catalog stays published and is
-//! marked stale. Nothing is removed from the mesh because Consul blinked.
+//! marked stale. Nothing is removed from the mesh because Consul blinked. With a
+//! [`LastGoodStore`](crate::last_good::LastGoodStore) each datacenter's catalog is also kept on
+//! disk, and a registry that starts while Consul does not answer serves it (stale, restored)
+//! until the first full read of that datacenter.
 
 pub mod api;
 pub mod client;

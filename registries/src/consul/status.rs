@@ -17,6 +17,19 @@ impl ConsulStatus {
     pub fn stale(&self) -> bool {
         self.datacenters.values().any(|d| d.stale)
     }
+
+    /// Every datacenter has something to serve: it was read in full, or it serves the catalog
+    /// an earlier run stored and Consul does not answer (waiting longer would not help).
+    pub fn ready(&self) -> bool {
+        !self.datacenters.is_empty() && self.datacenters.values().all(DatacenterStatus::ready)
+    }
+}
+
+impl DatacenterStatus {
+    /// See [`ConsulStatus::ready`].
+    pub fn ready(&self) -> bool {
+        self.synced || (self.restored_since.is_some() && self.last_error.is_some())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,6 +45,9 @@ pub struct DatacenterStatus {
     /// The catalog of this datacenter is the last good one: a request is failing, or Consul
     /// answered without a known leader.
     pub stale: bool,
+    /// The catalog of this datacenter is the one an earlier run stored (saved at this time):
+    /// Consul has not been read in full since start. Implies `stale`.
+    pub restored_since: Option<SystemTime>,
     pub known_leader: bool,
     /// `X-Consul-LastContact` of the last answer, in milliseconds.
     pub last_contact_ms: u64,

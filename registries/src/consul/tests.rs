@@ -52,10 +52,17 @@ struct Running {
 
 impl Running {
     fn start(config: ConsulConfig) -> Running {
+        Running::start_with(config, None)
+    }
+
+    fn start_with(config: ConsulConfig, store: Option<crate::last_good::LastGoodStore>) -> Running {
         let (ctx, catalog) = watch::channel(Arc::new(Catalog::default()));
         let (stx, status) = watch::channel(Arc::new(ConsulStatus::default()));
         let shutdown = CancellationToken::new();
-        let reg = ConsulRegistry::new(config).unwrap();
+        let mut reg = ConsulRegistry::new(config).unwrap();
+        if let Some(store) = store {
+            reg = reg.with_last_good(store);
+        }
         let task = tokio::spawn(reg.run(ctx, stx, shutdown.clone()));
         Running {
             catalog,
@@ -712,4 +719,96 @@ async fn consul_benchmark_change_detection() {
         pct(&latencies, 0.99)
     );
     r.stop().await;
+}
+
+/// Issue 9: the last good catalog of each datacenter is stored; a registry that starts while
+/// Consul is unreachable serves it (stale, restored) until the first full read replaces it,
+/// even when that read finds the datacenter empty.
+#[tokio::test]
+async fn a_stored_catalog_serves_while_consul_is_down_at_start() {
+    let state = tempfile::tempdir().unwrap();
+    let store = crate::last_good::LastGoodStore::in_state_dir(state.path());
+    let d = double(&["dc1"]).await;
+    seed(&d, "dc1", 3, 2, 2);
+    let mut r = Running::start_with(fast_config(&d, &["dc1"]), Some(store.clone()));
+    r.until("initial sync", 10 * SECOND, |c| count(c) == 6)
+        .await;
+    let deadline = Instant::now() + 10 * SECOND;
+    while store
+        .load_consul("dc1")
+        .unwrap()
+        .is_none_or(|s| s.services.len() != 3)
+    {
+        assert!(Instant::now() < deadline, "catalog stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    r.stop().await;
+
+    // Consul is down at start: the stored catalog is published, marked restored and stale.
+    d.set_faults(Faults {
+        refuse_connections: true,
+        ..Faults::default()
+    });
+    let mut r = Running::start_with(fast_config(&d, &["dc1"]), Some(store.clone()));
+    r.until("the stored catalog", SECOND, |c| count(c) == 6)
+        .await;
+    r.status_until("restored, stale and ready", 5 * SECOND, |s| {
+        let dc1 = &s.datacenters["dc1"];
+        dc1.restored_since.is_some() && dc1.stale && !dc1.synced && s.ready()
+    })
+    .await;
+
+    // Consul back with every service gone: the empty fresh catalog replaces the stored one.
+    for s in 0..3 {
+        for i in 0..2 {
+            d.deregister(DeregisterRequest {
+                datacenter: "dc1".into(),
+                node: format!("node-{}", (s * 2 + i) % 2),
+                service_id: Some(format!("svc-{s}-{i}")),
+                check_id: None,
+            })
+            .unwrap();
+        }
+    }
+    d.set_faults(Faults::default());
+    r.until("the fresh, empty catalog", 5 * SECOND, |c| {
+        c.services.is_empty()
+    })
+    .await;
+    r.status_until("fresh", 5 * SECOND, |s| {
+        let dc1 = &s.datacenters["dc1"];
+        dc1.restored_since.is_none() && !dc1.stale && dc1.synced
+    })
+    .await;
+    r.stop().await;
+    assert_eq!(
+        store.load_consul("dc1").unwrap().unwrap().services.len(),
+        0,
+        "stored on shutdown"
+    );
+}
+
+#[test]
+fn ready_means_read_or_restored_and_unreachable() {
+    let mut s = ConsulStatus::default();
+    assert!(!s.ready(), "no datacenter yet");
+    s.datacenters
+        .insert("dc1".into(), DatacenterStatus::default());
+    assert!(!s.ready());
+    let dc1 = s.datacenters.get_mut("dc1").unwrap();
+    dc1.restored_since = Some(std::time::SystemTime::now());
+    assert!(!s.ready(), "restored, but Consul may still answer");
+    s.datacenters.get_mut("dc1").unwrap().last_error = Some("unreachable".into());
+    assert!(s.ready());
+    s.datacenters.insert(
+        "dc2".into(),
+        DatacenterStatus {
+            synced: true,
+            ..DatacenterStatus::default()
+        },
+    );
+    assert!(s.ready());
+    s.datacenters
+        .insert("dc3".into(), DatacenterStatus::default());
+    assert!(!s.ready());
 }

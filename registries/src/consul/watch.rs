@@ -43,6 +43,7 @@ use super::mapping::{
 use super::pacing::{Backoff, TokenBucket};
 use super::status::{ConsulStatus, DatacenterStatus};
 use super::ConsulError;
+use crate::last_good::{LastGoodStore, StoredCatalog};
 use crate::model::{Catalog, Instance};
 
 /// How long a service-list wake-up waits for a check change to explain it before a sweep.
@@ -50,10 +51,14 @@ const EXPLAIN_GRACE: Duration = Duration::from_millis(1000);
 
 type DcServices = BTreeMap<String, Vec<Instance>>;
 
+/// At most one write of a datacenter's stored catalog per this interval (each is an fsync).
+const STORE_EVERY: Duration = Duration::from_secs(1);
+
 /// The Consul registry adapter. See the module docs for how it watches.
 pub struct ConsulRegistry {
     config: Arc<ConsulConfig>,
     client: Client,
+    store: Option<LastGoodStore>,
 }
 
 struct DcUpdate {
@@ -66,7 +71,18 @@ impl ConsulRegistry {
     pub fn new(config: ConsulConfig) -> Result<ConsulRegistry, ConsulError> {
         let config = Arc::new(config);
         let client = Client::new(config.clone())?;
-        Ok(ConsulRegistry { config, client })
+        Ok(ConsulRegistry {
+            config,
+            client,
+            store: None,
+        })
+    }
+
+    /// Stores each datacenter's catalog after every change (at most once per second), and at
+    /// start serves the stored one until that datacenter is first read in full.
+    pub fn with_last_good(mut self, store: LastGoodStore) -> ConsulRegistry {
+        self.store = Some(store);
+        self
     }
 
     /// Watches every configured datacenter and publishes the merged Consul catalog and the
@@ -89,14 +105,48 @@ impl ConsulRegistry {
             tasks.spawn(w.run(tx.clone(), shutdown.child_token()));
         }
         drop(tx);
-        status.send_replace(Arc::new(current.clone()));
         let mut per_dc: BTreeMap<String, Arc<DcServices>> = BTreeMap::new();
+        // Datacenters served from the store, with when it was saved, until their first full read.
+        let mut restored: BTreeMap<String, SystemTime> = BTreeMap::new();
+        let (fresh_tx, fresh_rx) = watch::channel(BTreeMap::new());
+        if let Some(store) = self.store.clone() {
+            let dcs = self.config.datacenters.clone();
+            let loaded = tokio::task::spawn_blocking(move || load_stored(&store, &dcs))
+                .await
+                .unwrap_or_default();
+            for (dc, stored) in loaded {
+                restored.insert(dc.clone(), stored.saved);
+                per_dc.insert(dc, Arc::new(stored.services));
+            }
+            if !per_dc.is_empty() {
+                catalog.send_replace(Arc::new(build_catalog(
+                    per_dc.iter().map(|(dc, s)| (dc.as_str(), s.as_ref())),
+                )));
+            }
+            let store = self.store.clone();
+            tasks.spawn(store_catalogs(store, fresh_rx, shutdown.clone()));
+        }
+        for (dc, since) in &restored {
+            if let Some(d) = current.datacenters.get_mut(dc) {
+                mark_restored(d, *since);
+            }
+        }
+        status.send_replace(Arc::new(current.clone()));
         loop {
-            let update = tokio::select! {
+            let mut update = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 u = rx.recv() => match u { Some(u) => u, None => break },
             };
             if let Some(services) = update.services {
+                if restored.remove(&update.dc).is_some() {
+                    tracing::info!(
+                        dc = update.dc,
+                        "consul read in full; its fresh catalog replaces the stored one"
+                    );
+                }
+                fresh_tx.send_modify(|m| {
+                    m.insert(update.dc.clone(), services.clone());
+                });
                 per_dc.insert(update.dc.clone(), services);
                 let next = build_catalog(per_dc.iter().map(|(dc, s)| (dc.as_str(), s.as_ref())));
                 catalog.send_if_modified(|c| {
@@ -108,6 +158,9 @@ impl ConsulRegistry {
                     true
                 });
             }
+            if let Some(since) = restored.get(&update.dc) {
+                mark_restored(&mut update.status, *since);
+            }
             current.datacenters.insert(update.dc, update.status);
             status.send_if_modified(|s| {
                 if **s == current {
@@ -118,12 +171,90 @@ impl ConsulRegistry {
             });
         }
         shutdown.cancel();
+        // The store writer sees the channel close and writes what is still pending.
+        drop(fresh_tx);
         while let Some(r) = tasks.join_next().await {
             if let Err(e) = r {
                 tracing::warn!(error = %e, "consul datacenter watcher panicked");
             }
         }
         Ok(())
+    }
+}
+
+/// A datacenter served from the store is stale until Consul is read in full.
+fn mark_restored(status: &mut DatacenterStatus, since: SystemTime) {
+    status.restored_since = Some(since);
+    status.stale = true;
+}
+
+/// The stored catalog of each of `dcs` that has one (blocking); unreadable copies are logged
+/// and skipped.
+fn load_stored(store: &LastGoodStore, dcs: &[String]) -> BTreeMap<String, StoredCatalog> {
+    let mut out = BTreeMap::new();
+    for dc in dcs {
+        match store.load_consul(dc) {
+            Ok(Some(stored)) => {
+                tracing::warn!(
+                    dc,
+                    copy = %store.consul_copy(dc).display(),
+                    saved_unix_s = crate::last_good::unix_secs(stored.saved),
+                    services = stored.services.len(),
+                    "serving the consul catalog stored by an earlier run until consul is read in full (stale)"
+                );
+                out.insert(dc.clone(), stored);
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(dc, copy = %store.consul_copy(dc).display(), error = %e, "cannot read the stored consul catalog; starting without it");
+            }
+        }
+    }
+    out
+}
+
+/// Writes each datacenter's fresh catalog to the store when it changes, at most once per
+/// [`STORE_EVERY`]; the watch channel keeps only the newest. Writes what is pending when the
+/// channel closes, then returns.
+async fn store_catalogs(
+    store: Option<LastGoodStore>,
+    mut fresh: watch::Receiver<BTreeMap<String, Arc<DcServices>>>,
+    shutdown: CancellationToken,
+) {
+    let Some(store) = store else { return };
+    let mut written: BTreeMap<String, Arc<DcServices>> = BTreeMap::new();
+    loop {
+        let open = fresh.changed().await.is_ok();
+        let now = fresh.borrow_and_update().clone();
+        let due: Vec<(String, Arc<DcServices>)> = now
+            .into_iter()
+            .filter(|(dc, s)| written.get(dc).is_none_or(|w| !Arc::ptr_eq(w, s)))
+            .collect();
+        if !due.is_empty() {
+            let store = store.clone();
+            let list = due.clone();
+            let failed = tokio::task::spawn_blocking(move || {
+                let mut failed = BTreeSet::new();
+                for (dc, services) in &list {
+                    if let Err(e) = store.save_consul(dc, services) {
+                        tracing::warn!(dc, copy = %store.consul_copy(dc).display(), error = %e, "cannot store the consul catalog");
+                        failed.insert(dc.clone());
+                    }
+                }
+                failed
+            })
+            .await
+            .unwrap_or_default();
+            written.extend(due.into_iter().filter(|(dc, _)| !failed.contains(dc)));
+        }
+        if !open {
+            return;
+        }
+        // Between writes; on shutdown, go round once more to write what is pending.
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(STORE_EVERY) => {}
+        }
     }
 }
 
@@ -243,6 +374,8 @@ struct DcWatcher {
     status: DatacenterStatus,
     sent_status: Option<DatacenterStatus>,
     dirty: bool,
+    /// The services were sent once (after the first full read), even if there are none.
+    sent_services: bool,
 }
 
 impl DcWatcher {
@@ -281,6 +414,7 @@ impl DcWatcher {
             },
             sent_status: None,
             dirty: false,
+            sent_services: false,
         }
     }
 
@@ -582,8 +716,11 @@ impl DcWatcher {
         self.status.services = self.services.values().filter(|i| !i.is_empty()).count();
         self.status.instances = self.services.values().map(Vec::len).sum();
         self.status.rejected = self.rejected.values().flatten().cloned().collect();
-        let services = (self.dirty && synced).then(|| {
+        // The first full read is always sent: it replaces a stored catalog even when it
+        // finds the datacenter as empty as it started.
+        let services = ((self.dirty || !self.sent_services) && synced).then(|| {
             self.dirty = false;
+            self.sent_services = true;
             Arc::new(self.services.clone())
         });
         if services.is_none() && self.sent_status.as_ref() == Some(&self.status) {

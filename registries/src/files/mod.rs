@@ -9,7 +9,9 @@
 //!   [`validate`] merges the declarations of all files and checks what needs several;
 //! - [`state`] keeps the last good version of each file and decides which versions are in
 //!   force: bad input never replaces good state;
-//! - [`watch`] tells [`FileRegistry::run`] when to rescan.
+//! - [`watch`] tells [`FileRegistry::run`] when to rescan;
+//! - [`persist`] keeps the versions in force in the last-good store (when there is one), and at
+//!   start [`state::FileSet::restore`] puts them back in force for files that are broken now.
 //!
 //! Problems are reported as `path:line:column: field: message`, logged when they first
 //! appear, and kept in [`FilesStatus`] for discovery's status API.
@@ -19,6 +21,7 @@ mod authz;
 mod gateways;
 mod overlay;
 mod parse;
+mod persist;
 mod rules;
 mod scan;
 mod state;
@@ -35,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub use crate::config_vocab::Problem;
+use crate::last_good::LastGoodStore;
 use crate::model::Catalog;
 pub use overlay::{check_with, declared, Declared};
 pub use parse::is_valid_name;
@@ -59,6 +63,18 @@ pub struct FileState {
     /// Why the latest version is not in force; empty when it is. A problem may point into
     /// another file (a route there to a service this version removes).
     pub problems: Vec<Problem>,
+    /// The version in force is the last good copy an earlier run stored (the file on disk has
+    /// had problems since this run started).
+    pub restored: Option<Restored>,
+}
+
+/// Where a restored version in force comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    /// The stored copy (under `<state_dir>/last-good/files/`).
+    pub copy: PathBuf,
+    /// When it was stored.
+    pub saved: std::time::SystemTime,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -67,14 +83,25 @@ pub enum FilesError {
     Watcher(#[source] notify::Error),
     #[error("the registry file scan did not finish")]
     Scan(#[source] tokio::task::JoinError),
+    #[error("reading or writing the last-good store did not finish")]
+    Store(#[source] tokio::task::JoinError),
 }
 
 /// Loads every `*.toml` under `paths` once (for `--check` and at startup). Returns the catalog
 /// of every file that is good, and all problems (sorted by file and position). Nothing is
 /// logged except missing paths, which count as empty: the caller prints the problems.
 pub fn load_once(paths: &[PathBuf]) -> (Catalog, Vec<Problem>) {
+    load_once_with(paths, None)
+}
+
+/// [`load_once`], with the stored last good version in force for each file that is broken now
+/// (see [`FileRegistry::with_last_good`]). Blocking.
+pub fn load_once_with(paths: &[PathBuf], store: Option<&LastGoodStore>) -> (Catalog, Vec<Problem>) {
     let mut set = FileSet::default();
     rescan_blocking(paths, &mut set);
+    if let Some(store) = store {
+        set.restore(store.load_files());
+    }
     set.settle();
     let (catalog, invariant) = set.catalog();
     let mut problems = set.problems();
@@ -105,11 +132,19 @@ fn apply_scan(scanned: scan::Scan, set: &mut FileSet, quiet_missing: bool) -> bo
 #[derive(Debug, Clone)]
 pub struct FileRegistry {
     paths: Vec<PathBuf>,
+    store: Option<LastGoodStore>,
 }
 
 impl FileRegistry {
     pub fn new(paths: Vec<PathBuf>) -> FileRegistry {
-        FileRegistry { paths }
+        FileRegistry { paths, store: None }
+    }
+
+    /// Keeps the version in force of every file in `store`, and at start serves the stored
+    /// version of each file that exists but is broken (a deleted file is not brought back).
+    pub fn with_last_good(mut self, store: LastGoodStore) -> FileRegistry {
+        self.store = Some(store);
+        self
     }
 
     /// Loads everything, publishes the first catalog, then watches. Publishes a new
@@ -140,7 +175,28 @@ impl FileRegistry {
         // The watcher warns about missing paths (once each); the scan need not repeat it.
         watcher.refresh(&self.paths);
         self.rescan(&mut set).await?;
+        // What the last-good store holds, by the real file's path.
+        let mut stored = persist::Stored::new();
+        if let Some(store) = self.store.clone() {
+            let files = tokio::task::spawn_blocking(move || store.load_files())
+                .await
+                .map_err(FilesError::Store)?;
+            stored = files
+                .iter()
+                .map(|(p, f)| (p.clone(), f.content.clone()))
+                .collect();
+            set.restore(files);
+        }
         self.settle_and_publish(&mut set, &catalog, &status, true);
+        for (path, r) in set.restored() {
+            tracing::warn!(
+                file = %path.display(),
+                copy = %r.copy.display(),
+                saved_unix_s = crate::last_good::unix_secs(r.saved),
+                "registry file has problems (above); serving its last good version from an earlier run"
+            );
+        }
+        stored = self.sync_store(&set, stored).await?;
 
         let mut tick = tokio::time::interval(RESCAN_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -172,8 +228,27 @@ impl FileRegistry {
             last_rescan = tokio::time::Instant::now();
             if rescanned {
                 self.settle_and_publish(&mut set, &catalog, &status, false);
+                stored = self.sync_store(&set, stored).await?;
             }
         }
+    }
+
+    /// Writes the versions in force to the last-good store (and removes withdrawn files).
+    async fn sync_store(
+        &self,
+        set: &FileSet,
+        stored: persist::Stored,
+    ) -> Result<persist::Stored, FilesError> {
+        let Some(store) = self.store.clone() else {
+            return Ok(stored);
+        };
+        let ops = persist::plan(&stored, &set.accepted_contents());
+        if ops.is_empty() {
+            return Ok(stored);
+        }
+        tokio::task::spawn_blocking(move || persist::apply(&store, stored, ops))
+            .await
+            .map_err(FilesError::Store)
     }
 
     async fn rescan(&self, set: &mut FileSet) -> Result<bool, FilesError> {

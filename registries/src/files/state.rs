@@ -13,7 +13,9 @@
 //!    another file: the deletion is what must wait).
 //!
 //! At startup nothing is in force, so the same steps load every good file and leave out the
-//! ones that problems point to.
+//! ones that problems point to. With a last-good store, [`FileSet::restore`] first puts the
+//! stored versions of the files that exist into force, so a file that is broken at startup keeps
+//! the version the previous run had (a deleted file is not brought back).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -21,7 +23,8 @@ use std::sync::Arc;
 
 use super::parse::{parse_file, FileDecls};
 use super::validate::merge;
-use super::{FileState, FilesStatus, Problem};
+use super::{FileState, FilesStatus, Problem, Restored};
+use crate::last_good::StoredFile;
 use crate::model::Catalog;
 
 /// A file's content as read, or why it could not be read.
@@ -57,6 +60,8 @@ pub(crate) struct FileSet {
     accepted: BTreeMap<PathBuf, Accepted>,
     /// The current problems of each file whose on-disk version is not in force.
     problems: BTreeMap<PathBuf, Vec<Problem>>,
+    /// Files whose version in force is a stored copy from an earlier run.
+    restored: BTreeMap<PathBuf, Restored>,
 }
 
 impl FileSet {
@@ -111,6 +116,70 @@ impl FileSet {
                 self.disk.remove(path);
             }
         }
+    }
+
+    /// Before the first [`FileSet::settle`] (after the first [`FileSet::update`]): puts the
+    /// stored last good versions in force, as if this run had accepted them. Only files that
+    /// exist now are restored (one deleted on purpose stays deleted), and only as many as merge
+    /// cleanly. The next settle then brings in every on-disk version that is good; the stored
+    /// version stays in force only where the file on disk is broken.
+    pub(crate) fn restore(&mut self, stored: BTreeMap<PathBuf, StoredFile>) {
+        let mut keep: BTreeMap<PathBuf, (Accepted, Restored)> = stored
+            .into_iter()
+            .filter(|(path, _)| self.disk.contains_key(path) && !self.accepted.contains_key(path))
+            .filter_map(|(path, s)| {
+                let decls = parse_file(&path, &s.content).ok()?;
+                let accepted = Accepted {
+                    content: s.content,
+                    decls: Arc::new(decls),
+                };
+                let restored = Restored {
+                    copy: s.copy,
+                    saved: s.saved,
+                };
+                Some((path, (accepted, restored)))
+            })
+            .collect();
+        loop {
+            let all = self
+                .accepted
+                .iter()
+                .map(|(p, a)| (p, a.decls.as_ref()))
+                .chain(keep.iter().map(|(p, (a, _))| (p, a.decls.as_ref())));
+            let (_, found) = merge(all);
+            if found.is_empty() {
+                break;
+            }
+            let before = keep.len();
+            keep.retain(|p, _| !found.iter().any(|f| &f.file == p));
+            if keep.len() == before {
+                keep.clear();
+            }
+        }
+        for (path, (accepted, restored)) in keep {
+            // A file whose disk version is the stored one is simply in force.
+            let same = self
+                .disk
+                .get(&path)
+                .is_some_and(|d| d.read.as_ref().is_ok_and(|c| *c == accepted.content));
+            if !same {
+                self.restored.insert(path.clone(), restored);
+            }
+            self.accepted.insert(path, accepted);
+        }
+    }
+
+    /// The files whose version in force is a stored copy from an earlier run.
+    pub(crate) fn restored(&self) -> &BTreeMap<PathBuf, Restored> {
+        &self.restored
+    }
+
+    /// The content of every version in force, for the last-good store.
+    pub(crate) fn accepted_contents(&self) -> BTreeMap<PathBuf, &str> {
+        self.accepted
+            .iter()
+            .map(|(p, a)| (p.clone(), a.content.as_str()))
+            .collect()
     }
 
     /// Brings into force every on-disk version that can be, keeping the invariant (see the
@@ -221,6 +290,7 @@ impl FileSet {
     }
 
     fn commit(&mut self, path: &Path, settled: &mut Settled) {
+        self.restored.remove(path);
         match self.disk.get(path) {
             Some(OnDisk {
                 read: Ok(content),
@@ -257,6 +327,7 @@ impl FileSet {
                     let state = FileState {
                         in_force: self.accepted.contains_key(p),
                         problems: self.problems.get(p).cloned().unwrap_or_default(),
+                        restored: self.restored.get(p).cloned(),
                     };
                     (p.clone(), state)
                 })

@@ -1,5 +1,6 @@
 //! The registry as a whole: merging across files, last-good state, and the watcher loop.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -285,7 +286,8 @@ fn last_good_version_is_kept_after_a_bad_edit() {
         set.status().files[&p("reviews.toml")],
         FileState {
             in_force: true,
-            problems: vec![]
+            problems: vec![],
+            restored: None,
         }
     );
 }
@@ -468,6 +470,285 @@ async fn registry_publishes_changes_and_keeps_last_good() {
         .expect("stops on shutdown");
     result.expect("task").expect("run");
 }
+
+/// A store holding `files` as the last good versions of an earlier run.
+fn stored(
+    files: &[(&str, &str)],
+) -> (
+    tempfile::TempDir,
+    BTreeMap<PathBuf, crate::last_good::StoredFile>,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = LastGoodStore::in_state_dir(dir.path());
+    for (name, text) in files {
+        store.save_file(&p(name), text).expect("save");
+    }
+    let loaded = store.load_files();
+    (dir, loaded)
+}
+
+#[test]
+fn a_broken_file_falls_back_to_its_stored_version_after_a_restart() {
+    let (_dir, store) = stored(&[("reviews.toml", REVIEWS), ("routes.toml", RULES_OK)]);
+    // The "restart": a fresh set whose reviews.toml is broken on disk.
+    let mut set = FileSet::default();
+    set.set(
+        &p("reviews.toml"),
+        Some(Ok("[services.reviews]
+port = 
+"
+        .into())),
+    );
+    set.set(&p("routes.toml"), Some(Ok(RULES_OK.into())));
+    set.restore(store);
+    let outcome = set.settle();
+    assert!(
+        outcome.accepted.is_empty(),
+        "restored files that did not change: {outcome:?}"
+    );
+    assert_eq!(outcome.new_problems.len(), 1);
+    assert_eq!(
+        outcome.new_problems[0].line, 2,
+        "the problem names the line on disk"
+    );
+    let c = catalog(&set);
+    assert_eq!(
+        c.services["reviews"].instances.len(),
+        1,
+        "the stored version serves"
+    );
+    assert!(
+        c.routes.contains_key("reviews"),
+        "and the route that needs it stays"
+    );
+    let state = &set.status().files[&p("reviews.toml")];
+    assert!(state.in_force && !state.problems.is_empty());
+    assert!(state.restored.is_some(), "marked as restored: {state:?}");
+    assert_eq!(
+        set.status().files[&p("routes.toml")].restored,
+        None,
+        "its disk version is the same"
+    );
+
+    // Fixed on disk: the new version replaces the stored one and the mark goes.
+    set.set(
+        &p("reviews.toml"),
+        Some(Ok(REVIEWS.replace(
+            "9080
+
+", "9090
+
+",
+        ))),
+    );
+    set.settle();
+    assert_eq!(catalog(&set).services["reviews"].port, 9090);
+    assert_eq!(set.status().files[&p("reviews.toml")].restored, None);
+    assert!(set.restored().is_empty());
+}
+
+#[test]
+fn a_deleted_file_is_not_brought_back_from_the_store() {
+    let (_dir, store) = stored(&[
+        ("reviews.toml", REVIEWS),
+        (
+            "web.toml",
+            "[services.web]
+port = 80
+",
+        ),
+    ]);
+    let mut set = FileSet::default();
+    set.set(
+        &p("web.toml"),
+        Some(Ok("[services.web]
+port = 80
+"
+        .into())),
+    );
+    set.restore(store);
+    set.settle();
+    let c = catalog(&set);
+    assert_eq!(c.services.keys().collect::<Vec<_>>(), ["web"]);
+    assert!(!set.status().files.contains_key(&p("reviews.toml")));
+    assert!(set.restored().is_empty());
+}
+
+#[test]
+fn a_good_file_on_disk_wins_over_its_stored_version() {
+    let (_dir, store) = stored(&[("reviews.toml", REVIEWS)]);
+    let mut set = FileSet::default();
+    set.set(
+        &p("reviews.toml"),
+        Some(Ok(REVIEWS.replace(
+            "9080
+
+", "9090
+
+",
+        ))),
+    );
+    set.restore(store);
+    let outcome = set.settle();
+    assert_eq!(outcome.accepted, [p("reviews.toml")]);
+    assert_eq!(catalog(&set).services["reviews"].port, 9090);
+    assert!(set.restored().is_empty());
+}
+
+#[test]
+fn stored_versions_that_no_longer_fit_together_are_left_out() {
+    // The stored route needs subsets of a policy in a file that is deleted now.
+    let (_dir, store) = stored(&[
+        ("reviews.toml", REVIEWS),
+        (
+            "policy.toml",
+            "[policies.reviews]
+subsets = { v1 = { version = \"v1\" } }
+",
+        ),
+        (
+            "route.toml",
+            "[routes.reviews]\n[[routes.reviews.rules]]\nto = [{ subset = \"v1\" }]\n",
+        ),
+    ]);
+    let mut set = FileSet::default();
+    set.set(&p("reviews.toml"), Some(Ok(REVIEWS.into())));
+    set.set(
+        &p("route.toml"),
+        Some(Ok("[routes.reviews
+"
+        .into())),
+    );
+    set.restore(store);
+    set.settle();
+    let c = catalog(&set);
+    assert!(
+        c.routes.is_empty(),
+        "the route cannot come back without its policy"
+    );
+    assert!(c.services.contains_key("reviews"));
+}
+
+#[tokio::test]
+async fn registry_restarts_from_the_store_and_keeps_it_current() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let registry_dir = dir.path().join("registry.d");
+    std::fs::create_dir(&registry_dir).expect("mkdir");
+    let store = LastGoodStore::in_state_dir(&dir.path().join("state"));
+    let file = registry_dir.join("reviews.toml");
+    std::fs::write(&file, REVIEWS).expect("write");
+    let gone = registry_dir.join("gone.toml");
+    std::fs::write(
+        &gone,
+        "[services.gone]
+port = 80
+",
+    )
+    .expect("write");
+
+    // First run: both files are stored.
+    let run = |store: LastGoodStore| {
+        let (catalog_tx, catalog_rx) = channel::channel(Arc::new(Catalog::default()));
+        let (status_tx, status_rx) = channel::channel(Arc::new(FilesStatus::default()));
+        let shutdown = CancellationToken::new();
+        let registry = FileRegistry::new(vec![registry_dir.clone()]).with_last_good(store);
+        let task = tokio::spawn(registry.run(catalog_tx, status_tx, shutdown.clone()));
+        (catalog_rx, status_rx, shutdown, task)
+    };
+    let (mut catalog_rx, _status, shutdown, task) = run(store.clone());
+    wait_for(&mut catalog_rx, "both services", |c| c.services.len() == 2).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.load_files().len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "both files stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    task.await.expect("task").expect("run");
+
+    // While discovery is down: one file breaks, the other is deleted on purpose.
+    std::fs::write(
+        &file,
+        "[services.reviews]
+port = 
+",
+    )
+    .expect("break");
+    std::fs::remove_file(&gone).expect("delete");
+    let (catalog, problems) = load_once_with(std::slice::from_ref(&registry_dir), Some(&store));
+    assert_eq!(catalog.services.keys().collect::<Vec<_>>(), ["reviews"]);
+    assert_eq!(problems.len(), 1);
+    assert_eq!(
+        load_once(std::slice::from_ref(&registry_dir))
+            .0
+            .services
+            .len(),
+        0,
+        "without the store: nothing"
+    );
+
+    let (mut catalog_rx, mut status_rx, shutdown, task) = run(store.clone());
+    wait_for(&mut status_rx, "reviews restored", |s| {
+        s.files
+            .get(&file)
+            .is_some_and(|f| f.in_force && f.restored.is_some())
+    })
+    .await;
+    wait_for(&mut catalog_rx, "only reviews", |c| {
+        c.services.keys().collect::<Vec<_>>() == ["reviews"]
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.load_files().contains_key(&gone) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the deleted file's copy is removed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The stored copy of the broken file is still the good one.
+    assert_eq!(store.load_files()[&file].content, REVIEWS);
+
+    // Fixed: picked up, stored, no longer marked.
+    let tmp = registry_dir.join(".reviews.toml.tmp");
+    std::fs::write(
+        &tmp,
+        REVIEWS.replace(
+            "9080
+
+", "9090
+
+",
+        ),
+    )
+    .expect("write");
+    std::fs::rename(&tmp, &file).expect("rename");
+    wait_for(&mut catalog_rx, "the fixed file", |c| {
+        c.services.get("reviews").is_some_and(|s| s.port == 9090)
+    })
+    .await;
+    wait_for(&mut status_rx, "no longer restored", |s| {
+        s.files
+            .get(&file)
+            .is_some_and(|f| f.restored.is_none() && f.problems.is_empty())
+    })
+    .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !store.load_files()[&file].content.contains("9090") {
+        assert!(tokio::time::Instant::now() < deadline, "the fix is stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shutdown.cancel();
+    task.await.expect("task").expect("run");
+}
+
+const RULES_OK: &str = r#"
+[policies.reviews]
+subsets = { v1 = { version = "v1" } }
+
+[routes.reviews]
+[[routes.reviews.rules]]
+to = [{ subset = "v1" }]
+"#;
 
 const AUTHZ: &str = r#"
 [[authorization.reviews.rules]]
