@@ -811,7 +811,7 @@ fn random_serial() -> SerialNumber {
 }
 
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.is_empty() || s.len() % 2 != 0 || s.len() > 40 {
+    if s.is_empty() || !s.len().is_multiple_of(2) || s.len() > 40 {
         return None;
     }
     (0..s.len())
