@@ -8,7 +8,8 @@
 //! - [`revocation`]: revoked nodes (`revocations.json`) and the certificates issued to each
 //!   node (`issued.jsonl`), from which discovery builds the CRL ([`Ca::sign_crl`]).
 //! - [`rotation`]: when to renew a certificate.
-//! - [`wire`]: the `pilotfish.identity.v1.Identity` gRPC service (Enrol, Sign, Bundle).
+//! - [`wire`]: the `pilotfish.identity.v1.Identity` gRPC service (Enrol, Sign, Bundle,
+//!   WatchBundle).
 //!
 //! Data flow: the agent makes a key ([`LocalKey`]), sends a CSR with its join token
 //! (`Enrol`), discovery redeems the token ([`TokenStore::redeem`]) and signs the node

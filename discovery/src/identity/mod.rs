@@ -9,8 +9,10 @@
 //!   TLS layer accepts connections without a client certificate (so a host with only a join
 //!   token can reach `Enrol`) but verifies any certificate it gets against the bundle; each
 //!   method then requires what it needs.
-//! - [`service::IdentityService`] is `pilotfish.identity.v1.Identity`: Enrol (join token), Sign
-//!   and Bundle (node certificate).
+//! - [`service::IdentityService`] is `pilotfish.identity.v1.Identity`: Enrol (join token), Sign,
+//!   Bundle and WatchBundle (node certificate).
+//! - [`revocation::Revoker`] keeps what `node revoke` cut off: `PeerAuth` refuses it and ends
+//!   its streams, and the CRL goes to every agent with the bundle.
 //!
 //! Root rotation is a file change made by `pilotfish-discovery ca ...` (see `pilotfish_pki::ca`);
 //! a SIGHUP makes the running discovery load it: new bundle for new handshakes and in every
@@ -182,11 +184,14 @@ impl Authority {
         let ca = Ca::load_or_create(&self.state_dir, &self.trust_domain, &self.options)?;
         let (config, not_after) = server_tls_config(&ca, &self.server_key, self.server_ttl)?;
         log_roots(&ca);
-        self.revoker.resign(&ca);
+        let ca = Arc::new(ca);
         match self.ca.write() {
-            Ok(mut slot) => *slot = Arc::new(ca),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(ca),
+            Ok(mut slot) => *slot = Arc::clone(&ca),
+            Err(poisoned) => *poisoned.into_inner() = Arc::clone(&ca),
         }
+        // After the swap: the new view wakes every WatchBundle stream, which then reads the
+        // new bundle too.
+        self.revoker.resign(&ca);
         self.set_server_cert(config, not_after);
         info!("reloaded the CA");
         Ok(())
