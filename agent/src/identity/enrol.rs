@@ -146,8 +146,11 @@ pub async fn watch_bundle(
     .await
 }
 
-/// The current trust bundle.
-pub async fn bundle(addrs: &[String], tls: &ClientTlsConfig) -> Result<String, CallError> {
+/// The current trust bundle and CRL (a fallback for when the `WatchBundle` stream is stuck).
+pub async fn bundle(
+    addrs: &[String],
+    tls: &ClientTlsConfig,
+) -> Result<pilotfish_pki::wire::BundleResponse, CallError> {
     timed(async {
         let mut c = client(addrs, tls).await?;
         let r = c
@@ -155,7 +158,7 @@ pub async fn bundle(addrs: &[String], tls: &ClientTlsConfig) -> Result<String, C
             .await
             .map_err(CallError::Refused)?
             .into_inner();
-        Ok(r.bundle_pem)
+        Ok(r)
     })
     .await
 }

@@ -640,7 +640,8 @@ impl IdentityManager {
             Err(e) => return Err(self.call_failed(&e)),
         };
         self.schedule.bundle_fetched(SystemTime::now());
-        if self.take_bundle(&bundle) {
+        let took_bundle = self.take_bundle(&bundle.bundle_pem);
+        if self.take_crl(&bundle.crl_pem) || took_bundle {
             self.publish();
         }
         Ok(())
