@@ -16,7 +16,7 @@
 //!   retried with backoff; Envoy keeps waiting for the secret meanwhile.
 //! - `Bundle` every [`BUNDLE_REFRESH`] (and every issued certificate carries the bundle too),
 //!   so a new root reaches Envoy and the relay's TLS settings. Besides, a `WatchBundle` stream
-//!   stays open while enrolled ([`watch_bundle`]): discovery pushes the bundle and its CRL
+//!   stays open while enrolled ([`bundle_watch`]): discovery pushes the bundle and its CRL
 //!   on every change, so a revoked node's certificates are refused by this host's Envoy within
 //!   a second or two.
 //! - Revoked: when discovery refuses this host as revoked (on that stream or any call), the
@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::ClientTlsConfig;
 use tracing::{debug, info, warn};
 
+use super::bundle_watch::{self, Pushed};
 use super::enrol::{self, Grant};
 use super::store::Store;
 use super::tls::{client_config, trusted_roots};
@@ -57,8 +58,6 @@ pub const RETRY_CAP: Duration = Duration::from_secs(60);
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 /// While not enrolled after a refusal, how often `token_file` is checked for a new token.
 pub const TOKEN_RECHECK: Duration = Duration::from_secs(2);
-/// Longest wait before reopening a failed `WatchBundle` stream.
-const WATCH_RETRY_CAP: Duration = Duration::from_secs(30);
 
 /// What the manager does next.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -276,13 +275,6 @@ pub struct IdentityManager {
     failed_token: Option<String>,
 }
 
-/// What the `WatchBundle` stream tells the manager.
-#[derive(Debug)]
-enum Pushed {
-    Bundle { bundle_pem: String, crl_pem: String },
-    Revoked(String),
-}
-
 impl IdentityManager {
     /// Loads and publishes what `state_dir` holds. Unreadable or foreign files are logged and
     /// ignored (they are replaced by the next certificate issued).
@@ -383,7 +375,7 @@ impl IdentityManager {
     /// Runs until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let (tx, mut pushed) = mpsc::channel(4);
-        let watcher = tokio::spawn(watch_bundle(
+        let watcher = tokio::spawn(bundle_watch::run(
             self.settings.discovery.clone(),
             self.state.subscribe(),
             self.tls.subscribe(),
@@ -734,120 +726,6 @@ impl IdentityManager {
         self.status
             .set_certificates(expiries, self.current.node.is_some());
     }
-}
-
-/// Keeps a `WatchBundle` stream open while the host holds a node certificate, and forwards
-/// what discovery pushes. Reconnects with the new certificate when the node certificate
-/// changes, and with backoff after a failure; a revocation is forwarded, then the watcher
-/// waits for a new node certificate.
-async fn watch_bundle(
-    addrs: Vec<String>,
-    mut identities: watch::Receiver<Arc<Identities>>,
-    tls: watch::Receiver<Option<ClientTlsConfig>>,
-    tx: mpsc::Sender<Pushed>,
-    shutdown: CancellationToken,
-) {
-    let mut failures: u32 = 0;
-    loop {
-        // The node certificate the stream is opened with; `None` until enrolled.
-        let node = identities
-            .borrow_and_update()
-            .node
-            .as_ref()
-            .map(|n| n.chain_pem.clone());
-        let config = tls.borrow().clone();
-        let (Some(node), Some(config)) = (node, config) else {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                changed = identities.changed() => if changed.is_err() { return },
-            }
-            continue;
-        };
-        let stream = async {
-            let mut stream = enrol::watch_bundle(&addrs, &config).await?;
-            loop {
-                match stream.message().await {
-                    Ok(Some(m)) => {
-                        let pushed = Pushed::Bundle {
-                            bundle_pem: m.bundle_pem,
-                            crl_pem: m.crl_pem,
-                        };
-                        if tx.send(pushed).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Ok(None) => {
-                        return Err(enrol::CallError::Unreachable(
-                            "discovery ended the bundle stream".into(),
-                        ))
-                    }
-                    Err(status) => return Err(enrol::CallError::Refused(status)),
-                }
-            }
-        };
-        let node_changed = node_changed(&mut identities, &node);
-        let outcome = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = node_changed => continue,
-            outcome = stream => outcome,
-        };
-        let wait = match outcome {
-            Ok(()) => return,
-            Err(e) if e.is_revoked() => {
-                let _ = tx.send(Pushed::Revoked(e.to_string())).await;
-                None
-            }
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                let wait = RETRY_INITIAL
-                    .saturating_mul(1 << failures.min(5))
-                    .min(WATCH_RETRY_CAP);
-                debug!(error = %e, ?wait, "the bundle stream failed; reopening");
-                Some(wait.mul_f64(rand::rng().random_range(0.5..=1.0)))
-            }
-        };
-        // A revoked host waits for a new node certificate; otherwise back off, but reconnect
-        // at once with a new certificate.
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = node_changed_owned(identities.clone(), node) => failures = 0,
-            _ = async {
-                match wait {
-                    Some(w) => tokio::time::sleep(w).await,
-                    None => std::future::pending().await,
-                }
-            } => {}
-        }
-    }
-}
-
-/// Resolves when the node certificate is no longer `node` (or the channel closes).
-async fn node_changed(identities: &mut watch::Receiver<Arc<Identities>>, node: &str) {
-    loop {
-        if identities.changed().await.is_err() {
-            return std::future::pending().await;
-        }
-        let now = identities
-            .borrow_and_update()
-            .node
-            .as_ref()
-            .map(|n| n.chain_pem.clone());
-        if now.as_deref() != Some(node) {
-            return;
-        }
-    }
-}
-
-async fn node_changed_owned(mut identities: watch::Receiver<Arc<Identities>>, node: String) {
-    let current = identities
-        .borrow_and_update()
-        .node
-        .as_ref()
-        .map(|n| n.chain_pem.clone());
-    if current.as_deref() != Some(node.as_str()) {
-        return;
-    }
-    node_changed(&mut identities, &node).await;
 }
 
 #[cfg(test)]

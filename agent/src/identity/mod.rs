@@ -17,6 +17,7 @@
 //! - [`sds`] serves the snapshots to Envoy over a Unix socket (SotW SDS); a pure per-stream
 //!   state decides what to send; a changed snapshot is pushed on every open stream.
 
+mod bundle_watch;
 pub mod enrol;
 pub mod manager;
 pub mod sds;
