@@ -1,6 +1,6 @@
 //! Operator commands that work on the state directory, with or without discovery running:
-//! join tokens (`token create|list|revoke`) and the CA (`ca bundle|roots|prepare-rotation|
-//! switch|retire`). Each returns what to print; `main.rs` prints it and picks the exit code
+//! join tokens (`token create|list|revoke`), hosts (`node list|revoke|restore`) and the CA
+//! (`ca bundle|roots|prepare-rotation|switch|retire`). Each returns what to print; `main.rs` prints it and picks the exit code
 //! from [`AdminError::is_usage`].
 //!
 //! Run them as the user discovery runs as: they create files in `state_dir` (the CA, on first
@@ -21,8 +21,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
+use pilotfish_pki::revocation::summarize;
 use pilotfish_pki::tokens::DEFAULT_TOKEN_TTL;
-use pilotfish_pki::{Ca, CaError, TokenStore, TokenStoreError};
+use pilotfish_pki::{
+    Ca, CaError, IssuedLog, RevocationError, RevocationStore, TokenStore, TokenStoreError,
+};
 use pilotfish_registries::config_vocab::parse_duration;
 
 use crate::config::Config;
@@ -37,6 +40,10 @@ pub enum AdminError {
     Tokens(#[from] TokenStoreError),
     #[error(transparent)]
     Ca(#[from] CaError),
+    #[error(transparent)]
+    Revocations(#[from] RevocationError),
+    #[error(transparent)]
+    Issued(#[from] pilotfish_pki::FileError),
 }
 
 impl AdminError {
@@ -47,6 +54,7 @@ impl AdminError {
             AdminError::BadTtl(_)
                 | AdminError::Tokens(TokenStoreError::InvalidNode(_) | TokenStoreError::BadTtl)
                 | AdminError::Ca(CaError::Config(_))
+                | AdminError::Revocations(RevocationError::InvalidNode(_))
         )
     }
 }
@@ -118,6 +126,115 @@ pub fn token_revoke(config: &Config, id: &str) -> Result<Output, AdminError> {
     Ok(Output {
         stdout: String::new(),
         stderr: format!("revoked join token {id}\n"),
+    })
+}
+
+/// `node revoke NODE`: cuts the host off. The running discovery notices within a second:
+/// it refuses and disconnects the node, and pushes the serials of every certificate it issued
+/// to the node (a CRL) to every other host's Envoy. Unused join tokens for the node are revoked
+/// too, so only a token created after `node restore` brings it back.
+pub fn node_revoke(config: &Config, node: &str) -> Result<Output, AdminError> {
+    let now = SystemTime::now();
+    let newly = RevocationStore::new(&config.state_dir).revoke(node, now)?;
+    let store = tokens(config);
+    let mut spent = Vec::new();
+    for t in store.list()? {
+        if t.node == node && t.state(now) == "valid" {
+            store.revoke(&t.id)?;
+            spent.push(t.id);
+        }
+    }
+    let mut stderr = if newly {
+        format!(
+            "revoked node {node}: discovery refuses its calls and streams, and every peer refuses \
+             its certificates, within a few seconds.\n\
+             To bring it back: `pilotfish-discovery node restore {node}`, then a new join token \
+             (`token create --node {node}`) in the host's token_file.\n"
+        )
+    } else {
+        format!("node {node} was already revoked\n")
+    };
+    if !spent.is_empty() {
+        stderr.push_str(&format!(
+            "also revoked its unused join token(s): {}\n",
+            spent.join(", ")
+        ));
+    }
+    Ok(Output {
+        stdout: String::new(),
+        stderr,
+    })
+}
+
+/// `node restore NODE`: lifts the revocation. The certificates the node held stay refused; the
+/// host enrols again with a new join token.
+pub fn node_restore(config: &Config, node: &str) -> Result<Output, AdminError> {
+    let restored = RevocationStore::new(&config.state_dir).restore(node, SystemTime::now())?;
+    let stderr = if restored {
+        format!(
+            "restored node {node}. Its old certificates stay refused: give the host a new join \
+             token (`pilotfish-discovery token create --node {node}`) in its token_file; the \
+             agent enrols again by itself.\n"
+        )
+    } else {
+        format!("node {node} was not revoked; nothing changed\n")
+    };
+    Ok(Output {
+        stdout: String::new(),
+        stderr,
+    })
+}
+
+/// `node list`: every node with certificates on record, join tokens or a revocation.
+pub fn node_list(config: &Config) -> Result<Output, AdminError> {
+    let now = SystemTime::now();
+    let certs = IssuedLog::new(&config.state_dir).load(now)?;
+    let revocations = RevocationStore::new(&config.state_dir).load()?;
+    let mut rows = summarize(&certs, &revocations);
+    let tokens = tokens(config).list()?;
+    for t in &tokens {
+        if !rows.iter().any(|r| r.node == t.node) {
+            rows.push(pilotfish_pki::revocation::NodeSummary {
+                node: t.node.clone(),
+                certificates: 0,
+                last_issued: None,
+                revocation: None,
+            });
+        }
+    }
+    rows.sort_by(|a, b| a.node.cmp(&b.node));
+    let mut out = format!(
+        "{:<20}  {:<8}  {:<20}  {:>5}  {:<20}  {}\n",
+        "NODE", "STATE", "SINCE", "CERTS", "LAST ISSUED", "TOKENS"
+    );
+    for r in rows {
+        let (state, since) = match &r.revocation {
+            Some(rv) if rv.in_force() => ("revoked", utc(rv.revoked_at())),
+            Some(rv) => ("restored", rv.restored_at().map(utc).unwrap_or_default()),
+            None => ("active", "-".to_owned()),
+        };
+        let node_tokens: Vec<&str> = tokens
+            .iter()
+            .filter(|t| t.node == r.node)
+            .map(|t| t.state(now))
+            .collect();
+        out.push_str(&format!(
+            "{:<20}  {:<8}  {:<20}  {:>5}  {:<20}  {}\n",
+            r.node,
+            state,
+            since,
+            r.certificates,
+            r.last_issued.map(utc).unwrap_or_else(|| "-".into()),
+            if node_tokens.is_empty() {
+                "-".to_owned()
+            } else {
+                node_tokens.join(",")
+            }
+        ));
+    }
+    Ok(Output {
+        stdout: out,
+        stderr: String::new(),
     })
 }
 
@@ -275,6 +392,53 @@ mod tests {
         assert!(e.is_usage());
         let e = token_create(&c, "vm-b", Some("forever")).expect_err("bad ttl");
         assert!(e.is_usage());
+    }
+
+    #[test]
+    fn nodes_are_revoked_listed_and_restored() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let c = config(dir.path());
+        let token = token_create(&c, "vm-c", None).expect("token").stdout;
+        let id = token.split('.').nth(1).expect("id").to_string();
+        let now = SystemTime::now();
+        IssuedLog::new(dir.path())
+            .append(&pilotfish_pki::IssuedCert::new(
+                "0a",
+                "vm-a",
+                "spiffe://pilotfish.local/node/vm-a",
+                now,
+                now + Duration::from_secs(3600),
+            ))
+            .expect("append");
+
+        let list = node_list(&c).expect("list").stdout;
+        let line = |list: &str, node: &str| {
+            list.lines()
+                .find(|l| l.starts_with(node))
+                .unwrap_or_else(|| panic!("{node} in {list}"))
+                .to_string()
+        };
+        assert!(line(&list, "vm-a").contains("active"), "{list}");
+        assert!(line(&list, "vm-c").contains("valid"), "{list}");
+
+        let out = node_revoke(&c, "vm-c").expect("revoked");
+        assert!(out.stderr.contains("node restore vm-c"), "{}", out.stderr);
+        assert!(out.stderr.contains(&id), "its unused token is revoked too");
+        let list = node_list(&c).expect("list").stdout;
+        assert!(line(&list, "vm-c").contains("revoked"), "{list}");
+        assert!(node_revoke(&c, "vm-c")
+            .expect("again")
+            .stderr
+            .contains("already"));
+
+        node_restore(&c, "vm-c").expect("restored");
+        let list = node_list(&c).expect("list").stdout;
+        assert!(line(&list, "vm-c").contains("restored"), "{list}");
+        assert!(node_restore(&c, "vm-c")
+            .expect("again")
+            .stderr
+            .contains("not revoked"));
+        assert!(node_revoke(&c, "Bad Node").expect_err("bad").is_usage());
     }
 
     #[test]

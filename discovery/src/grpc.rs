@@ -61,7 +61,9 @@ where
     let parts = ads.into_parts(shutdown.clone());
     let mut routes: Routes = parts.routes;
     if let Some(identity) = identity {
-        routes = routes.add_service(IdentityServer::new(identity));
+        routes = routes.add_service(IdentityServer::new(
+            identity.with_shutdown(shutdown.clone()),
+        ));
     }
     let result = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

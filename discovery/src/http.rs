@@ -112,6 +112,10 @@ pub struct CaStatus {
     pub tokens: BTreeMap<&'static str, usize>,
     /// Set when the token file could not be read.
     pub tokens_error: Option<String>,
+    /// Nodes cut off by `node revoke`, with when (UTC).
+    pub revoked_nodes: BTreeMap<String, String>,
+    /// Unexpired certificates in the CRL pushed to every host.
+    pub revoked_certificates: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -149,11 +153,21 @@ fn ca_status(authority: &Authority) -> CaStatus {
         }
         Err(e) => (BTreeMap::new(), Some(crate::error_chain(&e))),
     };
+    let revocations = authority.revoker().view();
+    let revoked_nodes = revocations
+        .revocations
+        .nodes()
+        .iter()
+        .filter(|(_, r)| r.in_force())
+        .map(|(node, r)| (node.clone(), utc(r.revoked_at())))
+        .collect();
     CaStatus {
         trust_domain: authority.trust_domain().to_string(),
         roots,
         tokens,
         tokens_error,
+        revoked_nodes,
+        revoked_certificates: revocations.serials.len(),
     }
 }
 

@@ -182,7 +182,11 @@ pub async fn run(
     });
     // Host liveness: dead hosts' instances become unhealthy before translation. Revoked nodes
     // are never alive.
-    let (_revoked, revoked_rx) = watch::channel(Arc::new(BTreeSet::new()));
+    // The nodes cut off by `pilotfish-discovery node revoke` (none in insecure mode).
+    let (_no_revocations, none_revoked) = watch::channel(Arc::new(BTreeSet::<String>::new()));
+    let revoked_rx = authority
+        .as_ref()
+        .map_or(none_revoked, |a| a.revoker().revoked_nodes());
     let (liveness, live_catalog_rx, nodes_rx) = LivenessStage::new(
         catalog_rx.clone(),
         connections.clone(),
@@ -243,6 +247,13 @@ pub async fn run(
     let token = stop.clone();
     match (authority.clone(), identity) {
         (Some(authority), Some(identity)) => {
+            let token_poll = stop.clone();
+            let revoker = Arc::clone(authority.revoker());
+            let ca_source = Arc::clone(&authority);
+            tasks.spawn(async move {
+                revoker.run(move || ca_source.ca(), token_poll).await;
+                Ok(())
+            });
             let tls = authority.tls();
             tasks.spawn(async move {
                 grpc::serve_tls(ads, identity, tls, grpc_listener, token)

@@ -1,5 +1,5 @@
 //! `pilotfish-discovery`: parse flags, load the config, run discovery until SIGTERM/SIGINT
-//! (SIGHUP reloads the CA), or run one operator command (`token ...`, `ca ...`, `validate`).
+//! (SIGHUP reloads the CA), or run one operator command (`token ...`, `node ...`, `ca ...`, `validate`).
 //!
 //! Exit codes: 0 ok, 64 bad usage or configuration, 1 runtime failure.
 
@@ -54,9 +54,29 @@ enum Command {
     /// Join tokens: how a host enrols (once) to get its node certificate.
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Hosts: list them, cut one off (revoke), bring it back (restore).
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// The mesh CA: the trust bundle for hosts, and root rotation.
     #[command(subcommand)]
     Ca(CaCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// List nodes with certificates, join tokens or a revocation, and their state.
+    List,
+    /// Cut NODE off: discovery refuses and disconnects it, and every peer refuses its
+    /// certificates, within a few seconds. Its unused join tokens are revoked.
+    Revoke {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
+    /// Lift NODE's revocation; the host enrols again with a new join token.
+    Restore {
+        #[arg(value_name = "NODE")]
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,7 +176,7 @@ fn init_logging() {
     }
 }
 
-/// `token ...` and `ca ...`.
+/// `token ...`, `node ...` and `ca ...`.
 fn run_admin(config: &Config, command: Command) -> ExitCode {
     let result: Result<Output, AdminError> = match command {
         Command::Token(TokenCommand::Create { node, ttl }) => {
@@ -164,6 +184,9 @@ fn run_admin(config: &Config, command: Command) -> ExitCode {
         }
         Command::Token(TokenCommand::List) => admin::token_list(config),
         Command::Token(TokenCommand::Revoke { id }) => admin::token_revoke(config, &id),
+        Command::Node(NodeCommand::List) => admin::node_list(config),
+        Command::Node(NodeCommand::Revoke { node }) => admin::node_revoke(config, &node),
+        Command::Node(NodeCommand::Restore { node }) => admin::node_restore(config, &node),
         Command::Ca(CaCommand::Bundle) => admin::ca_bundle(config),
         Command::Ca(CaCommand::Roots) => admin::ca_roots(config),
         Command::Ca(CaCommand::PrepareRotation) => admin::ca_prepare(config),

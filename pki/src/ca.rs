@@ -53,8 +53,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, RevocationReason,
+    RevokedCertParams, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
 };
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer};
@@ -80,6 +81,9 @@ pub const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// operators should keep hours.
 pub const MIN_TTL: Duration = Duration::from_secs(5);
 pub const BACKDATE: Duration = Duration::from_secs(60);
+/// How long a CRL is valid. Envoy refuses every certificate of a CA whose CRL has expired, so
+/// this is long; revocations do not wait for it, since discovery pushes each new CRL at once.
+pub const CRL_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 /// Largest CSR accepted, in bytes of PEM (a P-256 CSR is about 500).
 const MAX_CSR_PEM: usize = 16 * 1024;
 
@@ -157,6 +161,15 @@ pub enum CsrRejected {
     #[error("the requested lifetime must be at least 5 seconds")]
     TtlTooShort,
     #[error("signing the certificate failed")]
+    Signing(#[source] rcgen::Error),
+}
+
+/// A CRL could not be signed.
+#[derive(Debug, thiserror::Error)]
+pub enum CrlError {
+    #[error("{0} is not a hex serial number")]
+    BadSerial(String),
+    #[error("signing the CRL failed (an operator-supplied CA needs the cRLSign key usage)")]
     Signing(#[source] rcgen::Error),
 }
 
@@ -393,6 +406,41 @@ impl Ca {
             not_after: info.not_after,
             serial,
         })
+    }
+
+    /// A CRL signed by the signing CA that lists `revoked` (serial as lower-case hex, when it
+    /// was revoked), PEM. Peers' Envoys get it with the bundle over SDS and refuse the listed
+    /// leaves. It is valid from a minute ago (clock skew) for [`CRL_VALIDITY`], but never past
+    /// the signing CA; discovery signs a fresh one whenever the list changes.
+    pub fn sign_crl(
+        &self,
+        revoked: &[(String, SystemTime)],
+        now: SystemTime,
+    ) -> Result<String, CrlError> {
+        let mut revoked_certs = Vec::with_capacity(revoked.len());
+        for (serial, at) in revoked {
+            let bytes = unhex(serial).ok_or_else(|| CrlError::BadSerial(serial.clone()))?;
+            revoked_certs.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(&bytes),
+                revocation_time: OffsetDateTime::from(*at),
+                reason_code: Some(RevocationReason::CessationOfOperation),
+                invalidity_date: None,
+            });
+        }
+        let crl_number = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let this_update = now - BACKDATE;
+        let params = CertificateRevocationListParams {
+            this_update: OffsetDateTime::from(this_update),
+            next_update: OffsetDateTime::from((now + CRL_VALIDITY).min(self.signer_not_after)),
+            crl_number: SerialNumber::from_slice(&crl_number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).map_err(CrlError::Signing)?;
+        crl.pem().map_err(CrlError::Signing)
     }
 
     /// Rotation step 1: makes a successor root in `ca/next/`. It joins the bundle on the next
@@ -760,6 +808,16 @@ fn random_serial() -> SerialNumber {
     // Positive and a full 16 bytes long.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;
     SerialNumber::from_slice(&bytes)
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.is_empty() || !s.len().is_multiple_of(2) || s.len() > 40 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn fingerprint(der: &[u8]) -> String {

@@ -5,8 +5,11 @@
 //!   the trust bundle and root rotation, and the rules for what it signs.
 //! - [`tokens`]: join tokens that let a host enrol once, stored only as hashes.
 //! - [`keys`]: the host side: a local ECDSA P-256 key, CSRs, reading certificates and peers.
+//! - [`revocation`]: revoked nodes (`revocations.json`) and the certificates issued to each
+//!   node (`issued.jsonl`), from which discovery builds the CRL ([`Ca::sign_crl`]).
 //! - [`rotation`]: when to renew a certificate.
-//! - [`wire`]: the `pilotfish.identity.v1.Identity` gRPC service (Enrol, Sign, Bundle).
+//! - [`wire`]: the `pilotfish.identity.v1.Identity` gRPC service (Enrol, Sign, Bundle,
+//!   WatchBundle).
 //!
 //! Data flow: the agent makes a key ([`LocalKey`]), sends a CSR with its join token
 //! (`Enrol`), discovery redeems the token ([`TokenStore::redeem`]) and signs the node
@@ -17,14 +20,16 @@
 pub mod ca;
 pub mod keys;
 mod private_file;
+pub mod revocation;
 pub mod rotation;
 pub mod spiffe;
 pub mod tokens;
 pub mod wire;
 
-pub use ca::{Ca, CaError, CaOptions, CsrRejected, Issued, TrustedRoot};
+pub use ca::{Ca, CaError, CaOptions, CrlError, CsrRejected, Issued, TrustedRoot};
 pub use keys::{parse_cert_pem, peer_spiffe_id, CertInfo, CertUnreadable, KeyError, LocalKey};
 pub use private_file::FileError;
+pub use revocation::{IssuedCert, IssuedLog, RevocationError, RevocationStore, Revocations};
 pub use rotation::renew_at;
 pub use spiffe::{InvalidSpiffeId, Role, SpiffeId, TrustDomain};
 pub use tokens::{TokenInfo, TokenRejected, TokenStore, TokenStoreError};

@@ -7,6 +7,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// Mode of files holding private keys or token hashes.
 pub const SECRET_MODE: u32 = 0o600;
@@ -69,6 +70,54 @@ pub(crate) fn at(path: &Path) -> impl FnOnce(io::Error) -> FileError + '_ {
     move |source| FileError {
         path: path.to_owned(),
         source,
+    }
+}
+
+/// A lock file older than this was left by a crashed writer.
+const STALE_LOCK: Duration = Duration::from_secs(10);
+
+/// An exclusive lock file (created with `create_new`), removed on drop: writers of a state
+/// file that several processes change (discovery and the CLI) hold it around their
+/// read-modify-write. `WouldBlock` when another writer keeps it for about two seconds.
+pub(crate) struct Lock {
+    path: PathBuf,
+}
+
+impl Lock {
+    pub(crate) fn acquire(path: &Path) -> io::Result<Self> {
+        for _ in 0..200 {
+            match OpenOptions::new().write(true).create_new(true).open(path) {
+                Ok(_) => {
+                    return Ok(Self {
+                        path: path.to_owned(),
+                    })
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let stale = fs::metadata(path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|m| m.elapsed().ok())
+                        .is_some_and(|age| age > STALE_LOCK);
+                    if stale {
+                        tracing::warn!(lock = %path.display(), "removing a stale lock");
+                        let _ = fs::remove_file(path);
+                    } else {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(io::Error::new(
+            io::ErrorKind::WouldBlock,
+            "another writer holds the lock",
+        ))
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
     }
 }
 

@@ -33,8 +33,6 @@ pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Tokens that expired this long ago are dropped from the file on the next write.
 const KEEP_AFTER_EXPIRY: Duration = Duration::from_secs(30 * 24 * 3600);
-/// A lock file older than this was left by a crashed writer.
-const STALE_LOCK: Duration = Duration::from_secs(10);
 
 /// The token store could not be read or written, or the request was invalid.
 #[derive(Debug, thiserror::Error)]
@@ -271,7 +269,16 @@ impl TokenStore {
         if let Some(dir) = self.path.parent() {
             private_file::create_private_dir(dir).map_err(private_file::at(dir))?;
         }
-        let _lock = Lock::acquire(&self.path.with_extension("json.lock"))?;
+        let lock_path = self.path.with_extension("json.lock");
+        let _lock = private_file::Lock::acquire(&lock_path).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                TokenStoreError::Locked {
+                    path: lock_path.clone(),
+                }
+            } else {
+                private_file::at(&lock_path)(e).into()
+            }
+        })?;
         let mut file = self.read()?;
         file.version = 1;
         if !change(&mut file)? {
@@ -377,52 +384,6 @@ fn to_unix(t: SystemTime) -> u64 {
 
 fn from_unix(secs: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(secs)
-}
-
-/// An exclusive lock file, removed on drop.
-struct Lock {
-    path: PathBuf,
-}
-
-impl Lock {
-    fn acquire(path: &Path) -> Result<Self, TokenStoreError> {
-        for _ in 0..200 {
-            match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(path)
-            {
-                Ok(_) => {
-                    return Ok(Self {
-                        path: path.to_owned(),
-                    })
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let stale = fs::metadata(path)
-                        .and_then(|m| m.modified())
-                        .ok()
-                        .and_then(|m| m.elapsed().ok())
-                        .is_some_and(|age| age > STALE_LOCK);
-                    if stale {
-                        tracing::warn!(lock = %path.display(), "removing a stale lock");
-                        let _ = fs::remove_file(path);
-                    } else {
-                        std::thread::sleep(Duration::from_millis(10));
-                    }
-                }
-                Err(e) => return Err(private_file::at(path)(e).into()),
-            }
-        }
-        Err(TokenStoreError::Locked {
-            path: path.to_owned(),
-        })
-    }
-}
-
-impl Drop for Lock {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
-    }
 }
 
 #[cfg(test)]

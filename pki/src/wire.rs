@@ -14,6 +14,10 @@
 //!   rpc Sign(SignRequest) returns (SignResponse);
 //!   // The current trust bundle (to pick up a new root without waiting for a renewal).
 //!   rpc Bundle(BundleRequest) returns (BundleResponse);
+//!   // The same, kept open: the current bundle and CRL at once, then again on every change
+//!   // (a node revoked, the CA reloaded). Closed with PERMISSION_DENIED when the caller's node
+//!   // is revoked.
+//!   rpc WatchBundle(BundleRequest) returns (stream BundleResponse);
 //! }
 //! message EnrolRequest   { string token = 1; string node = 2; string csr_pem = 3; }
 //! message EnrolResponse  { string cert_pem = 1; string chain_pem = 2; string bundle_pem = 3;
@@ -22,7 +26,7 @@
 //! message SignResponse   { string cert_pem = 1; string chain_pem = 2; string bundle_pem = 3;
 //!                          uint64 not_after_unix_secs = 4; }
 //! message BundleRequest  {}
-//! message BundleResponse { string bundle_pem = 1; }
+//! message BundleResponse { string bundle_pem = 1; string crl_pem = 2; }
 //! ```
 //!
 //! The server decodes at most [`DEFAULT_MAX_REQUEST_BYTES`] per request by default: requests
@@ -44,6 +48,15 @@ pub const SERVICE_NAME: &str = "pilotfish.identity.v1.Identity";
 const ENROL_PATH: &str = "/pilotfish.identity.v1.Identity/Enrol";
 const SIGN_PATH: &str = "/pilotfish.identity.v1.Identity/Sign";
 const BUNDLE_PATH: &str = "/pilotfish.identity.v1.Identity/Bundle";
+const WATCH_BUNDLE_PATH: &str = "/pilotfish.identity.v1.Identity/WatchBundle";
+/// What every refusal of a revoked node or certificate says, so the agent can tell it from
+/// other refusals ([`is_revoked`]).
+pub const REVOKED_MARK: &str = "is revoked";
+
+/// Whether discovery refused the call because the caller's node or certificate is revoked.
+pub fn is_revoked(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::PermissionDenied && status.message().contains(REVOKED_MARK)
+}
 /// Default cap on a decoded request.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -101,7 +114,13 @@ pub struct BundleRequest {}
 pub struct BundleResponse {
     #[prost(string, tag = "1")]
     pub bundle_pem: String,
+    /// CRLs of the signing CA, PEM; empty while no certificate is revoked.
+    #[prost(string, tag = "2")]
+    pub crl_pem: String,
 }
+
+/// What [`Identity::watch_bundle`] answers with.
+pub type BundleStream = tonic::codegen::BoxStream<BundleResponse>;
 
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -172,6 +191,11 @@ pub trait Identity: Send + Sync + 'static {
         &self,
         request: tonic::Request<BundleRequest>,
     ) -> Result<tonic::Response<BundleResponse>, tonic::Status>;
+
+    async fn watch_bundle(
+        &self,
+        request: tonic::Request<BundleRequest>,
+    ) -> Result<tonic::Response<BundleStream>, tonic::Status>;
 }
 
 /// The tonic service for an [`Identity`]: add it to a `tonic::transport::Server`.
@@ -264,7 +288,48 @@ impl<T, Req, Resp> tonic::server::UnaryService<Req> for Unary<T, Req, Resp> {
     }
 }
 
+/// `WatchBundle`, the one server-streaming method.
+struct WatchBundle<T> {
+    inner: Arc<T>,
+}
+
+impl<T: Identity> tonic::server::ServerStreamingService<BundleRequest> for WatchBundle<T> {
+    type Response = BundleResponse;
+    type ResponseStream = BundleStream;
+    type Future = BoxFuture<tonic::Response<BundleStream>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<BundleRequest>) -> Self::Future {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move { inner.watch_bundle(request).await })
+    }
+}
+
 impl<T> IdentityServer<T> {
+    fn serve_watch<B>(
+        &self,
+        req: http::Request<B>,
+    ) -> BoxFuture<http::Response<tonic::body::Body>, std::convert::Infallible>
+    where
+        T: Identity,
+        B: Body + Send + 'static,
+        B::Error: Into<StdError> + Send + 'static,
+    {
+        let method = WatchBundle {
+            inner: Arc::clone(&self.inner),
+        };
+        let accept = self.accept_compression_encodings;
+        let send = self.send_compression_encodings;
+        let max_decoding = self.max_decoding_message_size;
+        let max_encoding = self.max_encoding_message_size;
+        Box::pin(async move {
+            let codec = tonic_prost::ProstCodec::<BundleResponse, BundleRequest>::default();
+            let mut grpc = tonic::server::Grpc::new(codec)
+                .apply_compression_config(accept, send)
+                .apply_max_message_size_config(max_decoding, max_encoding);
+            Ok(grpc.server_streaming(method, req).await)
+        })
+    }
+
     fn serve<Req, Resp, B>(
         &self,
         call: UnaryFn<T, Req, Resp>,
@@ -324,6 +389,7 @@ where
                 |inner: Arc<T>, r| Box::pin(async move { inner.bundle(r).await }),
                 req,
             ),
+            WATCH_BUNDLE_PATH => self.serve_watch(req),
             _ => Box::pin(async move {
                 let mut response = http::Response::new(tonic::body::Body::default());
                 let headers = response.headers_mut();
@@ -400,6 +466,29 @@ where
         request: impl tonic::IntoRequest<BundleRequest>,
     ) -> Result<tonic::Response<BundleResponse>, tonic::Status> {
         self.unary(request.into_request(), BUNDLE_PATH, "Bundle")
+            .await
+    }
+
+    /// Opens `WatchBundle`: the first message is the current bundle and CRL.
+    pub async fn watch_bundle(
+        &mut self,
+        request: impl tonic::IntoRequest<BundleRequest>,
+    ) -> Result<tonic::Response<tonic::codec::Streaming<BundleResponse>>, tonic::Status> {
+        self.inner
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {}", e.into())))?;
+        let codec = tonic_prost::ProstCodec::<BundleRequest, BundleResponse>::default();
+        let mut request = request.into_request();
+        request
+            .extensions_mut()
+            .insert(GrpcMethod::new(SERVICE_NAME, "WatchBundle"));
+        self.inner
+            .server_streaming(
+                request,
+                http::uri::PathAndQuery::from_static(WATCH_BUNDLE_PATH),
+                codec,
+            )
             .await
     }
 

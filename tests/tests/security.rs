@@ -339,3 +339,179 @@ async fn agent_restarts_during_discovery_outage_with_stored_certificates() -> Re
     .map_err(|e| anyhow::anyhow!("{e:#}\n{}", s.mesh.logs()))?;
     Ok(())
 }
+
+/// Three hosts with mTLS; vm-c is revoked while a and b talk to each other without pause:
+/// within a few seconds vm-c's agent is cut off from discovery and neither c -> b nor b -> c
+/// gets through (the peers' Envoys refuse c's certificates by the CRL), while a <-> b sees
+/// no failure. `node restore` and a new join token bring vm-c back.
+///
+/// Envoy applies a new CRL to new handshakes only (connections already open stay up), so the
+/// policies set a short `idle_timeout` and the checks are paced beyond it: each check of
+/// c <-> b opens a new connection.
+/// A revoked node's instances leave EDS too: b's Envoy marks vm-c's endpoint unhealthy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_host_is_cut_off_within_seconds_and_comes_back_with_a_new_token() -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let mut mesh = Mesh::start_opts(MeshOptions {
+        secure: true,
+        ..MeshOptions::default()
+    })?;
+    for (node, i) in [("vm-a", 2), ("vm-b", 3), ("vm-c", 4)] {
+        mesh.add_host(node, i)?;
+    }
+    let mut registry = String::new();
+    for (service, node) in [("alpha", "vm-a"), ("beta", "vm-b"), ("gamma", "vm-c")] {
+        let ip = mesh.host(node).ip;
+        let port = mesh.start_app(service, "v1", ip, &[])?;
+        registry.push_str(&format!(
+            "[services.{service}]\nport = 9080\n\n[[services.{service}.instances]]\n\
+             node = \"{node}\"\naddress = \"{ip}\"\nport = {port}\nmesh_port = {mesh_port}\n\n\
+             [policies.{service}]\nidle_timeout = \"500ms\"\n\n",
+            mesh_port = mesh.host(node).mesh_port,
+        ));
+    }
+    mesh.write_registry("services.toml", &registry)?;
+    mesh.wait_all_ready(READY).await?;
+    let out = |node: &str| mesh.host(node).outbound;
+    let (a, b, c) = (out("vm-a"), out("vm-b"), out("vm-c"));
+    let get = |from: SocketAddr, service: &'static str| async move {
+        blocking(move || http_request(from, "GET", service, "/x", &[], ""))
+            .await
+            .map(|r| r.status)
+            .unwrap_or(0)
+    };
+    let all_up = || async {
+        Ok((get(a, "beta").await == 200
+            && get(b, "alpha").await == 200
+            && get(c, "beta").await == 200
+            && get(b, "gamma").await == 200)
+            .then_some(()))
+    };
+    if let Err(e) = wait_for("every pair talks over mTLS", READY, all_up).await {
+        bail!("{e:#}\n{}", mesh.logs());
+    }
+
+    // a <-> b without pause, for the whole test.
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new((0usize, Vec::<String>::new())));
+    let traffic = tokio::spawn({
+        let (stop, tally) = (stop.clone(), tally.clone());
+        async move {
+            while !stop.load(Ordering::SeqCst) {
+                for (from, service) in [(a, "beta"), (b, "alpha")] {
+                    let r =
+                        blocking(move || http_request(from, "GET", service, "/x", &[], "")).await;
+                    let mut t = tally.lock().unwrap_or_else(|e| e.into_inner());
+                    match r {
+                        Ok(r) if r.status == 200 => t.0 += 1,
+                        Ok(r) => t.1.push(format!("{service}: {} {}", r.status, r.body)),
+                        Err(e) => t.1.push(format!("{service}: {e}")),
+                    }
+                }
+            }
+        }
+    });
+
+    let revoked_at = Instant::now();
+    mesh.discovery_cli(&["node", "revoke", "vm-c"])?;
+    let cut_off = wait_for(
+        "vm-c cut off: c -> b and b -> c refused, its streams closed",
+        Duration::from_secs(15),
+        || async {
+            // Pacing, not synchronisation: longer than the idle timeout, so the pooled
+            // connection from before the revocation is gone and this call shakes hands anew.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let c_to_b = get(c, "beta").await;
+            let b_to_c = get(b, "gamma").await;
+            let closed = mesh
+                .discovery_log()
+                .lines()
+                .any(|l| l.contains("closing the stream of a revoked node") && l.contains("vm-c"));
+            Ok((c_to_b != 200 && b_to_c != 200 && closed).then_some((c_to_b, b_to_c)))
+        },
+    )
+    .await;
+    let cut_off = match cut_off {
+        Ok(v) => v,
+        Err(e) => bail!("{e:#}\n{}", mesh.logs()),
+    };
+    eprintln!(
+        "vm-c cut off {:?} after `node revoke` (c -> b: {}, b -> c: {})",
+        revoked_at.elapsed(),
+        cut_off.0,
+        cut_off.1
+    );
+    // Its instances are out of rotation at its peers (EDS health), not only refused.
+    let (b_admin, c_ip, c_mesh) = (
+        mesh.host("vm-b").admin,
+        mesh.host("vm-c").ip,
+        mesh.host("vm-c").mesh_port,
+    );
+    wait_for(
+        "vm-c's endpoint unhealthy at b",
+        Duration::from_secs(10),
+        || async move {
+            let clusters =
+                blocking(move || pilotfish_tests::admin_get(b_admin, "/clusters")).await?;
+            let flag = format!("outbound|gamma::{c_ip}:{c_mesh}::health_flags::/failed_eds_health");
+            Ok(clusters.lines().any(|l| l == flag).then_some(()))
+        },
+    )
+    .await?;
+    // The agent knows why, and discovery refuses it anything new.
+    let c_host = mesh.host("vm-c");
+    wait_for(
+        "vm-c's agent reports the revocation",
+        Duration::from_secs(10),
+        || async {
+            Ok(c_host
+                .agent
+                .log_text()
+                .contains("discovery REVOKED this host")
+                .then_some(()))
+        },
+    )
+    .await?;
+    let node_list = mesh.discovery_cli(&["node", "list"])?;
+    let c_line = node_list
+        .lines()
+        .find(|l| l.starts_with("vm-c"))
+        .unwrap_or("");
+    assert!(c_line.contains("revoked"), "{node_list}");
+    // Still refused a few seconds on (nothing re-admits it).
+    for _ in 0..3 {
+        assert_ne!(get(c, "beta").await, 200, "c -> b stays refused");
+        assert_ne!(get(b, "gamma").await, 200, "b -> c stays refused");
+    }
+
+    // Restore + a new token: vm-c enrols again and talks again.
+    let token = mesh.join_token("vm-c")?;
+    std::fs::write(c_host.dir.join("token"), token)?;
+    mesh.discovery_cli(&["node", "restore", "vm-c"])?;
+    let back = wait_for(
+        "vm-c back after restore",
+        Duration::from_secs(60),
+        || async {
+            Ok((get(c, "beta").await == 200 && get(b, "gamma").await == 200).then_some(()))
+        },
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    traffic.await?;
+    if let Err(e) = back {
+        bail!("{e:#}\n{}", mesh.logs());
+    }
+    let (ok, failed) = tally.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    assert!(
+        failed.is_empty(),
+        "a <-> b: {} of {} requests failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 20, "a <-> b traffic flowed throughout ({ok} requests)");
+    eprintln!("a <-> b: {ok} requests, 0 failures");
+    Ok(())
+}

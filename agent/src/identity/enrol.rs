@@ -1,5 +1,5 @@
-//! The agent's three calls to discovery's identity service: `Enrol` (join token, server TLS
-//! only), `Sign` (node certificate as client certificate) and `Bundle`. Each call dials the
+//! The agent's calls to discovery's identity service: `Enrol` (join token, server TLS only),
+//! `Sign` (node certificate as client certificate), `Bundle`, and `WatchBundle` (kept open). Each call dials the
 //! replicas in order over TLS and uses the first that answers; a refusal from discovery is
 //! final for that call (another replica would say the same).
 
@@ -27,6 +27,11 @@ impl CallError {
     /// Discovery said no (as opposed to not answering).
     pub fn is_refusal(&self) -> bool {
         matches!(self, CallError::Refused(_))
+    }
+
+    /// Discovery refused because this host (or its certificate) is revoked.
+    pub fn is_revoked(&self) -> bool {
+        matches!(self, CallError::Refused(s) if pilotfish_pki::wire::is_revoked(s))
     }
 }
 
@@ -125,8 +130,27 @@ pub async fn sign(
     .await
 }
 
-/// The current trust bundle.
-pub async fn bundle(addrs: &[String], tls: &ClientTlsConfig) -> Result<String, CallError> {
+/// Opens `WatchBundle`: the bundle and CRL now, then on every change. Only the connection is
+/// bounded by [`CALL_TIMEOUT`]; the stream stays open.
+pub async fn watch_bundle(
+    addrs: &[String],
+    tls: &ClientTlsConfig,
+) -> Result<tonic::Streaming<pilotfish_pki::wire::BundleResponse>, CallError> {
+    timed(async {
+        let mut c = client(addrs, tls).await?;
+        Ok(c.watch_bundle(BundleRequest {})
+            .await
+            .map_err(CallError::Refused)?
+            .into_inner())
+    })
+    .await
+}
+
+/// The current trust bundle and CRL (a fallback for when the `WatchBundle` stream is stuck).
+pub async fn bundle(
+    addrs: &[String],
+    tls: &ClientTlsConfig,
+) -> Result<pilotfish_pki::wire::BundleResponse, CallError> {
     timed(async {
         let mut c = client(addrs, tls).await?;
         let r = c
@@ -134,7 +158,7 @@ pub async fn bundle(addrs: &[String], tls: &ClientTlsConfig) -> Result<String, C
             .await
             .map_err(CallError::Refused)?
             .into_inner();
-        Ok(r.bundle_pem)
+        Ok(r)
     })
     .await
 }

@@ -15,7 +15,14 @@
 //!   `renew_at`. A refusal (the registry does not place the service on this node) is logged and
 //!   retried with backoff; Envoy keeps waiting for the secret meanwhile.
 //! - `Bundle` every [`BUNDLE_REFRESH`] (and every issued certificate carries the bundle too),
-//!   so a new root reaches Envoy and the relay's TLS settings.
+//!   so a new root reaches Envoy and the relay's TLS settings. Besides, a `WatchBundle` stream
+//!   stays open while enrolled ([`bundle_watch`]): discovery pushes the bundle and its CRL
+//!   on every change, so a revoked node's certificates are refused by this host's Envoy within
+//!   a second or two.
+//! - Revoked: when discovery refuses this host as revoked (on that stream or any call), the
+//!   manager drops its node and service certificates and goes back to `Enrol`; it enrols again
+//!   once an operator has restored the node and put a new join token in `token_file` (checked
+//!   every [`TOKEN_RECHECK`] while not enrolled, so a new token is used at once).
 //!
 //! Every certificate comes with a new key made here. Each change is stored first, then
 //! published: a new [`Identities`] snapshot (which the SDS server pushes to Envoy) and new client
@@ -29,11 +36,12 @@ use std::time::{Duration, SystemTime};
 use pilotfish_pki::rotation::DEFAULT_JITTER_FRACTION;
 use pilotfish_pki::{parse_cert_pem, renew_at, CertInfo, LocalKey, SpiffeId, TrustDomain};
 use rand::Rng;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::ClientTlsConfig;
 use tracing::{debug, info, warn};
 
+use super::bundle_watch::{self, Pushed};
 use super::enrol::{self, Grant};
 use super::store::Store;
 use super::tls::{client_config, trusted_roots};
@@ -48,6 +56,8 @@ pub const RETRY_INITIAL: Duration = Duration::from_secs(1);
 pub const RETRY_CAP: Duration = Duration::from_secs(60);
 /// The loop wakes at least this often, so a wall-clock jump cannot delay a renewal for long.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// While not enrolled after a refusal, how often `token_file` is checked for a new token.
+pub const TOKEN_RECHECK: Duration = Duration::from_secs(2);
 
 /// What the manager does next.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -102,6 +112,18 @@ impl Schedule {
     pub fn node_issued<R: Rng + ?Sized>(&mut self, info: &CertInfo, rng: &mut R) {
         self.node = Slot::at(self.renewal(info, rng));
         self.node_not_after = Some(info.not_after);
+    }
+
+    /// Discovery revoked this host: every certificate is gone; enrol now.
+    pub fn revoked(&mut self, now: SystemTime) {
+        self.node = Slot::at(now);
+        self.node_not_after = None;
+        self.services.clear();
+    }
+
+    /// A new join token appeared: try to enrol now (the backoff keeps counting).
+    pub fn enrol_now(&mut self, now: SystemTime) {
+        self.node.due = self.node.due.min(now);
     }
 
     /// A new certificate for `service`.
@@ -249,6 +271,8 @@ pub struct IdentityManager {
     tls: watch::Sender<Option<ClientTlsConfig>>,
     wanted: Arc<Wanted>,
     status: Arc<AgentStatus>,
+    /// The token that enrolment last failed with, so an unchanged file is not retried early.
+    failed_token: Option<String>,
 }
 
 impl IdentityManager {
@@ -295,6 +319,10 @@ impl IdentityManager {
             Ok(bundle) => current.bundle_pem = bundle,
             Err(e) => warn!(error = %e, "cannot read the stored trust bundle"),
         }
+        match store.load_crl() {
+            Ok(crl) => current.crl_pem = crl,
+            Err(e) => warn!(error = %e, "cannot read the stored CRL"),
+        }
         for name in store.service_names().unwrap_or_default() {
             let Ok(id) = SpiffeId::service(&settings.trust_domain, &name) else {
                 continue;
@@ -323,6 +351,7 @@ impl IdentityManager {
             tls,
             wanted: Arc::new(Wanted::default()),
             status,
+            failed_token: None,
         };
         manager.publish();
         Ok(manager)
@@ -345,6 +374,26 @@ impl IdentityManager {
 
     /// Runs until `shutdown`.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        let (tx, mut pushed) = mpsc::channel(4);
+        let watcher = tokio::spawn(bundle_watch::run(
+            self.settings.discovery.clone(),
+            self.state.subscribe(),
+            self.tls.subscribe(),
+            tx,
+            shutdown.clone(),
+        ));
+        self.run_jobs(&mut pushed, &shutdown).await;
+        shutdown.cancel();
+        if let Err(e) = watcher.await {
+            warn!(error = %e, "the bundle watcher failed");
+        }
+    }
+
+    async fn run_jobs(
+        &mut self,
+        pushed: &mut mpsc::Receiver<Pushed>,
+        shutdown: &CancellationToken,
+    ) {
         let wanted = self.wanted.clone();
         loop {
             self.take_wanted();
@@ -362,12 +411,85 @@ impl IdentityManager {
                 .duration_since(now)
                 .unwrap_or(Duration::ZERO)
                 .min(MAX_SLEEP);
+            let wait = if self.failed_token.is_some() {
+                wait.min(TOKEN_RECHECK)
+            } else {
+                wait
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = wanted.changed() => {}
+                Some(p) = pushed.recv() => self.on_pushed(p),
                 _ = shutdown.cancelled() => return,
             }
+            self.check_token();
         }
+    }
+
+    /// After a failed enrolment: a different token in `token_file` is tried at once.
+    fn check_token(&mut self) {
+        let (Some(failed), Some(path)) = (&self.failed_token, &self.settings.token_file) else {
+            return;
+        };
+        let now_in_file = std::fs::read_to_string(path).unwrap_or_default();
+        if now_in_file.trim() != failed.as_str() {
+            info!(token_file = %path.display(), "token_file changed; enrolling now");
+            self.failed_token = None;
+            self.schedule.enrol_now(SystemTime::now());
+        }
+    }
+
+    fn on_pushed(&mut self, pushed: Pushed) {
+        match pushed {
+            Pushed::Bundle {
+                bundle_pem,
+                crl_pem,
+            } => {
+                self.schedule.bundle_fetched(SystemTime::now());
+                let bundle = self.take_bundle(&bundle_pem);
+                let crl = self.take_crl(&crl_pem);
+                if bundle || crl {
+                    self.publish();
+                }
+            }
+            Pushed::Revoked(message) => self.cut_off(&message),
+        }
+    }
+
+    /// Discovery refused this host as revoked: stop using every certificate (peers refuse
+    /// them anyway) and go back to enrolling, which needs a new join token.
+    fn cut_off(&mut self, message: &str) {
+        if self.current.node.is_none() {
+            return;
+        }
+        tracing::error!(
+            id = %self.node_id,
+            reason = %message,
+            token_file = ?self.settings.token_file,
+            "discovery REVOKED this host: its certificates are refused. To bring it back, an \
+             operator runs `pilotfish-discovery node restore {node}` and puts a new join token \
+             (`pilotfish-discovery token create --node {node}`) in token_file; the agent then \
+             enrols again by itself",
+            node = self.settings.node,
+        );
+        self.current.node = None;
+        self.current.services.clear();
+        self.schedule.revoked(SystemTime::now());
+        self.failed_token = self
+            .settings
+            .token_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .map(|t| t.trim().to_owned());
+        self.publish();
+    }
+
+    /// A failed call's message; a revocation also cuts the host off.
+    fn call_failed(&mut self, e: &enrol::CallError) -> String {
+        if e.is_revoked() {
+            self.cut_off(&e.to_string());
+        }
+        e.to_string()
     }
 
     fn take_wanted(&mut self) {
@@ -387,6 +509,14 @@ impl IdentityManager {
             Job::Bundle => self.refresh_bundle().await,
         };
         if let Err(error) = result {
+            if job == Job::Enrol {
+                self.failed_token = self
+                    .settings
+                    .token_file
+                    .as_ref()
+                    .and_then(|p| std::fs::read_to_string(p).ok())
+                    .map(|t| t.trim().to_owned());
+            }
             let retry_in = self
                 .schedule
                 .failed(&job, SystemTime::now(), &mut rand::rng());
@@ -450,6 +580,7 @@ impl IdentityManager {
         .await
         .map_err(|e| e.to_string())?;
         self.accept_node(&key, grant)?;
+        self.failed_token = None;
         info!(id = %self.node_id, "enrolled: this host now holds its node certificate");
         Ok(())
     }
@@ -458,9 +589,10 @@ impl IdentityManager {
         let tls = self.node_tls()?;
         let key = LocalKey::generate().map_err(|e| e.to_string())?;
         let csr = key.csr_pem(&self.node_id).map_err(|e| e.to_string())?;
-        let grant = enrol::sign(&self.settings.discovery, &tls, "", csr)
-            .await
-            .map_err(|e| e.to_string())?;
+        let grant = match enrol::sign(&self.settings.discovery, &tls, "", csr).await {
+            Ok(g) => g,
+            Err(e) => return Err(self.call_failed(&e)),
+        };
         self.accept_node(&key, grant)?;
         self.status.certificate_renewed();
         info!(id = %self.node_id, "renewed the node certificate");
@@ -472,9 +604,10 @@ impl IdentityManager {
         let tls = self.node_tls()?;
         let key = LocalKey::generate().map_err(|e| e.to_string())?;
         let csr = key.csr_pem(&id).map_err(|e| e.to_string())?;
-        let grant = enrol::sign(&self.settings.discovery, &tls, name, csr)
-            .await
-            .map_err(|e| e.to_string())?;
+        let grant = match enrol::sign(&self.settings.discovery, &tls, name, csr).await {
+            Ok(g) => g,
+            Err(e) => return Err(self.call_failed(&e)),
+        };
         let cred = self.accept(&id, &grant, |store| {
             store.save_service(name, &key, &grant.chain_pem)
         })?;
@@ -494,11 +627,13 @@ impl IdentityManager {
 
     async fn refresh_bundle(&mut self) -> Result<(), String> {
         let tls = self.node_tls()?;
-        let bundle = enrol::bundle(&self.settings.discovery, &tls)
-            .await
-            .map_err(|e| e.to_string())?;
+        let bundle = match enrol::bundle(&self.settings.discovery, &tls).await {
+            Ok(b) => b,
+            Err(e) => return Err(self.call_failed(&e)),
+        };
         self.schedule.bundle_fetched(SystemTime::now());
-        if self.take_bundle(&bundle) {
+        let took_bundle = self.take_bundle(&bundle.bundle_pem);
+        if self.take_crl(&bundle.crl_pem) || took_bundle {
             self.publish();
         }
         Ok(())
@@ -551,6 +686,24 @@ impl IdentityManager {
         }
         info!("trust bundle updated");
         self.current.bundle_pem = Some(bundle.to_owned());
+        true
+    }
+
+    /// Stores and adopts a CRL that differs from the current one (empty: none). Returns
+    /// whether it did.
+    fn take_crl(&mut self, crl: &str) -> bool {
+        let crl = (!crl.trim().is_empty()).then(|| crl.to_owned());
+        if self.current.crl_pem == crl {
+            return false;
+        }
+        if let Err(e) = self.store.save_crl(crl.as_deref().unwrap_or_default()) {
+            warn!(error = %e, "cannot store the CRL; using it anyway");
+        }
+        info!(
+            revocations = crl.is_some(),
+            "certificate revocation list updated"
+        );
+        self.current.crl_pem = crl;
         true
     }
 

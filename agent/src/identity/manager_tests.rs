@@ -17,6 +17,8 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, ServerTlsConfig};
 
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::secret::Type as SecretType;
+
 use super::*;
 use crate::identity::sds;
 use crate::testutil::wait_until;
@@ -111,6 +113,20 @@ struct FakeDiscovery {
     ca: Ca,
     tokens: TokenStore,
     placed: BTreeSet<String>,
+    /// Set: every call is refused as discovery refuses a revoked node.
+    revoked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeDiscovery {
+    fn check_revoked(&self) -> Result<(), tonic::Status> {
+        if self.revoked.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(tonic::Status::permission_denied(format!(
+                "node vm-b {}",
+                pilotfish_pki::wire::REVOKED_MARK
+            )));
+        }
+        Ok(())
+    }
 }
 
 #[tonic::async_trait]
@@ -119,6 +135,7 @@ impl Identity for FakeDiscovery {
         &self,
         request: tonic::Request<EnrolRequest>,
     ) -> Result<tonic::Response<EnrolResponse>, tonic::Status> {
+        self.check_revoked()?;
         let r = request.into_inner();
         self.tokens.redeem(&r.token, &r.node)?;
         let id = SpiffeId::node(self.ca.trust_domain(), &r.node)
@@ -131,6 +148,7 @@ impl Identity for FakeDiscovery {
         &self,
         request: tonic::Request<SignRequest>,
     ) -> Result<tonic::Response<SignResponse>, tonic::Status> {
+        self.check_revoked()?;
         let peer = request
             .peer_certs()
             .and_then(|certs| certs.first().and_then(|c| peer_spiffe_id(c)))
@@ -161,12 +179,46 @@ impl Identity for FakeDiscovery {
     ) -> Result<tonic::Response<BundleResponse>, tonic::Status> {
         Ok(tonic::Response::new(BundleResponse {
             bundle_pem: self.ca.bundle_pem().to_owned(),
+            crl_pem: String::new(),
         }))
+    }
+
+    /// The bundle with a CRL, then, once revoked, the refusal that ends the stream.
+    async fn watch_bundle(
+        &self,
+        _request: tonic::Request<BundleRequest>,
+    ) -> Result<tonic::Response<pilotfish_pki::wire::BundleStream>, tonic::Status> {
+        self.check_revoked()?;
+        let first = BundleResponse {
+            bundle_pem: self.ca.bundle_pem().to_owned(),
+            crl_pem: "CRL".into(),
+        };
+        let revoked = self.revoked.clone();
+        let stream = futures::stream::unfold(Some(first), move |first| {
+            let revoked = revoked.clone();
+            async move {
+                if let Some(first) = first {
+                    return Some((Ok(first), None));
+                }
+                loop {
+                    if revoked.load(std::sync::atomic::Ordering::SeqCst) {
+                        let status = tonic::Status::permission_denied(format!(
+                            "node vm-b {}",
+                            pilotfish_pki::wire::REVOKED_MARK
+                        ));
+                        return Some((Err(status), None));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        });
+        Ok(tonic::Response::new(Box::pin(stream)))
     }
 }
 
 struct Server {
     addr: SocketAddr,
+    revoked: Arc<std::sync::atomic::AtomicBool>,
     stop: CancellationToken,
     task: JoinHandle<()>,
 }
@@ -193,10 +245,12 @@ async fn start_discovery(ca_dir: &Path) -> Server {
         ))
         .client_ca_root(Certificate::from_pem(ca.bundle_pem()))
         .client_auth_optional(true);
+    let revoked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let service = FakeDiscovery {
         tokens: TokenStore::new(ca_dir),
         ca,
         placed: ["reviews".to_string()].into(),
+        revoked: revoked.clone(),
     };
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -211,7 +265,12 @@ async fn start_discovery(ca_dir: &Path) -> Server {
             .await
             .unwrap();
     });
-    Server { addr, stop, task }
+    Server {
+        addr,
+        revoked,
+        stop,
+        task,
+    }
 }
 
 fn settings(dir: &Path, ca_dir: &Path, addr: SocketAddr) -> IdentitySettings {
@@ -227,6 +286,83 @@ fn settings(dir: &Path, ca_dir: &Path, addr: SocketAddr) -> IdentitySettings {
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// Waits until the published identities satisfy `f`; returns them.
+async fn until(
+    ids: &mut watch::Receiver<Arc<Identities>>,
+    f: fn(&Identities) -> bool,
+) -> Identities {
+    wait_until(Duration::from_secs(20), || {
+        let done = f(&ids.borrow_and_update());
+        async move { done }
+    })
+    .await;
+    Identities::clone(&ids.borrow())
+}
+
+/// A CRL pushed on the bundle stream reaches the SDS snapshot; a revocation drops every
+/// certificate; a new token in token_file enrols the host again without waiting out a backoff.
+#[tokio::test]
+async fn takes_the_pushed_crl_drops_everything_when_revoked_and_enrols_with_a_new_token() {
+    let ca_dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let server = start_discovery(ca_dir.path()).await;
+    let tokens = TokenStore::new(ca_dir.path());
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, tokens.create("vm-b", HOUR).unwrap()).unwrap();
+    std::fs::create_dir(dir.path().join("state")).unwrap();
+    let m = IdentityManager::load(
+        settings(dir.path(), ca_dir.path(), server.addr),
+        Arc::new(AgentStatus::default()),
+    )
+    .unwrap();
+    let mut ids = m.identities();
+    m.wanted().add("reviews");
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(m.run(shutdown.clone()));
+    let first = until(&mut ids, |i| {
+        i.node.is_some() && i.services.contains_key("reviews") && i.crl_pem.is_some()
+    })
+    .await;
+    assert_eq!(first.crl_pem.as_deref(), Some("CRL"));
+    let Some(sds_roots) = sds::secret("roots", &first) else {
+        panic!("no roots secret")
+    };
+    let Some(SecretType::ValidationContext(v)) = sds_roots.r#type else {
+        panic!("not a validation context")
+    };
+    assert!(v.crl.is_some() && v.only_verify_leaf_cert_crl);
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("state/crl.pem")).unwrap(),
+        "CRL"
+    );
+
+    server
+        .revoked
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    until(&mut ids, |i| i.node.is_none() && i.services.is_empty()).await;
+
+    // Restored, with a new token: enrolled again, with new certificates.
+    server
+        .revoked
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    std::fs::write(&token_file, tokens.create("vm-b", HOUR).unwrap()).unwrap();
+    let back = until(&mut ids, |i| {
+        i.node.is_some() && i.services.contains_key("reviews")
+    })
+    .await;
+    assert_ne!(
+        back.node.as_ref().unwrap().chain_pem,
+        first.node.as_ref().unwrap().chain_pem
+    );
+    assert_ne!(
+        back.services["reviews"].chain_pem,
+        first.services["reviews"].chain_pem
+    );
+    shutdown.cancel();
+    run.await.unwrap();
+    server.stop().await;
 }
 
 #[tokio::test]

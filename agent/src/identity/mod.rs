@@ -10,12 +10,14 @@
 //!   names Envoy asks for, and refreshes the bundle. It publishes every change as a new
 //!   [`Identities`] snapshot on a `watch` channel, and the client TLS settings for the xDS
 //!   relay on another. When to renew is a pure [`manager::Schedule`].
-//! - [`enrol`] holds the three calls to discovery's `pilotfish.identity.v1.Identity` service.
+//! - [`enrol`] holds the calls to discovery's `pilotfish.identity.v1.Identity` service;
+//!   `WatchBundle` stays open and brings a new bundle or CRL (a revoked node) within a second.
 //! - [`tls`] builds the client TLS settings: discovery's certificate must chain to `ca_file`
 //!   (or a root of the stored bundle) and name `discovery.<trust_domain>`.
 //! - [`sds`] serves the snapshots to Envoy over a Unix socket (SotW SDS); a pure per-stream
 //!   state decides what to send; a changed snapshot is pushed on every open stream.
 
+mod bundle_watch;
 pub mod enrol;
 pub mod manager;
 pub mod sds;
@@ -65,6 +67,9 @@ pub struct Identities {
     pub node: Option<Credential>,
     /// Every root to trust, PEM (from discovery; the `roots` SDS secret).
     pub bundle_pem: Option<String>,
+    /// Revoked certificates, a CRL of the signing CA, PEM (from discovery; with the bundle in
+    /// the `roots` secret). `None` while nothing is revoked.
+    pub crl_pem: Option<String>,
     /// By service name.
     pub services: BTreeMap<String, Credential>,
 }

@@ -9,7 +9,9 @@
 //!   discovery; until it has one (or when discovery refuses: the service is not placed on this
 //!   host) the name is not answered and Envoy keeps waiting.
 //! - `node`: `tls_certificate` with the node certificate and key.
-//! - `roots`: `validation_context` with the trust bundle as `trusted_ca`.
+//! - `roots`: `validation_context` with the trust bundle as `trusted_ca`, and, once a node is
+//!   revoked, discovery's CRL as `crl` (`only_verify_leaf_cert_crl`), so Envoy refuses the
+//!   revoked node's certificates on the mesh port and as an upstream.
 //!
 //! Each stream runs a pure [`SdsStream`] (xDS checklist b.2-b.4): it answers a new request
 //! with every requested secret it has, ignores requests with a stale nonce, records a NACK and
@@ -86,6 +88,11 @@ pub fn secret(name: &str, ids: &Identities) -> Option<Secret> {
         NODE_SECRET => tls(ids.node.as_ref()?),
         ROOTS_SECRET => secret::Type::ValidationContext(CertificateValidationContext {
             trusted_ca: Some(inline(ids.bundle_pem.as_ref()?)),
+            // Only the leaf is checked: the CRL is the signing CA's, and a CRL set for any CA
+            // of a chain otherwise makes Envoy demand one for every CA in it (intermediates,
+            // the root), refusing every certificate.
+            crl: ids.crl_pem.as_deref().map(inline),
+            only_verify_leaf_cert_crl: ids.crl_pem.is_some(),
             ..Default::default()
         }),
         _ => tls(ids.services.get(service_of(name)?)?),

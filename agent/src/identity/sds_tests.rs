@@ -41,6 +41,7 @@ fn base() -> Identities {
     Identities {
         node: Some(cred(SpiffeId::node(&td(), "vm-b").unwrap(), "node")),
         bundle_pem: Some("ROOTS".into()),
+        crl_pem: None,
         services: Default::default(),
     }
 }
@@ -109,6 +110,21 @@ fn secrets_have_the_contract_shapes() {
         v.trusted_ca.unwrap().specifier,
         Some(Specifier::InlineString("ROOTS".into()))
     );
+    assert!(v.crl.is_none() && !v.only_verify_leaf_cert_crl);
+    // With revocations: the CRL, checked for the leaf only.
+    let revoking = Identities {
+        crl_pem: Some("CRL".into()),
+        ..ids.clone()
+    };
+    let Some(secret::Type::ValidationContext(v)) = secret("roots", &revoking).unwrap().r#type
+    else {
+        panic!()
+    };
+    assert_eq!(
+        v.crl.unwrap().specifier,
+        Some(Specifier::InlineString("CRL".into()))
+    );
+    assert!(v.only_verify_leaf_cert_crl);
     assert!(secret("service/ratings", &ids).is_none());
     assert!(secret("service/", &ids).is_none());
     assert!(secret("default", &ids).is_none());

@@ -6,6 +6,7 @@
 //! | `node.key`, `node.pem` | the node key and certificate chain (leaf first) |
 //! | `service-<name>.key`, `service-<name>.pem` | a service's key and chain |
 //! | `roots.pem` | the trust bundle discovery last handed out |
+//! | `crl.pem` | the CRL discovery last handed out (revoked certificates peers must refuse) |
 //!
 //! A new certificate comes with a new key. Key and certificate live in two files, so a crash
 //! between the two writes must not leave a pair that does not match: the new key is written as
@@ -24,6 +25,7 @@ use super::Credential;
 
 pub const NODE_SLOT: &str = "node";
 pub const BUNDLE_FILE: &str = "roots.pem";
+pub const CRL_FILE: &str = "crl.pem";
 const SERVICE_PREFIX: &str = "service-";
 const FILE_MODE: u32 = 0o600;
 
@@ -140,6 +142,23 @@ impl Store {
 
     pub fn save_bundle(&self, pem: &str) -> Result<(), StoreError> {
         let path = self.dir.join(BUNDLE_FILE);
+        write_atomic(&path, pem.as_bytes()).map_err(|source| StoreError::Io { path, source })
+    }
+
+    /// The stored CRL; `None` when there is none (or it is empty).
+    pub fn load_crl(&self) -> Result<Option<String>, StoreError> {
+        let path = self.dir.join(CRL_FILE);
+        match fs::read_to_string(&path) {
+            Ok(pem) if pem.trim().is_empty() => Ok(None),
+            Ok(pem) => Ok(Some(pem)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::Io { path, source }),
+        }
+    }
+
+    /// Stores the CRL (empty: no certificate is revoked).
+    pub fn save_crl(&self, pem: &str) -> Result<(), StoreError> {
+        let path = self.dir.join(CRL_FILE);
         write_atomic(&path, pem.as_bytes()).map_err(|source| StoreError::Io { path, source })
     }
 

@@ -25,6 +25,10 @@ pub enum Refusal {
     NotPlaced { service: String, node: String },
     #[error("{0}")]
     BadRequest(String),
+    #[error("node {node} {mark} (since {since}): it can be brought back with `pilotfish-discovery node restore {node}` and a new join token", mark = pilotfish_pki::wire::REVOKED_MARK)]
+    NodeRevoked { node: String, since: String },
+    #[error("this client certificate (serial {0}) {mark}: the host must enrol again with a new join token", mark = pilotfish_pki::wire::REVOKED_MARK)]
+    CertificateRevoked(String),
 }
 
 impl Refusal {
@@ -36,6 +40,8 @@ impl Refusal {
             Refusal::NodeMismatch { .. } => "node_mismatch",
             Refusal::NotPlaced { .. } => "not_placed",
             Refusal::BadRequest(_) => "bad_request",
+            Refusal::NodeRevoked { .. } => "node_revoked",
+            Refusal::CertificateRevoked(_) => "certificate_revoked",
         }
     }
 }
@@ -46,9 +52,10 @@ impl From<Refusal> for tonic::Status {
             Refusal::NoCertificate | Refusal::NoIdentity | Refusal::WrongRole(_) => {
                 tonic::Status::unauthenticated(r.to_string())
             }
-            Refusal::NodeMismatch { .. } | Refusal::NotPlaced { .. } => {
-                tonic::Status::permission_denied(r.to_string())
-            }
+            Refusal::NodeMismatch { .. }
+            | Refusal::NotPlaced { .. }
+            | Refusal::NodeRevoked { .. }
+            | Refusal::CertificateRevoked(_) => tonic::Status::permission_denied(r.to_string()),
             Refusal::BadRequest(_) => tonic::Status::invalid_argument(r.to_string()),
         }
     }

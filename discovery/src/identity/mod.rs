@@ -9,14 +9,17 @@
 //!   TLS layer accepts connections without a client certificate (so a host with only a join
 //!   token can reach `Enrol`) but verifies any certificate it gets against the bundle; each
 //!   method then requires what it needs.
-//! - [`service::IdentityService`] is `pilotfish.identity.v1.Identity`: Enrol (join token), Sign
-//!   and Bundle (node certificate).
+//! - [`service::IdentityService`] is `pilotfish.identity.v1.Identity`: Enrol (join token), Sign,
+//!   Bundle and WatchBundle (node certificate).
+//! - [`revocation::Revoker`] keeps what `node revoke` cut off: `PeerAuth` refuses it and ends
+//!   its streams, and the CRL goes to every agent with the bundle.
 //!
 //! Root rotation is a file change made by `pilotfish-discovery ca ...` (see `pilotfish_pki::ca`);
 //! a SIGHUP makes the running discovery load it: new bundle for new handshakes and in every
 //! response, new signing root, and a fresh serving certificate from it.
 
 pub mod metrics;
+pub mod revocation;
 pub mod service;
 pub mod tls;
 
@@ -26,12 +29,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use pilotfish_pki::{Ca, CaError, CaOptions, LocalKey, Role, SpiffeId, TokenStore, TrustDomain};
 use rustls_pki_types::CertificateDer;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 use tracing::{error, info, warn};
 
 use self::metrics::{CaMetrics, Refusal};
+use self::revocation::{RevocationView, Revoker, RevokerError};
 use self::tls::ServerTls;
 use crate::config::Config;
 use crate::error_chain;
@@ -61,6 +65,8 @@ pub enum IdentityError {
     Tls(#[from] tls::TlsSetupError),
     #[error("a CA task failed")]
     Task(#[source] tokio::task::JoinError),
+    #[error("loading the revocations")]
+    Revocations(#[from] RevokerError),
 }
 
 /// The mesh CA as discovery runs it. Share it behind an `Arc`.
@@ -76,6 +82,7 @@ pub struct Authority {
     server_not_after: RwLock<SystemTime>,
     tls: Arc<ServerTls>,
     tokens: TokenStore,
+    revoker: Arc<Revoker>,
     metrics: Arc<CaMetrics>,
     reload: Notify,
 }
@@ -104,6 +111,7 @@ impl Authority {
         let server_ttl = config.ca.workload_ttl.max(MIN_SERVER_TTL);
         let (config_tls, not_after) = server_tls_config(&ca, &server_key, server_ttl)?;
         log_roots(&ca);
+        let revoker = Arc::new(Revoker::load(&config.state_dir, &ca)?);
         Ok(Authority {
             state_dir: config.state_dir.clone(),
             trust_domain: config.trust_domain.clone(),
@@ -115,6 +123,7 @@ impl Authority {
             server_not_after: RwLock::new(not_after),
             tls: Arc::new(ServerTls::new(config_tls)),
             tokens: TokenStore::new(&config.state_dir),
+            revoker,
             metrics,
             reload: Notify::new(),
         })
@@ -136,6 +145,11 @@ impl Authority {
         &self.tokens
     }
 
+    /// Revoked nodes and certificates, and the CRL.
+    pub fn revoker(&self) -> &Arc<Revoker> {
+        &self.revoker
+    }
+
     pub fn node_ttl(&self) -> Duration {
         self.node_ttl
     }
@@ -154,6 +168,7 @@ impl Authority {
         PeerAuth {
             trust_domain: self.trust_domain.clone(),
             metrics: Arc::clone(&self.metrics),
+            revocations: Some(self.revoker.subscribe()),
         }
     }
 
@@ -169,10 +184,14 @@ impl Authority {
         let ca = Ca::load_or_create(&self.state_dir, &self.trust_domain, &self.options)?;
         let (config, not_after) = server_tls_config(&ca, &self.server_key, self.server_ttl)?;
         log_roots(&ca);
+        let ca = Arc::new(ca);
         match self.ca.write() {
-            Ok(mut slot) => *slot = Arc::new(ca),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(ca),
+            Ok(mut slot) => *slot = Arc::clone(&ca),
+            Err(poisoned) => *poisoned.into_inner() = Arc::clone(&ca),
         }
+        // After the swap: the new view wakes every WatchBundle stream, which then reads the
+        // new bundle too.
+        self.revoker.resign(&ca);
         self.set_server_cert(config, not_after);
         info!("reloaded the CA");
         Ok(())
@@ -293,6 +312,8 @@ fn log_roots(ca: &Ca) {
 pub struct PeerAuth {
     trust_domain: TrustDomain,
     metrics: Arc<CaMetrics>,
+    /// What is revoked (`None`: nothing ever is, in tests).
+    revocations: Option<watch::Receiver<Arc<RevocationView>>>,
 }
 
 impl PeerAuth {
@@ -300,17 +321,66 @@ impl PeerAuth {
         PeerAuth {
             trust_domain,
             metrics,
+            revocations: None,
         }
     }
 
+    /// Also refuse revoked nodes and certificates.
+    pub fn with_revocations(mut self, revocations: watch::Receiver<Arc<RevocationView>>) -> Self {
+        self.revocations = Some(revocations);
+        self
+    }
+
     /// The node whose certificate made this call; `Unauthenticated` without one, or with a
-    /// certificate of another role or trust domain. `call` names the method in logs and metrics.
+    /// certificate of another role or trust domain; `PermissionDenied` when the node or the
+    /// certificate is revoked. `call` names the method in logs and metrics.
     pub fn node<T>(&self, call: &'static str, request: &Request<T>) -> Result<String, Status> {
         let certs = request.peer_certs();
-        node_of_peer(&self.trust_domain, certs.as_deref().map(Vec::as_slice)).map_err(|refusal| {
+        let certs = certs.as_deref().map(Vec::as_slice);
+        let node = node_of_peer(&self.trust_domain, certs).map_err(|refusal| {
             warn!(call, remote = ?request.remote_addr(), reason = %refusal, "refused an unauthenticated call");
             self.refuse(call, refusal)
-        })
+        })?;
+        if let Some(refusal) = self.revoked_now(&node, certs.and_then(|c| c.first())) {
+            warn!(call, node = %node, remote = ?request.remote_addr(), reason = %refusal, "refused a revoked caller");
+            return Err(self.refuse(call, refusal));
+        }
+        Ok(node)
+    }
+
+    /// Why `node` (with this leaf certificate, if given) may not call now, if it may not.
+    pub fn revoked_now(
+        &self,
+        node: &str,
+        leaf: Option<&CertificateDer<'static>>,
+    ) -> Option<Refusal> {
+        let view = Arc::clone(&self.revocations.as_ref()?.borrow());
+        if let Some(refusal) = view.node_refusal(node) {
+            return Some(refusal);
+        }
+        if view.serials.is_empty() {
+            return None;
+        }
+        let serial = revocation::serial_of(leaf?)?;
+        view.serial_refusal(&serial)
+    }
+
+    /// Resolves once `node` is revoked, with the status to end its stream with (counted as a
+    /// refusal of `call`). Never resolves without revocations.
+    pub async fn revoked(&self, call: &'static str, node: &str) -> Status {
+        let Some(mut rx) = self.revocations.clone() else {
+            return std::future::pending().await;
+        };
+        loop {
+            let refusal = rx.borrow_and_update().node_refusal(node);
+            if let Some(refusal) = refusal {
+                warn!(call, node, reason = %refusal, "closing the stream of a revoked node");
+                return self.refuse(call, refusal);
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Counts a refusal and turns it into the status the caller gets.

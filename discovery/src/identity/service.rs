@@ -6,6 +6,11 @@
 //! | Sign, `service = ""` | its node certificate | a renewed node certificate |
 //! | Sign, `service = "x"` | its node certificate, and the catalog places an instance of `x` on that node | a certificate for `x` (`workload_ttl`) |
 //! | Bundle | its node certificate | the trust bundle |
+//! | WatchBundle | its node certificate | the trust bundle and CRL, again on every change |
+//!
+//! A revoked node (or a revoked certificate) is refused everything, and its `WatchBundle`
+//! stream is ended when the revocation comes in force ([`super::revocation`]). Every
+//! certificate is recorded in `issued.jsonl` before it is returned, so it can be revoked.
 //!
 //! The identity signed always comes from the proof, never from the CSR: the CSR only lends
 //! its public key, and pki refuses one that asks for any other name. The decisions are the
@@ -14,12 +19,16 @@
 
 use std::sync::Arc;
 
+use std::time::{Duration, SystemTime};
+
 use pilotfish_pki::wire::{
-    BundleRequest, BundleResponse, EnrolRequest, EnrolResponse, Identity, SignRequest, SignResponse,
+    BundleRequest, BundleResponse, BundleStream, EnrolRequest, EnrolResponse, Identity,
+    SignRequest, SignResponse,
 };
-use pilotfish_pki::{CsrRejected, Issued, SpiffeId, TokenRejected, TrustDomain};
+use pilotfish_pki::{CsrRejected, Issued, IssuedCert, SpiffeId, TokenRejected, TrustDomain};
 use pilotfish_registries::model::Catalog;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
@@ -32,7 +41,13 @@ pub struct IdentityService {
     authority: Arc<Authority>,
     auth: PeerAuth,
     catalogs: watch::Receiver<Arc<Catalog>>,
+    /// Ends `WatchBundle` streams when discovery stops.
+    shutdown: CancellationToken,
 }
+
+/// How often an open `WatchBundle` stream re-checks the bundle (a CA reload changes it
+/// without changing the revocations).
+const BUNDLE_RECHECK: Duration = Duration::from_secs(30);
 
 impl IdentityService {
     /// `catalogs`: the registry's latest catalog, which decides where services are placed.
@@ -41,10 +56,48 @@ impl IdentityService {
             auth: authority.peer_auth(),
             authority,
             catalogs,
+            shutdown: CancellationToken::new(),
         }
     }
 
-    fn issued(&self, kind: Kind, node: &str, id: &SpiffeId, issued: &Issued) {
+    /// Ends open `WatchBundle` streams once `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// Records the certificate (so it can be revoked), then counts and logs it. A certificate
+    /// that cannot be recorded is not handed out.
+    async fn issued(
+        &self,
+        kind: Kind,
+        node: &str,
+        id: &SpiffeId,
+        issued: &Issued,
+    ) -> Result<(), Status> {
+        let record = IssuedCert::new(
+            &issued.serial,
+            node,
+            &id.uri(),
+            SystemTime::now(),
+            issued.not_after,
+        );
+        let authority = Arc::clone(&self.authority);
+        let recorded = tokio::task::spawn_blocking(move || {
+            authority.revoker().record(&authority.ca(), record)
+        })
+        .await;
+        match recorded {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                warn!(error = %e, node, "cannot record an issued certificate; not handing it out");
+                return Err(Status::internal("discovery cannot record the certificate"));
+            }
+            Err(e) => {
+                warn!(error = %e, "recording an issued certificate failed");
+                return Err(Status::internal("discovery cannot record the certificate"));
+            }
+        }
         self.authority.metrics().issued(kind);
         info!(
             node,
@@ -54,6 +107,15 @@ impl IdentityService {
             not_after = %utc(issued.not_after),
             "issued certificate"
         );
+        Ok(())
+    }
+
+    /// The current bundle and CRL.
+    fn bundle_now(&self) -> BundleResponse {
+        BundleResponse {
+            bundle_pem: self.authority.ca().bundle_pem().to_string(),
+            crl_pem: self.authority.revoker().view().crl_pem.clone(),
+        }
     }
 
     fn csr_refused(&self, call: &'static str, node: &str, id: &SpiffeId, e: CsrRejected) -> Status {
@@ -61,6 +123,16 @@ impl IdentityService {
         self.authority.metrics().refused(call, "csr_rejected");
         e.into()
     }
+}
+
+/// One open `WatchBundle` stream.
+struct WatchState {
+    service: IdentityService,
+    views: watch::Receiver<Arc<super::revocation::RevocationView>>,
+    last: Option<BundleResponse>,
+    /// Resolves when the caller's node is revoked.
+    revoked: std::pin::Pin<Box<dyn std::future::Future<Output = Status> + Send>>,
+    ended: bool,
 }
 
 /// The identity `node` may get a certificate for in a Sign call: its own node ID for an empty
@@ -132,6 +204,10 @@ impl Identity for IdentityService {
                 "csr_pem is not a PEM CERTIFICATE REQUEST".into(),
             )));
         }
+        // A revoked node may not enrol, whatever token it holds (and its token stays unspent).
+        if let Some(r) = self.auth.revoked_now(&node, None) {
+            return Err(refuse(r));
+        }
         // Authenticate before any real work on the request: the token, in the blocking pool
         // (it locks and rewrites the token file).
         let tokens = self.authority.tokens().clone();
@@ -155,7 +231,7 @@ impl Identity for IdentityService {
                 warn!(node = %node, "the join token was spent on a CSR that was refused; the host needs a new token");
                 self.csr_refused("enrol", &node, &id, e)
             })?;
-        self.issued(Kind::Node, &node, &id, &issued);
+        self.issued(Kind::Node, &node, &id, &issued).await?;
         info!(node = %node, "enrolled a node");
         Ok(Response::new(issued.into()))
     }
@@ -178,7 +254,7 @@ impl Identity for IdentityService {
             .ca()
             .sign_workload(&csr_pem, &id, ttl)
             .map_err(|e| self.csr_refused("sign", &node, &id, e))?;
-        self.issued(kind, &node, &id, &issued);
+        self.issued(kind, &node, &id, &issued).await?;
         Ok(Response::new(issued.into()))
     }
 
@@ -187,8 +263,48 @@ impl Identity for IdentityService {
         request: Request<BundleRequest>,
     ) -> Result<Response<BundleResponse>, Status> {
         self.auth.node("bundle", &request)?;
-        Ok(Response::new(BundleResponse {
-            bundle_pem: self.authority.ca().bundle_pem().to_string(),
-        }))
+        Ok(Response::new(self.bundle_now()))
+    }
+
+    /// The bundle and CRL now, then whenever they change; ends with PERMISSION_DENIED when
+    /// the caller's node is revoked, and when discovery stops.
+    async fn watch_bundle(
+        &self,
+        request: Request<BundleRequest>,
+    ) -> Result<Response<BundleStream>, Status> {
+        let node = self.auth.node("watch_bundle", &request)?;
+        let auth = self.auth.clone();
+        let revoked: std::pin::Pin<Box<dyn std::future::Future<Output = Status> + Send>> =
+            Box::pin(async move { auth.revoked("watch_bundle", &node).await });
+        let state = WatchState {
+            service: self.clone(),
+            views: self.authority.revoker().subscribe(),
+            last: None,
+            revoked,
+            ended: false,
+        };
+        // No task of its own: the stream is polled by the connection and dropped with it.
+        let stream = futures::stream::unfold(state, |mut st| async move {
+            loop {
+                if st.ended {
+                    return None;
+                }
+                let now = st.service.bundle_now();
+                if st.last.as_ref() != Some(&now) {
+                    st.last = Some(now.clone());
+                    return Some((Ok(now), st));
+                }
+                tokio::select! {
+                    _ = st.service.shutdown.cancelled() => return None,
+                    status = &mut st.revoked => {
+                        st.ended = true;
+                        return Some((Err(status), st));
+                    }
+                    changed = st.views.changed() => if changed.is_err() { return None },
+                    _ = tokio::time::sleep(BUNDLE_RECHECK) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -251,6 +251,8 @@ struct Running {
     authority: Arc<Authority>,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Kept, so open ADS streams are not ended by a closed snapshot channel.
+    _snapshots: watch::Sender<Arc<MeshSnapshot>>,
     _dir: tempfile::TempDir,
 }
 
@@ -258,11 +260,10 @@ async fn start_secure() -> Running {
     let dir = tempfile::tempdir().expect("tmp");
     let authority = authority(dir.path());
     let (_tx, catalogs) = watch::channel(catalog());
-    let (_snap_tx, snapshots) = watch::channel(Arc::new(MeshSnapshot::new(
+    let (snap_tx, snapshots) = watch::channel(Arc::new(MeshSnapshot::new(
         1,
         Arc::new(Shared::build(catalog())),
     )));
-    // The senders may go: the receivers keep the last value.
     let ads = AdsServer::new(
         snapshots,
         Connections::default(),
@@ -288,6 +289,7 @@ async fn start_secure() -> Running {
         authority,
         shutdown,
         server,
+        _snapshots: snap_tx,
         _dir: dir,
     }
 }
@@ -478,6 +480,138 @@ async fn grpc_port_requires_node_certificates_and_binds_streams_to_them() {
     assert!(text.contains("\"no_certificate\""), "{text}");
     assert!(text.contains("\"node_mismatch\""), "{text}");
     assert!(text.contains("\"not_placed\""), "{text}");
+    r.shutdown.cancel();
+    r.server.await.expect("joins").expect("serves");
+}
+
+/// `node revoke` while the node is connected: its ADS and WatchBundle streams end with
+/// PERMISSION_DENIED at once, and it is refused everything; after `node restore` its old
+/// certificate stays refused, and a new token enrols it again.
+#[tokio::test]
+async fn a_revoked_node_is_cut_off_and_comes_back_only_with_a_new_token() {
+    use pilotfish_pki::wire::is_revoked;
+    use pilotfish_pki::RevocationStore;
+
+    let r = start_secure().await;
+    let bundle = r.authority.ca().bundle_pem().to_string();
+    let anonymous = channel(r.addr, &bundle, None).await;
+    let enrol = |node: &'static str| {
+        let (anonymous, authority) = (anonymous.clone(), r.authority.clone());
+        async move {
+            let key = LocalKey::generate().expect("key");
+            let token = authority
+                .tokens()
+                .create(node, Duration::from_secs(600))
+                .expect("token");
+            let got = IdentityClient::new(anonymous)
+                .enrol(enrol_request(&token, node, &key).into_inner())
+                .await
+                .map(|e| {
+                    TlsIdentity::from_pem(
+                        format!("{}{}", e.get_ref().cert_pem, e.get_ref().chain_pem),
+                        key.private_key_pem(),
+                    )
+                });
+            (got, key)
+        }
+    };
+    let (identity, key) = enrol("vm-b").await;
+    let node = channel(r.addr, &bundle, Some(identity.expect("enrolled"))).await;
+
+    // An open ADS stream and an open WatchBundle stream.
+    let (ads_tx, ads_rx) = mpsc::channel(1);
+    ads_tx
+        .send(DiscoveryRequest {
+            node: Some(Node {
+                id: "vm-b".into(),
+                ..Default::default()
+            }),
+            type_url: CLUSTER.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("send");
+    let mut ads = AggregatedDiscoveryServiceClient::new(node.clone())
+        .stream_aggregated_resources(ReceiverStream::new(ads_rx))
+        .await
+        .expect("ads")
+        .into_inner();
+    ads.message().await.expect("served").expect("a response");
+    let mut watch = IdentityClient::new(node.clone())
+        .watch_bundle(BundleRequest {})
+        .await
+        .expect("watch")
+        .into_inner();
+    let first = watch.message().await.expect("ok").expect("bundle");
+    assert_eq!(first.bundle_pem, bundle);
+    assert!(first.crl_pem.is_empty(), "nothing revoked yet");
+
+    let state = r._dir.path();
+    RevocationStore::new(state)
+        .revoke("vm-b", std::time::SystemTime::now())
+        .expect("revoke");
+    r.authority.revoker().poll(&r.authority.ca()).expect("poll");
+
+    let ended = tokio::time::timeout(Duration::from_secs(5), ads.message())
+        .await
+        .expect("the ADS stream ends at once")
+        .expect_err("refused");
+    assert!(is_revoked(&ended), "{ended:?}");
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the bundle stream ends at once");
+    assert!(is_revoked(&ended), "{ended:?}");
+    let mut ident = IdentityClient::new(node.clone());
+    let e = ident.bundle(BundleRequest {}).await.expect_err("refused");
+    assert!(
+        is_revoked(&e) && e.message().contains("node restore vm-b"),
+        "{e:?}"
+    );
+    let (refused, _) = enrol("vm-b").await;
+    assert!(is_revoked(&refused.expect_err("enrol refused")));
+    // Other nodes carry on, and they now get the CRL of vm-b's certificates.
+    let (other, _) = enrol("vm-d").await;
+    let other = channel(r.addr, &bundle, Some(other.expect("vm-d enrols"))).await;
+    let got = IdentityClient::new(other)
+        .bundle(BundleRequest {})
+        .await
+        .expect("vm-d served")
+        .into_inner();
+    assert!(got.crl_pem.contains("BEGIN X509 CRL"), "{got:?}");
+
+    // Restored: the old certificate stays refused; a new token enrols vm-b again.
+    RevocationStore::new(state)
+        .restore("vm-b", std::time::SystemTime::now())
+        .expect("restore");
+    r.authority.revoker().poll(&r.authority.ca()).expect("poll");
+    let e = ident
+        .sign(SignRequest {
+            csr_pem: key
+                .csr_pem(&SpiffeId::node(&td(), "vm-b").expect("id"))
+                .expect("csr"),
+            service: String::new(),
+        })
+        .await
+        .expect_err("old certificate refused");
+    assert!(
+        is_revoked(&e) && e.message().contains("certificate"),
+        "{e:?}"
+    );
+    let (again, _) = enrol("vm-b").await;
+    let again = channel(r.addr, &bundle, Some(again.expect("enrols again"))).await;
+    assert_eq!(ads_first(again, "vm-b").await.expect("served"), CLUSTER);
+
+    let text = format!("{:?}", r.authority.metrics().refusals());
+    assert!(text.contains("\"node_revoked\""), "{text}");
+    assert!(text.contains("\"certificate_revoked\""), "{text}");
     r.shutdown.cancel();
     r.server.await.expect("joins").expect("serves");
 }

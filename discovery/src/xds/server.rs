@@ -364,6 +364,15 @@ async fn stream_loop<S: StreamState>(
     // order anyway; a reconnecting one (it runs its old config meanwhile) asks for all at once.
     let mut gate = InitialGate::<S::Request>::default();
     let mut next = Some(first);
+    // A node revoked while its stream is open is cut off at once.
+    let node = proxy.node.clone();
+    let revoked = async {
+        match &svc.auth {
+            Some(auth) => auth.revoked("ads", &node).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(revoked);
     loop {
         let step = match next.take() {
             Some(request) if gate.holds(S::type_url(&request)) => {
@@ -384,6 +393,10 @@ async fn stream_loop<S: StreamState>(
             }
             None => tokio::select! {
                 _ = svc.shutdown.cancelled() => break,
+                status = &mut revoked => {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
                 _ = tokio::time::sleep_until(admitted_until), if admission.is_some() || !gate.open => {
                     admission = None;
                     gate.open = true;

@@ -52,7 +52,26 @@ impl Identity for TestIdentity {
     ) -> Result<tonic::Response<BundleResponse>, tonic::Status> {
         Ok(tonic::Response::new(BundleResponse {
             bundle_pem: self.ca.bundle_pem().to_owned(),
+            crl_pem: String::new(),
         }))
+    }
+
+    async fn watch_bundle(
+        &self,
+        _request: tonic::Request<BundleRequest>,
+    ) -> Result<tonic::Response<BundleStream>, tonic::Status> {
+        // The current bundle, then a refusal as discovery sends it when the node is revoked.
+        let first = BundleResponse {
+            bundle_pem: self.ca.bundle_pem().to_owned(),
+            crl_pem: "crl".into(),
+        };
+        let items = vec![
+            Ok(first),
+            Err(tonic::Status::permission_denied(format!(
+                "node vm-b {REVOKED_MARK}"
+            ))),
+        ];
+        Ok(tonic::Response::new(Box::pin(tokio_stream::iter(items))))
     }
 }
 
@@ -98,6 +117,20 @@ async fn round_trips_each_method_over_loopback() {
     let err = client.enrol(enrol).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert!(err.message().contains("already used"), "{}", err.message());
+
+    // WatchBundle: messages, then the stream's end status.
+    let mut watch = client
+        .watch_bundle(BundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(
+        (first.bundle_pem.as_str(), first.crl_pem.as_str()),
+        (bundle.as_str(), "crl")
+    );
+    let end = watch.message().await.unwrap_err();
+    assert!(is_revoked(&end), "{end:?}");
 
     // Sign: renew the node certificate, then a service certificate.
     let resp = client
