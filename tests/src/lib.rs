@@ -318,9 +318,38 @@ pub fn http_request(
     }
     let _ = write!(req, "Content-Length: {}\r\n\r\n{body}", body.len());
     stream.write_all(req.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
+    let raw = read_response(&mut stream)?;
     parse_response(&raw)
+}
+
+/// Reads one response: up to its `Content-Length` when it has one, else to the end. Waiting for
+/// the end of a response that says its length would wait for Envoy's delayed close (1 s after
+/// a local reply such as a fault abort) instead of the response.
+fn read_response(stream: &mut TcpStream) -> Result<Vec<u8>> {
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = match stream.read(&mut chunk) {
+            Ok(n) => n,
+            // The peer reset after sending everything: what arrived is the answer.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset && !raw.is_empty() => 0,
+            Err(e) => return Err(e.into()),
+        };
+        if n == 0 {
+            return Ok(raw);
+        }
+        raw.extend_from_slice(&chunk[..n]);
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            if length.is_some_and(|len| raw.len() >= end + 4 + len) {
+                return Ok(raw);
+            }
+        }
+    }
 }
 
 pub fn http_get(addr: SocketAddr, host: &str, path: &str) -> Result<Response> {
