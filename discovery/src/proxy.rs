@@ -10,6 +10,7 @@
 //! | `pilotfish.mesh_port` | the host's mesh (inbound) port |
 //! | `pilotfish.outbound` | `ip:port` of the outbound listener for local apps |
 //! | `pilotfish.app_address` | where local apps listen |
+//! | `pilotfish.access_log` | `"stdout"`, `"off"` or an absolute file path: where Envoy writes its access log (absent: off, so proxies of older agents keep their listeners) |
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -21,6 +22,7 @@ pub const META_ADDRESS: &str = "pilotfish.address";
 pub const META_MESH_PORT: &str = "pilotfish.mesh_port";
 pub const META_OUTBOUND: &str = "pilotfish.outbound";
 pub const META_APP_ADDRESS: &str = "pilotfish.app_address";
+pub const META_ACCESS_LOG: &str = "pilotfish.access_log";
 /// The version of the Pilotfish agent that runs the proxy (for `proxy-status`).
 pub const META_AGENT_VERSION: &str = "pilotfish.agent_version";
 
@@ -55,6 +57,35 @@ pub struct Proxy {
     pub mesh_port: u16,
     pub outbound: SocketAddr,
     pub app_address: IpAddr,
+    /// Where this proxy's Envoy writes its access log. Part of the per-proxy memo key, like
+    /// every field here: proxies with different choices never share listeners.
+    pub access_log: AccessLog,
+}
+
+/// Where a proxy's Envoy writes access log lines (`pilotfish.access_log`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum AccessLog {
+    /// No access log.
+    #[default]
+    Off,
+    /// Envoy's stdout, which the agent's unit hands to journald.
+    Stdout,
+    /// An absolute path on the proxy's host.
+    File(String),
+}
+
+impl AccessLog {
+    /// The metadata value: `"stdout"`, `"off"` or an absolute path.
+    pub fn parse(s: &str) -> Option<AccessLog> {
+        match s {
+            "stdout" => Some(AccessLog::Stdout),
+            "off" => Some(AccessLog::Off),
+            path if path.starts_with('/') && !path.contains(['\0', '\n']) => {
+                Some(AccessLog::File(path.to_string()))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -105,12 +136,28 @@ impl Proxy {
         };
         let address = ip_field(meta, META_ADDRESS, IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
         let app_address = ip_field(meta, META_APP_ADDRESS, IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        let access_log = match field(meta, META_ACCESS_LOG) {
+            None => AccessLog::Off,
+            Some(Kind::StringValue(s)) => {
+                AccessLog::parse(s).ok_or_else(|| NodeError::BadMetadata {
+                    key: META_ACCESS_LOG,
+                    message: format!("\"{s}\" is not \"stdout\", \"off\" or an absolute path"),
+                })?
+            }
+            Some(_) => {
+                return Err(NodeError::BadMetadata {
+                    key: META_ACCESS_LOG,
+                    message: "expected \"stdout\", \"off\" or an absolute path".into(),
+                })
+            }
+        };
         Ok(Proxy {
             node: node.id.clone(),
             address,
             mesh_port,
             outbound,
             app_address,
+            access_log,
         })
     }
 }
