@@ -183,3 +183,48 @@ fn ip_field(
 fn field<'a>(meta: Option<&'a Struct>, key: &str) -> Option<&'a Kind> {
     meta?.fields.get(key)?.kind.as_ref()
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use envoy_types::pb::google::protobuf::Value;
+
+    use super::*;
+
+    fn node(access_log: Option<Kind>) -> Node {
+        let mut meta = Struct::default();
+        if let Some(kind) = access_log {
+            meta.fields
+                .insert(META_ACCESS_LOG.to_string(), Value { kind: Some(kind) });
+        }
+        Node {
+            id: "vm-a".into(),
+            metadata: Some(meta),
+            ..Default::default()
+        }
+    }
+
+    fn access_log(kind: Option<Kind>) -> Result<AccessLog, NodeError> {
+        Proxy::from_node(Some(&node(kind))).map(|p| p.access_log)
+    }
+
+    #[test]
+    fn access_log_metadata() {
+        let s = |v: &str| Some(Kind::StringValue(v.into()));
+        assert_eq!(access_log(None), Ok(AccessLog::Off));
+        assert_eq!(access_log(s("off")), Ok(AccessLog::Off));
+        assert_eq!(access_log(s("stdout")), Ok(AccessLog::Stdout));
+        assert_eq!(
+            access_log(s("/var/log/pilotfish/access.log")),
+            Ok(AccessLog::File("/var/log/pilotfish/access.log".into()))
+        );
+        for bad in [s("relative.log"), s(""), Some(Kind::BoolValue(true))] {
+            let err = access_log(bad).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("node.metadata[\"pilotfish.access_log\"]: "),
+                "{err}"
+            );
+        }
+    }
+}
