@@ -74,6 +74,7 @@ struct EnvoyFile {
     drain_time: Option<String>,
     log_level: Option<String>,
     xds: Option<String>,
+    access_log: Option<String>,
 }
 
 // ---- runtime layer ----------------------------------------------------------------------------
@@ -83,6 +84,27 @@ struct EnvoyFile {
 pub enum XdsFlavor {
     Delta,
     Sotw,
+}
+
+/// Where Envoy writes its access log (one JSON line per request), `[envoy] access_log`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLog {
+    /// Envoy's stdout, which is the agent's: journald under systemd.
+    Stdout,
+    Off,
+    /// An absolute path (relative ones in the file are resolved against its directory).
+    File(PathBuf),
+}
+
+impl AccessLog {
+    /// The `pilotfish.access_log` node metadata value discovery reads.
+    pub fn metadata(&self) -> String {
+        match self {
+            AccessLog::Stdout => "stdout".to_string(),
+            AccessLog::Off => "off".to_string(),
+            AccessLog::File(p) => p.to_string_lossy().into_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,6 +140,7 @@ pub struct EnvoyConfig {
     pub drain_time: Duration,
     pub log_level: String,
     pub xds: XdsFlavor,
+    pub access_log: AccessLog,
 }
 
 impl AgentConfig {
@@ -361,6 +384,17 @@ pub fn parse(
             format!("\"{other}\" is not \"delta\" or \"sotw\""),
         ),
     };
+    let access_log = match envoy.access_log.as_deref() {
+        None | Some("stdout") => AccessLog::Stdout,
+        Some("off") => AccessLog::Off,
+        Some(p) => match check_log_path(base, p) {
+            Ok(p) => AccessLog::File(p),
+            Err(m) => {
+                v.problem("envoy.access_log", m);
+                AccessLog::Off
+            }
+        },
+    };
 
     let mut used = vec![("health", health), ("envoy.admin", admin)];
     if !v.failed() {
@@ -394,6 +428,7 @@ pub fn parse(
             drain_time,
             log_level,
             xds,
+            access_log,
         },
     })
 }
@@ -494,6 +529,25 @@ fn resolve(base: &Path, p: &str) -> PathBuf {
         p.to_path_buf()
     } else {
         base.join(p)
+    }
+}
+
+/// An access log file: a path (resolved like every path here) whose directory exists, since
+/// Envoy would otherwise reject every listener that logs to it.
+fn check_log_path(base: &Path, p: &str) -> Result<PathBuf, String> {
+    if p.trim().is_empty() {
+        return Err("is not \"stdout\", \"off\" or a file path".to_string());
+    }
+    if p.contains(['\0', '\n']) || p.ends_with('/') {
+        return Err(format!(
+            "\"{}\" is not \"stdout\", \"off\" or a file path",
+            p.escape_debug()
+        ));
+    }
+    let path = resolve(base, p);
+    match path.parent() {
+        Some(dir) if dir.is_dir() => Ok(path),
+        _ => Err(format!("{}: its directory does not exist", path.display())),
     }
 }
 
@@ -623,6 +677,52 @@ admin = "127.0.0.1:15000"
         assert_eq!(c.envoy.log_level, "warning");
         assert_eq!(c.envoy.xds, XdsFlavor::Delta);
         assert_eq!(c.envoy.concurrency, None);
+        assert_eq!(c.envoy.access_log, AccessLog::Stdout);
+    }
+
+    #[test]
+    fn access_log_is_stdout_off_or_a_file_in_an_existing_directory() {
+        let bin = fake_path();
+        let base = tempfile::tempdir().unwrap();
+        std::fs::create_dir(base.path().join("logs")).unwrap();
+        let parse_with = |value: &str| {
+            let text = format!(
+                "node = \"a\"\naddress = \"127.0.0.2\"\ndiscovery = [\"127.0.0.1:1\"]\n\
+                 insecure = true\n[envoy]\naccess_log = \"{value}\"\n"
+            );
+            parse(
+                Path::new("agent.toml"),
+                &text,
+                base.path(),
+                Some(bin.path().as_os_str()),
+            )
+        };
+        assert_eq!(parse_with("off").unwrap().envoy.access_log, AccessLog::Off);
+        assert_eq!(
+            parse_with("stdout").unwrap().envoy.access_log,
+            AccessLog::Stdout
+        );
+        let relative = parse_with("logs/access.log").unwrap();
+        let expected = base.path().join("logs/access.log");
+        assert_eq!(relative.envoy.access_log, AccessLog::File(expected.clone()));
+        assert_eq!(
+            relative.envoy.access_log.metadata(),
+            expected.to_string_lossy()
+        );
+        let absolute = base.path().join("logs/a.log").display().to_string();
+        assert_eq!(
+            parse_with(&absolute).unwrap().envoy.access_log,
+            AccessLog::File(absolute.into())
+        );
+        for bad in ["", "nowhere/access.log", "logs/"] {
+            let err = parse_with(bad).unwrap_err();
+            assert_eq!(err.len(), 1, "{bad}: {err:?}");
+            let shown = err[0].to_string();
+            assert!(
+                shown.starts_with("agent.toml:6:14: envoy.access_log: "),
+                "{bad}: {shown}"
+            );
+        }
     }
 
     #[test]

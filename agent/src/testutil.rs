@@ -57,6 +57,7 @@ pub fn test_config(dir: &Path) -> AgentConfig {
             drain_time: Duration::from_secs(1),
             log_level: "warning".into(),
             xds: XdsFlavor::Delta,
+            access_log: crate::config::AccessLog::Stdout,
         },
     }
 }

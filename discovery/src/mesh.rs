@@ -443,6 +443,7 @@ mod tests {
             mesh_port: 15006,
             outbound: std::net::SocketAddr::from(([127, 0, 0, 1], 15001)),
             app_address: std::net::Ipv4Addr::LOCALHOST.into(),
+            access_log: Default::default(),
         };
         let before = h.snapshots.borrow().shared.for_proxy(&p);
 

@@ -10,6 +10,7 @@
 //! | `pilotfish.mesh_port` | the host's mesh (inbound) port |
 //! | `pilotfish.outbound` | `ip:port` of the outbound listener for local apps |
 //! | `pilotfish.app_address` | where local apps listen |
+//! | `pilotfish.access_log` | `"stdout"`, `"off"` or an absolute file path: where Envoy writes its access log (absent: off, so proxies of older agents keep their listeners) |
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -21,6 +22,7 @@ pub const META_ADDRESS: &str = "pilotfish.address";
 pub const META_MESH_PORT: &str = "pilotfish.mesh_port";
 pub const META_OUTBOUND: &str = "pilotfish.outbound";
 pub const META_APP_ADDRESS: &str = "pilotfish.app_address";
+pub const META_ACCESS_LOG: &str = "pilotfish.access_log";
 /// The version of the Pilotfish agent that runs the proxy (for `proxy-status`).
 pub const META_AGENT_VERSION: &str = "pilotfish.agent_version";
 
@@ -55,6 +57,35 @@ pub struct Proxy {
     pub mesh_port: u16,
     pub outbound: SocketAddr,
     pub app_address: IpAddr,
+    /// Where this proxy's Envoy writes its access log. Part of the per-proxy memo key, like
+    /// every field here: proxies with different choices never share listeners.
+    pub access_log: AccessLog,
+}
+
+/// Where a proxy's Envoy writes access log lines (`pilotfish.access_log`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub enum AccessLog {
+    /// No access log.
+    #[default]
+    Off,
+    /// Envoy's stdout, which the agent's unit hands to journald.
+    Stdout,
+    /// An absolute path on the proxy's host.
+    File(String),
+}
+
+impl AccessLog {
+    /// The metadata value: `"stdout"`, `"off"` or an absolute path.
+    pub fn parse(s: &str) -> Option<AccessLog> {
+        match s {
+            "stdout" => Some(AccessLog::Stdout),
+            "off" => Some(AccessLog::Off),
+            path if path.starts_with('/') && !path.contains(['\0', '\n']) => {
+                Some(AccessLog::File(path.to_string()))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -105,12 +136,28 @@ impl Proxy {
         };
         let address = ip_field(meta, META_ADDRESS, IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
         let app_address = ip_field(meta, META_APP_ADDRESS, IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        let access_log = match field(meta, META_ACCESS_LOG) {
+            None => AccessLog::Off,
+            Some(Kind::StringValue(s)) => {
+                AccessLog::parse(s).ok_or_else(|| NodeError::BadMetadata {
+                    key: META_ACCESS_LOG,
+                    message: format!("\"{s}\" is not \"stdout\", \"off\" or an absolute path"),
+                })?
+            }
+            Some(_) => {
+                return Err(NodeError::BadMetadata {
+                    key: META_ACCESS_LOG,
+                    message: "expected \"stdout\", \"off\" or an absolute path".into(),
+                })
+            }
+        };
         Ok(Proxy {
             node: node.id.clone(),
             address,
             mesh_port,
             outbound,
             app_address,
+            access_log,
         })
     }
 }
@@ -135,4 +182,49 @@ fn ip_field(
 
 fn field<'a>(meta: Option<&'a Struct>, key: &str) -> Option<&'a Kind> {
     meta?.fields.get(key)?.kind.as_ref()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use envoy_types::pb::google::protobuf::Value;
+
+    use super::*;
+
+    fn node(access_log: Option<Kind>) -> Node {
+        let mut meta = Struct::default();
+        if let Some(kind) = access_log {
+            meta.fields
+                .insert(META_ACCESS_LOG.to_string(), Value { kind: Some(kind) });
+        }
+        Node {
+            id: "vm-a".into(),
+            metadata: Some(meta),
+            ..Default::default()
+        }
+    }
+
+    fn access_log(kind: Option<Kind>) -> Result<AccessLog, NodeError> {
+        Proxy::from_node(Some(&node(kind))).map(|p| p.access_log)
+    }
+
+    #[test]
+    fn access_log_metadata() {
+        let s = |v: &str| Some(Kind::StringValue(v.into()));
+        assert_eq!(access_log(None), Ok(AccessLog::Off));
+        assert_eq!(access_log(s("off")), Ok(AccessLog::Off));
+        assert_eq!(access_log(s("stdout")), Ok(AccessLog::Stdout));
+        assert_eq!(
+            access_log(s("/var/log/pilotfish/access.log")),
+            Ok(AccessLog::File("/var/log/pilotfish/access.log".into()))
+        );
+        for bad in [s("relative.log"), s(""), Some(Kind::BoolValue(true))] {
+            let err = access_log(bad).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with("node.metadata[\"pilotfish.access_log\"]: "),
+                "{err}"
+            );
+        }
+    }
 }

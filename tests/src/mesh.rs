@@ -207,6 +207,12 @@ impl Mesh {
 
     /// Add simulated host `i` (its address is `net.host(i)`) running an agent for `node`.
     pub fn add_host(&mut self, node: &str, i: u8) -> Result<&Host> {
+        self.add_host_with(node, i, "")
+    }
+
+    /// [`Mesh::add_host`] with extra keys for the agent's `[envoy]` table (one per line, for
+    /// example `access_log = "off"`).
+    pub fn add_host_with(&mut self, node: &str, i: u8, envoy_extra: &str) -> Result<&Host> {
         let ip = self.net.host(i);
         let dir = self.dir.join(node);
         fs::create_dir_all(&dir)?;
@@ -246,6 +252,7 @@ admin = "{admin}"
 concurrency = 1
 drain_time = "2s"
 xds = "{xds}"
+{envoy_extra}
 "#,
                 grpc = self.grpc,
                 envoy = envoy_binary()?.display(),

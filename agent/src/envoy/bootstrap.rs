@@ -26,6 +26,8 @@ pub const META_ADDRESS: &str = "pilotfish.address";
 pub const META_MESH_PORT: &str = "pilotfish.mesh_port";
 pub const META_OUTBOUND: &str = "pilotfish.outbound";
 pub const META_APP_ADDRESS: &str = "pilotfish.app_address";
+/// Where Envoy writes its access log: "stdout", "off" or an absolute path.
+pub const META_ACCESS_LOG: &str = "pilotfish.access_log";
 /// This agent's version, which discovery shows in `proxy-status`.
 pub const META_AGENT_VERSION: &str = "pilotfish.agent_version";
 
@@ -45,6 +47,7 @@ pub fn bootstrap(config: &AgentConfig, xds_socket: &Path) -> Value {
                 META_MESH_PORT: config.mesh_port,
                 META_OUTBOUND: config.outbound.to_string(),
                 META_APP_ADDRESS: config.app_address.to_string(),
+                META_ACCESS_LOG: config.envoy.access_log.metadata(),
                 META_AGENT_VERSION: env!("CARGO_PKG_VERSION"),
             },
         },
@@ -126,7 +129,8 @@ mod tests {
         assert_eq!(meta["pilotfish.outbound"], "127.0.0.1:15001");
         assert_eq!(meta["pilotfish.app_address"], "127.0.0.1");
         assert_eq!(meta["pilotfish.agent_version"], env!("CARGO_PKG_VERSION"));
-        assert_eq!(meta.as_object().unwrap().len(), 5);
+        assert_eq!(meta["pilotfish.access_log"], "stdout");
+        assert_eq!(meta.as_object().unwrap().len(), 6);
         assert_eq!(
             b["admin"]["address"]["socket_address"]["port_value"],
             config.envoy.admin.port()

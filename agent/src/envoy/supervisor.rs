@@ -120,6 +120,10 @@ impl Supervisor {
             // drain time: the agent waits for connections to reach zero and then stops Envoy.
             "--drain-strategy".into(),
             "immediate".into(),
+            // Access log lines reach journald (or the file) within a second, not Envoy's
+            // default ten.
+            "--file-flush-interval-msec".into(),
+            "1000".into(),
         ];
         if let Some(n) = self.concurrency {
             args.push("--concurrency".into());

@@ -20,6 +20,7 @@ pub fn describe(catalog: &Catalog) -> Vec<String> {
         mesh_port: pilotfish_registries::model::DEFAULT_MESH_PORT,
         outbound: ([127, 0, 0, 1], 15001).into(),
         app_address: [127, 0, 0, 1].into(),
+        access_log: Default::default(),
     };
     // No node hosts a service named by the empty string: this proxy sees every service.
     let all = shared.for_proxy(&proxy(""));

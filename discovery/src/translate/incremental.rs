@@ -326,6 +326,7 @@ mod tests {
             mesh_port: DEFAULT_MESH_PORT,
             outbound: "127.0.0.1:15001".parse().unwrap(),
             app_address: "127.0.0.1".parse().unwrap(),
+            access_log: Default::default(),
         }
     }
 

@@ -18,6 +18,10 @@
 //! unreachable in plaintext. Every chain sets `transport_protocol`, and no two chains match the
 //! same (b.8). Permissive TCP services accept TLS only: plaintext TCP cannot name its service.
 //!
+//! Every connection manager and TCP proxy carries the proxy's access log ([`access_log`]):
+//! `outbound` for the `outbound` and `outbound|<svc>` listeners, `inbound` for the mesh port's
+//! chains and gateways.
+//!
 //! Connection managers are hardened against path confusion (normalize_path, merge_slashes,
 //! escaped slashes unescaped and redirected) whenever mTLS is on, so RBAC path rules see the
 //! path the app sees.
@@ -44,10 +48,11 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_pr
 use envoy_types::pb::google::protobuf::BoolValue;
 use pilotfish_registries::model::{Catalog, Gateway, MtlsMode, Service};
 
+use super::access_log::{self, Direction};
 use super::endpoints::socket_address;
 use super::tls::{self, Settings};
 use super::{ads, any, inbound_name, outbound_name, rbac, routes, subset_name, INBOUND, OUTBOUND};
-use crate::proxy::Proxy;
+use crate::proxy::{AccessLog, Proxy};
 use crate::resources::Resource;
 
 const HCM: &str = "envoy.filters.network.http_connection_manager";
@@ -83,7 +88,8 @@ pub(super) fn outbound(proxy: &Proxy, settings: &Settings, catalog: &Catalog) ->
         config_source: Some(ads()),
         route_config_name: OUTBOUND.to_string(),
     });
-    let hcm = hcm(OUTBOUND, route, filters, settings.mtls);
+    let mut hcm = hcm(OUTBOUND, route, filters, settings.mtls);
+    hcm.access_log = access_log::http(&proxy.access_log, Direction::Outbound);
     let listener = listener(
         OUTBOUND,
         proxy.outbound,
@@ -95,7 +101,7 @@ pub(super) fn outbound(proxy: &Proxy, settings: &Settings, catalog: &Catalog) ->
 }
 
 /// `gateway|<name>`: an ingress gateway's listener on its node, routes inline.
-pub(super) fn gateway(catalog: &Catalog, gw: &Gateway) -> Arc<Resource> {
+pub(super) fn gateway(catalog: &Catalog, gw: &Gateway, log: &AccessLog) -> Arc<Resource> {
     let name = format!("gateway|{}", gw.name);
     let mut hcm = hcm(
         &name,
@@ -105,6 +111,7 @@ pub(super) fn gateway(catalog: &Catalog, gw: &Gateway) -> Arc<Resource> {
     );
     // The edge: X-Forwarded-For is the real client's address.
     hcm.use_remote_address = Some(BoolValue { value: true });
+    hcm.access_log = access_log::http(log, Direction::Inbound);
     let listener = listener(&name, gw.listen, TrafficDirection::Inbound, HCM, any(&hcm));
     Resource::encode(name, &listener)
 }
@@ -121,7 +128,14 @@ fn http_filter(name: &str, config: envoy_types::pb::google::protobuf::Any) -> Ht
 /// local apps.
 pub(super) fn inbound(proxy: &Proxy) -> Arc<Resource> {
     let addr = SocketAddr::new(proxy.address, proxy.mesh_port);
-    http_listener(INBOUND, addr, TrafficDirection::Inbound, false)
+    let route = RouteSpecifier::Rds(Rds {
+        config_source: Some(ads()),
+        route_config_name: INBOUND.to_string(),
+    });
+    let mut hcm = hcm(INBOUND, route, Vec::new(), false);
+    hcm.access_log = access_log::http(&proxy.access_log, Direction::Inbound);
+    let listener = listener(INBOUND, addr, TrafficDirection::Inbound, HCM, any(&hcm));
+    Resource::encode(INBOUND, &listener)
 }
 
 /// `inbound` with mTLS, and the `inbound` route configuration when some local HTTP service is
@@ -151,10 +165,13 @@ pub(super) fn inbound_mtls(
                 uri: true,
                 ..Default::default()
             });
+            hcm.access_log = access_log::http(&proxy.access_log, Direction::Inbound);
             vec![filter(HCM, any(&hcm))]
         } else {
             let mut filters = rbac::network_filters(svc, &policies);
-            filters.push(filter(TCP_PROXY, any(&tcp_proxy(&name))));
+            let mut tcp = tcp_proxy(&name);
+            tcp.access_log = access_log::tcp(&proxy.access_log, Direction::Inbound);
+            filters.push(filter(TCP_PROXY, any(&tcp)));
             filters
         };
         chains.push(FilterChain {
@@ -177,7 +194,7 @@ pub(super) fn inbound_mtls(
     if !plaintext.is_empty() {
         let deny = plaintext.iter().any(|(_, p)| p.deny.is_some());
         let allow = plaintext.iter().any(|(_, p)| p.allow.is_some());
-        let hcm = hcm(
+        let mut hcm = hcm(
             INBOUND,
             RouteSpecifier::Rds(Rds {
                 config_source: Some(ads()),
@@ -186,6 +203,7 @@ pub(super) fn inbound_mtls(
             rbac::shared_http_filters(deny, allow),
             true,
         );
+        hcm.access_log = access_log::http(&proxy.access_log, Direction::Inbound);
         chains.push(FilterChain {
             name: PLAINTEXT_CHAIN.to_string(),
             filter_chain_match: Some(FilterChainMatch {
@@ -232,9 +250,15 @@ fn tcp_proxy(cluster: &str) -> TcpProxy {
 
 /// `outbound|<svc>`: a TCP service's local port, proxied to its `outbound|<svc>` cluster, or
 /// split by weight over subsets when the service's first route rule says so.
-pub(super) fn tcp_outbound(catalog: &Catalog, service: &str, addr: SocketAddr) -> Arc<Resource> {
+pub(super) fn tcp_outbound(
+    catalog: &Catalog,
+    service: &str,
+    addr: SocketAddr,
+    log: &AccessLog,
+) -> Arc<Resource> {
     let name = outbound_name(service);
     let mut proxy = tcp_proxy(&name);
+    proxy.access_log = access_log::tcp(log, Direction::Outbound);
     let subsets = catalog.subsets(service);
     let to: Vec<(String, u32)> = catalog
         .routes
@@ -286,22 +310,6 @@ pub(super) fn tcp_outbound(catalog: &Catalog, service: &str, addr: SocketAddr) -
         TCP_PROXY,
         any(&proxy),
     );
-    Resource::encode(name, &listener)
-}
-
-/// A listener whose one filter is an HTTP connection manager with routes from RDS `name`.
-fn http_listener(
-    name: &str,
-    addr: SocketAddr,
-    direction: TrafficDirection,
-    hardened: bool,
-) -> Arc<Resource> {
-    let route = RouteSpecifier::Rds(Rds {
-        config_source: Some(ads()),
-        route_config_name: name.to_string(),
-    });
-    let hcm = hcm(name, route, Vec::new(), hardened);
-    let listener = listener(name, addr, direction, HCM, any(&hcm));
     Resource::encode(name, &listener)
 }
 

@@ -28,6 +28,13 @@
 //! | route | `outbound` | one virtual host per HTTP service in scope |
 //! | route | `inbound` | one virtual host per local HTTP service (with mTLS: per local permissive HTTP service) |
 //!
+//! # Access logs
+//!
+//! The proxy's `access_log` ([`crate::proxy::AccessLog`]) goes into every connection manager and
+//! TCP proxy of its listeners ([`access_log`]). Listeners are built per proxy and memoized by the
+//! whole [`Proxy`], so the choice is part of the key: proxies with different choices never
+//! share listeners, and nothing else depends on it.
+//!
 //! # mTLS
 //!
 //! [`Shared::build_with`] takes [`Settings`]; with `mtls` on, outbound clusters reach mesh
@@ -54,6 +61,7 @@
 //! so no map built here holds more than one entry: labels go into one `Struct` encoded entry by
 //! entry in key order ([`labels_metadata`]).
 
+mod access_log;
 mod clusters;
 mod describe;
 mod endpoints;
@@ -321,7 +329,7 @@ impl Shared {
                 tracing::warn!(node = %proxy.node, service, %addr, "TCP service port already bound; no outbound listener");
                 continue;
             }
-            let listener = listeners::tcp_outbound(&self.catalog, service, addr);
+            let listener = listeners::tcp_outbound(&self.catalog, service, addr, &proxy.access_log);
             listeners.insert(listener.name.clone(), listener);
         }
         for gw in self.catalog.gateways.values() {
@@ -332,7 +340,7 @@ impl Shared {
                 tracing::warn!(node = %proxy.node, gateway = %gw.name, addr = %gw.listen, "gateway address already bound; no gateway listener");
                 continue;
             }
-            let listener = listeners::gateway(&self.catalog, gw);
+            let listener = listeners::gateway(&self.catalog, gw, &proxy.access_log);
             listeners.insert(listener.name.clone(), listener);
         }
 

@@ -176,6 +176,7 @@ fn proxy(node: &str, address: &str) -> Proxy {
         mesh_port: DEFAULT_MESH_PORT,
         outbound: "127.0.0.1:15001".parse().unwrap(),
         app_address: "127.0.0.1".parse().unwrap(),
+        access_log: Default::default(),
     }
 }
 
@@ -704,3 +705,6 @@ fn memoized_per_proxy() {
 
 #[path = "mtls_tests.rs"]
 mod mtls;
+
+#[path = "access_log_tests.rs"]
+mod access_logs;

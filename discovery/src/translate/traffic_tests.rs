@@ -93,6 +93,7 @@ fn proxy(node: &str) -> Proxy {
         mesh_port: DEFAULT_MESH_PORT,
         outbound: "127.0.0.1:15001".parse().expect("addr"),
         app_address: "127.0.0.1".parse().expect("ip"),
+        access_log: Default::default(),
     }
 }
 
