@@ -1,12 +1,13 @@
 //! The web console (issue 10), driven in a real headless Chromium against a real mesh: the page
 //! lists the services, routes and proxies; a weight change made in the page (through
 //! `?set=`, the same code path as its Apply button) moves real traffic; a route declared in an
-//! operator's file answers 409, which the page shows. The last page is saved as
-//! `docs/console.png` for the README.
+//! operator's file answers 409, which the page shows. It ends with a screenshot, which
+//! `PILOTFISH_UPDATE_SCREENSHOT=1` saves as the README's `docs/console.png`.
 //!
 //! Chromium is Debian's `chromium` package, installed here when missing (`apt-get`; the test
 //! fails, never passes, when that is impossible).
-//! Run: `cargo build --workspace --bins && cargo test -p pilotfish-tests --test console`.
+//! Run: `cargo build --workspace --bins && cargo test -p pilotfish-tests --test console`
+//! (`PILOTFISH_UPDATE_SCREENSHOT=1 cargo test ...` to refresh the README's screenshot).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -321,8 +322,13 @@ async fn console_lists_the_mesh_and_moves_real_traffic() -> Result<()> {
     })
     .await?;
 
-    // The README's screenshot: the console as it is now.
-    let shot = workspace_root().join("docs").join("console.png");
+    // A screenshot of the console as it is now; `PILOTFISH_UPDATE_SCREENSHOT=1` makes it the
+    // README's (docs/console.png), so that ordinary runs leave the checkout clean.
+    let shot = if std::env::var_os("PILOTFISH_UPDATE_SCREENSHOT").is_some_and(|v| v == "1") {
+        workspace_root().join("docs").join("console.png")
+    } else {
+        mesh.path("console.png")
+    };
     let url = format!("{base}?token={API_TOKEN}");
     let arg = format!("--screenshot={}", shot.display());
     let b = browser.clone();
