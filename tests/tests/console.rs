@@ -1,7 +1,8 @@
 //! The web console (issue 10), driven in a real headless Chromium against a real mesh: the page
 //! lists the services, routes and proxies; a weight change made in the page (through
 //! `?set=`, the same code path as its Apply button) moves real traffic; a route declared in an
-//! operator's file answers 409, which the page shows. It ends with a screenshot, which
+//! operator's file answers 409, which the page shows; a wrong token brings the token form
+//! back; a broken registry file is listed with `file:line:column`. It ends with a screenshot, which
 //! `PILOTFISH_UPDATE_SCREENSHOT=1` saves as the README's `docs/console.png`.
 //!
 //! Chromium is Debian's `chromium` package, installed here when missing (`apt-get`; the test
@@ -259,6 +260,13 @@ async fn console_lists_the_mesh_and_moves_real_traffic() -> Result<()> {
         "the token form is shown:\n{dom}"
     );
 
+    // A wrong token: the page says why and asks again.
+    let dom = dump_dom(&browser, format!("{base}?token=wrong")).await?;
+    assert!(
+        dom.contains("<form id=\"login\">") && dom.contains("not valid"),
+        "a 401 asks for the token again:\n{dom}"
+    );
+
     // With `?token=`: services with instances, routes with their split, proxies.
     let page = wait_for("the console lists the mesh", PATIENCE, || async {
         let dom = dump_dom(&browser, format!("{base}?token={API_TOKEN}")).await?;
@@ -322,6 +330,16 @@ async fn console_lists_the_mesh_and_moves_real_traffic() -> Result<()> {
     })
     .await?;
 
+    // A broken registry file is listed with file:line:column while its last good version
+    // stays in force.
+    mesh.write_registry("broken.toml", "[services.web]\nport = \"eighty\"\n")?;
+    let dom = wait_for("the page lists the refused file", PATIENCE, || async {
+        let dom = dump_dom(&browser, format!("{base}?token={API_TOKEN}")).await?;
+        Ok(dom.contains("broken.toml:2:").then_some(dom))
+    })
+    .await?;
+    assert!(dom.contains("refused: "), "{dom}");
+
     // A screenshot of the console as it is now; `PILOTFISH_UPDATE_SCREENSHOT=1` makes it the
     // README's (docs/console.png), so that ordinary runs leave the checkout clean.
     let shot = if std::env::var_os("PILOTFISH_UPDATE_SCREENSHOT").is_some_and(|v| v == "1") {
@@ -336,7 +354,7 @@ async fn console_lists_the_mesh_and_moves_real_traffic() -> Result<()> {
         chromium(
             &b,
             &url,
-            &[&arg, "--window-size=1280,900", "--hide-scrollbars"],
+            &[&arg, "--window-size=1280,1300", "--hide-scrollbars"],
         )
     })
     .await?;
