@@ -1,4 +1,5 @@
-//! The HTTP listener: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus text), and the
+//! The HTTP listener: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus text),
+//! `/v1/proxies` and `/v1/services`, the web console at `/ui/` ([`crate::console`]), and the
 //! rules API under `/v1` ([`crate::rules_api`], which has its own authentication).
 //!
 //! Handlers only read shared state: the sources' status (file registry, Consul per datacenter,
@@ -72,6 +73,8 @@ impl HttpServer {
             .route("/status", get(status))
             .route("/metrics", get(metrics))
             .route("/v1/proxies", get(proxies))
+            .route("/v1/services", get(services))
+            .merge(crate::console::router())
             .with_state(state)
     }
 
@@ -401,6 +404,22 @@ async fn proxies(
         &catalog,
         &nodes,
     );
+    Json(serde_json::json!({ "items": items })).into_response()
+}
+
+/// `GET /v1/services`: `{"items": [...]}`, see [`crate::service_list`]: the catalog after the
+/// liveness stage, as the proxies get it. Reads need the rules API's token when its reads do.
+async fn services(
+    State(state): State<HttpState>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    if let Some(api) = &state.api {
+        if let Err(e) = api.authorize(&headers, false) {
+            return e.into_response();
+        }
+    }
+    let catalog = Arc::clone(&state.snapshots.borrow().shared.catalog);
+    let items = crate::service_list::entries(&catalog);
     Json(serde_json::json!({ "items": items })).into_response()
 }
 
@@ -827,6 +846,31 @@ mod tests {
                 "missing {line} in:\n{text}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn routes_services_and_the_console() {
+        use http_body_util::BodyExt;
+        use tower::ServiceExt;
+
+        let (state, _keep) = state();
+        let get = |path: &str| {
+            HttpServer::router(state.clone()).oneshot(
+                axum::http::Request::get(path)
+                    .body(axum::body::Body::empty())
+                    .expect("request"),
+            )
+        };
+        let response = get("/v1/services").await.expect("infallible");
+        assert_eq!(response.status(), axum::http::StatusCode::OK);
+        let body = response.into_body().collect().await.expect("body");
+        let json: serde_json::Value = serde_json::from_slice(&body.to_bytes()).expect("json");
+        assert_eq!(json, serde_json::json!({ "items": [] }));
+        let page = get("/ui/").await.expect("infallible");
+        assert_eq!(page.status(), axum::http::StatusCode::OK);
+        assert_eq!(page.headers()[header::CACHE_CONTROL], "no-store");
+        let redirect = get("/ui?token=t").await.expect("infallible");
+        assert_eq!(redirect.headers()[header::LOCATION], "/ui/?token=t");
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod console;
 pub mod grpc;
 pub mod http;
 pub mod identity;
@@ -23,6 +24,7 @@ pub mod proxy;
 pub mod proxy_status;
 pub mod resources;
 pub mod rules_api;
+pub mod service_list;
 pub mod sources;
 pub mod translate;
 pub mod xds;

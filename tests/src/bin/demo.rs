@@ -114,7 +114,9 @@ async fn main() -> Result<()> {
     )?;
     wait_port("127.0.0.1:15012".parse()?, Duration::from_secs(10))
         .with_context(|| format!("discovery did not start: see {}", discovery.log.display()))?;
-    println!("  discovery      127.0.0.1:15012 (xDS)   127.0.0.1:15014 (status, metrics)");
+    println!(
+        "  discovery      127.0.0.1:15012 (xDS)   127.0.0.1:15014 (status, metrics, console /ui/)"
+    );
 
     let mut apps = Vec::new();
     for (version, ip) in [("v1", "127.0.0.3"), ("v2", "127.0.0.4")] {
@@ -259,6 +261,17 @@ async fn main() -> Result<()> {
         bail!("some requests failed: {seen:?}");
     }
     if keep_running {
+        // The demo's token is a sample (`change-me`): printing it here is the point.
+        let token = fs::read_to_string(work.join("api-token"))?;
+        println!(
+            "\nWeb console: http://127.0.0.1:15014/ui/?token={}",
+            token.trim()
+        );
+        println!(
+            "  (reviews' route is declared in registry.d, so its canary control shows the rules \
+             API's 409 naming that file;\n   routes written through the API, e.g. with \
+             `pilotfish-ctl routes put`, can be moved there)"
+        );
         println!("\nThe mesh keeps running; press Ctrl-C to stop it.");
         tokio::signal::ctrl_c().await?;
     }
