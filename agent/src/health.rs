@@ -1,5 +1,7 @@
 //! The agent's own HTTP endpoint (`health`, default 127.0.0.1:15020): readiness for load
-//! balancers and systemd, and Prometheus metrics.
+//! balancers and systemd, and Prometheus metrics: the agent's own and, in the same scrape, its
+//! Envoy's (`/stats/prometheus`, as Istio merges them), so one scrape job per host is enough
+//! and Envoy's admin port stays on loopback.
 //!
 //! Readiness asks Envoy's admin `/ready` at request time rather than caching it, so it is
 //! never staler than the probe that reads it.
@@ -49,10 +51,16 @@ async fn ready(State(h): State<Health>) -> impl IntoResponse {
 }
 
 async fn metrics(State(h): State<Health>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render_metrics(&h.status),
-    )
+    let mut body = render_metrics(&h.status);
+    // Envoy's metric names all start with `envoy_`, so the two sets never clash. While Envoy
+    // is down (restarting) the agent's own metrics still answer, with envoy_up 0.
+    if h.status.envoy_up() {
+        match h.admin.prometheus_stats().await {
+            Ok(stats) => body.push_str(&String::from_utf8_lossy(&stats)),
+            Err(e) => tracing::debug!(error = %e, "Envoy's metrics are not in this scrape"),
+        }
+    }
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
 }
 
 pub fn render_metrics(s: &AgentStatus) -> String {

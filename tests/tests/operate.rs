@@ -114,6 +114,21 @@ async fn proxy_status_shows_sync_nacks_and_disconnected_proxies() -> Result<()> 
         "{table}"
     );
 
+    // One scrape per host: the agent's metrics and its Envoy's, on the agent's port.
+    let health = mesh.host("vm-b").health;
+    let scrape = blocking(move || http_get(health, "agent", "/metrics")).await?;
+    assert_eq!(scrape.status, 200);
+    for metric in [
+        "pilotfish_agent_envoy_up 1",
+        "envoy_server_live",
+        "envoy_cluster_upstream_cx_total",
+    ] {
+        assert!(
+            scrape.body.contains(metric),
+            "{metric} missing from the agent's scrape"
+        );
+    }
+
     let (code, json) = ctl.run(true, &["proxy-status", "--output", "json"])?;
     assert_eq!(code, 0, "{json}");
     let list: Vec<Value> = serde_json::from_str(&json)?;

@@ -92,6 +92,19 @@ impl Admin {
         }
     }
 
+    /// Envoy's own metrics in Prometheus text format (`/stats/prometheus`, used-only), for
+    /// the agent's merged scrape.
+    pub async fn prometheus_stats(&self) -> Result<Bytes, AdminError> {
+        let path = "/stats/prometheus?usedonly";
+        match self.call(Method::GET, path).await? {
+            (StatusCode::OK, body) => Ok(body),
+            (status, _) => Err(AdminError::Status {
+                path: path.into(),
+                status,
+            }),
+        }
+    }
+
     /// Open downstream connections across all listeners, the admin listener excluded.
     pub async fn active_connections(&self) -> Result<u64, AdminError> {
         let path = "/stats?filter=downstream_cx_active";
