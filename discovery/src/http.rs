@@ -385,16 +385,25 @@ pub fn status_of(state: &HttpState) -> Status {
     }
 }
 
+/// Reads of `/v1/...` need the rules API's token when its reads do.
+fn may_read(
+    state: &HttpState,
+    headers: &axum::http::HeaderMap,
+) -> Result<(), axum::response::Response> {
+    match &state.api {
+        Some(api) => api.authorize(headers, false).map_err(IntoResponse::into_response),
+        None => Ok(()),
+    }
+}
+
 /// `GET /v1/proxies`: `{"items": [...]}`, see [`crate::proxy_status`]. Reads need the rules
 /// API's token when its reads do.
 async fn proxies(
     State(state): State<HttpState>,
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
-    if let Some(api) = &state.api {
-        if let Err(e) = api.authorize(&headers, false) {
-            return e.into_response();
-        }
+    if let Err(refused) = may_read(&state, &headers) {
+        return refused;
     }
     let catalog = Arc::clone(&state.snapshots.borrow().shared.catalog);
     let nodes = Arc::clone(&state.nodes.borrow());
@@ -413,10 +422,8 @@ async fn services(
     State(state): State<HttpState>,
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
-    if let Some(api) = &state.api {
-        if let Err(e) = api.authorize(&headers, false) {
-            return e.into_response();
-        }
+    if let Err(refused) = may_read(&state, &headers) {
+        return refused;
     }
     let catalog = Arc::clone(&state.snapshots.borrow().shared.catalog);
     let items = crate::service_list::entries(&catalog);
