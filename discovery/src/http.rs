@@ -385,15 +385,15 @@ pub fn status_of(state: &HttpState) -> Status {
     }
 }
 
-/// Reads of `/v1/...` need the rules API's token when its reads do.
-fn may_read(
+/// Reads of `/v1/...` need the rules API's token when its reads do: the refusal, if any.
+fn refused_read(
     state: &HttpState,
     headers: &axum::http::HeaderMap,
-) -> Result<(), axum::response::Response> {
-    match &state.api {
-        Some(api) => api.authorize(headers, false).map_err(IntoResponse::into_response),
-        None => Ok(()),
-    }
+) -> Option<axum::response::Response> {
+    let api = state.api.as_ref()?;
+    api.authorize(headers, false)
+        .err()
+        .map(IntoResponse::into_response)
 }
 
 /// `GET /v1/proxies`: `{"items": [...]}`, see [`crate::proxy_status`]. Reads need the rules
@@ -402,7 +402,7 @@ async fn proxies(
     State(state): State<HttpState>,
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
-    if let Err(refused) = may_read(&state, &headers) {
+    if let Some(refused) = refused_read(&state, &headers) {
         return refused;
     }
     let catalog = Arc::clone(&state.snapshots.borrow().shared.catalog);
@@ -422,7 +422,7 @@ async fn services(
     State(state): State<HttpState>,
     headers: axum::http::HeaderMap,
 ) -> axum::response::Response {
-    if let Err(refused) = may_read(&state, &headers) {
+    if let Some(refused) = refused_read(&state, &headers) {
         return refused;
     }
     let catalog = Arc::clone(&state.snapshots.borrow().shared.catalog);
