@@ -13,9 +13,8 @@
 //! `<slot>.key.new`, then the certificate, then the key is renamed into place. A loader that
 //! finds the certificate matching `.key.new` finishes the rename.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use pilotfish_pki::{parse_cert_pem, CertUnreadable, KeyError, LocalKey};
@@ -252,38 +251,14 @@ pub fn key_matches(chain_pem: &str, key: &LocalKey) -> bool {
         .is_ok_and(|(_, cert)| cert.public_key().raw == key.public_key_der().as_slice())
 }
 
-/// Atomically replaces `path` with `contents`, mode 0600 from the first byte.
+/// Atomically and durably replaces `path` with `contents`, mode 0600 from the first byte.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
-    let dir = parent(path);
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp.{}.{:016x}",
-        name.to_string_lossy(),
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    let result = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(FILE_MODE)
-            .open(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        rename_synced(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    result
+    pilotfish_registries::durable::write_atomic(path, contents, FILE_MODE)
 }
 
 fn rename_synced(from: &Path, to: &Path) -> io::Result<()> {
     fs::rename(from, to)?;
-    File::open(parent(to))?.sync_all()
+    pilotfish_registries::durable::sync_dir(parent(to))
 }
 
 fn parent(path: &Path) -> &Path {
@@ -295,6 +270,7 @@ fn parent(path: &Path) -> &Path {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
     use std::time::Duration;
 
     use pilotfish_pki::{Ca, CaOptions, SpiffeId, TrustDomain};
