@@ -184,6 +184,9 @@ impl LivenessStage {
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut nodes_changed = self.connections.watch_nodes();
         let mut dead = BTreeSet::new();
+        // The catalog the last marking was made from: a node connecting or leaving changes
+        // nothing to mark unless the dead set changes too.
+        let mut marked_from: Option<Arc<Catalog>> = None;
         // Without a revocation source (its sender gone), there is nothing more to wait for.
         let mut revocations = true;
         loop {
@@ -191,14 +194,9 @@ impl LivenessStage {
             let revoked = Arc::clone(&self.revoked.borrow_and_update());
             nodes_changed.mark_unchanged();
             let now = Instant::now();
-            let verdict = judge(
-                &catalog,
-                &self.connections.nodes(),
-                &revoked,
-                self.started,
-                now,
-                self.grace,
-            );
+            let verdict = self
+                .connections
+                .with_nodes(|seen| judge(&catalog, seen, &revoked, self.started, now, self.grace));
             for node in verdict.dead.difference(&dead) {
                 let state = if revoked.contains(node) {
                     "revoked"
@@ -210,15 +208,22 @@ impl LivenessStage {
             for node in dead.difference(&verdict.dead) {
                 info!(%node, "host is alive again: its instances are healthy");
             }
+            let unchanged = verdict.dead == dead
+                && marked_from
+                    .as_ref()
+                    .is_some_and(|c| Arc::ptr_eq(c, &catalog));
             dead = verdict.dead;
-            let marked = mark_dead(&catalog, &dead);
-            self.out.send_if_modified(|current| {
-                let changed = !Arc::ptr_eq(current, &marked) && **current != *marked;
-                if changed {
-                    *current = Arc::clone(&marked);
-                }
-                changed
-            });
+            if !unchanged {
+                let marked = mark_dead(&catalog, &dead);
+                self.out.send_if_modified(|current| {
+                    let changed = !Arc::ptr_eq(current, &marked) && **current != *marked;
+                    if changed {
+                        *current = Arc::clone(&marked);
+                    }
+                    changed
+                });
+                marked_from = Some(catalog);
+            }
             self.view.send_replace(Arc::new(verdict.nodes));
             let wake = verdict.next_check.map(tokio::time::Instant::from_std);
             tokio::select! {

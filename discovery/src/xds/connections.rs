@@ -86,8 +86,10 @@ pub struct NodeSeen {
     pub last_seen_unix_ms: u64,
 }
 
-/// How long a node that disconnected is remembered.
+/// How long a node that disconnected is remembered (at least; see [`PRUNE_EVERY`]).
 const FORGET_NODES_AFTER: Duration = Duration::from_secs(3600);
+/// How often registering a stream forgets nodes older than [`FORGET_NODES_AFTER`].
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// The registry of open ADS streams, and of the nodes seen lately. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -113,6 +115,8 @@ struct Inner {
     nodes: BTreeMap<String, NodeSeen>,
     /// The last stream of each node that has none open now (kept as long as `nodes` keeps it).
     gone: BTreeMap<String, ProxyStatus>,
+    /// When `nodes` and `gone` were last pruned.
+    pruned_at: Option<Instant>,
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -143,12 +147,20 @@ impl Connections {
         inner.next_id += 1;
         let id = inner.next_id;
         let now = Instant::now();
-        inner
-            .nodes
-            .retain(|_, n| n.streams > 0 || now.duration_since(n.last_seen) < FORGET_NODES_AFTER);
-        let Inner { nodes, gone, .. } = &mut *inner;
-        gone.retain(|node, _| nodes.contains_key(node));
-        gone.remove(node);
+        // Forgetting old nodes walks them all: at most once a minute, not once per stream (a
+        // reconnect storm registers thousands of streams in seconds).
+        if inner
+            .pruned_at
+            .is_none_or(|t| now.duration_since(t) >= PRUNE_EVERY)
+        {
+            inner.pruned_at = Some(now);
+            let Inner { nodes, gone, .. } = &mut *inner;
+            nodes.retain(|_, n| {
+                n.streams > 0 || now.duration_since(n.last_seen) < FORGET_NODES_AFTER
+            });
+            gone.retain(|node, _| nodes.contains_key(node));
+        }
+        inner.gone.remove(node);
         let seen = inner.nodes.entry(node.to_string()).or_insert(NodeSeen {
             streams: 0,
             last_seen: now,
@@ -203,6 +215,11 @@ impl Connections {
     /// Every node with an open stream or one seen in the last hour.
     pub fn nodes(&self) -> BTreeMap<String, NodeSeen> {
         self.lock().nodes.clone()
+    }
+
+    /// `f` over [`Connections::nodes`] without copying them (keep `f` short: streams wait).
+    pub fn with_nodes<T>(&self, f: impl FnOnce(&BTreeMap<String, NodeSeen>) -> T) -> T {
+        f(&self.lock().nodes)
     }
 
     /// Changes whenever a node gets its first open stream or loses its last one.
