@@ -404,8 +404,8 @@ impl RulesApi {
             &pre,
             false,
         )?;
-        self.validate(&file, Some(content.clone()))?;
-        self.known(&file, &content)?;
+        let catalog = self.validate(&file, Some(content.clone()))?;
+        self.known(&file, &catalog)?;
         // Temp file (a dot name, which the registry skips), fsync, rename, fsync of the directory:
         // the registry sees the old file or the new one, never a partial one.
         durable::write_atomic(&file, content.as_bytes(), 0o600)
@@ -470,10 +470,10 @@ impl RulesApi {
     /// 400 when the object names a service that no source declares. Files may name services
     /// declared later (a warning, see `pilotfish_registries::references`); an API write is
     /// made by a tool that can be told at once.
-    fn known(&self, file: &Path, content: &str) -> Result<(), ApiError> {
-        let (catalog, _) = check_with(&self.paths, &[(file.to_path_buf(), Some(content.into()))]);
+    /// `catalog`: the files' catalog with the write applied, as [`RulesApi::validate`] built it.
+    fn known(&self, file: &Path, catalog: &Catalog) -> Result<(), ApiError> {
         let merged = self.catalog.as_ref().map(|c| Arc::clone(&c.borrow()));
-        let errors: Vec<String> = unresolved(&catalog)
+        let errors: Vec<String> = unresolved(catalog)
             .into_iter()
             .filter(|u| u.origin.file == file)
             .filter(|u| {
@@ -500,17 +500,18 @@ impl RulesApi {
 
     /// 400 with every problem the change brings: any in the API's file, and any elsewhere
     /// that the files on disk do not already have (a deleted policy breaks a route to its
-    /// subsets). Problems operators' files have anyway are theirs, not this write's.
-    fn validate(&self, file: &Path, content: Option<String>) -> Result<(), ApiError> {
+    /// subsets). Problems operators' files have anyway are theirs, not this write's. The
+    /// files' catalog with the change applied, when it is accepted.
+    fn validate(&self, file: &Path, content: Option<String>) -> Result<Catalog, ApiError> {
         let (_, before) = check_with(&self.paths, &[]);
-        let (_, after) = check_with(&self.paths, &[(file.to_path_buf(), content)]);
+        let (catalog, after) = check_with(&self.paths, &[(file.to_path_buf(), content)]);
         let errors: Vec<String> = after
             .iter()
             .filter(|p| p.file == file || !before.contains(p))
             .map(ToString::to_string)
             .collect();
         if errors.is_empty() {
-            Ok(())
+            Ok(catalog)
         } else {
             Err(ApiError {
                 status: StatusCode::BAD_REQUEST,
