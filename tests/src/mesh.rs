@@ -279,6 +279,25 @@ xds = "{xds}"
         self.hosts.last().context("host just added")
     }
 
+    /// A `[services.<name>]` table (port 9080, plus the `extra` keys) with one instance per
+    /// `(node, app port, labels)`, each at its host's address and mesh port.
+    pub fn service_toml(&self, name: &str, extra: &str, instances: &[(&str, u16, &str)]) -> String {
+        let mut out = format!("[services.{name}]\nport = 9080\n{extra}\n");
+        for (node, port, labels) in instances {
+            let h = self.host(node);
+            out.push_str(&format!(
+                "[[services.{name}.instances]]\nnode = \"{node}\"\naddress = \"{}\"\n\
+                 port = {port}\nmesh_port = {}\n",
+                h.ip, h.mesh_port
+            ));
+            if !labels.is_empty() {
+                out.push_str(&format!("labels = {{ {labels} }}\n"));
+            }
+        }
+        out.push('\n');
+        out
+    }
+
     pub fn host(&self, node: &str) -> &Host {
         self.hosts
             .iter()

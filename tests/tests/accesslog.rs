@@ -19,46 +19,10 @@ const READY: Duration = Duration::from_secs(30);
 const LOGGED: Duration = Duration::from_secs(15);
 
 fn registry(mesh: &Mesh, reviews_port: u16) -> String {
-    let a = mesh.host("vm-a");
-    let b = mesh.host("vm-b");
-    let d = mesh.host("vm-d");
-    format!(
-        r#"[services.productpage]
-port = 9080
-upstreams = ["reviews"]
-
-[[services.productpage.instances]]
-node = "vm-a"
-address = "{a_ip}"
-port = 9080
-mesh_port = {a_mesh}
-
-[services.ratings]
-port = 9080
-upstreams = ["reviews"]
-
-[[services.ratings.instances]]
-node = "vm-d"
-address = "{d_ip}"
-port = 9080
-mesh_port = {d_mesh}
-
-[services.reviews]
-port = 9080
-
-[[services.reviews.instances]]
-node = "vm-b"
-address = "{b_ip}"
-port = {reviews_port}
-mesh_port = {b_mesh}
-"#,
-        a_ip = a.ip,
-        a_mesh = a.mesh_port,
-        b_ip = b.ip,
-        b_mesh = b.mesh_port,
-        d_ip = d.ip,
-        d_mesh = d.mesh_port,
-    )
+    let calls = "upstreams = [\"reviews\"]";
+    mesh.service_toml("productpage", calls, &[("vm-a", 9080, "")])
+        + &mesh.service_toml("ratings", calls, &[("vm-d", 9080, "")])
+        + &mesh.service_toml("reviews", "", &[("vm-b", reviews_port, "")])
 }
 
 async fn get(

@@ -119,49 +119,25 @@ async fn dump_dom(browser: &Path, url: String) -> Result<String> {
 /// productpage on vm-a (with an operator-declared split of its own), reviews v1 on vm-b and v2
 /// on vm-c; reviews' subsets are declared here, its route is written through the rules API.
 fn registry(mesh: &Mesh, v1: u16, v2: u16) -> String {
-    let (a, b, c) = (mesh.host("vm-a"), mesh.host("vm-b"), mesh.host("vm-c"));
-    format!(
-        r#"[services.productpage]
-port = 9080
-[[services.productpage.instances]]
-node = "vm-a"
-address = "{a_ip}"
-port = 9080
-mesh_port = {a_mesh}
-labels = {{ version = "a" }}
-
-[services.reviews]
-port = 9080
-[[services.reviews.instances]]
-node = "vm-b"
-address = "{b_ip}"
-port = {v1}
-mesh_port = {b_mesh}
-labels = {{ version = "v1" }}
-[[services.reviews.instances]]
-node = "vm-c"
-address = "{c_ip}"
-port = {v2}
-mesh_port = {c_mesh}
-labels = {{ version = "v2" }}
-
-[policies.reviews]
-subsets = {{ v1 = {{ version = "v1" }}, v2 = {{ version = "v2" }} }}
+    mesh.service_toml("productpage", "", &[("vm-a", 9080, "version = \"a\"")])
+        + &mesh.service_toml(
+            "reviews",
+            "",
+            &[
+                ("vm-b", v1, "version = \"v1\""),
+                ("vm-c", v2, "version = \"v2\""),
+            ],
+        )
+        + r#"[policies.reviews]
+subsets = { v1 = { version = "v1" }, v2 = { version = "v2" } }
 
 [policies.productpage]
-subsets = {{ a = {{ version = "a" }}, b = {{ version = "a" }} }}
+subsets = { a = { version = "a" }, b = { version = "a" } }
 
 [routes.productpage]
 [[routes.productpage.rules]]
-to = [{{ subset = "a", weight = 50 }}, {{ subset = "b", weight = 50 }}]
-"#,
-        a_ip = a.ip,
-        a_mesh = a.mesh_port,
-        b_ip = b.ip,
-        b_mesh = b.mesh_port,
-        c_ip = c.ip,
-        c_mesh = c.mesh_port,
-    )
+to = [{ subset = "a", weight = 50 }, { subset = "b", weight = 50 }]
+"#
 }
 
 /// A rules-API call with the token.

@@ -19,40 +19,12 @@ const PUSH_SLACK: Duration = Duration::from_secs(5);
 const PLAIN: &[(&str, &str)] = &[];
 
 fn services_toml(mesh: &Mesh, v1_port: u16, v2_port: u16, health: &str) -> String {
-    let (a, b, c) = (mesh.host("vm-a"), mesh.host("vm-b"), mesh.host("vm-c"));
-    format!(
-        r#"[services.productpage]
-port = 9080
-
-[[services.productpage.instances]]
-node = "vm-a"
-address = "{a_ip}"
-port = 9080
-mesh_port = {a_mesh}
-
-[services.reviews]
-port = 9080
-{health}
-
-[[services.reviews.instances]]
-node = "vm-b"
-address = "{b_ip}"
-port = {v1_port}
-mesh_port = {b_mesh}
-
-[[services.reviews.instances]]
-node = "vm-c"
-address = "{c_ip}"
-port = {v2_port}
-mesh_port = {c_mesh}
-"#,
-        a_ip = a.ip,
-        a_mesh = a.mesh_port,
-        b_ip = b.ip,
-        b_mesh = b.mesh_port,
-        c_ip = c.ip,
-        c_mesh = c.mesh_port,
-    )
+    mesh.service_toml("productpage", "", &[("vm-a", 9080, "")])
+        + &mesh.service_toml(
+            "reviews",
+            health,
+            &[("vm-b", v1_port, ""), ("vm-c", v2_port, "")],
+        )
 }
 
 /// How the caller's Envoy sees the host at `ip:port` in cluster `outbound|reviews`: its

@@ -55,14 +55,8 @@ impl Ctl {
 }
 
 fn services(mesh: &Mesh, reviews_port: u16, gateway: Option<&str>) -> String {
-    let (a, b) = (mesh.host("vm-a"), mesh.host("vm-b"));
-    let mut text = format!(
-        "[services.productpage]\nport = 9080\n[[services.productpage.instances]]\n\
-         node = \"vm-a\"\naddress = \"{}\"\nport = 9080\nmesh_port = {}\n\n\
-         [services.reviews]\nport = 9080\n[[services.reviews.instances]]\nnode = \"vm-b\"\n\
-         address = \"{}\"\nport = {reviews_port}\nmesh_port = {}\n",
-        a.ip, a.mesh_port, b.ip, b.mesh_port
-    );
+    let mut text = mesh.service_toml("productpage", "", &[("vm-a", 9080, "")])
+        + &mesh.service_toml("reviews", "", &[("vm-b", reviews_port, "")]);
     if let Some(listen) = gateway {
         text.push_str(&format!(
             "\n[gateways.edge]\nnode = \"vm-b\"\nlisten = \"{listen}\"\n\
