@@ -3,7 +3,7 @@
 //! `nacked`, `not_sent`), its versions and the NACK reason. Pure: built from the connection
 //! registry, the current catalog and the nodes' liveness.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use pilotfish_registries::model::Catalog;
@@ -64,12 +64,25 @@ pub fn entries(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or_default();
+    // Services by node, once for every proxy (the console asks every 2 s).
+    let mut by_node: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for s in catalog.services.values() {
+        let on: BTreeSet<&str> = s
+            .instances
+            .iter()
+            .filter_map(|i| i.node.as_deref())
+            .collect();
+        for node in on {
+            by_node.entry(node).or_default().push(s.name.clone());
+        }
+    }
     let mut out: Vec<ProxyEntry> = open
         .into_iter()
         .map(|p| (p, true, now))
         .chain(gone.into_iter().map(|(p, seen)| (p, false, seen)))
         .map(|(p, connected, last_seen_unix_ms)| {
-            entry(p, connected, last_seen_unix_ms, catalog, nodes)
+            let services = by_node.get(p.node.as_str()).cloned().unwrap_or_default();
+            entry(p, connected, last_seen_unix_ms, services, nodes)
         })
         .collect();
     out.sort_by(|a, b| (&a.node, !a.connected).cmp(&(&b.node, !b.connected)));
@@ -80,19 +93,9 @@ fn entry(
     p: ProxyStatus,
     connected: bool,
     last_seen_unix_ms: u64,
-    catalog: &Catalog,
+    services: Vec<String>,
     nodes: &[NodeLiveness],
 ) -> ProxyEntry {
-    let services = catalog
-        .services
-        .values()
-        .filter(|s| {
-            s.instances
-                .iter()
-                .any(|i| i.node.as_deref() == Some(&p.node))
-        })
-        .map(|s| s.name.clone())
-        .collect();
     let types = TYPES
         .iter()
         .map(|(name, short)| {
