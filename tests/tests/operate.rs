@@ -7,6 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use pilotfish_tests::load::Load;
 use pilotfish_tests::mesh::{Mesh, MeshOptions};
 use pilotfish_tests::{binary, blocking, http_get, wait_for};
 use serde_json::Value;
@@ -139,7 +140,10 @@ async fn proxy_status_shows_sync_nacks_and_disconnected_proxies() -> Result<()> 
     assert_eq!(clusters["version"], clusters["acked_version"]);
     assert_eq!(b["types"]["secrets"]["state"], "not_sent");
 
-    // A gateway on vm-b's Envoy admin port: vm-b's Envoy rejects the listener.
+    // A gateway on vm-b's Envoy admin port: vm-b's Envoy rejects the listener. Traffic from
+    // vm-a to vm-b runs through the rejection and the fix: neither may drop a request.
+    const PLAIN: &[(&str, &str)] = &[];
+    let load = Load::start(mesh.host("vm-a").outbound, "reviews", &[PLAIN, PLAIN]);
     let admin = mesh.host("vm-b").admin.to_string();
     mesh.write_registry("services.toml", &services(&mesh, reviews, Some(&admin)))?;
     let nacked = wait_for("proxy-status: vm-b NACKs listeners", PATIENCE, || async {
@@ -171,6 +175,9 @@ async fn proxy_status_shows_sync_nacks_and_disconnected_proxies() -> Result<()> 
         Ok((code == 0).then_some(()))
     })
     .await?;
+    let tally = load.stop().await;
+    assert!(tally.total() > 0, "the load ran");
+    assert_eq!(tally.failed, 0, "requests failed: {:?}", tally.failures);
 
     // vm-b's agent stops: listed as disconnected, which does not fail the command.
     mesh.host_mut("vm-b").agent.kill();
