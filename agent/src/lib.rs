@@ -12,6 +12,7 @@
 //! stream and probes keep answering (503) while connections drain.
 
 pub mod config;
+pub mod config_dump;
 pub mod envoy;
 pub mod health;
 pub mod identity;
@@ -79,6 +80,7 @@ enum Part {
     Sds(Result<(), SdsError>),
     Persist,
     Identity,
+    ConfigDump,
 }
 
 /// Runs the agent until `shutdown` is cancelled (then drains Envoy and returns `Ok`) or a part
@@ -154,6 +156,16 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         cache.clone(),
         status.clone(),
     );
+    let (relay, node, admin) = (
+        proxy.relay_channel(),
+        config.node.clone(),
+        Admin::new(config.envoy.admin),
+    );
+    let sd = services.clone();
+    parts.spawn(async move {
+        config_dump::run(relay, node, admin, sd).await;
+        Part::ConfigDump
+    });
     let sd = services.clone();
     parts.spawn(async move { Part::Proxy(proxy.run(xds_listener, sd).await) });
     let health = Health {

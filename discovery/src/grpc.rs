@@ -1,4 +1,5 @@
-//! The gRPC port: ADS, and in secure mode the identity service, on one listener.
+//! The gRPC port: ADS, the config-dump channel (`proxy-config`), and in secure mode the
+//! identity service, on one listener.
 //!
 //! This module assembles the server so that neither `xds` nor `identity` needs the other:
 //! `xds` offers its service ([`AdsServer::into_parts`]), `identity` offers TLS and its service,
@@ -7,6 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pilotfish_pki::wire::dump::ProxyDebugServer;
 use pilotfish_pki::wire::IdentityServer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -17,23 +19,26 @@ use tonic::transport::server::{Connected, TcpIncoming};
 
 use crate::identity::service::IdentityService;
 use crate::identity::tls::{self, ServerTls};
+use crate::proxy_config::ProxyDebugService;
 use crate::xds::server::AdsServer;
 
 /// Insecure mode: ADS in plaintext on `listener` until `shutdown`, then waits for every stream.
 pub async fn serve_plain(
     ads: AdsServer,
+    debug: ProxyDebugService,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     // Small responses (one assignment) must not wait for Nagle.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    serve(ads, incoming, None, shutdown).await
+    serve(ads, debug, incoming, None, shutdown).await
 }
 
 /// ADS and the identity service over TLS on `listener` until `shutdown`, then waits for every
 /// stream and handshake task.
 pub async fn serve_tls(
     ads: AdsServer,
+    debug: ProxyDebugService,
     identity: IdentityService,
     tls: Arc<ServerTls>,
     listener: TcpListener,
@@ -41,7 +46,7 @@ pub async fn serve_tls(
 ) -> Result<(), tonic::transport::Error> {
     let handshakes = TaskTracker::new();
     let incoming = tls::incoming(listener, tls, &handshakes, shutdown.clone());
-    let result = serve(ads, incoming, Some(identity), shutdown).await;
+    let result = serve(ads, debug, incoming, Some(identity), shutdown).await;
     handshakes.close();
     handshakes.wait().await;
     result
@@ -49,6 +54,7 @@ pub async fn serve_tls(
 
 async fn serve<I, IO, IE>(
     ads: AdsServer,
+    debug: ProxyDebugService,
     incoming: I,
     identity: Option<IdentityService>,
     shutdown: CancellationToken,
@@ -59,7 +65,7 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let parts = ads.into_parts(shutdown.clone());
-    let mut routes: Routes = parts.routes;
+    let mut routes: Routes = parts.routes.add_service(ProxyDebugServer::new(debug));
     if let Some(identity) = identity {
         routes = routes.add_service(IdentityServer::new(
             identity.with_shutdown(shutdown.clone()),

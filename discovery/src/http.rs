@@ -48,6 +48,8 @@ pub struct HttpState {
     pub ca_metrics: Arc<CaMetrics>,
     /// Consul's status and the merge conflicts.
     pub sources: SourcesView,
+    /// The agents' config-dump streams (`/v1/proxies/{node}/config`).
+    pub dumps: crate::proxy_config::DumpHub,
 }
 
 pub struct HttpServer {
@@ -73,6 +75,7 @@ impl HttpServer {
             .route("/status", get(status))
             .route("/metrics", get(metrics))
             .route("/v1/proxies", get(proxies))
+            .route("/v1/proxies/{node}/config", get(proxy_config))
             .route("/v1/services", get(services))
             .merge(crate::console::router())
             .with_state(state)
@@ -416,6 +419,75 @@ async fn proxies(
     Json(serde_json::json!({ "items": items })).into_response()
 }
 
+#[derive(Debug, serde::Deserialize)]
+struct ProxyConfigQuery {
+    /// `clusters`, `endpoints`, `listeners`, `routes`, `secrets` or `all` (the default).
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    /// Compare with what discovery sends instead of returning the dump.
+    #[serde(default)]
+    diff: bool,
+}
+
+/// `GET /v1/proxies/{node}/config[?type=clusters][&diff=true]`: what the node's Envoy holds
+/// (its config dump, through its agent's stream; see [`crate::proxy_config`]), or with
+/// `diff=true` how that differs from what discovery sends it:
+/// `{"node", "flavour", "in_sync", "types": {"clusters": {"missing", "unexpected",
+/// "not_active", "outdated"}, ...}}`. Reads need the rules API's token when its reads do.
+async fn proxy_config(
+    State(state): State<HttpState>,
+    axum::extract::Path(node): axum::extract::Path<String>,
+    axum::extract::Query(query): axum::extract::Query<ProxyConfigQuery>,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    use crate::proxy_config::{DumpError, TYPES};
+    use axum::http::StatusCode;
+    if let Some(refused) = refused_read(&state, &headers) {
+        return refused;
+    }
+    let error = |code: StatusCode, message: String| {
+        (code, Json(serde_json::json!({ "errors": [message] }))).into_response()
+    };
+    let types: Vec<&str> = match query.kind.as_deref() {
+        None | Some("all") => TYPES.to_vec(),
+        Some(t) if TYPES.contains(&t) => vec![t],
+        Some(t) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("type={t}: expected one of all, {}", TYPES.join(", ")),
+            )
+        }
+    };
+    let dump = match state.dumps.dump(&node, &types).await {
+        Ok(dump) => dump,
+        Err(e @ DumpError::NotConnected(_)) => return error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ DumpError::Timeout(..)) => {
+            return error(StatusCode::GATEWAY_TIMEOUT, e.to_string())
+        }
+        Err(e) => return error(StatusCode::BAD_GATEWAY, e.to_string()),
+    };
+    if !query.diff {
+        return Json(dump).into_response();
+    }
+    let Some((proxy, flavour)) = state.connections.proxy_of(&node) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("node {node} has no ADS stream open: nothing to compare with"),
+        );
+    };
+    let intended = state.snapshots.borrow().shared.for_proxy(&proxy);
+    let mut diff = crate::proxy_config::diff(&intended, flavour, &dump);
+    diff.retain(|t, _| types.contains(t));
+    let in_sync = diff.values().all(crate::proxy_config::TypeDiff::is_empty);
+    Json(serde_json::json!({
+        "node": node,
+        "flavour": flavour,
+        "in_sync": in_sync,
+        "types": diff,
+    }))
+    .into_response()
+}
+
 /// `GET /v1/services`: `{"items": [...]}`, see [`crate::service_list`]: the catalog after the
 /// liveness stage, as the proxies get it. Reads need the rules API's token when its reads do.
 async fn services(
@@ -669,6 +741,7 @@ mod tests {
         let (files_tx, files_rx) = watch::channel(Arc::new(files));
         let (_snap_tx, snapshots) = watch::channel(Arc::new(MeshSnapshot::placeholder()));
         let state = HttpState {
+            dumps: Default::default(),
             files: files_rx,
             snapshots,
             connections: Connections::default(),

@@ -21,6 +21,7 @@ pub mod identity;
 pub mod liveness;
 pub mod mesh;
 pub mod proxy;
+pub mod proxy_config;
 pub mod proxy_status;
 pub mod resources;
 pub mod rules_api;
@@ -212,8 +213,15 @@ pub async fn run(
             ..AdsOptions::default()
         },
     );
+    let dumps = proxy_config::DumpHub::default();
+    let proxy_debug = proxy_config::ProxyDebugService::new(
+        dumps.clone(),
+        authority.as_ref().map(|a| a.peer_auth()),
+        stop.clone(),
+    );
     let rules_api = Arc::new(rules_api.with_catalog(catalog_rx.clone()));
     let http = HttpServer::new(HttpState {
+        dumps,
         files: status_rx,
         snapshots: snapshot_rx,
         connections,
@@ -258,7 +266,7 @@ pub async fn run(
             });
             let tls = authority.tls();
             tasks.spawn(async move {
-                grpc::serve_tls(ads, identity, tls, grpc_listener, token)
+                grpc::serve_tls(ads, proxy_debug, identity, tls, grpc_listener, token)
                     .await
                     .map_err(RunError::Ads)
             });
@@ -270,7 +278,7 @@ pub async fn run(
         }
         _ => {
             tasks.spawn(async move {
-                grpc::serve_plain(ads, grpc_listener, token)
+                grpc::serve_plain(ads, proxy_debug, grpc_listener, token)
                     .await
                     .map_err(RunError::Ads)
             });

@@ -516,5 +516,7 @@ where
     }
 }
 
+pub mod dump;
+
 #[cfg(test)]
 mod tests;

@@ -200,3 +200,190 @@ async fn proxy_status_shows_sync_nacks_and_disconnected_proxies() -> Result<()> 
         .is_some_and(|n| n.iter().any(|n| n["node"] == "vm-b" && n["streams"] == 0)));
     Ok(())
 }
+
+/// Every `*.key` file under `dir` (the agent's private keys), as text.
+fn private_keys(dir: &std::path::Path) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|e| e == "key") {
+                keys.extend(std::fs::read_to_string(&path).ok());
+            }
+        }
+    }
+    keys
+}
+
+/// The base64 body of a PEM block (what Envoy would print of it), without line breaks.
+fn pem_body(pem: &str) -> String {
+    pem.lines().filter(|l| !l.starts_with("-----")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_config_shows_what_envoy_holds_and_how_it_differs() -> Result<()> {
+    let mut mesh = Mesh::start_opts(MeshOptions {
+        xds: "sotw",
+        secure: true,
+        discovery_extra: "[api]\ntoken_file = \"api-token\"\n".into(),
+        ..MeshOptions::default()
+    })?;
+    mesh.add_host("vm-a", 2)?;
+    mesh.add_host("vm-b", 3)?;
+    let reviews = mesh.start_app("reviews", "v1", mesh.host("vm-b").ip, &[])?;
+    mesh.write_registry("services.toml", &services(&mesh, reviews, None))?;
+    mesh.wait_all_ready(READY).await?;
+    let ctl = Ctl::of(&mesh);
+
+    // Without the token: refused.
+    let (code, text) = ctl.run(false, &["proxy-config", "vm-a"])?;
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("Bearer"), "{text}");
+
+    // vm-a's Envoy, as its admin port would show it: the cluster for reviews, and the mesh
+    // listeners, through discovery (the test never asks vm-a's admin port).
+    let listing = wait_for("proxy-config vm-a lists reviews", READY, || async {
+        let (code, table) = ctl.status(&["proxy-config", "vm-a"]).await?;
+        let has = |kind: &str, name: &str| {
+            table.lines().any(|l| {
+                let cells: Vec<&str> = l.split_whitespace().collect();
+                cells.first() == Some(&kind) && cells.get(1).is_some_and(|n| n.contains(name))
+            })
+        };
+        Ok(
+            (code == 0 && has("clusters", "reviews") && has("listeners", "") && has("secrets", ""))
+                .then_some(table),
+        )
+    })
+    .await;
+    let table = match listing {
+        Ok(t) => t,
+        Err(e) => bail!("{e:#}\n{}", mesh.logs()),
+    };
+    assert!(table.starts_with("TYPE"), "{table}");
+    assert!(
+        table.lines().any(|l| l.contains("active")),
+        "dynamic resources are active: {table}"
+    );
+
+    // The JSON dump of one type is Envoy's own config dump, cut to that section.
+    let (code, json) = ctl.run(
+        true,
+        &["proxy-config", "vm-a", "clusters", "--output", "json"],
+    )?;
+    assert_eq!(code, 0, "{json}");
+    let dump: Value = serde_json::from_str(&json)?;
+    let configs = dump["configs"].as_array().expect("configs");
+    assert_eq!(configs.len(), 1, "{json}");
+    assert_eq!(
+        configs[0]["@type"],
+        "type.googleapis.com/envoy.admin.v3.ClustersConfigDump"
+    );
+    assert!(json.contains("reviews"));
+
+    // Secrets: the certificates are there, no private key ever leaves the host.
+    let (code, json) = ctl.run(
+        true,
+        &["proxy-config", "vm-a", "secrets", "--output", "json"],
+    )?;
+    assert_eq!(code, 0, "{json}");
+    assert!(json.contains("dynamic_active_secrets"), "{json}");
+    let keys = private_keys(&mesh.host("vm-a").dir);
+    assert!(
+        !keys.is_empty(),
+        "the agent keeps its keys under its state dir"
+    );
+    let compact: String = json.split_whitespace().collect();
+    for key in &keys {
+        let body = pem_body(key);
+        assert!(
+            !compact.contains(&body[..64.min(body.len())]),
+            "a private key left the host"
+        );
+    }
+
+    // In sync: --diff says so and exits 0.
+    let synced = wait_for("proxy-config --diff: in sync", PATIENCE, || async {
+        let (code, text) = ctl.status(&["proxy-config", "vm-b", "--diff"]).await?;
+        Ok((code == 0).then_some((code, text)))
+    })
+    .await;
+    let (code, text) = match synced {
+        Ok(found) => found,
+        Err(e) => bail!(
+            "{e:#}: {:?}",
+            ctl.run(true, &["proxy-config", "vm-b", "--diff"])?
+        ),
+    };
+    assert!(
+        text.contains("holds what discovery sends (sotw)"),
+        "{code} {text}"
+    );
+
+    // vm-b's Envoy refuses a gateway listener on its own admin port: --diff names it with
+    // Envoy's reason and exits 2; the JSON form says the same.
+    let admin = mesh.host("vm-b").admin.to_string();
+    mesh.write_registry("services.toml", &services(&mesh, reviews, Some(&admin)))?;
+    let refused = wait_for(
+        "proxy-config --diff: the refused gateway",
+        PATIENCE,
+        || async {
+            let (code, text) = ctl
+                .status(&["proxy-config", "vm-b", "listeners", "--diff"])
+                .await?;
+            Ok((code == 2 && text.contains("is refused: ")).then_some(text))
+        },
+    )
+    .await;
+    let text = match refused {
+        Ok(text) => text,
+        Err(e) => bail!(
+            "{e:#}: {:?}",
+            ctl.run(true, &["proxy-config", "vm-b", "listeners", "--diff"])?
+        ),
+    };
+    assert!(
+        text.contains("edge"),
+        "the gateway's listener is named: {text}"
+    );
+    let (code, json) = ctl.run(
+        true,
+        &[
+            "proxy-config",
+            "vm-b",
+            "listeners",
+            "--diff",
+            "--output",
+            "json",
+        ],
+    )?;
+    assert_eq!(code, 2, "{json}");
+    let diff: Value = serde_json::from_str(&json)?;
+    assert_eq!(diff["in_sync"], false);
+    let refused = diff["types"]["listeners"]["not_active"]
+        .as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|n| n["name"].as_str().is_some_and(|n| n.contains("edge")))
+        })
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(refused["state"], "refused", "{json}");
+    assert!(
+        refused["detail"].as_str().is_some_and(|d| !d.is_empty()),
+        "Envoy's reason: {json}"
+    );
+    assert!(
+        diff["types"].get("clusters").is_none(),
+        "only the type asked for"
+    );
+
+    // A node with no agent connected: a clear error, exit 1.
+    let (code, text) = ctl.run(true, &["proxy-config", "vm-z"])?;
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("vm-z has no agent connected"), "{text}");
+    Ok(())
+}

@@ -116,6 +116,23 @@ impl Admin {
             }),
         }
     }
+
+    /// Envoy's config dump (`/config_dump`), with its endpoints when `eds` (they are left out
+    /// by default: a large mesh has many).
+    pub async fn config_dump(&self, eds: bool) -> Result<Bytes, AdminError> {
+        let path = if eds {
+            "/config_dump?include_eds"
+        } else {
+            "/config_dump"
+        };
+        match self.call(Method::GET, path).await? {
+            (StatusCode::OK, body) => Ok(body),
+            (status, _) => Err(AdminError::Status {
+                path: path.into(),
+                status,
+            }),
+        }
+    }
 }
 
 /// Sums `listener.<address>.downstream_cx_active` gauges from `/stats` text output. The admin

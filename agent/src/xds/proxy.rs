@@ -28,7 +28,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use tokio::net::UnixListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream, UnixListenerStream};
 use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
@@ -82,6 +82,9 @@ struct Inner {
     /// The token of the session currently serving Envoy.
     current: Mutex<Option<CancellationToken>>,
     tasks: TaskTracker,
+    /// The connection the current session relays on (`None` while none does), for the
+    /// streams that share it ([`crate::config_dump`]).
+    relay: watch::Sender<Option<(u64, Channel)>>,
 }
 
 impl XdsProxy {
@@ -94,8 +97,14 @@ impl XdsProxy {
                 root: CancellationToken::new(),
                 current: Mutex::new(None),
                 tasks: TaskTracker::new(),
+                relay: watch::channel(None).0,
             }),
         }
+    }
+
+    /// The connection to discovery the relay uses now, numbered (`None` while it has none).
+    pub fn relay_channel(&self) -> watch::Receiver<Option<(u64, Channel)>> {
+        self.inner.relay.subscribe()
     }
 
     pub async fn run(
@@ -221,6 +230,7 @@ impl Inner {
             }
         };
         let requests = UnboundedReceiverStream::new(req_rx).map(observe);
+        let shared = channel.clone();
         let client = AdsClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_SIZE)
             .max_encoding_message_size(MAX_MESSAGE_SIZE);
@@ -242,6 +252,7 @@ impl Inner {
             }
         };
         let _connected = self.status.upstream_stream();
+        let _published = Published::new(&self.relay, shared);
         info!("relaying to discovery");
         let end = loop {
             let msg = tokio::select! {
@@ -456,6 +467,33 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         Ok(Response::new(self.0.open::<Delta>(request.into_inner())))
+    }
+}
+
+/// Publishes a session's connection on [`Inner::relay`] while the session relays on it.
+struct Published<'a> {
+    relay: &'a watch::Sender<Option<(u64, Channel)>>,
+    id: u64,
+}
+
+impl<'a> Published<'a> {
+    fn new(relay: &'a watch::Sender<Option<(u64, Channel)>>, channel: Channel) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        relay.send_replace(Some((id, channel)));
+        Published { relay, id }
+    }
+}
+
+impl Drop for Published<'_> {
+    fn drop(&mut self) {
+        self.relay.send_if_modified(|current| {
+            let mine = current.as_ref().is_some_and(|(id, _)| *id == self.id);
+            if mine {
+                *current = None;
+            }
+            mine
+        });
     }
 }
 

@@ -5,9 +5,12 @@
 //!     list | get SVC | put SVC FILE.json|FILE.toml|- [--if-match VERSION | --create]
 //!     | delete SVC [--if-match VERSION]
 //! pilotfish-ctl proxy-status [--output table|json]
+//! pilotfish-ctl proxy-config NODE [clusters|endpoints|listeners|routes|secrets|all]
+//!     [--diff] [--output table|json]
 //! ```
 //!
 //! `proxy-status` exits 0 when every connected proxy is synced, 2 when any is stale or NACKing.
+//! `proxy-config --diff` exits 0 when the host's Envoy holds what discovery sends it, 2 when not.
 //!
 //! `put` without `--if-match` reads the current version first, so replacing is one command;
 //! `--create` refuses to replace. Defaults come from `PILOTFISH_URL` and `PILOTFISH_TOKEN_FILE`.
@@ -71,6 +74,30 @@ enum Top {
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// What a host's Envoy holds, read through its agent's connection to discovery: one line
+    /// per resource, or with `--output json` Envoy's config dump (private keys redacted).
+    /// `--diff` compares it with what discovery sends that host (exit 2 when they differ).
+    ProxyConfig {
+        /// The host's node name.
+        node: String,
+        #[arg(value_enum, default_value = "all")]
+        kind: ConfigKind,
+        /// Compare with what discovery sends instead of listing.
+        #[arg(long)]
+        diff: bool,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ConfigKind {
+    Clusters,
+    Endpoints,
+    Listeners,
+    Routes,
+    Secrets,
+    All,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -237,6 +264,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Top::Policies { command } => (Kind::Policies, command),
         Top::Authorizations { command } => (Kind::Authorizations, command),
         Top::ProxyStatus { output } => return proxy_status(&api, output).await,
+        Top::ProxyConfig {
+            node,
+            kind,
+            diff,
+            output,
+        } => return proxy_config(&api, &node, kind, diff, output).await,
     };
     let object_path = |service: &str| format!("/v1/{}/{service}", kind.segment());
 
@@ -350,6 +383,125 @@ async fn proxy_status(api: &Api, output: Output) -> Result<ExitCode> {
     })
 }
 
+/// `proxy-config`: `GET /v1/proxies/{node}/config`.
+async fn proxy_config(
+    api: &Api,
+    node: &str,
+    kind: ConfigKind,
+    diff: bool,
+    output: Output,
+) -> Result<ExitCode> {
+    let kind = kind
+        .to_possible_value()
+        .map(|v| v.get_name().to_string())
+        .unwrap_or_else(|| "all".into());
+    let path = format!(
+        "/v1/proxies/{}/config?type={kind}{}",
+        percent_encode(node),
+        if diff { "&diff=true" } else { "" }
+    );
+    let reply = api.call(Method::GET, &path, &[], None).await?.ok()?;
+    if matches!(output, Output::Json) {
+        println!("{}", serde_json::to_string_pretty(&reply.body)?);
+    } else if diff {
+        print!("{}", diff_text(&reply.body));
+    } else {
+        let held = pilotfish_discovery::proxy_config::held(&reply.body);
+        let rows: Vec<Vec<String>> = std::iter::once(
+            ["TYPE", "NAME", "STATE", "VERSION"]
+                .map(String::from)
+                .to_vec(),
+        )
+        .chain(held.into_iter().map(|h| {
+            let state = match h.detail {
+                Some(detail) => format!("{} ({detail})", h.state),
+                None => h.state.to_string(),
+            };
+            let version = if h.version.is_empty() {
+                "-".into()
+            } else {
+                h.version
+            };
+            vec![h.kind.to_string(), h.name, state, version]
+        }))
+        .collect();
+        print!("{}", columns(rows));
+    }
+    Ok(if diff && reply.body["in_sync"] != true {
+        ExitCode::from(EXIT_NOT_SYNCED)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `proxy-config --diff` as text: one line per difference, or that there is none.
+fn diff_text(body: &Value) -> String {
+    let mut out = String::new();
+    let names = |v: &Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(Value::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    for (kind, d) in body["types"].as_object().into_iter().flatten() {
+        for (key, label) in [
+            ("missing", "sent by discovery, not held by Envoy"),
+            ("unexpected", "held by Envoy, no longer sent by discovery"),
+        ] {
+            if d[key].as_array().is_some_and(|a| !a.is_empty()) {
+                out.push_str(&format!("{kind}: {label}: {}\n", names(&d[key])));
+            }
+        }
+        for n in d["not_active"].as_array().into_iter().flatten() {
+            let detail = n["detail"]
+                .as_str()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default();
+            out.push_str(&format!(
+                "{kind}: {} is {}{detail}\n",
+                n["name"].as_str().unwrap_or("?"),
+                n["state"].as_str().unwrap_or("?"),
+            ));
+        }
+        for o in d["outdated"].as_array().into_iter().flatten() {
+            let name = match o["name"].as_str() {
+                Some("*") | None => "the set".to_string(),
+                Some(name) => name.to_string(),
+            };
+            out.push_str(&format!(
+                "{kind}: {name}: Envoy holds version {}, discovery sends {}\n",
+                o["holds"].as_str().unwrap_or("?"),
+                o["sent"].as_str().unwrap_or("?"),
+            ));
+        }
+    }
+    if body["in_sync"] == true {
+        out.push_str(&format!(
+            "{}: Envoy holds what discovery sends ({})\n",
+            body["node"].as_str().unwrap_or("?"),
+            body["flavour"].as_str().unwrap_or("?"),
+        ));
+    }
+    out
+}
+
+/// A node name as one path segment.
+fn percent_encode(segment: &str) -> String {
+    segment
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 fn now_unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -425,7 +577,18 @@ fn proxy_table(items: &[Value], now_ms: u64) -> String {
         }
         rows.push(row);
     }
-    let widths: Vec<usize> = (0..rows[0].len())
+    let mut out = columns(rows);
+    for n in nacks {
+        out.push_str(&n);
+        out.push('\n');
+    }
+    out
+}
+
+/// Rows as left-aligned columns, two spaces apart.
+fn columns(rows: Vec<Vec<String>>) -> String {
+    let width = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..width)
         .map(|i| {
             rows.iter()
                 .filter_map(|r| r.get(i))
@@ -442,10 +605,6 @@ fn proxy_table(items: &[Value], now_ms: u64) -> String {
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
         out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    for n in nacks {
-        out.push_str(&n);
         out.push('\n');
     }
     out

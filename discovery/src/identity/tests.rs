@@ -277,8 +277,14 @@ async fn start_secure() -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
+    let debug = crate::proxy_config::ProxyDebugService::new(
+        Default::default(),
+        Some(authority.peer_auth()),
+        shutdown.clone(),
+    );
     let server = tokio::spawn(crate::grpc::serve_tls(
         ads,
+        debug,
         identity,
         authority.tls(),
         listener,

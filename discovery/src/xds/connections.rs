@@ -9,6 +9,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 
 use super::Event;
+use crate::proxy::Proxy;
 use crate::resources::{short_name, LISTENER};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -33,6 +34,9 @@ pub struct ProxyStatus {
     pub envoy: Option<String>,
     /// By short type name (`cds`, `eds`, `lds`, `rds`).
     pub types: BTreeMap<&'static str, TypeStatus>,
+    /// The proxy as translation sees it (what `proxy-config --diff` compares against).
+    #[serde(skip)]
+    pub proxy: Option<Arc<Proxy>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -128,7 +132,7 @@ fn unix_ms(t: SystemTime) -> u64 {
 impl Connections {
     /// Registers a stream; it stays listed until the guard is dropped.
     pub fn register(&self, node: &str, stream: StreamKind) -> ConnectionGuard {
-        self.register_proxy(node, stream, None, None)
+        self.register_proxy(node, stream, None, None, None)
     }
 
     /// [`Connections::register`], with the versions of the agent and Envoy behind the stream.
@@ -138,6 +142,7 @@ impl Connections {
         stream: StreamKind,
         agent: Option<String>,
         envoy: Option<String>,
+        proxy: Option<Arc<Proxy>>,
     ) -> ConnectionGuard {
         let connected_since = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -178,6 +183,7 @@ impl Connections {
                 agent,
                 envoy,
                 types: BTreeMap::new(),
+                proxy,
             },
         );
         ConnectionGuard {
@@ -191,6 +197,17 @@ impl Connections {
         let mut all: Vec<_> = self.lock().streams.values().cloned().collect();
         all.sort_by(|a, b| a.node.cmp(&b.node));
         all
+    }
+
+    /// The newest open stream of `node`: its proxy and flavour.
+    pub fn proxy_of(&self, node: &str) -> Option<(Arc<Proxy>, StreamKind)> {
+        let inner = self.lock();
+        inner
+            .streams
+            .values()
+            .rev()
+            .find(|s| s.node == node)
+            .and_then(|s| Some((Arc::clone(s.proxy.as_ref()?), s.stream)))
     }
 
     pub fn count(&self) -> usize {

@@ -320,9 +320,13 @@ async fn serve_stream<S: StreamState>(
     };
     let span = info_span!("ads", node = %proxy.node, stream = ?S::KIND);
     let (agent, envoy) = crate::proxy::versions(S::node(&first));
-    let guard = svc
-        .connections
-        .register_proxy(&proxy.node, S::KIND, agent, envoy);
+    let guard = svc.connections.register_proxy(
+        &proxy.node,
+        S::KIND,
+        agent,
+        envoy,
+        Some(Arc::new(proxy.clone())),
+    );
     stream_loop::<S>(&svc, proxy, first, inbound, tx, &guard)
         .instrument(span)
         .await;

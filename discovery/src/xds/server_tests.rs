@@ -74,7 +74,14 @@ async fn start(initial: Arc<MeshSnapshot>) -> Running {
         },
     );
     let shutdown = CancellationToken::new();
-    let server = tokio::spawn(crate::grpc::serve_plain(server, listener, shutdown.clone()));
+    let debug =
+        crate::proxy_config::ProxyDebugService::new(Default::default(), None, shutdown.clone());
+    let server = tokio::spawn(crate::grpc::serve_plain(
+        server,
+        debug,
+        listener,
+        shutdown.clone(),
+    ));
     let client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
         .expect("connect");
