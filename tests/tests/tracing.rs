@@ -18,7 +18,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, Uri};
 use axum::Json;
 use pilotfish_tests::mesh::{Mesh, MeshOptions};
-use pilotfish_tests::{blocking, http_request, wait_for, Response};
+use pilotfish_tests::{blocking, envoy_stat, http_request, wait_for, Response};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -223,6 +223,18 @@ async fn caller_and_callee_spans_form_one_trace() -> Result<()> {
                 || s["localEndpoint"]["serviceName"] == "vm-b"),
         "only vm-b is in the trace of vm-d's request"
     );
+
+    // The stats the README's troubleshooting points to: vm-a's posts were accepted, vm-d
+    // has no Zipkin tracer at all.
+    let a_admin = mesh.host("vm-a").admin;
+    wait_for("vm-a's reports_sent", READY, || async move {
+        let sent = blocking(move || envoy_stat(a_admin, "tracing.zipkin.reports_sent")).await?;
+        Ok(sent.filter(|n| *n >= 1))
+    })
+    .await?;
+    let d_admin = mesh.host("vm-d").admin;
+    let d_spans = blocking(move || envoy_stat(d_admin, "tracing.zipkin.spans_sent")).await?;
+    assert_eq!(d_spans, None, "vm-d has no tracer");
 
     let unexpected = collector.shutdown().await?;
     assert_eq!(
