@@ -26,6 +26,10 @@ pub const DEFAULT_ENVOY_ADMIN: &str = "127.0.0.1:15000";
 pub const DEFAULT_DRAIN_TIME: Duration = Duration::from_secs(5);
 pub const DEFAULT_LOG_LEVEL: &str = "warning";
 pub const DEFAULT_TRUST_DOMAIN: &str = "pilotfish.local";
+/// `[tracing] sample_percent`: every request, since `[tracing]` is an explicit opt-in and an
+/// operator who turns it on expects to see the request just made (Istio's 1% suits clusters
+/// that trace by default).
+pub const DEFAULT_SAMPLE_PERCENT: f64 = 100.0;
 
 /// The socket Envoy's `pilotfish-xds` cluster dials, inside `run_dir`.
 pub const XDS_SOCKET: &str = "xds.sock";
@@ -63,6 +67,7 @@ struct AgentFile {
     run_dir: Option<String>,
     health: Option<String>,
     envoy: Option<EnvoyFile>,
+    tracing: Option<TracingFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -75,6 +80,13 @@ struct EnvoyFile {
     log_level: Option<String>,
     xds: Option<String>,
     access_log: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TracingFile {
+    zipkin: Option<String>,
+    sample_percent: Option<f64>,
 }
 
 // ---- runtime layer ----------------------------------------------------------------------------
@@ -107,6 +119,23 @@ impl AccessLog {
     }
 }
 
+/// `[tracing]`: Envoy reports a span per request to a Zipkin collector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracingConfig {
+    /// The collector as `host:port` (a name is resolved by Envoy, like a DNS instance).
+    pub zipkin: String,
+    /// The share of requests that start a trace, in hundredths of a percent (10000 = all).
+    /// A request that arrives with a sampling decision (B3 headers) keeps it.
+    pub sample_hundredths: u32,
+}
+
+impl TracingConfig {
+    /// The sampling share as a percentage, the `pilotfish.trace_sample_percent` metadata value.
+    pub fn sample_percent(&self) -> f64 {
+        f64::from(self.sample_hundredths) / 100.0
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AgentConfig {
     /// This host's node name (Envoy `node.id`).
@@ -129,6 +158,8 @@ pub struct AgentConfig {
     /// Agent health and metrics HTTP.
     pub health: SocketAddr,
     pub envoy: EnvoyConfig,
+    /// `None`: no tracing (no `[tracing]` table).
+    pub tracing: Option<TracingConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -395,6 +426,7 @@ pub fn parse(
             }
         },
     };
+    let tracing = file.tracing.and_then(|t| tracing(&mut v, t));
 
     let mut used = vec![("health", health), ("envoy.admin", admin)];
     if !v.failed() {
@@ -430,6 +462,42 @@ pub fn parse(
             xds,
             access_log,
         },
+        tracing,
+    })
+}
+
+/// `[tracing]`: `zipkin` is required once the table is written; `sample_percent` is a number
+/// from 0 to 100 with at most two decimals (Envoy's sampling works on 1/10000 steps).
+fn tracing(v: &mut Validator<'_>, file: TracingFile) -> Option<TracingConfig> {
+    let zipkin = match file.zipkin {
+        Some(z) => match check_host_port(&z) {
+            Ok(()) => Some(z),
+            Err(m) => v.fail("tracing.zipkin", m),
+        },
+        None => v.fail(
+            "tracing.zipkin",
+            "is required in [tracing] (the Zipkin collector as host:port)",
+        ),
+    };
+    let percent = file.sample_percent.unwrap_or(DEFAULT_SAMPLE_PERCENT);
+    let hundredths = percent * 100.0;
+    let sample_hundredths = if !(0.0..=100.0).contains(&percent) {
+        v.fail(
+            "tracing.sample_percent",
+            format!("{percent} is not a percentage (0 to 100)"),
+        )
+    } else if (hundredths - hundredths.round()).abs() > 1e-6 {
+        v.fail(
+            "tracing.sample_percent",
+            format!("{percent} has more than two decimals (the finest step is 0.01)"),
+        )
+    } else {
+        // In 0..=10000 by the checks above.
+        Some(hundredths.round() as u32)
+    };
+    Some(TracingConfig {
+        zipkin: zipkin?,
+        sample_hundredths: sample_hundredths?,
     })
 }
 
@@ -722,6 +790,71 @@ admin = "127.0.0.1:15000"
                 shown.starts_with("agent.toml:6:14: envoy.access_log: "),
                 "{bad}: {shown}"
             );
+        }
+    }
+
+    #[test]
+    fn tracing_is_off_unless_the_table_names_a_zipkin_collector() {
+        let bin = fake_path();
+        let parse_with = |tracing: &str| {
+            let text = format!(
+                "node = \"a\"\naddress = \"127.0.0.2\"\ndiscovery = [\"127.0.0.1:1\"]\n\
+                 insecure = true\n{tracing}"
+            );
+            parse(
+                Path::new("agent.toml"),
+                &text,
+                Path::new("/etc/pilotfish"),
+                Some(bin.path().as_os_str()),
+            )
+        };
+        assert_eq!(parse_with("").unwrap().tracing, None);
+        let on = parse_with("[tracing]\nzipkin = \"zipkin.internal:9411\"\n").unwrap();
+        let on = on.tracing.unwrap();
+        assert_eq!(on.zipkin, "zipkin.internal:9411");
+        assert_eq!(on.sample_percent(), 100.0);
+        for (value, hundredths) in [("0", 0), ("1", 100), ("0.25", 25), ("12.5", 1250)] {
+            let text = format!("[tracing]\nzipkin = \"10.0.0.9:9411\"\nsample_percent = {value}\n");
+            let t = parse_with(&text).unwrap().tracing.unwrap();
+            assert_eq!(t.sample_hundredths, hundredths, "{value}");
+        }
+
+        // Each problem at its key, with what is wrong.
+        let cases = [
+            (
+                "[tracing]\n",
+                "agent.toml:5:1: tracing.zipkin: is required in [tracing]",
+            ),
+            (
+                "[tracing]\nzipkin = \"zipkin\"\n",
+                "agent.toml:6:10: tracing.zipkin: \"zipkin\" is not host:port",
+            ),
+            (
+                "[tracing]\nzipkin = \"zipkin:0\"\n",
+                "agent.toml:6:10: tracing.zipkin: \"zipkin:0\" has no valid port",
+            ),
+            (
+                "[tracing]\nzipkin = \"z:9411\"\nsample_percent = 101\n",
+                "agent.toml:7:18: tracing.sample_percent: 101 is not a percentage (0 to 100)",
+            ),
+            (
+                "[tracing]\nzipkin = \"z:9411\"\nsample_percent = 0.001\n",
+                "agent.toml:7:18: tracing.sample_percent: 0.001 has more than two decimals",
+            ),
+            (
+                "[tracing]\nzipkin = \"z:9411\"\nsample_percent = \"5%\"\n",
+                "agent.toml:7:18: tracing.sample_percent: invalid type: string",
+            ),
+            (
+                "[tracing]\nzipkn = \"z:9411\"\n",
+                "agent.toml:6:1: tracing.zipkn: unknown field `zipkn`",
+            ),
+        ];
+        for (tracing, expected) in cases {
+            let err = parse_with(tracing).unwrap_err();
+            assert_eq!(err.len(), 1, "{tracing}: {err:?}");
+            let shown = err[0].to_string();
+            assert!(shown.starts_with(expected), "{tracing}: {shown}");
         }
     }
 

@@ -59,6 +59,7 @@ pub fn test_config(dir: &Path) -> AgentConfig {
             xds: XdsFlavor::Delta,
             access_log: crate::config::AccessLog::Stdout,
         },
+        tracing: None,
     }
 }
 

@@ -444,6 +444,7 @@ mod tests {
             outbound: std::net::SocketAddr::from(([127, 0, 0, 1], 15001)),
             app_address: std::net::Ipv4Addr::LOCALHOST.into(),
             access_log: Default::default(),
+            tracing: None,
         };
         let before = h.snapshots.borrow().shared.for_proxy(&p);
 

@@ -11,6 +11,8 @@
 //! | `pilotfish.outbound` | `ip:port` of the outbound listener for local apps |
 //! | `pilotfish.app_address` | where local apps listen |
 //! | `pilotfish.access_log` | `"stdout"`, `"off"` or an absolute file path: where Envoy writes its access log (absent: off, so proxies of older agents keep their listeners) |
+//! | `pilotfish.zipkin` | `"host:port"` of a Zipkin collector: trace HTTP requests there (absent: no tracing) |
+//! | `pilotfish.trace_sample_percent` | a number from 0 to 100: the share of requests that start a trace (absent: 100; read only with `pilotfish.zipkin`) |
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
@@ -23,6 +25,8 @@ pub const META_MESH_PORT: &str = "pilotfish.mesh_port";
 pub const META_OUTBOUND: &str = "pilotfish.outbound";
 pub const META_APP_ADDRESS: &str = "pilotfish.app_address";
 pub const META_ACCESS_LOG: &str = "pilotfish.access_log";
+pub const META_ZIPKIN: &str = "pilotfish.zipkin";
+pub const META_TRACE_SAMPLE_PERCENT: &str = "pilotfish.trace_sample_percent";
 /// The version of the Pilotfish agent that runs the proxy (for `proxy-status`).
 pub const META_AGENT_VERSION: &str = "pilotfish.agent_version";
 
@@ -60,6 +64,39 @@ pub struct Proxy {
     /// Where this proxy's Envoy writes its access log. Part of the per-proxy memo key, like
     /// every field here: proxies with different choices never share listeners.
     pub access_log: AccessLog,
+    /// Where this proxy's Envoy sends spans (`pilotfish.zipkin`); `None`: no tracing.
+    pub tracing: Option<Tracing>,
+}
+
+/// A proxy's Zipkin collector and sampling.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tracing {
+    /// An IP address or a DNS name.
+    pub host: String,
+    pub port: u16,
+    /// The share of requests that start a trace, in hundredths of a percent (10000 = all).
+    pub sample_hundredths: u32,
+}
+
+impl Tracing {
+    pub fn sample_percent(&self) -> f64 {
+        f64::from(self.sample_hundredths) / 100.0
+    }
+}
+
+/// `host:port` with a port in 1..=65535 and a host that is an IP address or could be a name.
+fn host_port(s: &str) -> Option<(String, u16)> {
+    let (host, port) = s.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+    let name_like = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'));
+    name_like.then(|| (host.to_string(), port))
 }
 
 /// Where a proxy's Envoy writes access log lines (`pilotfish.access_log`).
@@ -151,6 +188,7 @@ impl Proxy {
                 })
             }
         };
+        let tracing = tracing(meta)?;
         Ok(Proxy {
             node: node.id.clone(),
             address,
@@ -158,8 +196,41 @@ impl Proxy {
             outbound,
             app_address,
             access_log,
+            tracing,
         })
     }
+}
+
+fn tracing(meta: Option<&Struct>) -> Result<Option<Tracing>, NodeError> {
+    let (host, port) = match field(meta, META_ZIPKIN) {
+        None => return Ok(None),
+        Some(Kind::StringValue(s)) => host_port(s).ok_or_else(|| NodeError::BadMetadata {
+            key: META_ZIPKIN,
+            message: format!("\"{s}\" is not host:port"),
+        })?,
+        Some(_) => {
+            return Err(NodeError::BadMetadata {
+                key: META_ZIPKIN,
+                message: "expected \"host:port\"".into(),
+            })
+        }
+    };
+    let sample_hundredths = match field(meta, META_TRACE_SAMPLE_PERCENT) {
+        None => 10_000,
+        // Rounded to Envoy's finest sampling step; in 0..=10000 by the guard.
+        Some(Kind::NumberValue(n)) if (0.0..=100.0).contains(n) => (n * 100.0).round() as u32,
+        Some(_) => {
+            return Err(NodeError::BadMetadata {
+                key: META_TRACE_SAMPLE_PERCENT,
+                message: "expected a number from 0 to 100".into(),
+            })
+        }
+    };
+    Ok(Some(Tracing {
+        host,
+        port,
+        sample_hundredths,
+    }))
 }
 
 fn ip_field(
@@ -206,6 +277,66 @@ mod tests {
 
     fn access_log(kind: Option<Kind>) -> Result<AccessLog, NodeError> {
         Proxy::from_node(Some(&node(kind))).map(|p| p.access_log)
+    }
+
+    fn tracing_of(fields: &[(&str, Kind)]) -> Result<Option<Tracing>, NodeError> {
+        let mut n = node(None);
+        for (k, v) in fields {
+            n.metadata.as_mut().unwrap().fields.insert(
+                k.to_string(),
+                Value {
+                    kind: Some(v.clone()),
+                },
+            );
+        }
+        Proxy::from_node(Some(&n)).map(|p| p.tracing)
+    }
+
+    #[test]
+    fn tracing_metadata() {
+        let s = |v: &str| Kind::StringValue(v.into());
+        assert_eq!(tracing_of(&[]), Ok(None));
+        // The sampling share alone does not turn tracing on.
+        assert_eq!(
+            tracing_of(&[(META_TRACE_SAMPLE_PERCENT, Kind::NumberValue(5.0))]),
+            Ok(None)
+        );
+        let t = |host: &str, port, sample_hundredths| {
+            Ok(Some(Tracing {
+                host: host.into(),
+                port,
+                sample_hundredths,
+            }))
+        };
+        assert_eq!(
+            tracing_of(&[(META_ZIPKIN, s("zipkin.internal:9411"))]),
+            t("zipkin.internal", 9411, 10_000)
+        );
+        assert_eq!(
+            tracing_of(&[
+                (META_ZIPKIN, s("[fd00::9]:9411")),
+                (META_TRACE_SAMPLE_PERCENT, Kind::NumberValue(0.25)),
+            ]),
+            t("fd00::9", 9411, 25)
+        );
+        for (key, bad) in [
+            (META_ZIPKIN, s("zipkin")),
+            (META_ZIPKIN, s("zipkin:0")),
+            (META_ZIPKIN, s("http://zipkin:9411")),
+            (META_ZIPKIN, Kind::NumberValue(9411.0)),
+            (META_TRACE_SAMPLE_PERCENT, Kind::NumberValue(150.0)),
+            (META_TRACE_SAMPLE_PERCENT, s("5")),
+        ] {
+            let mut fields = vec![(META_ZIPKIN, s("10.0.0.9:9411"))];
+            fields.retain(|(k, _)| *k != key);
+            fields.push((key, bad.clone()));
+            let err = tracing_of(&fields).unwrap_err();
+            assert!(
+                err.to_string()
+                    .starts_with(&format!("node.metadata[\"{key}\"]: ")),
+                "{bad:?}: {err}"
+            );
+        }
     }
 
     #[test]

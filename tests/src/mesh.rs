@@ -211,7 +211,8 @@ impl Mesh {
     }
 
     /// [`Mesh::add_host`] with extra keys for the agent's `[envoy]` table (one per line, for
-    /// example `access_log = "off"`).
+    /// example `access_log = "off"`). They end the file, so further tables (`[tracing]`) may
+    /// follow them.
     pub fn add_host_with(&mut self, node: &str, i: u8, envoy_extra: &str) -> Result<&Host> {
         let ip = self.net.host(i);
         let dir = self.dir.join(node);

@@ -28,28 +28,44 @@ pub const META_OUTBOUND: &str = "pilotfish.outbound";
 pub const META_APP_ADDRESS: &str = "pilotfish.app_address";
 /// Where Envoy writes its access log: "stdout", "off" or an absolute path.
 pub const META_ACCESS_LOG: &str = "pilotfish.access_log";
+/// `[tracing] zipkin`: the collector as `host:port`; absent without tracing.
+pub const META_ZIPKIN: &str = "pilotfish.zipkin";
+/// `[tracing] sample_percent`, a number; only with `pilotfish.zipkin`.
+pub const META_TRACE_SAMPLE_PERCENT: &str = "pilotfish.trace_sample_percent";
 /// This agent's version, which discovery shows in `proxy-status`.
 pub const META_AGENT_VERSION: &str = "pilotfish.agent_version";
 
 /// Builds the bootstrap for `config`, with the xDS cluster dialling `xds_socket`.
+///
+/// With `[tracing]`, the collector and sampling go into the metadata for discovery (which adds
+/// the collector cluster and the tracing config of every connection manager), and `node.cluster`
+/// becomes the node name: Envoy's Zipkin tracer names each span's `localEndpoint.serviceName`
+/// after `node.cluster`, and "which host's proxy" is what a trace view should show.
 pub fn bootstrap(config: &AgentConfig, xds_socket: &Path) -> Value {
     let api_type = match config.envoy.xds {
         XdsFlavor::Delta => "DELTA_GRPC",
         XdsFlavor::Sotw => "GRPC",
     };
     let admin = config.envoy.admin;
+    let mut metadata = json!({
+        META_ADDRESS: config.address.to_string(),
+        META_MESH_PORT: config.mesh_port,
+        META_OUTBOUND: config.outbound.to_string(),
+        META_APP_ADDRESS: config.app_address.to_string(),
+        META_ACCESS_LOG: config.envoy.access_log.metadata(),
+        META_AGENT_VERSION: env!("CARGO_PKG_VERSION"),
+    });
+    let mut cluster = NODE_CLUSTER;
+    if let Some(tracing) = &config.tracing {
+        metadata[META_ZIPKIN] = json!(tracing.zipkin);
+        metadata[META_TRACE_SAMPLE_PERCENT] = json!(tracing.sample_percent());
+        cluster = &config.node;
+    }
     json!({
         "node": {
             "id": config.node,
-            "cluster": NODE_CLUSTER,
-            "metadata": {
-                META_ADDRESS: config.address.to_string(),
-                META_MESH_PORT: config.mesh_port,
-                META_OUTBOUND: config.outbound.to_string(),
-                META_APP_ADDRESS: config.app_address.to_string(),
-                META_ACCESS_LOG: config.envoy.access_log.metadata(),
-                META_AGENT_VERSION: env!("CARGO_PKG_VERSION"),
-            },
+            "cluster": cluster,
+            "metadata": metadata,
         },
         "admin": {
             "address": {
@@ -142,6 +158,22 @@ mod tests {
             b["dynamic_resources"]["ads_config"]["api_type"],
             "DELTA_GRPC"
         );
+    }
+
+    #[test]
+    fn tracing_adds_the_collector_to_the_metadata_and_names_the_node_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = test_config(dir.path());
+        config.tracing = Some(crate::config::TracingConfig {
+            zipkin: "zipkin.internal:9411".into(),
+            sample_hundredths: 250,
+        });
+        let b = bootstrap(&config, &config.xds_socket());
+        let meta = &b["node"]["metadata"];
+        assert_eq!(meta["pilotfish.zipkin"], "zipkin.internal:9411");
+        assert_eq!(meta["pilotfish.trace_sample_percent"], 2.5);
+        assert_eq!(meta.as_object().unwrap().len(), 8);
+        assert_eq!(b["node"]["cluster"], "vm-test");
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub fn describe(catalog: &Catalog) -> Vec<String> {
         outbound: ([127, 0, 0, 1], 15001).into(),
         app_address: [127, 0, 0, 1].into(),
         access_log: Default::default(),
+        tracing: None,
     };
     // No node hosts a service named by the empty string: this proxy sees every service.
     let all = shared.for_proxy(&proxy(""));

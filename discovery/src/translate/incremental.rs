@@ -327,6 +327,7 @@ mod tests {
             outbound: "127.0.0.1:15001".parse().unwrap(),
             app_address: "127.0.0.1".parse().unwrap(),
             access_log: Default::default(),
+            tracing: None,
         }
     }
 

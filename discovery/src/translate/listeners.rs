@@ -20,7 +20,8 @@
 //!
 //! Every connection manager and TCP proxy carries the proxy's access log ([`access_log`]):
 //! `outbound` for the `outbound` and `outbound|<svc>` listeners, `inbound` for the mesh port's
-//! chains and gateways.
+//! chains and gateways. Every connection manager carries the proxy's tracing config
+//! ([`trace`]), when it has one.
 //!
 //! Connection managers are hardened against path confusion (normalize_path, merge_slashes,
 //! escaped slashes unescaped and redirected) whenever mTLS is on, so RBAC path rules see the
@@ -51,6 +52,7 @@ use pilotfish_registries::model::{Catalog, Gateway, MtlsMode, Service};
 use super::access_log::{self, Direction};
 use super::endpoints::socket_address;
 use super::tls::{self, Settings};
+use super::trace;
 use super::{ads, any, inbound_name, outbound_name, rbac, routes, subset_name, INBOUND, OUTBOUND};
 use crate::proxy::{AccessLog, Proxy};
 use crate::resources::Resource;
@@ -90,6 +92,7 @@ pub(super) fn outbound(proxy: &Proxy, settings: &Settings, catalog: &Catalog) ->
     });
     let mut hcm = hcm(OUTBOUND, route, filters, settings.mtls);
     hcm.access_log = access_log::http(&proxy.access_log, Direction::Outbound);
+    hcm.tracing = trace::http(proxy.tracing.as_ref());
     let listener = listener(
         OUTBOUND,
         proxy.outbound,
@@ -101,7 +104,7 @@ pub(super) fn outbound(proxy: &Proxy, settings: &Settings, catalog: &Catalog) ->
 }
 
 /// `gateway|<name>`: an ingress gateway's listener on its node, routes inline.
-pub(super) fn gateway(catalog: &Catalog, gw: &Gateway, log: &AccessLog) -> Arc<Resource> {
+pub(super) fn gateway(catalog: &Catalog, gw: &Gateway, proxy: &Proxy) -> Arc<Resource> {
     let name = format!("gateway|{}", gw.name);
     let mut hcm = hcm(
         &name,
@@ -111,7 +114,8 @@ pub(super) fn gateway(catalog: &Catalog, gw: &Gateway, log: &AccessLog) -> Arc<R
     );
     // The edge: X-Forwarded-For is the real client's address.
     hcm.use_remote_address = Some(BoolValue { value: true });
-    hcm.access_log = access_log::http(log, Direction::Inbound);
+    hcm.access_log = access_log::http(&proxy.access_log, Direction::Inbound);
+    hcm.tracing = trace::http(proxy.tracing.as_ref());
     let listener = listener(&name, gw.listen, TrafficDirection::Inbound, HCM, any(&hcm));
     Resource::encode(name, &listener)
 }
@@ -134,6 +138,7 @@ pub(super) fn inbound(proxy: &Proxy) -> Arc<Resource> {
     });
     let mut hcm = hcm(INBOUND, route, Vec::new(), false);
     hcm.access_log = access_log::http(&proxy.access_log, Direction::Inbound);
+    hcm.tracing = trace::http(proxy.tracing.as_ref());
     let listener = listener(INBOUND, addr, TrafficDirection::Inbound, HCM, any(&hcm));
     Resource::encode(INBOUND, &listener)
 }
@@ -166,6 +171,7 @@ pub(super) fn inbound_mtls(
                 ..Default::default()
             });
             hcm.access_log = access_log::http(&proxy.access_log, Direction::Inbound);
+            hcm.tracing = trace::http(proxy.tracing.as_ref());
             vec![filter(HCM, any(&hcm))]
         } else {
             let mut filters = rbac::network_filters(svc, &policies);
@@ -204,6 +210,7 @@ pub(super) fn inbound_mtls(
             true,
         );
         hcm.access_log = access_log::http(&proxy.access_log, Direction::Inbound);
+        hcm.tracing = trace::http(proxy.tracing.as_ref());
         chains.push(FilterChain {
             name: PLAINTEXT_CHAIN.to_string(),
             filter_chain_match: Some(FilterChainMatch {

@@ -21,6 +21,7 @@
 //! | cluster | `outbound\|<svc>\|<subset>` | the instances of a subset declared in `[policies.<svc>]` |
 //! | endpoints | same as the cluster | `ClusterLoadAssignment`; EDS `service_name` = cluster name |
 //! | cluster | `inbound\|<svc>` | STATIC, the local app(s) at `app_address:instance.port` |
+//! | cluster | `pilotfish-zipkin` | the proxy's Zipkin collector (only with `pilotfish.zipkin`) |
 //! | listener | `outbound` | binds `proxy.outbound`; HTTP, RDS `outbound` |
 //! | listener | `outbound\|<svc>` | TCP services: binds `outbound.ip():service.port`, tcp_proxy |
 //! | listener | `inbound` | binds `address:mesh_port`; HTTP, RDS `inbound` (only with local HTTP services) |
@@ -34,6 +35,13 @@
 //! TCP proxy of its listeners ([`access_log`]). Listeners are built per proxy and memoized by the
 //! whole [`Proxy`], so the choice is part of the key: proxies with different choices never
 //! share listeners, and nothing else depends on it.
+//!
+//! # Tracing
+//!
+//! A proxy with a Zipkin collector (`proxy.tracing`) gets the `pilotfish-zipkin` cluster and the
+//! Zipkin tracing config in every connection manager ([`trace`]); like the access log it is part
+//! of the per-proxy memo key. The cluster goes into the proxy's own copy of the scope's clusters,
+//! as inbound clusters do, so proxies without tracing keep sharing the scope's `Arc`s.
 //!
 //! # mTLS
 //!
@@ -72,6 +80,7 @@ mod routes;
 #[cfg(test)]
 mod tests;
 mod tls;
+mod trace;
 #[cfg(test)]
 mod traffic_tests;
 
@@ -96,6 +105,7 @@ pub use tls::{
     client_secret, node_id, service_id, service_secret, sni, Settings, NODE_SECRET, ROOTS_SECRET,
     SDS_CLUSTER,
 };
+pub use trace::{SPANS_PATH, ZIPKIN_CLUSTER};
 
 /// The outbound name of a service's cluster, endpoints and TCP listener.
 pub fn outbound_name(service: &str) -> String {
@@ -287,12 +297,16 @@ impl Shared {
         } else {
             scoped.clusters.clone()
         };
-        let clusters = if local.is_empty() {
+        let clusters = if local.is_empty() && proxy.tracing.is_none() {
             outbound_clusters
         } else {
             let mut clusters = ResourceMap::clone(&outbound_clusters);
             for svc in &local {
                 let cluster = clusters::inbound(&self.catalog, svc, proxy);
+                clusters.insert(cluster.name.clone(), cluster);
+            }
+            if let Some(tracing) = &proxy.tracing {
+                let cluster = trace::collector_cluster(tracing);
                 clusters.insert(cluster.name.clone(), cluster);
             }
             Arc::new(clusters)
@@ -340,7 +354,7 @@ impl Shared {
                 tracing::warn!(node = %proxy.node, gateway = %gw.name, addr = %gw.listen, "gateway address already bound; no gateway listener");
                 continue;
             }
-            let listener = listeners::gateway(&self.catalog, gw, &proxy.access_log);
+            let listener = listeners::gateway(&self.catalog, gw, proxy);
             listeners.insert(listener.name.clone(), listener);
         }
 

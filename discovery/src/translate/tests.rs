@@ -177,6 +177,7 @@ fn proxy(node: &str, address: &str) -> Proxy {
         outbound: "127.0.0.1:15001".parse().unwrap(),
         app_address: "127.0.0.1".parse().unwrap(),
         access_log: Default::default(),
+        tracing: None,
     }
 }
 
@@ -708,3 +709,6 @@ mod mtls;
 
 #[path = "access_log_tests.rs"]
 mod access_logs;
+
+#[path = "trace_tests.rs"]
+mod traces;

@@ -94,6 +94,7 @@ fn proxy(node: &str) -> Proxy {
         outbound: "127.0.0.1:15001".parse().expect("addr"),
         app_address: "127.0.0.1".parse().expect("ip"),
         access_log: Default::default(),
+        tracing: None,
     }
 }
 
