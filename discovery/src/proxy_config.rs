@@ -12,7 +12,8 @@
 //! hash as its version, so every resource is compared exactly; SotW carries one version per
 //! response, so for SotW the cluster and listener sets are compared by version and the others
 //! by name only. Contents are not compared field by field (Envoy's JSON and our encoded
-//! protobuf have no common form without the proto descriptors).
+//! protobuf have no common form without the proto descriptors). Envoy keeps no version for
+//! endpoints, so they are compared by name only.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -346,7 +347,12 @@ pub fn diff(
         for (resource, r) in sent.iter() {
             match held.get(resource.as_str()) {
                 None => d.missing.push(resource.clone()),
-                Some(h) if flavour == StreamKind::Delta && h.version != r.version => {
+                // Envoy keeps no version for endpoints (it shows an empty one).
+                Some(h)
+                    if flavour == StreamKind::Delta
+                        && !h.version.is_empty()
+                        && h.version != r.version =>
+                {
                     d.outdated.push(Outdated {
                         name: resource.clone(),
                         sent: r.version.clone(),
@@ -569,7 +575,7 @@ mod tests {
     fn intended(clusters: &[&str]) -> ProxyResources {
         ProxyResources {
             clusters: map(clusters),
-            endpoints: map(&[]),
+            endpoints: map(clusters),
             listeners: map(&[]),
             routes: map(&[]),
         }
@@ -589,6 +595,8 @@ mod tests {
              "static_clusters": [{"cluster": {"name": "pilotfish-xds"}}]},
             {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
              "dynamic_listeners": [{"name": "bad", "error_state": {"details": "no such cluster"}}]},
+            {"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump",
+             "dynamic_endpoint_configs": [{"endpoint_config": {"cluster_name": "a"}}]},
         ]});
         let d = diff(&want, StreamKind::Delta, &dump);
         let c = &d["clusters"];
@@ -601,7 +609,10 @@ mod tests {
         assert_eq!(l.unexpected, ["bad"]);
         assert_eq!(l.not_active[0].state, "refused");
         assert_eq!(l.not_active[0].detail.as_deref(), Some("no such cluster"));
-        assert!(d["routes"].is_empty() && d["endpoints"].is_empty());
+        // Endpoints carry no version in Envoy's dump: compared by name.
+        assert_eq!(d["endpoints"].missing, ["b", "c"]);
+        assert!(d["endpoints"].outdated.is_empty() && d["endpoints"].unexpected.is_empty());
+        assert!(d["routes"].is_empty());
     }
 
     #[test]
@@ -615,6 +626,8 @@ mod tests {
                  "dynamic_active_clusters": [{"version_info": v, "cluster": {"name": "a"}}]},
                 {"@type": "type.googleapis.com/envoy.admin.v3.ListenersConfigDump",
                  "version_info": map_version(&want.listeners)},
+                {"@type": "type.googleapis.com/envoy.admin.v3.EndpointsConfigDump",
+                 "dynamic_endpoint_configs": [{"endpoint_config": {"cluster_name": "a"}}]},
             ]})
         };
         let d = diff(&want, StreamKind::Sotw, &section(&version));

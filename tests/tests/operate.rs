@@ -108,6 +108,15 @@ async fn proxy_status_shows_sync_nacks_and_disconnected_proxies() -> Result<()> 
         row(&table, "vm-b").is_some_and(|r| r.contains("reviews")),
         "{table}"
     );
+    // Synced means the Envoy holds it: proxy-config --diff agrees, resource by resource.
+    for node in ["vm-a", "vm-b"] {
+        let (code, text) = ctl.run(true, &["proxy-config", node, "--diff"])?;
+        assert_eq!(code, 0, "{node}: {text}");
+        assert!(
+            text.contains(&format!("{node}: Envoy holds what discovery sends (delta)")),
+            "{text}"
+        );
+    }
 
     // One scrape per host: the agent's metrics and its Envoy's, on the agent's port.
     let health = mesh.host("vm-b").health;
