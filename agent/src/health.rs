@@ -6,7 +6,6 @@
 //! Readiness asks Envoy's admin `/ready` at request time rather than caching it, so it is
 //! never staler than the probe that reads it.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -14,6 +13,13 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -52,76 +58,120 @@ async fn ready(State(h): State<Health>) -> impl IntoResponse {
 
 async fn metrics(State(h): State<Health>) -> impl IntoResponse {
     let mut body = render_metrics(&h.status);
-    // Envoy's metric names all start with `envoy_`, so the two sets never clash. While Envoy
-    // is down (restarting) the agent's own metrics still answer, with envoy_up 0.
+    // Envoy's metric names all start with `envoy_`, so the two sets never clash, and both are
+    // the classic text format. While Envoy is down (restarting) the agent's own metrics still
+    // answer, with envoy_up 0.
     if h.status.envoy_up() {
         match h.admin.prometheus_stats().await {
-            Ok(stats) => body.push_str(&String::from_utf8_lossy(&stats)),
+            Ok(stats) => append_envoy(&mut body, &stats),
             Err(e) => tracing::debug!(error = %e, "Envoy's metrics are not in this scrape"),
         }
     }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+    (
+        [(header::CONTENT_TYPE, prometheus_text::CONTENT_TYPE)],
+        body,
+    )
 }
 
-pub fn render_metrics(s: &AgentStatus) -> String {
+/// Appends Envoy's `/stats/prometheus` text after ours, on a line of its own.
+fn append_envoy(body: &mut String, stats: &[u8]) {
+    if !body.is_empty() && !body.ends_with('\n') {
+        body.push('\n');
+    }
+    body.push_str(&String::from_utf8_lossy(stats));
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+}
+
+/// The agent's own metrics (`pilotfish_agent_*`), read from its status at scrape time, in the
+/// Prometheus text format 0.0.4: the format Envoy's `/stats/prometheus` speaks, so the two
+/// concatenate into one valid scrape (OpenMetrics would need its `# EOF` last and forbids
+/// Envoy's counter names).
+pub fn render_metrics(status: &Arc<AgentStatus>) -> String {
+    let mut registry = Registry::with_prefix("pilotfish_agent");
+    registry.register_collector(Box::new(AgentMetrics(Arc::clone(status))));
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
-        );
-    };
-    metric(
-        "pilotfish_agent_envoy_restarts_total",
-        "counter",
-        "Times the agent restarted Envoy after it exited or failed to start.",
-        s.envoy_restarts(),
-    );
-    metric(
-        "pilotfish_agent_envoy_up",
-        "gauge",
-        "1 while an Envoy process is running.",
-        u64::from(s.envoy_up()),
-    );
-    metric(
-        "pilotfish_agent_xds_upstream_connected",
-        "gauge",
-        "1 while Envoy's xDS stream is relayed to discovery.",
-        u64::from(s.upstream_connected()),
-    );
-    metric(
-        "pilotfish_agent_xds_served_from_cache",
-        "gauge",
-        "1 while Envoy is served from the agent's xDS cache because discovery is unreachable.",
-        u64::from(s.served_from_cache()),
-    );
-    metric(
-        "pilotfish_agent_enrolled",
-        "gauge",
-        "1 while the agent holds a valid node certificate.",
-        u64::from(s.enrolled()),
-    );
-    metric(
-        "pilotfish_agent_certificate_renewals_total",
-        "counter",
-        "Certificates obtained with the node certificate (node renewals and service certificates).",
-        s.certificate_renewals(),
-    );
-    let name = "pilotfish_agent_certificate_expiry_seconds";
-    let _ = writeln!(
-        out,
-        "# HELP {name} Seconds until each held certificate expires (negative: expired).\n\
-         # TYPE {name} gauge"
-    );
-    let now = std::time::SystemTime::now();
-    for (identity, not_after) in s.certificates() {
-        let secs = match not_after.duration_since(now) {
-            Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-            Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-        };
-        let _ = writeln!(out, "{name}{{identity=\"{identity}\"}} {secs}");
+    // Writing into a String cannot fail, and the collector never returns an error.
+    if let Err(e) = prometheus_text::encode(&mut out, &registry) {
+        tracing::error!(error = %e, "encoding the agent's metrics failed");
     }
     out
+}
+
+/// The agent's status as metrics.
+#[derive(Debug)]
+struct AgentMetrics(Arc<AgentStatus>);
+
+impl Collector for AgentMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let counters = [
+            (
+                "envoy_restarts",
+                "Times the agent restarted Envoy after it exited or failed to start.",
+                s.envoy_restarts(),
+            ),
+            (
+                "certificate_renewals",
+                "Certificates obtained with the node certificate (node renewals and service \
+                 certificates).",
+                s.certificate_renewals(),
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value);
+            counter.encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                counter.metric_type(),
+            )?)?;
+        }
+        let gauges = [
+            (
+                "envoy_up",
+                "1 while an Envoy process is running.",
+                s.envoy_up(),
+            ),
+            (
+                "xds_upstream_connected",
+                "1 while Envoy's xDS stream is relayed to discovery.",
+                s.upstream_connected(),
+            ),
+            (
+                "xds_served_from_cache",
+                "1 while Envoy is served from the agent's xDS cache because discovery is \
+                 unreachable.",
+                s.served_from_cache(),
+            ),
+            (
+                "enrolled",
+                "1 while the agent holds a valid node certificate.",
+                s.enrolled(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            let gauge = ConstGauge::new(i64::from(value));
+            gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
+        }
+        let mut expiry = encoder.encode_descriptor(
+            "certificate_expiry_seconds",
+            "Seconds until each held certificate expires (negative: expired).",
+            None,
+            MetricType::Gauge,
+        )?;
+        let now = std::time::SystemTime::now();
+        for (identity, not_after) in s.certificates() {
+            let secs = match not_after.duration_since(now) {
+                Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+            };
+            let labels = [("identity", identity.as_str())];
+            ConstGauge::new(secs).encode(expiry.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -143,8 +193,13 @@ mod tests {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(health.run(listener, shutdown.clone()));
 
-        let (code, body) = crate::testutil::http_get(addr, "/metrics").await;
+        let (code, head, body) = crate::testutil::http_get_with_head(addr, "/metrics").await;
         assert_eq!(code, 200);
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
+            "{head}"
+        );
         assert!(
             body.contains("pilotfish_agent_envoy_restarts_total 1"),
             "{body}"
@@ -180,5 +235,86 @@ mod tests {
 
         shutdown.cancel();
         task.await.unwrap().unwrap();
+    }
+
+    /// What Envoy's `/stats/prometheus` looks like: classic text, TYPE lines without HELP, a
+    /// counter named `_total` and one not, empty braces, a histogram in milliseconds.
+    const ENVOY_STATS: &str = "\
+# TYPE envoy_cluster_upstream_cx_total counter
+envoy_cluster_upstream_cx_total{envoy_cluster_name=\"reviews\"} 3
+# TYPE envoy_cluster_upstream_rq_completed counter
+envoy_cluster_upstream_rq_completed{envoy_cluster_name=\"reviews\"} 3
+# TYPE envoy_server_live gauge
+envoy_server_live{} 1
+# TYPE envoy_cluster_upstream_cx_connect_ms histogram
+envoy_cluster_upstream_cx_connect_ms_bucket{envoy_cluster_name=\"reviews\",le=\"0.5\"} 1
+envoy_cluster_upstream_cx_connect_ms_bucket{envoy_cluster_name=\"reviews\",le=\"+Inf\"} 3
+envoy_cluster_upstream_cx_connect_ms_sum{envoy_cluster_name=\"reviews\"} 4.5
+envoy_cluster_upstream_cx_connect_ms_count{envoy_cluster_name=\"reviews\"} 3
+";
+
+    #[tokio::test]
+    async fn one_scrape_holds_both_and_a_real_parser_accepts_it() {
+        // A stand-in for Envoy's admin port.
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let fake_envoy = Router::new().route("/stats/prometheus", get(|| async { ENVOY_STATS }));
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        let envoy_task = tokio::spawn(async move {
+            axum::serve(admin, fake_envoy)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await
+        });
+        let status = Arc::new(AgentStatus::default());
+        status.set_envoy_pid(Some(4242));
+        status.set_certificates(
+            [(
+                "spiffe://pilotfish.local/ns/\"odd\"/svc".to_string(),
+                std::time::SystemTime::now() - std::time::Duration::from_secs(60),
+            )]
+            .into(),
+            false,
+        );
+        let own = render_metrics(&status);
+        // Ours alone: valid, and nothing for the linter (names, units, help).
+        assert_eq!(crate::testutil::promtool_check(&own), (0, String::new()));
+        assert!(
+            own.contains("# TYPE pilotfish_agent_envoy_restarts_total counter\n"),
+            "{own}"
+        );
+        assert!(!own.contains("# EOF") && !own.contains("# UNIT"), "{own}");
+        let line = own
+            .lines()
+            .find(|l| l.starts_with("pilotfish_agent_certificate_expiry_seconds{"))
+            .unwrap();
+        assert!(
+            line.starts_with(
+                "pilotfish_agent_certificate_expiry_seconds{identity=\"spiffe://pilotfish.local/ns/\\\"odd\\\"/svc\"} -6"
+            ),
+            "{line}"
+        );
+
+        let health = Health {
+            status,
+            admin: Admin::new(admin_addr),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(health.run(listener, shutdown.clone()));
+        let (code, merged) = crate::testutil::http_get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        assert!(merged.starts_with(&own), "{merged}");
+        assert!(merged.ends_with(ENVOY_STATS), "{merged}");
+        // Merged: it parses; the linter's only findings are Envoy's own names (no help
+        // texts, counters without `_total`), which are not ours to change.
+        let (exit, said) = crate::testutil::promtool_check(&merged);
+        assert!(exit == 0 || exit == 3, "promtool exit {exit}: {said}");
+        for finding in said.lines() {
+            assert!(finding.starts_with("envoy_"), "{finding}\nin:\n{merged}");
+        }
+        shutdown.cancel();
+        task.await.unwrap().unwrap();
+        envoy_task.await.unwrap().unwrap();
     }
 }

@@ -4,12 +4,11 @@
 //!
 //! Handlers only read shared state: the sources' status (file registry, Consul per datacenter,
 //! merge conflicts) and the mesh snapshot from their watch channels, the ADS connection
-//! registry, the xDS counters and the CA (its roots, how many join tokens exist, what it issued
-//! and refused; never a secret). The port is plaintext and unauthenticated, so keep it on
-//! loopback (the default).
+//! registry and the CA (its roots, how many join tokens exist; never a secret). Each part owns
+//! its metrics; [`metrics`] assembles them into one registry for `/metrics`. The port is
+//! plaintext and unauthenticated, so keep it on loopback (the default).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -23,14 +22,16 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::identity::metrics::{CaMetrics, Kind};
+use crate::identity::metrics::CaMetrics;
 use crate::identity::{utc, Authority};
 use crate::liveness::{NodeLiveness, NodesView};
-use crate::mesh::MeshSnapshot;
-use crate::resources::short_name;
+use crate::mesh::{MeshMetrics, MeshSnapshot};
+use crate::sources::metrics::SourcesMetrics;
 use crate::sources::SourcesView;
 use crate::xds::connections::{Connections, ProxyStatus};
 use crate::xds::metrics::XdsMetrics;
+
+pub mod metrics;
 
 /// What the handlers read. Cheap to clone.
 #[derive(Clone)]
@@ -42,14 +43,17 @@ pub struct HttpState {
     pub nodes: NodesView,
     /// The rules API, whose token also guards `/v1/proxies`; `None`: open (tests).
     pub api: Option<Arc<crate::rules_api::RulesApi>>,
-    pub metrics: Arc<XdsMetrics>,
     /// The CA; `None` in insecure mode.
     pub ca: Option<Arc<Authority>>,
-    pub ca_metrics: Arc<CaMetrics>,
     /// Consul's status and the merge conflicts.
     pub sources: SourcesView,
     /// The agents' config-dump streams (`/v1/proxies/{node}/config`).
     pub dumps: crate::proxy_config::DumpHub,
+    /// What each part records as it runs, for `/metrics` (see [`metrics`]).
+    pub xds_metrics: Arc<XdsMetrics>,
+    pub ca_metrics: Arc<CaMetrics>,
+    pub mesh_metrics: MeshMetrics,
+    pub sources_metrics: SourcesMetrics,
 }
 
 pub struct HttpServer {
@@ -70,10 +74,22 @@ impl HttpServer {
     }
 
     pub fn router(state: HttpState) -> Router {
+        let registry = Arc::new(metrics::registry(&state));
         Router::new()
             .route("/healthz", get(|| async { "ok" }))
             .route("/status", get(status))
-            .route("/metrics", get(metrics))
+            .route(
+                "/metrics",
+                get(move || {
+                    let registry = Arc::clone(&registry);
+                    async move {
+                        (
+                            [(header::CONTENT_TYPE, metrics::CONTENT_TYPE)],
+                            metrics::encode(&registry),
+                        )
+                    }
+                }),
+            )
             .route("/v1/proxies", get(proxies))
             .route("/v1/proxies/{node}/config", get(proxy_config))
             .route("/v1/services", get(services))
@@ -509,205 +525,6 @@ async fn status(State(state): State<HttpState>) -> axum::response::Response {
     }
 }
 
-async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        render_metrics(&state),
-    )
-}
-
-pub fn render_metrics(state: &HttpState) -> String {
-    let mut out = String::new();
-    let (problems, restored) = {
-        let files = state.files.borrow();
-        let problems: usize = files.files.values().map(|f| f.problems.len()).sum();
-        let restored = files
-            .files
-            .values()
-            .filter(|f| f.restored.is_some())
-            .count();
-        (problems, restored)
-    };
-    let m = &state.metrics;
-    metric(
-        &mut out,
-        "pilotfish_xds_connected_proxies",
-        "gauge",
-        "Open ADS streams.",
-        &[("", state.connections.count() as u64)],
-    );
-    let pushes: Vec<(String, u64)> = m
-        .pushes()
-        .map(|(t, n)| (format!("{{type=\"{}\"}}", short_name(t)), n))
-        .collect();
-    let pushes: Vec<(&str, u64)> = pushes.iter().map(|(l, n)| (l.as_str(), *n)).collect();
-    metric(
-        &mut out,
-        "pilotfish_xds_pushes_total",
-        "counter",
-        "xDS responses sent, by type.",
-        &pushes,
-    );
-    metric(
-        &mut out,
-        "pilotfish_xds_nacks_total",
-        "counter",
-        "xDS responses rejected by proxies.",
-        &[("", m.nacks())],
-    );
-    metric(
-        &mut out,
-        "pilotfish_xds_stale_nonces_total",
-        "counter",
-        "SotW requests ignored for a superseded nonce.",
-        &[("", m.stale_nonces())],
-    );
-    metric(
-        &mut out,
-        "pilotfish_xds_send_timeouts_total",
-        "counter",
-        "ADS streams closed because the proxy did not take a response in time.",
-        &[("", m.send_timeouts())],
-    );
-    metric(
-        &mut out,
-        "pilotfish_registry_file_problems",
-        "gauge",
-        "Problems in registry files (their last good version stays in force).",
-        &[("", problems as u64)],
-    );
-    metric(
-        &mut out,
-        "pilotfish_registry_files_restored",
-        "gauge",
-        "Broken registry files served from the copy an earlier run stored (state_dir/last-good).",
-        &[("", restored as u64)],
-    );
-    render_consul_metrics(&mut out, state);
-    metric(
-        &mut out,
-        "pilotfish_snapshot_generation",
-        "gauge",
-        "Generation of the mesh snapshot being served.",
-        &[("", state.snapshots.borrow().generation)],
-    );
-    let ca = &state.ca_metrics;
-    metric(
-        &mut out,
-        "pilotfish_ca_certificates_issued_total",
-        "counter",
-        "Certificates issued to hosts, by kind.",
-        &[
-            ("{kind=\"node\"}", ca.issued_count(Kind::Node)),
-            ("{kind=\"service\"}", ca.issued_count(Kind::Service)),
-        ],
-    );
-    let refusals: Vec<(String, u64)> = ca
-        .refusals()
-        .into_iter()
-        .map(|((call, reason), n)| (format!("{{call=\"{call}\",reason=\"{reason}\"}}"), n))
-        .collect();
-    let refusals: Vec<(&str, u64)> = refusals.iter().map(|(l, n)| (l.as_str(), *n)).collect();
-    metric(
-        &mut out,
-        "pilotfish_ca_refusals_total",
-        "counter",
-        "Identity and ADS calls refused, by call and reason.",
-        &refusals,
-    );
-    out
-}
-
-/// Per-datacenter Consul gauges and counters (only when Consul is configured), and the merge
-/// conflicts (always).
-fn render_consul_metrics(out: &mut String, state: &HttpState) {
-    if let Some(view) = &state.sources.consul {
-        let status = view.status.borrow().clone();
-        let per_dc = |f: &dyn Fn(&pilotfish_registries::consul::DatacenterStatus) -> u64| {
-            status
-                .datacenters
-                .iter()
-                .map(|(dc, d)| (format!("{{dc=\"{dc}\"}}"), f(d)))
-                .collect::<Vec<_>>()
-        };
-        // (name, type, help, samples)
-        type Family = (&'static str, &'static str, &'static str, Vec<(String, u64)>);
-        let families: [Family; 8] = [
-            (
-                "pilotfish_consul_stale",
-                "gauge",
-                "1 while the datacenter's last good catalog is served instead of a fresh one.",
-                per_dc(&|d| u64::from(d.stale)),
-            ),
-            (
-                "pilotfish_consul_restored",
-                "gauge",
-                "1 while the catalog an earlier run stored is served (not read in full since start).",
-                per_dc(&|d| u64::from(d.restored_since.is_some())),
-            ),
-            (
-                "pilotfish_consul_synced",
-                "gauge",
-                "1 once every selected service of the datacenter was read.",
-                per_dc(&|d| u64::from(d.synced)),
-            ),
-            (
-                "pilotfish_consul_last_sync_timestamp_seconds",
-                "gauge",
-                "Unix time of the last successful answer from the datacenter (0: never).",
-                per_dc(&|d| {
-                    d.last_sync
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or(0, |t| t.as_secs())
-                }),
-            ),
-            (
-                "pilotfish_consul_errors_total",
-                "counter",
-                "Failed Consul requests.",
-                per_dc(&|d| d.errors_total),
-            ),
-            (
-                "pilotfish_consul_requests_total",
-                "counter",
-                "Consul requests sent.",
-                per_dc(&|d| d.requests_total),
-            ),
-            (
-                "pilotfish_consul_instances",
-                "gauge",
-                "Instances read from the datacenter.",
-                per_dc(&|d| d.instances as u64),
-            ),
-            (
-                "pilotfish_consul_rejected_entries",
-                "gauge",
-                "Consul entries not used (see /status sources.consul).",
-                per_dc(&|d| d.rejected.len() as u64),
-            ),
-        ];
-        for (name, kind, help, samples) in &families {
-            let samples: Vec<(&str, u64)> = samples.iter().map(|(l, n)| (l.as_str(), *n)).collect();
-            metric(out, name, kind, help, &samples);
-        }
-    }
-    metric(
-        out,
-        "pilotfish_registry_merge_conflicts",
-        "gauge",
-        "Instances declared by TOML and Consul at the same address:port (TOML's is used).",
-        &[("", state.sources.conflicts.borrow().len() as u64)],
-    );
-}
-
-fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str, u64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::PathBuf;
@@ -747,10 +564,12 @@ mod tests {
             connections: Connections::default(),
             nodes: watch::channel(Arc::new(Vec::new())).1,
             api: None,
-            metrics: Arc::new(XdsMetrics::default()),
             ca: None,
-            ca_metrics: Arc::new(CaMetrics::default()),
             sources: SourcesView::files_only(),
+            xds_metrics: Arc::new(XdsMetrics::default()),
+            ca_metrics: Arc::new(CaMetrics::default()),
+            mesh_metrics: MeshMetrics::default(),
+            sources_metrics: SourcesMetrics::default(),
         };
         (state, files_tx)
     }
@@ -787,16 +606,57 @@ mod tests {
 
     #[test]
     fn metrics_text() {
-        let (state, _keep) = state();
+        let (mut state, _keep) = state();
         let _guard = state.connections.register("vm-a", StreamKind::Delta);
         state.ca_metrics.refused("ads", "no_certificate");
-        state.metrics.record(&Event::Pushed {
-            type_url: CLUSTER.into(),
-            version: "v".into(),
-            resources: 1,
-        });
-        let text = render_metrics(&state);
+        state.ca_metrics.signed(
+            crate::identity::metrics::Kind::Service,
+            std::time::Duration::from_millis(3),
+        );
+        let mut timer = crate::xds::metrics::StreamTimer::default();
+        let learned = Some(tokio::time::Instant::now());
+        state.xds_metrics.record(
+            &Event::Pushed {
+                type_url: CLUSTER.into(),
+                version: "v".into(),
+                resources: 1,
+            },
+            &mut timer,
+            learned,
+        );
+        state.xds_metrics.record(
+            &Event::Ack {
+                type_url: CLUSTER.into(),
+                version: "v".into(),
+                nonce: "1".into(),
+            },
+            &mut timer,
+            learned,
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let api = crate::rules_api::RulesApi::new(
+            dir.path().to_path_buf(),
+            vec![dir.path().to_path_buf()],
+            crate::rules_api::Access::Open,
+        )
+        .expect("api");
+        api.metrics().write(
+            crate::rules_api::Kind::Routes,
+            axum::http::StatusCode::CONFLICT,
+        );
+        state.api = Some(Arc::new(api));
+        let text = metrics::render(&state);
         for line in [
+            "# TYPE pilotfish_xds_pushes_total counter",
+            "# TYPE pilotfish_xds_convergence_seconds histogram",
+            "pilotfish_xds_convergence_seconds_count{type=\"cds\"} 1",
+            "pilotfish_xds_push_seconds_count{type=\"cds\"} 1",
+            "pilotfish_xds_push_seconds_count{type=\"lds\"} 0",
+            "pilotfish_ca_sign_seconds_count{kind=\"service\"} 1",
+            "pilotfish_ca_sign_seconds_bucket{kind=\"service\",le=\"0.0025\"} 0",
+            "pilotfish_ca_sign_seconds_bucket{kind=\"service\",le=\"0.005\"} 1",
+            "pilotfish_snapshot_build_seconds_count{kind=\"full\"} 0",
+            "pilotfish_rules_api_writes_total{kind=\"routes\",outcome=\"conflict\"} 1",
             "pilotfish_xds_connected_proxies 1",
             "pilotfish_xds_pushes_total{type=\"cds\"} 1",
             "pilotfish_xds_pushes_total{type=\"eds\"} 0",
@@ -812,6 +672,12 @@ mod tests {
                 "missing {line} in:\n{text}"
             );
         }
+        // A real parser accepts it, and its linter finds nothing (names, units, help texts).
+        assert_eq!(
+            crate::metrics::promtool::check(&text),
+            (0, String::new()),
+            "promtool on:\n{text}"
+        );
     }
 
     #[test]
@@ -857,6 +723,10 @@ mod tests {
                 ..DatacenterStatus::default()
             },
         );
+        // Label values are escaped: a quote, a backslash and a newline stay inside the label.
+        consul
+            .datacenters
+            .insert("we\"ird\\dc\n".into(), DatacenterStatus::default());
         let (_status_tx, status) = watch::channel(Arc::new(consul));
         let (_conflicts_tx, conflicts) = watch::channel(Arc::new(vec![MergeConflict {
             service: "web".into(),
@@ -910,7 +780,9 @@ mod tests {
             json["sources"]["merge_conflicts"][0]["toml"],
             "/r/web.toml:3"
         );
-        let text = render_metrics(&state);
+        let observe = state.sources_metrics.consul_observer();
+        observe("dc1", "checks", std::time::Duration::from_secs(2));
+        let text = metrics::render(&state);
         for line in [
             "pilotfish_consul_stale{dc=\"dc1\"} 1",
             "pilotfish_consul_restored{dc=\"dc1\"} 0",
@@ -919,6 +791,10 @@ mod tests {
             "pilotfish_consul_errors_total{dc=\"dc1\"} 3",
             "pilotfish_consul_requests_total{dc=\"dc1\"} 10",
             "pilotfish_consul_rejected_entries{dc=\"dc1\"} 1",
+            "pilotfish_consul_stale{dc=\"we\\\"ird\\\\dc\\n\"} 0",
+            "pilotfish_consul_poll_seconds_count{dc=\"dc1\",request=\"checks\"} 1",
+            "pilotfish_consul_poll_seconds_bucket{dc=\"dc1\",request=\"checks\",le=\"1\"} 0",
+            "pilotfish_consul_poll_seconds_bucket{dc=\"dc1\",request=\"checks\",le=\"2.5\"} 1",
             "pilotfish_registry_merge_conflicts 1",
         ] {
             assert!(
@@ -926,6 +802,11 @@ mod tests {
                 "missing {line} in:\n{text}"
             );
         }
+        assert_eq!(
+            crate::metrics::promtool::check(&text),
+            (0, String::new()),
+            "promtool on:\n{text}"
+        );
     }
 
     #[tokio::test]
@@ -951,6 +832,17 @@ mod tests {
         assert_eq!(page.headers()[header::CACHE_CONTROL], "no-store");
         let redirect = get("/ui?token=t").await.expect("infallible");
         assert_eq!(redirect.headers()[header::LOCATION], "/ui/?token=t");
+        let scrape = get("/metrics").await.expect("infallible");
+        assert_eq!(
+            scrape.headers()[header::CONTENT_TYPE],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        let body = scrape.into_body().collect().await.expect("body").to_bytes();
+        let text = String::from_utf8(body.to_vec()).expect("utf-8");
+        assert!(
+            text.contains("\npilotfish_registry_file_problems 1\n"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

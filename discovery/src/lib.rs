@@ -20,6 +20,7 @@ pub mod http;
 pub mod identity;
 pub mod liveness;
 pub mod mesh;
+pub mod metrics;
 pub mod proxy;
 pub mod proxy_config;
 pub mod proxy_status;
@@ -49,7 +50,8 @@ use crate::identity::metrics::CaMetrics;
 use crate::identity::service::IdentityService;
 use crate::identity::{Authority, IdentityError};
 use crate::liveness::LivenessStage;
-use crate::mesh::{Debouncer, MeshSnapshot};
+use crate::mesh::{Debouncer, MeshMetrics, MeshSnapshot};
+use crate::sources::metrics::SourcesMetrics;
 use crate::sources::{Combiner, ConsulView, SourcesView, CONSUL_FIRST_SYNC_WAIT};
 use crate::xds::connections::Connections;
 use crate::xds::metrics::XdsMetrics;
@@ -125,13 +127,15 @@ pub async fn run(
             .map_err(RunError::Task)?;
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
     let mut tasks = JoinSet::new();
+    let sources_metrics = SourcesMetrics::default();
     // With Consul, everything downstream (debouncer, CA) reads the merge of both sources.
     let (catalog_rx, sources_view, combiner) = match &config.consul {
         None => (catalog_rx, SourcesView::files_only(), None),
         Some(consul) => {
             let registry = ConsulRegistry::new(consul.clone())
                 .map_err(RunError::Consul)?
-                .with_last_good(last_good.clone());
+                .with_last_good(last_good.clone())
+                .with_request_observer(sources_metrics.consul_observer());
             let (consul_tx, consul_rx) = watch::channel(Arc::new(Catalog::default()));
             let (status_tx, mut status_rx) = watch::channel(Arc::new(ConsulStatus::default()));
             let token = stop.clone();
@@ -173,7 +177,8 @@ pub async fn run(
     let (status_tx, status_rx) = watch::channel(Arc::new(FilesStatus::default()));
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(MeshSnapshot::placeholder()));
     let connections = Connections::default();
-    let metrics = Arc::new(XdsMetrics::default());
+    let xds_metrics = Arc::new(XdsMetrics::default());
+    let mesh_metrics = MeshMetrics::default();
 
     let registry = FileRegistry::new(registry_paths).with_last_good(last_good);
     let identity = authority
@@ -201,12 +206,13 @@ pub async fn run(
         liveness.run(token).await;
         Ok(())
     });
-    let debouncer =
-        Debouncer::new(live_catalog_rx, snapshot_tx, config.debounce).with_settings(settings);
+    let debouncer = Debouncer::new(live_catalog_rx, snapshot_tx, config.debounce)
+        .with_settings(settings)
+        .with_metrics(mesh_metrics.clone());
     let ads = AdsServer::new(
         snapshot_rx.clone(),
         connections.clone(),
-        metrics.clone(),
+        xds_metrics.clone(),
         AdsOptions {
             control_plane: control_plane_identifier(),
             auth: authority.as_ref().map(|a| a.peer_auth()),
@@ -226,11 +232,13 @@ pub async fn run(
         snapshots: snapshot_rx,
         connections,
         nodes: nodes_rx,
-        metrics,
         ca: authority.clone(),
-        ca_metrics,
         sources: sources_view,
         api: Some(rules_api.clone()),
+        xds_metrics,
+        ca_metrics,
+        mesh_metrics,
+        sources_metrics,
     })
     .with_rules(rules_api.clone().router());
     info!(grpc = %config.grpc, http = %config.http, "discovery starting");

@@ -23,11 +23,14 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use pilotfish_registries::model::Catalog;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
+use crate::metrics::{latencies, Latencies, StaticLabels};
 use crate::translate::{endpoint_change, EndpointChange, Settings, Shared};
 
 /// One translated catalog. Generation 0 is the placeholder before the first build; ADS streams
@@ -40,6 +43,9 @@ pub struct MeshSnapshot {
     /// When the debouncer first saw a catalog change that this snapshot includes: the moment
     /// discovery learned of it. `None` for the placeholder.
     pub learned_at: Option<SystemTime>,
+    /// The same moment on the monotonic clock, which the convergence histograms measure from
+    /// (see `xds::metrics`).
+    pub learned_mono: Option<Instant>,
     /// When it was published.
     pub built_at: SystemTime,
 }
@@ -76,6 +82,7 @@ impl MeshSnapshot {
             shared,
             kind: BuildKind::Full,
             learned_at: None,
+            learned_mono: None,
             built_at: SystemTime::now(),
         }
     }
@@ -127,11 +134,59 @@ fn plan(last: Option<&Shared>, catalog: &Arc<Catalog>) -> Plan {
     }
 }
 
+/// The debouncer's metrics: how long translation takes, and which generation is served.
+#[derive(Debug, Clone)]
+pub struct MeshMetrics {
+    build_seconds: Latencies<StaticLabels<1>>,
+    generation: Gauge,
+}
+
+impl Default for MeshMetrics {
+    fn default() -> Self {
+        let build_seconds = latencies();
+        // Both kinds are shown from the start, at 0.
+        for kind in [BuildKind::Full, BuildKind::Endpoints] {
+            build_seconds.get_or_create_owned(&[("kind", kind.as_str())]);
+        }
+        MeshMetrics {
+            build_seconds,
+            generation: Gauge::default(),
+        }
+    }
+}
+
+impl MeshMetrics {
+    /// Registers under `pilotfish_snapshot_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let snapshot = registry.sub_registry_with_prefix("snapshot");
+        snapshot.register(
+            "generation",
+            "Generation of the mesh snapshot being served",
+            self.generation.clone(),
+        );
+        snapshot.register(
+            "build_seconds",
+            "Time to translate the catalog into a mesh snapshot, by kind of build (full or \
+             endpoints)",
+            self.build_seconds.clone(),
+        );
+    }
+
+    fn built(&self, kind: BuildKind, took: Duration, generation: u64) {
+        self.build_seconds
+            .get_or_create(&[("kind", kind.as_str())])
+            .observe(took.as_secs_f64());
+        self.generation
+            .set(i64::try_from(generation).unwrap_or(i64::MAX));
+    }
+}
+
 pub struct Debouncer {
     catalogs: watch::Receiver<Arc<Catalog>>,
     snapshots: watch::Sender<Arc<MeshSnapshot>>,
     times: DebounceTimes,
     settings: Arc<Settings>,
+    metrics: MeshMetrics,
 }
 
 impl Debouncer {
@@ -147,7 +202,14 @@ impl Debouncer {
             snapshots,
             times,
             settings: Arc::new(Settings::default()),
+            metrics: MeshMetrics::default(),
         }
+    }
+
+    /// Records builds in `metrics` (a clone shares them).
+    pub fn with_metrics(mut self, metrics: MeshMetrics) -> Debouncer {
+        self.metrics = metrics;
+        self
     }
 
     /// Translate with these settings (trust domain, mTLS) rather than the insecure default.
@@ -211,13 +273,13 @@ impl Debouncer {
                 Plan::Unchanged => None,
                 Plan::Full => Some((
                     BuildKind::Full,
-                    tokio::task::spawn_blocking(move || Shared::build_with(input, settings)).await,
+                    build_timed(move || Shared::build_with(input, settings)).await,
                 )),
                 Plan::Endpoints(change) => {
                     let previous = last.clone();
                     Some((
                         BuildKind::Endpoints,
-                        tokio::task::spawn_blocking(move || match previous {
+                        build_timed(move || match previous {
                             Some(previous) => previous.with_endpoints(input, &change),
                             None => Shared::build_with(input, settings),
                         })
@@ -227,14 +289,16 @@ impl Debouncer {
             };
             match built {
                 None => {}
-                Some((kind, Ok(shared))) => {
+                Some((kind, Ok((shared, took)))) => {
                     generation += 1;
+                    self.metrics.built(kind, took, generation);
                     let shared = Arc::new(shared);
                     self.snapshots.send_replace(Arc::new(MeshSnapshot {
                         generation,
                         shared: shared.clone(),
                         kind,
                         learned_at: Some(learned_at),
+                        learned_mono: Some(first),
                         built_at: SystemTime::now(),
                     }));
                     info!(
@@ -257,6 +321,17 @@ impl Debouncer {
             }
         }
     }
+}
+
+/// Runs `build` in the blocking pool, timed there: the translation, not the wait for a thread.
+fn build_timed(
+    build: impl FnOnce() -> Shared + Send + 'static,
+) -> tokio::task::JoinHandle<(Shared, Duration)> {
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let shared = build();
+        (shared, started.elapsed())
+    })
 }
 
 #[cfg(test)]

@@ -39,6 +39,10 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 
+pub mod metrics;
+
+use self::metrics::RulesApiMetrics;
+
 /// The directory under `state_dir` that the API writes and the file registry watches.
 pub const RULES_DIR: &str = "rules.d";
 /// Why the API answers 503 when no token file is configured.
@@ -165,6 +169,7 @@ pub struct RulesApi {
     /// The merged catalog (files and Consul): a write for a service that no source declares is
     /// refused, since nothing would come of it. `None` checks the files alone.
     catalog: Option<watch::Receiver<Arc<Catalog>>>,
+    metrics: RulesApiMetrics,
 }
 
 impl RulesApi {
@@ -212,6 +217,7 @@ impl RulesApi {
                     access: Access::Disabled(reason),
                     writes: Mutex::new(()),
                     catalog: None,
+                    metrics: RulesApiMetrics::default(),
                 })
             }
             result => result,
@@ -240,7 +246,13 @@ impl RulesApi {
             access,
             writes: Mutex::new(()),
             catalog: None,
+            metrics: RulesApiMetrics::default(),
         })
+    }
+
+    /// What the API counts; the HTTP server registers it.
+    pub fn metrics(&self) -> &RulesApiMetrics {
+        &self.metrics
     }
 
     /// The registry paths this API validates against (`rules.d` included).
@@ -529,6 +541,21 @@ enum Op {
 }
 
 async fn handle(
+    api: Arc<RulesApi>,
+    headers: HeaderMap,
+    kind: Kind,
+    service: Option<String>,
+    op: Op,
+) -> Response {
+    let write = matches!(op, Op::Put(_) | Op::Delete);
+    let response = answer(Arc::clone(&api), headers, kind, service, op).await;
+    if write {
+        api.metrics.write(kind, response.status());
+    }
+    response
+}
+
+async fn answer(
     api: Arc<RulesApi>,
     headers: HeaderMap,
     kind: Kind,

@@ -24,6 +24,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub mod metrics;
+
 /// How long discovery waits at start for Consul's first full read before it builds the first
 /// snapshot without it. Proxies keep the config they have meanwhile; building early would make
 /// a restarted discovery withdraw every Consul instance until the read completes.

@@ -10,55 +10,19 @@
 //! Run: `cargo build --workspace --bins && cargo test -p pilotfish-tests --test console`
 //! (`PILOTFISH_UPDATE_SCREENSHOT=1 cargo test ...` to refresh the README's screenshot).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use pilotfish_tests::mesh::{Mesh, MeshOptions, API_TOKEN};
-use pilotfish_tests::{blocking, http_request, wait_for, workspace_root};
+use pilotfish_tests::{blocking, ensure_debian_tool, http_request, wait_for, workspace_root};
 use serde_json::Value;
 
 const READY: Duration = Duration::from_secs(30);
 const PATIENCE: Duration = Duration::from_secs(15);
 /// A whole Chromium run, start to exit.
 const BROWSER: Duration = Duration::from_secs(60);
-
-/// `chromium` on PATH, installed with apt-get when it is not (idempotent).
-fn ensure_chromium() -> Result<PathBuf> {
-    if let Some(found) = on_path("chromium") {
-        return Ok(found);
-    }
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "chromium"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-    };
-    let mut out = install().context("running apt-get (is this Debian?)")?;
-    if !out.status.success() {
-        // A fresh machine may have no package lists yet.
-        let _ = Command::new("apt-get").arg("update").output();
-        out = install().context("running apt-get")?;
-    }
-    match on_path("chromium") {
-        Some(found) if out.status.success() => Ok(found),
-        _ => bail!(
-            "the console test needs Debian's chromium package and `apt-get install -y chromium` \
-             failed (no network, or not root?): {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    })
-}
 
 /// Headless Chromium opening `url` with its own profile; `extra` picks what it does
 /// (`--dump-dom`, `--screenshot=...`). Scripts run for up to 5 s of virtual time, which does
@@ -179,7 +143,7 @@ async fn who(mesh: &Mesh) -> Result<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_lists_the_mesh_and_moves_real_traffic() -> Result<()> {
-    let browser = blocking(ensure_chromium).await?;
+    let browser = blocking(|| ensure_debian_tool("chromium", "chromium")).await?;
     let mut mesh = Mesh::start_opts(MeshOptions {
         discovery_extra: "[api]\ntoken_file = \"api-token\"\n".into(),
         ..MeshOptions::default()

@@ -1,10 +1,14 @@
-//! What the CA did: certificates issued by kind, calls refused by reason. Rendered by
-//! [`crate::http`] as `pilotfish_ca_certificates_issued_total{kind}` and
-//! `pilotfish_ca_refusals_total{call, reason}`.
+//! What the CA did: certificates issued by kind, calls refused by reason, how long signing
+//! takes: `pilotfish_ca_certificates_issued_total{kind}`,
+//! `pilotfish_ca_refusals_total{call, reason}` and `pilotfish_ca_sign_seconds{kind}`.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::metrics::{latencies, Latencies, StaticLabels};
 
 /// Why a call was refused. The `Display` text goes to the caller and the log; it never holds
 /// a secret.
@@ -77,45 +81,93 @@ impl Kind {
     }
 }
 
-#[derive(Debug, Default)]
+/// `{kind="node"}`.
+type KindLabel = StaticLabels<1>;
+/// `{call="ads",reason="no_certificate"}`.
+type RefusalLabels = StaticLabels<2>;
+
+#[derive(Debug)]
 pub struct CaMetrics {
-    issued_node: AtomicU64,
-    issued_service: AtomicU64,
-    refusals: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    issued: Family<KindLabel, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
+    sign_seconds: Latencies<KindLabel>,
+}
+
+impl Default for CaMetrics {
+    fn default() -> Self {
+        let issued = Family::default();
+        let sign_seconds = latencies();
+        // Both kinds are shown from the start, at 0.
+        for kind in [Kind::Node, Kind::Service] {
+            issued.get_or_create_owned(&[("kind", kind.as_str())]);
+            sign_seconds.get_or_create_owned(&[("kind", kind.as_str())]);
+        }
+        CaMetrics {
+            issued,
+            refusals: Family::default(),
+            sign_seconds,
+        }
+    }
 }
 
 impl CaMetrics {
+    /// Registers under `pilotfish_ca_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let ca = registry.sub_registry_with_prefix("ca");
+        ca.register(
+            "certificates_issued",
+            "Certificates issued to hosts, by kind",
+            self.issued.clone(),
+        );
+        ca.register(
+            "refusals",
+            "Identity and ADS calls refused, by call and reason",
+            self.refusals.clone(),
+        );
+        ca.register(
+            "sign_seconds",
+            "Time to check a CSR and sign its certificate, by kind",
+            self.sign_seconds.clone(),
+        );
+    }
+
     pub fn issued(&self, kind: Kind) {
-        match kind {
-            Kind::Node => &self.issued_node,
-            Kind::Service => &self.issued_service,
-        }
-        .fetch_add(1, Ordering::Relaxed);
+        self.issued.get_or_create(&[("kind", kind.as_str())]).inc();
     }
 
     pub fn issued_count(&self, kind: Kind) -> u64 {
-        match kind {
-            Kind::Node => &self.issued_node,
-            Kind::Service => &self.issued_service,
-        }
-        .load(Ordering::Relaxed)
+        self.issued.get_or_create(&[("kind", kind.as_str())]).get()
+    }
+
+    /// A CSR of this kind was checked and signed in `took`.
+    pub fn signed(&self, kind: Kind, took: Duration) {
+        self.sign_seconds
+            .get_or_create(&[("kind", kind.as_str())])
+            .observe(took.as_secs_f64());
     }
 
     /// Counts a refused `call` (`ads`, `enrol`, `sign`, `bundle`) by `reason`.
     pub fn refused(&self, call: &'static str, reason: &'static str) {
-        let mut map = match self.refusals.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        *map.entry((call, reason)).or_default() += 1;
+        self.refusals
+            .get_or_create(&[("call", call), ("reason", reason)])
+            .inc();
     }
 
-    /// Every (call, reason) refused so far, with its count.
-    pub fn refusals(&self) -> Vec<((&'static str, &'static str), u64)> {
-        let map = match self.refusals.lock() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        map.iter().map(|(k, v)| (*k, *v)).collect()
+    /// The count of refusals of `call` for `reason`.
+    pub fn refusal_count(&self, call: &'static str, reason: &'static str) -> u64 {
+        self.refusals
+            .get(&[("call", call), ("reason", reason)])
+            .map_or(0, |c| c.get())
+    }
+
+    /// These metrics alone, as `/metrics` shows them.
+    #[cfg(test)]
+    pub fn encoded(&self) -> String {
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry)
+            .expect("encodes into a String");
+        out
     }
 }

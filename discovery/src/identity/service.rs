@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use pilotfish_pki::wire::{
     BundleRequest, BundleResponse, BundleStream, EnrolRequest, EnrolResponse, Identity,
@@ -223,10 +223,12 @@ impl Identity for IdentityService {
             self.authority.metrics().refused("enrol", token_reason(&e));
             return Err(e.into());
         }
+        let started = Instant::now();
         let issued = self
             .authority
             .ca()
             .sign_workload(&csr_pem, &id, Some(self.authority.node_ttl()))
+            .inspect(|_| self.authority.metrics().signed(Kind::Node, started.elapsed()))
             .map_err(|e| {
                 warn!(node = %node, "the join token was spent on a CSR that was refused; the host needs a new token");
                 self.csr_refused("enrol", &node, &id, e)
@@ -249,10 +251,12 @@ impl Identity for IdentityService {
             Kind::Node => Some(self.authority.node_ttl()),
             Kind::Service => None,
         };
+        let started = Instant::now();
         let issued = self
             .authority
             .ca()
             .sign_workload(&csr_pem, &id, ttl)
+            .inspect(|_| self.authority.metrics().signed(kind, started.elapsed()))
             .map_err(|e| self.csr_refused("sign", &node, &id, e))?;
         self.issued(kind, &node, &id, &issued).await?;
         Ok(Response::new(issued.into()))

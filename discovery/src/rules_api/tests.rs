@@ -218,6 +218,7 @@ struct Fixture {
     operator_file: PathBuf,
     rules: PathBuf,
     router: Router,
+    api: Arc<RulesApi>,
 }
 
 fn fixture(access: Access) -> Fixture {
@@ -228,12 +229,14 @@ fn fixture(access: Access) -> Fixture {
     let operator_file = registry.join("rules.toml");
     std::fs::write(&operator_file, OPERATOR_RULES).expect("write");
     let rules = dir.path().join("state").join(RULES_DIR);
-    let api = RulesApi::new(rules.clone(), vec![registry, rules.clone()], access).expect("api");
+    let api =
+        Arc::new(RulesApi::new(rules.clone(), vec![registry, rules.clone()], access).expect("api"));
     Fixture {
         _dir: dir,
         operator_file,
         rules,
-        router: Arc::new(api).router(),
+        router: Arc::clone(&api).router(),
+        api,
     }
 }
 
@@ -679,6 +682,16 @@ async fn operators_files_are_listed_but_not_changed() {
     );
     let policies = call(r, Method::GET, "/v1/policies", t, &[], None).await;
     assert_eq!(policies.body["items"][0]["service"], "reviews");
+
+    // Writes are counted by outcome; reads are not writes.
+    let anonymous = call(r, Method::DELETE, "/v1/routes/reviews", None, &[], None).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    let m = f.api.metrics();
+    assert_eq!(m.writes(Kind::Routes, "conflict"), 2);
+    assert_eq!(m.writes(Kind::Policies, "conflict"), 1);
+    assert_eq!(m.writes(Kind::Routes, "applied"), 1);
+    assert_eq!(m.writes(Kind::Routes, "refused"), 1);
+    assert_eq!(m.writes(Kind::Policies, "applied"), 0);
 }
 
 #[tokio::test]

@@ -27,7 +27,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::connections::{ConnectionGuard, Connections, StreamKind};
 use super::delta::DeltaState;
-use super::metrics::XdsMetrics;
+use super::metrics::{StreamTimer, XdsMetrics};
 use super::sotw::SotwState;
 use super::stages::Stages;
 use super::wire::{AdsBody, BodyItem, Outgoing, Requests};
@@ -352,6 +352,10 @@ async fn stream_loop<S: StreamState>(
         },
     };
     let mut generation = snapshot.generation;
+    // When discovery learned of the change behind the snapshot being served, once one arrives
+    // while the stream is open: the initial sync is not timed (see `metrics`).
+    let mut learned = None;
+    let mut timer = StreamTimer::default();
     let initial = snapshot.shared.for_proxy(&proxy);
     drop(snapshot);
     let mut stages = Stages::new(initial.clone());
@@ -426,6 +430,7 @@ async fn stream_loop<S: StreamState>(
                         continue;
                     }
                     generation = snapshot.generation;
+                    learned = snapshot.learned_mono;
                     stages.set_target(snapshot.shared.for_proxy(&proxy));
                     // What the proxy rejected is superseded: the chain goes on toward the new
                     // target (a resource still rejected is rejected again, and stops it again).
@@ -435,7 +440,12 @@ async fn stream_loop<S: StreamState>(
             },
         };
         sent += step.responses.len();
-        if !deliver::<S>(svc, step, generation, &tx, guard).await {
+        let sending = Sending {
+            generation,
+            learned,
+            timer: &mut timer,
+        };
+        if !deliver::<S>(svc, step, sending, &tx, guard).await {
             return;
         }
         // The initial sync is done once the proxy accepted its clusters and assignments.
@@ -451,7 +461,12 @@ async fn stream_loop<S: StreamState>(
                 break;
             };
             let step = state.on_resources(resources);
-            if !deliver::<S>(svc, step, generation, &tx, guard).await {
+            let sending = Sending {
+                generation,
+                learned,
+                timer: &mut timer,
+            };
+            if !deliver::<S>(svc, step, sending, &tx, guard).await {
                 return;
             }
         }
@@ -488,18 +503,26 @@ impl<R> InitialGate<R> {
     }
 }
 
+/// What a step is sent for: the snapshot generation, when its change was learned (if timed),
+/// and the stream's convergence timer.
+struct Sending<'a> {
+    generation: u64,
+    learned: Option<tokio::time::Instant>,
+    timer: &'a mut StreamTimer,
+}
+
 /// Records a step's events and sends its responses; false when the stream is gone.
 async fn deliver<S: StreamState>(
     svc: &AdsService,
     step: Step<Outgoing<S::Response>>,
-    generation: u64,
+    sending: Sending<'_>,
     tx: &Responses,
     guard: &ConnectionGuard,
 ) -> bool {
     for event in &step.events {
         guard.record(event);
-        svc.metrics.record(event);
-        log_event(event, generation);
+        svc.metrics.record(event, sending.timer, sending.learned);
+        log_event(event, sending.generation);
     }
     for response in step.responses {
         match tx

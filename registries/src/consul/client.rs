@@ -20,12 +20,19 @@ pub struct ResponseMeta {
     pub last_contact_ms: u64,
 }
 
+/// Told how long each Consul request took, answered or failed: the datacenter, which request
+/// (`services` and `checks`, the two blocking queries, whose answers wait for a change or the
+/// `wait` time; `service`, one service's instances) and the time. The program embedding the
+/// adapter keeps its metrics with it; this crate picks no metrics library.
+pub type RequestObserver = Arc<dyn Fn(&str, &'static str, Duration) + Send + Sync>;
+
 #[derive(Clone)]
 pub struct Client {
     http: reqwest::Client,
     config: Arc<ConsulConfig>,
     /// Read from `token_file` on first use, and again after a 403 (the file may be rotated).
     token: Arc<Mutex<Option<String>>>,
+    observer: Option<RequestObserver>,
 }
 
 impl Client {
@@ -42,7 +49,14 @@ impl Client {
             http,
             config,
             token: Arc::new(Mutex::new(None)),
+            observer: None,
         })
+    }
+
+    /// Reports the time of every request to `observer`.
+    pub fn with_observer(mut self, observer: RequestObserver) -> Client {
+        self.observer = Some(observer);
+        self
     }
 
     fn token(&self) -> Result<Option<String>, ConsulError> {
@@ -64,8 +78,24 @@ impl Client {
         *self.token.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// GET `path` in datacenter `dc`; a blocking query when `index > 0`.
+    /// GET `path` in datacenter `dc`; a blocking query when `index > 0`. `request` names it
+    /// for the [`RequestObserver`].
     pub async fn get<T: DeserializeOwned>(
+        &self,
+        dc: &str,
+        request: &'static str,
+        path: &str,
+        index: u64,
+    ) -> Result<(T, ResponseMeta), ConsulError> {
+        let started = std::time::Instant::now();
+        let result = self.get_untimed(dc, path, index).await;
+        if let Some(observe) = &self.observer {
+            observe(dc, request, started.elapsed());
+        }
+        result
+    }
+
+    async fn get_untimed<T: DeserializeOwned>(
         &self,
         dc: &str,
         path: &str,

@@ -24,6 +24,7 @@ pub mod watch;
 
 use std::path::PathBuf;
 
+pub use client::RequestObserver;
 pub use config::{ConsulConfig, ConsulSection, Enterprise};
 pub use mapping::RejectedEntry;
 pub use status::{ConsulStatus, DatacenterStatus};

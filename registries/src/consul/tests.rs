@@ -812,3 +812,45 @@ fn ready_means_read_or_restored_and_unreachable() {
         .insert("dc3".into(), DatacenterStatus::default());
     assert!(!s.ready());
 }
+
+#[tokio::test]
+async fn consul_request_times_are_reported_per_datacenter_and_request() {
+    let d = double(&["dc1", "dc2"]).await;
+    seed(&d, "dc2", 2, 1, 1);
+    let seen = Arc::new(std::sync::Mutex::new(BTreeSet::new()));
+    let observer: RequestObserver = {
+        let seen = Arc::clone(&seen);
+        Arc::new(move |dc: &str, request: &'static str, took: Duration| {
+            assert!(took < Duration::from_secs(10), "{took:?}");
+            seen.lock().unwrap().insert((dc.to_string(), request));
+        })
+    };
+    let (ctx, mut catalog) = watch::channel(Arc::new(Catalog::default()));
+    let (stx, _status) = watch::channel(Arc::new(ConsulStatus::default()));
+    let shutdown = CancellationToken::new();
+    let registry = ConsulRegistry::new(fast_config(&d, &["dc1", "dc2"]))
+        .unwrap()
+        .with_request_observer(observer);
+    let task = tokio::spawn(registry.run(ctx, stx, shutdown.clone()));
+    tokio::time::timeout(10 * SECOND, catalog.wait_for(|c| c.services.len() == 2))
+        .await
+        .expect("dc2's services within 10 s")
+        .unwrap();
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    let seen = seen.lock().unwrap().clone();
+    for (dc, request) in [
+        ("dc1", "services"),
+        ("dc1", "checks"),
+        ("dc2", "services"),
+        ("dc2", "checks"),
+        ("dc2", "service"),
+    ] {
+        assert!(
+            seen.contains(&(dc.to_string(), request)),
+            "{dc} {request} in {seen:?}"
+        );
+    }
+    // dc1 has no services: nothing was fetched there.
+    assert!(!seen.contains(&("dc1".to_string(), "service")), "{seen:?}");
+}

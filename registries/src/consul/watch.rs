@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::api::{CheckServiceNode, HealthCheck, ServiceList};
-use super::client::{path_segment, Client, ResponseMeta};
+use super::client::{path_segment, Client, RequestObserver, ResponseMeta};
 use super::config::ConsulConfig;
 use super::mapping::{
     build_catalog, map_service, select_services, MappedService, MappingOptions, RejectedEntry,
@@ -76,6 +76,12 @@ impl ConsulRegistry {
             client,
             store: None,
         })
+    }
+
+    /// Reports how long every Consul request takes to `observer` (for latency metrics).
+    pub fn with_request_observer(mut self, observer: RequestObserver) -> ConsulRegistry {
+        self.client = self.client.with_observer(observer);
+        self
     }
 
     /// Stores each datacenter's catalog after every change (at most once per second), and at
@@ -298,7 +304,7 @@ async fn long_poll<T: DeserializeOwned>(
         }
         let result = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = client.get::<T>(&dc, path, index) => r,
+            r = client.get::<T>(&dc, kind, path, index) => r,
         };
         match result {
             Ok((body, meta)) => {
@@ -499,7 +505,7 @@ impl DcWatcher {
             fetches.spawn(async move {
                 let path = format!("/v1/health/service/{}", path_segment(&name));
                 let r = client
-                    .get::<Vec<CheckServiceNode>>(&dc, &path, 0)
+                    .get::<Vec<CheckServiceNode>>(&dc, "service", &path, 0)
                     .await
                     .map(|(entries, _)| map_service(&dc, &name, &entries, &opts));
                 (name, r)
