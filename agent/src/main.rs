@@ -1,6 +1,10 @@
 //! `pilotfish-agent --config agent.toml [--check]`
+//!
+//! SIGTERM or SIGINT: drain Envoy, stop it, exit 0. SIGHUP (`systemctl reload`): check the
+//! config with the binary now installed, then re-execute that binary in place (same pid); the
+//! new image takes over the running Envoy with a hot restart (see `envoy::handover`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -25,6 +29,19 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Run as the keeper between the agent and Envoy (see `envoy::keep`): no logging, no
+    // runtime, just Envoy's exit code.
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if argv
+        .get(1)
+        .is_some_and(|a| a == pilotfish_agent::envoy::KEEPER_ARG)
+    {
+        let Some(program) = argv.get(2) else {
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        };
+        let code = pilotfish_agent::envoy::keep(program, &argv[3..]);
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
@@ -70,9 +87,12 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // The path this binary was started from, as it is now: a package upgrade replaces the
+    // file there, and a reload executes the new one.
+    let exe = std::env::current_exe().ok();
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
-        let signals = tokio::spawn(on_signal(shutdown.clone()));
+        let signals = tokio::spawn(on_signal(shutdown.clone(), exe, args.config.clone()));
         let result = pilotfish_agent::run(config, shutdown.clone()).await;
         shutdown.cancel();
         let _ = signals.await;
@@ -87,24 +107,67 @@ fn main() -> ExitCode {
     }
 }
 
-/// SIGTERM (systemd) or SIGINT (a terminal) starts a graceful shutdown.
-async fn on_signal(shutdown: CancellationToken) {
-    let (mut term, mut int) = match (
+/// SIGTERM (systemd) or SIGINT (a terminal) starts a graceful shutdown; SIGHUP reloads.
+async fn on_signal(shutdown: CancellationToken, exe: Option<PathBuf>, config: PathBuf) {
+    let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             error!(error = %e, "cannot install signal handlers");
             return;
         }
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
-        _ = shutdown.cancelled() => return,
+    loop {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+            _ = hup.recv() => {
+                match &exe {
+                    Some(exe) => reload(exe, &config).await,
+                    None => error!("SIGHUP: the agent's own path is unknown; restart it instead"),
+                }
+                continue;
+            }
+            _ = shutdown.cancelled() => return,
+        }
+        break;
     }
     shutdown.cancel();
+}
+
+/// Checks `config` with the binary at `exe`, then executes that binary in place of this one.
+/// Returns only when the reload was refused (the agent carries on as it was).
+async fn reload(exe: &Path, config: &Path) {
+    use std::os::unix::process::CommandExt;
+    info!(binary = %exe.display(), config = %config.display(), "SIGHUP: reloading");
+    let check = tokio::process::Command::new(exe)
+        .arg("--check")
+        .arg("--config")
+        .arg(config)
+        .output()
+        .await;
+    match check {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            error!(
+                problems = %String::from_utf8_lossy(&out.stderr).trim(),
+                "reload refused: the new config does not check; the agent and Envoy carry on unchanged"
+            );
+            return;
+        }
+        Err(e) => {
+            error!(binary = %exe.display(), error = %e, "reload refused: cannot run the agent binary");
+            return;
+        }
+    }
+    info!("re-executing the agent; Envoy keeps serving and is taken over by a hot restart");
+    let e = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    error!(binary = %exe.display(), error = %e, "cannot re-execute the agent; carrying on");
 }
 
 fn init_tracing() {

@@ -44,24 +44,69 @@ impl Host {
         .await
     }
 
-    /// The pid of this host's Envoy (a child of the agent).
+    /// The pid of this host's Envoy: the newest one running (after a hot restart the old
+    /// one drains for a while beside it).
     pub fn envoy_pid(&self) -> Option<u32> {
-        let agent = self.agent.pid()?;
-        // Children are listed per thread, and the agent spawns Envoy from a worker thread.
-        let mut children = String::new();
-        for task in fs::read_dir(format!("/proc/{agent}/task")).ok()?.flatten() {
-            let path = task.path().join("children");
-            children.push_str(&fs::read_to_string(path).unwrap_or_default());
-            children.push(' ');
-        }
-        children
-            .split_whitespace()
-            .filter_map(|p| p.parse::<u32>().ok())
-            .find(|pid| {
-                fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .map(|c| c.trim().starts_with("envoy"))
-                    .unwrap_or(false)
+        self.envoy_pids().last().copied()
+    }
+
+    /// Every Envoy process of this host that runs (not a zombie), oldest first. Found by its
+    /// bootstrap path, since an Envoy outlives its agent and may be nobody's child here.
+    pub fn envoy_pids(&self) -> Vec<u32> {
+        let bootstrap = self.dir.join("run").join("envoy-bootstrap.json");
+        let bootstrap = bootstrap.to_string_lossy();
+        let mut found: Vec<(u64, u32)> = fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter_map(|pid| {
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                let envoy = args.first().is_some_and(|a| {
+                    Path::new(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(a))
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("envoy"))
+                });
+                let ours = args.iter().any(|a| *a == bootstrap.as_bytes());
+                if !(envoy && ours) {
+                    return None;
+                }
+                let (state, start) = proc_stat(pid)?;
+                (state != 'Z' && state != 'X').then_some((start, pid))
             })
+            .collect();
+        found.sort_unstable();
+        found.into_iter().map(|(_, pid)| pid).collect()
+    }
+
+    /// SIGKILL this host's agent (as a crash would) and start it again with the same command.
+    pub fn restart_agent(&mut self) -> Result<()> {
+        self.agent.restart()
+    }
+}
+
+/// State letter and start time (clock ticks since boot) from `/proc/<pid>/stat`.
+fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some((
+        fields.first()?.chars().next()?,
+        fields.get(19)?.parse().ok()?,
+    ))
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        // The agent drains and stops its Envoy on SIGTERM; an Envoy left behind (its agent
+        // was killed, or did not stop in time) is killed here, so no test leaks one.
+        let _ = self.agent.terminate(Duration::from_secs(5));
+        for pid in self.envoy_pids() {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .status();
+        }
     }
 }
 
@@ -214,6 +259,19 @@ impl Mesh {
     /// example `access_log = "off"`). They end the file, so further tables (`[tracing]`) may
     /// follow them.
     pub fn add_host_with(&mut self, node: &str, i: u8, envoy_extra: &str) -> Result<&Host> {
+        let agent = binary("pilotfish-agent")?;
+        self.add_host_running(node, i, envoy_extra, &agent)
+    }
+
+    /// [`Mesh::add_host_with`], the agent started from `agent` (a copy a test may replace,
+    /// as a package upgrade does).
+    pub fn add_host_running(
+        &mut self,
+        node: &str,
+        i: u8,
+        envoy_extra: &str,
+        agent: &Path,
+    ) -> Result<&Host> {
         let ip = self.net.host(i);
         let dir = self.dir.join(node);
         fs::create_dir_all(&dir)?;
@@ -262,7 +320,7 @@ xds = "{xds}"
         )?;
         let agent = Process::spawn(
             node,
-            &binary("pilotfish-agent")?,
+            agent,
             &["--config", &config.display().to_string()],
             dir.join("agent.log"),
         )?;

@@ -3,5 +3,7 @@
 
 pub mod admin;
 pub mod bootstrap;
+pub mod handover;
 mod process;
+pub use process::{keep, KEEPER_ARG};
 pub mod supervisor;

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use super::admin::Admin;
+use super::handover::{self, Record};
 use super::process;
 use crate::config::AgentConfig;
 use crate::status::AgentStatus;
@@ -75,7 +76,13 @@ impl Default for RestartBackoff {
 #[derive(Debug)]
 pub struct Supervisor {
     pub binary: PathBuf,
+    /// The agent binary to run Envoy under as its keeper (`/proc/self/exe`, see
+    /// [`super::keep`]); `None` runs Envoy directly (unit tests, where this process is a test
+    /// binary).
+    pub keeper: Option<PathBuf>,
     pub bootstrap: PathBuf,
+    /// Where the Envoy record and base id live ([`handover`]).
+    pub run_dir: PathBuf,
     pub log_level: String,
     pub concurrency: Option<u32>,
     pub drain_time: Duration,
@@ -89,11 +96,17 @@ enum Outcome {
     Stopped,
 }
 
+/// How often the supervisor checks on inherited Envoys (to log and reap their exit).
+const INHERITED_POLL: Duration = Duration::from_secs(1);
+
 impl Supervisor {
     pub fn new(config: &AgentConfig, status: Arc<AgentStatus>) -> Self {
         Supervisor {
             binary: config.envoy.binary.clone(),
+            // The running image, even when a package upgrade replaced the file it came from.
+            keeper: Some(PathBuf::from("/proc/self/exe")),
             bootstrap: config.bootstrap_path(),
+            run_dir: config.run_dir.clone(),
             log_level: config.envoy.log_level.clone(),
             concurrency: config.envoy.concurrency,
             drain_time: config.envoy.drain_time,
@@ -103,15 +116,19 @@ impl Supervisor {
         }
     }
 
-    /// Envoy's command line. Hot restart is off so that several Envoys (several simulated
-    /// hosts) can share a machine without fighting over shared memory; the agent restarts
-    /// Envoy itself instead.
-    pub fn args(&self) -> Vec<OsString> {
-        let drain_secs = self.drain_time.as_secs() + u64::from(self.drain_time.subsec_nanos() > 0);
+    fn drain_secs(&self) -> u64 {
+        self.drain_time.as_secs() + u64::from(self.drain_time.subsec_nanos() > 0)
+    }
+
+    /// Envoy's command line. `parent`: the running Envoy this one takes over from by hot
+    /// restart (its epoch + 1, its base id); without one, epoch 0 with a base id Envoy picks
+    /// among the free ones (several hosts, or several tests, share a machine) and writes to
+    /// `run_dir/envoy.base-id`.
+    pub fn args(&self, parent: Option<&Record>) -> Vec<OsString> {
+        let drain_secs = self.drain_secs();
         let mut args: Vec<OsString> = vec![
             "-c".into(),
             self.bootstrap.clone().into(),
-            "--disable-hot-restart".into(),
             "--log-level".into(),
             self.log_level.clone().into(),
             "--drain-time-s".into(),
@@ -120,11 +137,35 @@ impl Supervisor {
             // drain time: the agent waits for connections to reach zero and then stops Envoy.
             "--drain-strategy".into(),
             "immediate".into(),
+            // After a hot restart the old Envoy drains for drain_time, then the new one stops
+            // it.
+            "--parent-shutdown-time-s".into(),
+            (drain_secs + PARENT_SHUTDOWN_MARGIN_SECS)
+                .to_string()
+                .into(),
             // Access log lines reach journald (or the file) within a second, not Envoy's
             // default ten.
             "--file-flush-interval-msec".into(),
             "1000".into(),
         ];
+        match parent {
+            Some(p) => args.extend([
+                "--restart-epoch".into(),
+                (p.epoch + 1).to_string().into(),
+                "--base-id".into(),
+                p.base_id.to_string().into(),
+                // The parent may die while this one starts (it was told to stop, or crashed):
+                // start as if first rather than abort.
+                "--skip-hot-restart-on-no-parent".into(),
+            ]),
+            None => args.extend([
+                "--restart-epoch".into(),
+                "0".into(),
+                "--use-dynamic-base-id".into(),
+                "--base-id-path".into(),
+                self.run_dir.join(handover::BASE_ID_FILE).into(),
+            ]),
+        }
         if let Some(n) = self.concurrency {
             args.push("--concurrency".into());
             args.push(n.to_string().into());
@@ -132,35 +173,77 @@ impl Supervisor {
         args
     }
 
-    fn spawn(&self) -> std::io::Result<Child> {
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(self.args())
+    fn spawn(&self, parent: Option<&Record>) -> std::io::Result<Child> {
+        if parent.is_none() {
+            // A new base id is written; never read a stale one.
+            let _ = std::fs::remove_file(self.run_dir.join(handover::BASE_ID_FILE));
+        }
+        let mut cmd = match &self.keeper {
+            Some(keeper) => {
+                let mut cmd = Command::new(keeper);
+                cmd.arg(super::KEEPER_ARG).arg(&self.binary);
+                cmd
+            }
+            None => Command::new(&self.binary),
+        };
+        cmd.args(self.args(parent))
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
-            .kill_on_drop(true)
+            // Envoy outlives the agent (a crash, `kill -9`, a re-exec on reload): the next
+            // agent takes over from it with a hot restart. Only a stop drains and ends it.
+            .kill_on_drop(false)
             // Own process group: a terminal's Ctrl-C reaches the agent, which drains Envoy,
             // instead of killing Envoy mid-request.
             .process_group(0);
-        process::die_with_parent(&mut cmd);
         cmd.spawn()
     }
 
     pub async fn run(mut self, shutdown: CancellationToken) {
+        // Envoys running without being children of this process image: the one a previous
+        // agent (or this one, before re-executing) recorded. The newest one alive hands its
+        // sockets over to the next start.
+        let mut inherited: Vec<Record> = Record::load(&self.run_dir)
+            .filter(Record::alive)
+            .into_iter()
+            .collect();
+        if let Some(r) = inherited.first() {
+            info!(
+                pid = r.pid,
+                epoch = r.epoch,
+                "envoy of the previous agent is running; taking over with a hot restart"
+            );
+        }
         loop {
             if shutdown.is_cancelled() {
+                self.stop_inherited(&mut inherited).await;
                 return;
             }
+            let parent = newest_alive(&mut inherited);
             let started = Instant::now();
-            match self.spawn() {
+            match self.spawn(parent.as_ref()) {
                 Ok(mut child) => {
                     let pid = child.id().unwrap_or_default();
-                    info!(pid, binary = %self.binary.display(), "envoy started");
+                    let epoch = parent.map_or(0, |p| p.epoch + 1);
+                    match &parent {
+                        Some(p) => {
+                            info!(pid, epoch, from = p.pid, binary = %self.binary.display(), "envoy started; taking over from the running one")
+                        }
+                        None => info!(pid, binary = %self.binary.display(), "envoy started"),
+                    }
+                    if let Some(record) = parent.and_then(|p| Record::of(pid, epoch, p.base_id)) {
+                        record.store(&self.run_dir);
+                    }
                     self.status.set_envoy_pid(Some(pid));
-                    let outcome = self.supervise(&mut child, pid, &shutdown).await;
+                    let outcome = self
+                        .supervise(&mut child, pid, epoch, &mut inherited, &shutdown)
+                        .await;
                     self.status.set_envoy_pid(None);
                     match outcome {
-                        Outcome::Stopped => return,
+                        Outcome::Stopped => {
+                            self.stop_inherited(&mut inherited).await;
+                            return;
+                        }
                         Outcome::Exited(Ok(status)) => {
                             warn!(pid, %status, uptime = ?started.elapsed(), "envoy exited")
                         }
@@ -175,7 +258,10 @@ impl Supervisor {
             info!(?delay, "restarting envoy after backoff");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => {
+                    self.stop_inherited(&mut inherited).await;
+                    return;
+                }
             }
             self.status.envoy_restarted();
         }
@@ -185,11 +271,16 @@ impl Supervisor {
         &self,
         child: &mut Child,
         pid: u32,
+        epoch: u32,
+        inherited: &mut Vec<Record>,
         shutdown: &CancellationToken,
     ) -> Outcome {
         let ready = self.wait_ready(pid);
         tokio::pin!(ready);
         let mut ready_done = false;
+        // Epoch 0 picked its own base id: record the process once Envoy has written it.
+        let mut recorded = epoch > 0;
+        let mut tick = tokio::time::interval(if recorded { INHERITED_POLL } else { READY_POLL });
         loop {
             tokio::select! {
                 status = child.wait() => return Outcome::Exited(status),
@@ -198,6 +289,18 @@ impl Supervisor {
                     return Outcome::Stopped;
                 }
                 _ = &mut ready, if !ready_done => ready_done = true,
+                _ = tick.tick() => {
+                    if !recorded {
+                        if let Some(record) = handover::read_base_id(&self.run_dir)
+                            .and_then(|base_id| Record::of(pid, 0, base_id))
+                        {
+                            record.store(&self.run_dir);
+                            recorded = true;
+                            tick = tokio::time::interval(INHERITED_POLL);
+                        }
+                    }
+                    newest_alive(inherited);
+                }
             }
         }
     }
@@ -253,7 +356,46 @@ impl Supervisor {
                 }
             }
         }
+        let _ = std::fs::remove_file(self.run_dir.join(handover::FILE));
     }
+
+    /// On stop: an inherited Envoy still draining after a hot restart is stopped too, so a
+    /// stopped agent leaves no Envoy behind.
+    async fn stop_inherited(&self, inherited: &mut Vec<Record>) {
+        for r in inherited.iter().filter(|r| r.alive()) {
+            info!(pid = r.pid, "stopping the previous envoy");
+            if let Err(e) = process::terminate(r.pid) {
+                warn!(pid = r.pid, error = %e, "cannot send SIGTERM to the previous envoy");
+            }
+        }
+        let deadline = Instant::now() + TERM_GRACE;
+        while inherited.iter().any(Record::alive) && Instant::now() < deadline {
+            tokio::time::sleep(DRAIN_POLL).await;
+        }
+        for r in inherited.iter().filter(|r| r.alive()) {
+            warn!(
+                pid = r.pid,
+                "the previous envoy ignored SIGTERM; killing it"
+            );
+            let _ = process::kill(r.pid);
+        }
+        inherited.clear();
+    }
+}
+
+/// How much longer than its drain time an Envoy replaced by a hot restart may run.
+const PARENT_SHUTDOWN_MARGIN_SECS: u64 = 5;
+
+/// Forgets (and logs) the inherited Envoys that exited; the newest one still running.
+fn newest_alive(inherited: &mut Vec<Record>) -> Option<Record> {
+    inherited.retain(|r| {
+        let alive = r.alive();
+        if !alive {
+            info!(pid = r.pid, epoch = r.epoch, "the previous envoy exited");
+        }
+        alive
+    });
+    inherited.iter().max_by_key(|r| r.epoch).copied()
 }
 
 #[cfg(test)]
@@ -290,7 +432,9 @@ mod tests {
         std::fs::write(&bootstrap, doc.to_string()).unwrap();
         Supervisor {
             binary,
+            keeper: None,
             bootstrap,
+            run_dir: dir.to_path_buf(),
             log_level: "warning".into(),
             concurrency: Some(1),
             drain_time: Duration::from_secs(1),
