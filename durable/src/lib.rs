@@ -37,6 +37,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub const SECRET_MODE: u32 = 0o600;
 /// Mode of files anyone on the host may read (certificates, bundles, Envoy's bootstrap).
 pub const PUBLIC_MODE: u32 = 0o644;
+/// Mode of directories holding state only the owner reads.
+pub const PRIVATE_DIR_MODE: u32 = 0o700;
 
 /// Atomically and durably replaces `path` with `contents`, with file mode `mode` (exactly,
 /// whatever the umask). See the module docs for the steps.
