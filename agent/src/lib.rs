@@ -235,7 +235,5 @@ fn write_bootstrap(config: &AgentConfig) -> Result<(), AgentError> {
     };
     let doc = envoy::bootstrap::bootstrap(config, &config.xds_socket());
     let json = serde_json::to_vec_pretty(&doc).map_err(|e| err(e.into()))?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, json).map_err(err)?;
-    std::fs::rename(&tmp, &path).map_err(err)
+    pilotfish_durable::write_atomic(&path, &json, pilotfish_durable::PUBLIC_MODE).map_err(err)
 }

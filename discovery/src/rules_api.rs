@@ -28,7 +28,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use pilotfish_registries::durable;
+use pilotfish_durable as durable;
 use pilotfish_registries::files::{check_with, declared, is_valid_name, Declared};
 use pilotfish_registries::model::Catalog;
 use pilotfish_registries::references::unresolved;
@@ -231,15 +231,12 @@ impl RulesApi {
         paths: Vec<PathBuf>,
         access: Access,
     ) -> Result<RulesApi, RulesApiError> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|source| RulesApiError::Dir {
+        durable::create_dir_all(&dir, durable::PRIVATE_DIR_MODE).map_err(|source| {
+            RulesApiError::Dir {
                 path: dir.clone(),
                 source,
-            })?;
+            }
+        })?;
         Ok(RulesApi {
             dir,
             paths,
@@ -420,7 +417,7 @@ impl RulesApi {
         self.known(&file, &catalog)?;
         // Temp file (a dot name, which the registry skips), fsync, rename, fsync of the directory:
         // the registry sees the old file or the new one, never a partial one.
-        durable::write_atomic(&file, content.as_bytes(), 0o600)
+        durable::write_atomic(&file, content.as_bytes(), durable::SECRET_MODE)
             .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", file.display())))?;
         let version = version_of(&content);
         info!(kind = kind.segment(), service, %version, file = %file.display(), "rules API: wrote");

@@ -68,6 +68,8 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY};
 use x509_parser::prelude::FromDer;
 
+use pilotfish_durable as durable;
+
 use crate::keys::{self, cert_pem, pem_certs};
 use crate::private_file::{self, FileError};
 use crate::spiffe::{Role, SpiffeId, TrustDomain};
@@ -237,7 +239,7 @@ impl Ca {
         opts: &CaOptions,
     ) -> Result<Self, CaError> {
         let dir = ca_dir(state_dir);
-        private_file::create_private_dir(&dir).map_err(private_file::at(&dir))?;
+        durable::create_dir_all(&dir, durable::PRIVATE_DIR_MODE).map_err(private_file::at(&dir))?;
         let (cert_path, key_path, chain_path) = match (&opts.cert_file, &opts.key_file) {
             (Some(cert), Some(key)) => (cert.clone(), key.clone(), opts.chain_file.clone()),
             (None, None) => {
@@ -457,7 +459,8 @@ impl Ca {
                 next.display()
             )));
         }
-        private_file::create_private_dir(&next).map_err(private_file::at(&next))?;
+        durable::create_dir_all(&next, durable::PRIVATE_DIR_MODE)
+            .map_err(private_file::at(&next))?;
         create_root(&cert, &key, trust_domain)?;
         tracing::info!(cert = %cert.display(), "prepared the next mesh root");
         Ok(cert)
@@ -485,15 +488,18 @@ impl Ca {
                 reason: e.to_string(),
             })?;
         let roots_d = dir.join("roots.d");
-        private_file::create_private_dir(&roots_d).map_err(private_file::at(&roots_d))?;
+        durable::create_dir_all(&roots_d, durable::PRIVATE_DIR_MODE)
+            .map_err(private_file::at(&roots_d))?;
         let previous = roots_d.join(format!("previous-{}.pem", &fingerprint(&old_der)[..16]));
-        private_file::write_atomic(&previous, &old, private_file::PUBLIC_MODE)
+        durable::write_atomic(&previous, &old, durable::PUBLIC_MODE)
             .map_err(private_file::at(&previous))?;
-        // Certificate first, then key: a crash in between leaves root.pem with next/root.key
-        // still in place, which `finish_interrupted_switch` completes on the next load.
-        fs::rename(&next_cert, &cert).map_err(private_file::at(&cert))?;
-        fs::rename(&next_key, &key).map_err(private_file::at(&key))?;
-        fs::remove_dir(&next).map_err(private_file::at(&next))?;
+        // Certificate first, then key, each rename durable before the next: a crash in
+        // between leaves root.pem with next/root.key still in place, which
+        // `finish_interrupted_switch` completes on the next load; never the old certificate
+        // with the new key.
+        durable::rename(&next_cert, &cert).map_err(private_file::at(&cert))?;
+        durable::rename(&next_key, &key).map_err(private_file::at(&key))?;
+        durable::remove_dir(&next).map_err(private_file::at(&next))?;
         tracing::info!(previous = %previous.display(), "switched signing to the new root");
         Ok(previous)
     }
@@ -524,7 +530,7 @@ impl Ca {
         }
         match matches.as_slice() {
             [one] => {
-                fs::remove_file(one).map_err(private_file::at(one))?;
+                durable::remove(one).map_err(private_file::at(one))?;
                 tracing::info!(file = %one.display(), "retired a root");
                 Ok(one.clone())
             }
@@ -688,13 +694,13 @@ fn create_root(cert: &Path, key: &Path, trust_domain: &TrustDomain) -> Result<()
     let root = params.self_signed(&key_pair).map_err(CaError::Generate)?;
     // Key first: a crash before the certificate is written leaves no root.pem, and the next
     // start makes a fresh pair rather than pairing a certificate with a missing key.
-    private_file::write_atomic(
+    durable::write_atomic(
         key,
         key_pair.serialize_pem().as_bytes(),
-        private_file::SECRET_MODE,
+        durable::SECRET_MODE,
     )
     .map_err(private_file::at(key))?;
-    private_file::write_atomic(cert, root.pem().as_bytes(), private_file::PUBLIC_MODE)
+    durable::write_atomic(cert, root.pem().as_bytes(), durable::PUBLIC_MODE)
         .map_err(private_file::at(cert))?;
     Ok(())
 }
@@ -707,9 +713,9 @@ fn finish_interrupted_switch(dir: &Path) -> Result<(), CaError> {
     if next_key.exists() && !next_cert.exists() && cert.exists() {
         tracing::warn!("completing an interrupted root switch");
         let key = dir.join("root.key");
-        fs::rename(&next_key, &key).map_err(private_file::at(&key))?;
+        durable::rename(&next_key, &key).map_err(private_file::at(&key))?;
         let next = dir.join("next");
-        fs::remove_dir(&next).map_err(private_file::at(&next))?;
+        durable::remove_dir(&next).map_err(private_file::at(&next))?;
     }
     Ok(())
 }

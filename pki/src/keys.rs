@@ -13,6 +13,8 @@ use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
+use pilotfish_durable as durable;
+
 use crate::private_file::{self, FileError};
 use crate::spiffe::{Role, SpiffeId};
 
@@ -77,10 +79,10 @@ impl LocalKey {
 
     /// Writes the key as PKCS#8 PEM, atomically, mode 0600.
     pub fn write(&self, path: &Path) -> Result<(), KeyError> {
-        private_file::write_atomic(
+        durable::write_atomic(
             path,
             self.private_key_pem().as_bytes(),
-            private_file::SECRET_MODE,
+            durable::SECRET_MODE,
         )
         .map_err(private_file::at(path))
         .map_err(KeyError::Write)

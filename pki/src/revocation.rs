@@ -19,13 +19,14 @@
 //! are covered too.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, OpenOptions};
-use std::io::{self, BufRead, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io::{self, BufRead};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use pilotfish_durable as durable;
 
 use crate::private_file::{self, FileError, Lock};
 use crate::spiffe::{self, InvalidSpiffeId};
@@ -215,7 +216,8 @@ impl RevocationStore {
         now: SystemTime,
     ) -> Result<bool, RevocationError> {
         if let Some(dir) = self.path.parent() {
-            private_file::create_private_dir(dir).map_err(private_file::at(dir))?;
+            durable::create_dir_all(dir, durable::PRIVATE_DIR_MODE)
+                .map_err(private_file::at(dir))?;
         }
         let lock_path = self.path.with_extension("json.lock");
         let _lock = Lock::acquire(&lock_path).map_err(|e| {
@@ -238,7 +240,7 @@ impl RevocationStore {
                 path: self.path.clone(),
                 source,
             })?;
-        private_file::write_atomic(&self.path, &json, private_file::SECRET_MODE)
+        durable::write_atomic(&self.path, &json, durable::SECRET_MODE)
             .map_err(private_file::at(&self.path))?;
         Ok(true)
     }
@@ -311,14 +313,7 @@ impl IssuedLog {
             source: io::Error::other(e),
         })?;
         line.push(b'\n');
-        let mut file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(private_file::SECRET_MODE)
-            .open(&self.path)
-            .map_err(private_file::at(&self.path))?;
-        file.write_all(&line)
-            .and_then(|()| file.sync_data())
+        durable::append(&self.path, &line, durable::SECRET_MODE)
             .map_err(private_file::at(&self.path))
     }
 
@@ -359,7 +354,7 @@ impl IssuedLog {
                 out.push(b'\n');
             }
         }
-        private_file::write_atomic(&self.path, &out, private_file::SECRET_MODE)
+        durable::write_atomic(&self.path, &out, durable::SECRET_MODE)
             .map_err(private_file::at(&self.path))
     }
 }

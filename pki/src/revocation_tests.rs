@@ -1,3 +1,5 @@
+use std::fs::OpenOptions;
+use std::io::Write;
 use std::time::{Duration, SystemTime};
 
 use super::*;

@@ -20,6 +20,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use pilotfish_durable as durable;
+
 use crate::private_file::{self, FileError};
 use crate::spiffe::{self, InvalidSpiffeId};
 
@@ -267,7 +269,8 @@ impl TokenStore {
         change: impl FnOnce(&mut TokenFile) -> Result<bool, TokenStoreError>,
     ) -> Result<(), TokenStoreError> {
         if let Some(dir) = self.path.parent() {
-            private_file::create_private_dir(dir).map_err(private_file::at(dir))?;
+            durable::create_dir_all(dir, durable::PRIVATE_DIR_MODE)
+                .map_err(private_file::at(dir))?;
         }
         let lock_path = self.path.with_extension("json.lock");
         let _lock = private_file::Lock::acquire(&lock_path).map_err(|e| {
@@ -288,7 +291,7 @@ impl TokenStore {
             path: self.path.clone(),
             source,
         })?;
-        private_file::write_atomic(&self.path, &json, private_file::SECRET_MODE)
+        durable::write_atomic(&self.path, &json, durable::SECRET_MODE)
             .map_err(private_file::at(&self.path))?;
         Ok(())
     }

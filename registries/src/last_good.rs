@@ -8,7 +8,7 @@
 //! ```
 //!
 //! A stored file is the original byte for byte after that first comment line, so an operator can
-//! read it (or copy it back). Every write is durable ([`crate::durable`]). This module only
+//! read it (or copy it back). Every write is durable (`pilotfish_durable`). This module only
 //! reads and writes; which stored copy is used is decided by the registries
 //! ([`crate::files`]: only for a file that exists but is broken; [`crate::consul`]: only until
 //! the first successful read of that datacenter).
@@ -18,15 +18,14 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use pilotfish_durable as durable;
 use serde::{Deserialize, Serialize};
 
-use crate::durable;
 use crate::model::Instance;
 
 /// The directory under `state_dir`.
 pub const LAST_GOOD_DIR: &str = "last-good";
 const HEADER: &str = "# pilotfish last good copy of ";
-const MODE: u32 = 0o600;
 const CATALOG_FORMAT: u32 = 1;
 
 /// Where the last good state lives. Cheap to clone; all methods do blocking I/O.
@@ -133,9 +132,13 @@ impl LastGoodStore {
             ));
         };
         let dir = self.files_dir();
-        create_dir(&dir)?;
+        durable::create_dir_all(&dir, durable::PRIVATE_DIR_MODE)?;
         let text = format!("{HEADER}{name}\n{content}");
-        durable::write_atomic(&dir.join(copy_name(path)), text.as_bytes(), MODE)
+        durable::write_atomic(
+            &dir.join(copy_name(path)),
+            text.as_bytes(),
+            durable::SECRET_MODE,
+        )
     }
 
     /// Forgets registry file `path` (it was deleted).
@@ -180,7 +183,7 @@ impl LastGoodStore {
         services: &BTreeMap<String, Vec<Instance>>,
     ) -> io::Result<()> {
         let dir = self.consul_dir();
-        create_dir(&dir)?;
+        durable::create_dir_all(&dir, durable::PRIVATE_DIR_MODE)?;
         let file = CatalogFile {
             format: CATALOG_FORMAT,
             datacenter: dc.to_string(),
@@ -199,7 +202,7 @@ impl LastGoodStore {
                 .collect(),
         };
         let text = serde_json::to_vec(&file).map_err(io::Error::other)?;
-        durable::write_atomic(&dir.join(dc_name(dc)), &text, MODE)
+        durable::write_atomic(&dir.join(dc_name(dc)), &text, durable::SECRET_MODE)
     }
 
     /// The stored catalog file of `dc` (for reports).
@@ -211,14 +214,6 @@ impl LastGoodStore {
 /// Seconds since the Unix epoch (0 before it), for log fields.
 pub fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
-}
-
-fn create_dir(dir: &Path) -> io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
 }
 
 /// A copy's file name: readable (the real file's name) and unique (a hash of its whole path;

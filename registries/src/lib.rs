@@ -5,7 +5,6 @@
 
 pub mod config_vocab;
 pub mod consul;
-pub mod durable;
 pub mod files;
 pub mod last_good;
 pub mod merge;

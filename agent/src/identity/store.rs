@@ -17,6 +17,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use pilotfish_durable as durable;
 use pilotfish_pki::{parse_cert_pem, CertUnreadable, KeyError, LocalKey};
 use x509_parser::prelude::FromDer;
 
@@ -26,7 +27,6 @@ pub const NODE_SLOT: &str = "node";
 pub const BUNDLE_FILE: &str = "roots.pem";
 pub const CRL_FILE: &str = "crl.pem";
 const SERVICE_PREFIX: &str = "service-";
-const FILE_MODE: u32 = 0o600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -193,7 +193,7 @@ impl Store {
             }
             if path == &next_path {
                 // A crash came between the certificate and the key rename; finish it.
-                rename_synced(&next_path, &key_path).map_err(|source| StoreError::Io {
+                durable::rename(&next_path, &key_path).map_err(|source| StoreError::Io {
                     path: key_path.clone(),
                     source,
                 })?;
@@ -227,7 +227,7 @@ impl Store {
             source,
         })?;
         let key_path = self.key_path(slot);
-        rename_synced(&next_path, &key_path).map_err(|source| StoreError::Io {
+        durable::rename(&next_path, &key_path).map_err(|source| StoreError::Io {
             path: key_path,
             source,
         })?;
@@ -252,19 +252,8 @@ pub fn key_matches(chain_pem: &str, key: &LocalKey) -> bool {
 }
 
 /// Atomically and durably replaces `path` with `contents`, mode 0600 from the first byte.
-pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
-    pilotfish_registries::durable::write_atomic(path, contents, FILE_MODE)
-}
-
-fn rename_synced(from: &Path, to: &Path) -> io::Result<()> {
-    fs::rename(from, to)?;
-    pilotfish_registries::durable::sync_dir(parent(to))
-}
-
-fn parent(path: &Path) -> &Path {
-    path.parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
+fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    durable::write_atomic(path, contents, durable::SECRET_MODE)
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
-//! The cache on disk (`state_dir/xds-cache.bin`): loaded once at start, rewritten (temp file +
-//! rename, so a crash never leaves half a file) whenever Envoy accepts a change.
+//! The cache on disk (`state_dir/xds-cache.bin`, mode 0600): loaded once at start, rewritten
+//! whenever Envoy accepts a change. It is what lets a host boot without discovery, so it is
+//! written with `pilotfish_durable::write_atomic` (on a blocking thread): after a crash or a
+//! power loss it holds the last version written, whole.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -79,13 +81,18 @@ pub async fn load(path: &Path) -> XdsCache {
 }
 
 pub async fn save(path: &Path, cache: &XdsCache) -> Result<(), StoreError> {
-    let tmp = path.with_extension("bin.tmp");
-    let err = |source| StoreError {
+    let bytes = cache.encode();
+    let owned = path.to_path_buf();
+    // fsync blocks for milliseconds; keep it off the runtime's workers.
+    let written = tokio::task::spawn_blocking(move || {
+        pilotfish_durable::write_atomic(&owned, &bytes, pilotfish_durable::SECRET_MODE)
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+    written.map_err(|source| StoreError {
         path: path.to_path_buf(),
         source,
-    };
-    tokio::fs::write(&tmp, cache.encode()).await.map_err(err)?;
-    tokio::fs::rename(&tmp, path).await.map_err(err)
+    })
 }
 
 /// Writes the cache whenever it changes, and once more on shutdown. Bursts of ACKs coalesce
@@ -130,6 +137,11 @@ mod tests {
         c.apply_sotw(&sotw(CLUSTER, "1", vec![cluster("a")]));
         save(&path, &c).await.unwrap();
         assert_eq!(load(&path).await, c);
+        // Private, and no temporary file left next to it.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         std::fs::write(&path, b"junk").unwrap();
         assert!(load(&path).await.is_empty());
     }
