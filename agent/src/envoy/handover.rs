@@ -72,11 +72,11 @@ impl Record {
     /// Records this process as the host's Envoy (replacing the file atomically).
     pub fn store(&self, run_dir: &Path) {
         let path = run_dir.join(FILE);
-        let tmp = run_dir.join(format!("{FILE}.tmp"));
         let written = serde_json::to_vec(self)
             .map_err(std::io::Error::other)
-            .and_then(|json| std::fs::write(&tmp, json))
-            .and_then(|()| std::fs::rename(&tmp, &path));
+            .and_then(|json| {
+                pilotfish_durable::write_atomic(&path, &json, pilotfish_durable::SECRET_MODE)
+            });
         match written {
             Ok(()) => debug!(record = ?self, "recorded envoy"),
             Err(e) => {
