@@ -12,9 +12,9 @@
 //! stream and probes keep answering (503) while connections drain.
 
 pub mod config;
-pub mod config_dump;
 pub mod envoy;
 pub mod health;
+pub mod host;
 pub mod identity;
 pub mod socket;
 pub mod status;
@@ -81,6 +81,7 @@ enum Part {
     Persist,
     Identity,
     ConfigDump,
+    Leave,
 }
 
 /// Runs the agent until `shutdown` is cancelled (then drains Envoy and returns `Ok`) or a part
@@ -128,7 +129,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let services = CancellationToken::new();
     let mut parts = JoinSet::new();
     let supervisor = Supervisor::new(&config, status.clone());
-    let sd = shutdown.clone();
+    // Envoy is stopped once discovery has drained this host (or could not be told).
+    let envoy_stop = CancellationToken::new();
+    let sd = envoy_stop.clone();
     parts.spawn(async move {
         supervisor.run(sd).await;
         Part::Supervisor
@@ -156,6 +159,18 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         cache.clone(),
         status.clone(),
     );
+    let (relay, node, wait) = (
+        proxy.relay_channel(),
+        config.node.clone(),
+        config.envoy.drain_time,
+    );
+    let token = shutdown.clone();
+    parts.spawn(async move {
+        token.cancelled().await;
+        host::leave(&relay, &node, wait).await;
+        envoy_stop.cancel();
+        Part::Leave
+    });
     let (relay, node, admin) = (
         proxy.relay_channel(),
         config.node.clone(),
@@ -163,7 +178,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     );
     let sd = services.clone();
     parts.spawn(async move {
-        config_dump::run(relay, node, admin, sd).await;
+        host::run(relay, node, admin, sd).await;
         Part::ConfigDump
     });
     let sd = services.clone();

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pilotfish_pki::wire::dump::ProxyDebugServer;
+use pilotfish_pki::wire::host::HostServer;
 use pilotfish_pki::wire::IdentityServer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -19,13 +19,13 @@ use tonic::transport::server::{Connected, TcpIncoming};
 
 use crate::identity::service::IdentityService;
 use crate::identity::tls::{self, ServerTls};
-use crate::proxy_config::ProxyDebugService;
+use crate::proxy_config::HostService;
 use crate::xds::server::AdsServer;
 
 /// Insecure mode: ADS in plaintext on `listener` until `shutdown`, then waits for every stream.
 pub async fn serve_plain(
     ads: AdsServer,
-    debug: ProxyDebugService,
+    debug: HostService,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
@@ -38,7 +38,7 @@ pub async fn serve_plain(
 /// stream and handshake task.
 pub async fn serve_tls(
     ads: AdsServer,
-    debug: ProxyDebugService,
+    debug: HostService,
     identity: IdentityService,
     tls: Arc<ServerTls>,
     listener: TcpListener,
@@ -54,7 +54,7 @@ pub async fn serve_tls(
 
 async fn serve<I, IO, IE>(
     ads: AdsServer,
-    debug: ProxyDebugService,
+    debug: HostService,
     incoming: I,
     identity: Option<IdentityService>,
     shutdown: CancellationToken,
@@ -65,7 +65,7 @@ where
     IE: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let parts = ads.into_parts(shutdown.clone());
-    let mut routes: Routes = parts.routes.add_service(ProxyDebugServer::new(debug));
+    let mut routes: Routes = parts.routes.add_service(HostServer::new(debug));
     if let Some(identity) = identity {
         routes = routes.add_service(IdentityServer::new(
             identity.with_shutdown(shutdown.clone()),

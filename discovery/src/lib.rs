@@ -15,6 +15,7 @@
 pub mod admin;
 pub mod config;
 pub mod console;
+pub mod drain;
 pub mod grpc;
 pub mod http;
 pub mod identity;
@@ -195,10 +196,12 @@ pub async fn run(
     let revoked_rx = authority
         .as_ref()
         .map_or(none_revoked, |a| a.revoker().revoked_nodes());
+    let drains = drain::Drains::default();
     let (liveness, live_catalog_rx, nodes_rx) = LivenessStage::new(
         catalog_rx.clone(),
         connections.clone(),
         revoked_rx,
+        drains.clone(),
         config.node_grace,
     );
     let token = stop.clone();
@@ -220,11 +223,16 @@ pub async fn run(
         },
     );
     let dumps = proxy_config::DumpHub::default();
-    let proxy_debug = proxy_config::ProxyDebugService::new(
+    let proxy_debug = proxy_config::HostService::new(
         dumps.clone(),
         authority.as_ref().map(|a| a.peer_auth()),
         stop.clone(),
-    );
+    )
+    .with_leaving(proxy_config::Leaving {
+        drains,
+        snapshots: snapshot_rx.clone(),
+        connections: connections.clone(),
+    });
     let rules_api = Arc::new(rules_api.with_catalog(catalog_rx.clone()));
     let http = HttpServer::new(HttpState {
         dumps,

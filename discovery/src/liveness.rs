@@ -24,6 +24,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::drain::{Draining, Drains};
 use crate::xds::connections::{Connections, NodeSeen};
 
 /// The default `node_grace`.
@@ -133,9 +134,36 @@ pub fn mark_dead(catalog: &Arc<Catalog>, dead: &BTreeSet<String>) -> Arc<Catalog
 /// Each node's liveness, for `/status`.
 pub type NodesView = watch::Receiver<Arc<Vec<NodeLiveness>>>;
 
-/// Republishes the registries' catalog with dead hosts' instances unhealthy.
+/// `catalog` with every instance on a `draining` node marked draining; the same `Arc` when
+/// that changes nothing.
+pub fn mark_draining(catalog: &Arc<Catalog>, draining: &Draining) -> Arc<Catalog> {
+    let on = |i: &pilotfish_registries::model::Instance| {
+        i.node.as_ref().is_some_and(|n| draining.contains_key(n))
+    };
+    let affected = catalog
+        .services
+        .values()
+        .any(|s| s.instances.iter().any(|i| on(i) && !i.draining));
+    if !affected {
+        return Arc::clone(catalog);
+    }
+    let mut out = Catalog::clone(catalog);
+    for s in out.services.values_mut() {
+        for i in &mut s.instances {
+            if on(i) {
+                i.draining = true;
+            }
+        }
+    }
+    Arc::new(out)
+}
+
+/// Republishes the registries' catalog with dead hosts' instances unhealthy and leaving
+/// hosts' instances draining.
 pub struct LivenessStage {
     catalogs: watch::Receiver<Arc<Catalog>>,
+    drains: Drains,
+    draining: watch::Receiver<Draining>,
     out: watch::Sender<Arc<Catalog>>,
     connections: Connections,
     revoked: watch::Receiver<Arc<BTreeSet<String>>>,
@@ -151,6 +179,7 @@ impl LivenessStage {
         catalogs: watch::Receiver<Arc<Catalog>>,
         connections: Connections,
         revoked: watch::Receiver<Arc<BTreeSet<String>>>,
+        drains: Drains,
         grace: Duration,
     ) -> (LivenessStage, watch::Receiver<Arc<Catalog>>, NodesView) {
         let started = Instant::now();
@@ -168,8 +197,11 @@ impl LivenessStage {
         };
         let (out, out_rx) = watch::channel(first);
         let (view, view_rx) = watch::channel(Arc::new(Vec::new()));
+        let draining = drains.watch();
         let stage = LivenessStage {
             catalogs,
+            drains,
+            draining,
             out,
             connections,
             revoked,
@@ -187,12 +219,16 @@ impl LivenessStage {
         // The catalog the last marking was made from: a node connecting or leaving changes
         // nothing to mark unless the dead set changes too.
         let mut marked_from: Option<Arc<Catalog>> = None;
+        let mut drained: Draining = Draining::default();
         // Without a revocation source (its sender gone), there is nothing more to wait for.
         let mut revocations = true;
         loop {
             let catalog = Arc::clone(&self.catalogs.borrow_and_update());
             let revoked = Arc::clone(&self.revoked.borrow_and_update());
             nodes_changed.mark_unchanged();
+            self.connections
+                .with_nodes(|seen| self.drains.observe(seen));
+            let draining = Arc::clone(&self.draining.borrow_and_update());
             let now = Instant::now();
             let verdict = self
                 .connections
@@ -208,13 +244,19 @@ impl LivenessStage {
             for node in dead.difference(&verdict.dead) {
                 info!(%node, "host is alive again: its instances are healthy");
             }
+            for node in draining.keys().filter(|n| !drained.contains_key(*n)) {
+                info!(%node, "host is leaving: its instances are draining");
+            }
+            let draining_same = draining.keys().eq(drained.keys());
+            drained = Arc::clone(&draining);
             let unchanged = verdict.dead == dead
+                && draining_same
                 && marked_from
                     .as_ref()
                     .is_some_and(|c| Arc::ptr_eq(c, &catalog));
             dead = verdict.dead;
             if !unchanged {
-                let marked = mark_dead(&catalog, &dead);
+                let marked = mark_draining(&mark_dead(&catalog, &dead), &drained);
                 self.out.send_if_modified(|current| {
                     let changed = !Arc::ptr_eq(current, &marked) && **current != *marked;
                     if changed {
@@ -231,6 +273,7 @@ impl LivenessStage {
                 changed = self.catalogs.changed() => if changed.is_err() { return },
                 _ = nodes_changed.changed() => {}
                 changed = self.revoked.changed(), if revocations => revocations = changed.is_ok(),
+                _ = self.draining.changed() => {}
                 _ = async { match wake {
                     Some(t) => tokio::time::sleep_until(t).await,
                     None => std::future::pending().await,
@@ -255,6 +298,7 @@ mod tests {
             labels: Default::default(),
             weight: 1,
             healthy: true,
+            draining: false,
             locality: None,
         }
     }

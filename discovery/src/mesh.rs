@@ -490,6 +490,7 @@ mod tests {
                 labels: Default::default(),
                 weight: 1,
                 healthy: true,
+                draining: false,
                 locality: None,
             });
         }

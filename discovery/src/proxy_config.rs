@@ -1,6 +1,6 @@
 //! What a host's Envoy actually holds, fetched through discovery: `pilotfish-ctl proxy-config`.
 //!
-//! Every agent keeps a `ProxyDebug.Attach` stream open ([`pilotfish_pki::wire::dump`]) on its
+//! Every agent keeps a `Host.Attach` stream open ([`pilotfish_pki::wire::host`]) on its
 //! authenticated connection to discovery. [`DumpHub`] remembers the newest stream of each node;
 //! `GET /v1/proxies/{node}/config` sends a request down it and waits for the agent's answer,
 //! Envoy's `/config_dump` with private keys redacted. No port opens on the host, and Envoy's
@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use pilotfish_pki::wire::dump::{DumpReply, DumpRequest, ProxyDebug};
+use pilotfish_pki::wire::host::{DumpReply, DumpRequest, Host, LeaveRequest, LeaveResponse};
 use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
@@ -162,27 +162,78 @@ impl DumpHub {
     }
 }
 
-/// The `ProxyDebug` gRPC service over a [`DumpHub`].
+/// What `Host.Leave` needs (see [`crate::drain`]).
 #[derive(Debug, Clone)]
-pub struct ProxyDebugService {
+pub struct Leaving {
+    pub drains: crate::drain::Drains,
+    pub snapshots: tokio::sync::watch::Receiver<Arc<crate::mesh::MeshSnapshot>>,
+    pub connections: crate::xds::connections::Connections,
+}
+
+/// The `Host` gRPC service: config dumps over a [`DumpHub`], and leaving hosts.
+#[derive(Debug, Clone)]
+pub struct HostService {
     hub: DumpHub,
+    leaving: Option<Leaving>,
     /// Secure mode: the node comes from the client certificate.
     auth: Option<PeerAuth>,
     shutdown: CancellationToken,
 }
 
-impl ProxyDebugService {
+impl HostService {
     pub fn new(hub: DumpHub, auth: Option<PeerAuth>, shutdown: CancellationToken) -> Self {
-        ProxyDebugService {
+        HostService {
             hub,
+            leaving: None,
             auth,
             shutdown,
         }
     }
+
+    /// Also serve `Leave`.
+    pub fn with_leaving(mut self, leaving: Leaving) -> Self {
+        self.leaving = Some(leaving);
+        self
+    }
 }
 
 #[tonic::async_trait]
-impl ProxyDebug for ProxyDebugService {
+impl Host for HostService {
+    async fn leave(
+        &self,
+        request: Request<LeaveRequest>,
+    ) -> Result<Response<LeaveResponse>, Status> {
+        let Some(leaving) = &self.leaving else {
+            return Err(Status::unimplemented(
+                "this discovery does not coordinate drains",
+            ));
+        };
+        let node = match &self.auth {
+            Some(auth) => auth.node("leave", &request)?,
+            None => match request.get_ref().node.as_str() {
+                "" => return Err(Status::invalid_argument("the leave request names no node")),
+                node => node.to_string(),
+            },
+        };
+        // Answer a little before the agent gives up waiting.
+        let wait = Duration::from_millis(request.get_ref().wait_ms).mul_f64(0.9);
+        info!(node = %node, ?wait, "host is leaving: draining its instances");
+        let started = std::time::Instant::now();
+        let d = crate::drain::leave(
+            &leaving.drains,
+            &leaving.snapshots,
+            &leaving.connections,
+            &node,
+            wait,
+        )
+        .await;
+        info!(node = %node, callers = d.callers, pending = d.pending, after = ?started.elapsed(), "callers stopped choosing the leaving host");
+        Ok(Response::new(LeaveResponse {
+            callers: d.callers,
+            pending: d.pending,
+        }))
+    }
+
     async fn attach(
         &self,
         request: Request<Streaming<DumpReply>>,
@@ -192,13 +243,14 @@ impl ProxyDebug for ProxyDebugService {
             None => None,
         };
         let mut replies = request.into_inner();
-        let hello =
-            match replies.message().await? {
-                Some(hello) if hello.id == 0 => hello,
-                _ => return Err(Status::invalid_argument(
-                    "the first message on ProxyDebug.Attach must be a hello (id 0) naming the node",
-                )),
-            };
+        let hello = match replies.message().await? {
+            Some(hello) if hello.id == 0 => hello,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message on Host.Attach must be a hello (id 0) naming the node",
+                ))
+            }
+        };
         let node = match (bound, hello.node.as_str()) {
             (Some(bound), claimed) if !claimed.is_empty() && claimed != bound => {
                 return Err(Status::permission_denied(format!(

@@ -152,6 +152,7 @@ mod tests {
             agent: Some("0.1.0".into()),
             envoy: None,
             types: types.iter().cloned().collect(),
+            generation: 0,
             proxy: None,
         }
     }

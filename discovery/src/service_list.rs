@@ -86,6 +86,7 @@ mod tests {
             labels: Labels::from([("version".into(), "v1".into())]),
             weight: 1,
             healthy,
+            draining: false,
             locality: Some("dc1".into()),
         }
     }

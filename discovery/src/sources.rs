@@ -209,6 +209,7 @@ mod tests {
                     labels: Default::default(),
                     weight: 1,
                     healthy: true,
+                    draining: false,
                     locality: dc.map(str::to_string),
                 })
                 .collect(),

@@ -516,7 +516,7 @@ where
     }
 }
 
-pub mod dump;
+pub mod host;
 
 #[cfg(test)]
 mod tests;

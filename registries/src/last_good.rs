@@ -313,6 +313,7 @@ impl From<StoredInstance> for Instance {
             labels: i.labels,
             weight: i.weight,
             healthy: i.healthy,
+            draining: false,
             locality: i.locality,
         }
     }
@@ -331,6 +332,7 @@ mod tests {
             labels: BTreeMap::from([("version".into(), "v1".into())]),
             weight: 3,
             healthy: false,
+            draining: false,
             locality: Some("dc1".into()),
         }
     }

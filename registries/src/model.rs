@@ -199,6 +199,10 @@ pub struct Instance {
     /// Relative load-balancing weight (1 when not declared).
     pub weight: u32,
     pub healthy: bool,
+    /// Its host is leaving the mesh (the agent is stopping): callers finish what they sent
+    /// and send nothing new (EDS `DRAINING`). Set by discovery's liveness stage, never read
+    /// from a registry.
+    pub draining: bool,
     /// Where it runs (a datacenter or zone), when known.
     pub locality: Option<String>,
 }

@@ -189,3 +189,84 @@ async fn reloads_upgrades_and_a_killed_agent_drop_no_request() -> Result<()> {
     );
     Ok(())
 }
+
+/// Stopping a host (`systemctl stop`: SIGTERM to its agent) while its service has instances
+/// elsewhere: the agent tells discovery, callers stop choosing the host before its Envoy
+/// drains, and no request fails or reaches the host afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_host_is_drained_from_its_callers_first() -> Result<()> {
+    let mut mesh = Mesh::start_opts(MeshOptions {
+        secure: true,
+        ..MeshOptions::default()
+    })?;
+    mesh.add_host("vm-a", 2)?;
+    mesh.add_host("vm-b", 3)?;
+    mesh.add_host("vm-c", 4)?;
+    let (b_ip, c_ip) = (mesh.host("vm-b").ip, mesh.host("vm-c").ip);
+    let v1 = mesh.start_app("reviews", "v1", b_ip, &[])?;
+    let v2 = mesh.start_app("reviews", "v2", c_ip, &[])?;
+    let services = mesh.service_toml("reviews", "", &[("vm-b", v1, ""), ("vm-c", v2, "")]);
+    mesh.write_registry("services.toml", &services)?;
+    mesh.wait_all_ready(READY).await?;
+    let out = mesh.host("vm-a").outbound;
+    wait_for("vm-a reaches both reviews hosts", READY, || async {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            if let Ok(r) = blocking(move || http_get(out, "reviews", "/")).await {
+                seen.extend(r.header("x-served-by").map(str::to_string));
+            }
+        }
+        Ok((seen.len() == 2).then_some(()))
+    })
+    .await?;
+
+    let load = Load::start(out, "reviews", &[PLAIN, PLAIN, PLAIN, PLAIN]);
+    flowing(&load, 300).await?;
+    let on_b = |load: &Load| {
+        load.served_by()
+            .iter()
+            .filter(|(who, _)| who.contains("v1"))
+            .map(|(_, n)| *n)
+            .sum::<u64>()
+    };
+    ensure!(on_b(&load) > 0, "vm-b serves before it stops");
+    let status = mesh
+        .host_mut("vm-b")
+        .agent
+        .terminate(Duration::from_secs(20));
+    ensure!(
+        status.is_some_and(|s| s.success()),
+        "vm-b's agent stops cleanly: {status:?}"
+    );
+    let served_by_b = on_b(&load);
+    flowing(&load, 1000).await?;
+    let tally = load.stop().await;
+    let log = mesh.host("vm-b").agent.log_text();
+    ensure!(
+        log.lines()
+            .any(|l| l.contains("discovery drained this host") && l.contains("pending=0")),
+        "the agent told discovery and waited for its callers:\n{}",
+        mesh.logs()
+    );
+    ensure!(
+        tally.failed == 0,
+        "requests failed: {:?}\n{}",
+        tally.failures,
+        mesh.logs()
+    );
+    let after: u64 = tally
+        .served_by
+        .iter()
+        .filter(|(who, _)| who.contains("v1"))
+        .map(|(_, n)| *n)
+        .sum();
+    ensure!(
+        after == served_by_b,
+        "no request reached vm-b after it stopped ({served_by_b} before, {after} in all)"
+    );
+    ensure!(
+        mesh.host("vm-b").envoy_pids().is_empty(),
+        "vm-b's Envoy stopped"
+    );
+    Ok(())
+}

@@ -55,6 +55,7 @@ fn catalog() -> Arc<Catalog> {
                     labels: Default::default(),
                     weight: 1,
                     healthy: true,
+                    draining: false,
                     locality: None,
                 }],
                 mtls: Default::default(),
@@ -271,7 +272,7 @@ async fn start_secure() -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let shutdown = CancellationToken::new();
-    let debug = crate::proxy_config::ProxyDebugService::new(
+    let debug = crate::proxy_config::HostService::new(
         Default::default(),
         Some(authority.peer_auth()),
         shutdown.clone(),

@@ -128,7 +128,15 @@ pub(super) fn inbound(catalog: &Catalog, svc: &Service, proxy: &Proxy) -> Arc<Re
         .iter()
         .filter(|i| i.node.as_deref() == Some(proxy.node.as_str()))
         // Peers already steer around unhealthy instances; locally the app gets what arrives.
-        .map(|i| lb_endpoint(&app, i.port, i.weight, true, &Default::default()))
+        .map(|i| {
+            lb_endpoint(
+                &app,
+                i.port,
+                i.weight,
+                envoy_types::pb::envoy::config::core::v3::HealthStatus::Healthy,
+                &Default::default(),
+            )
+        })
         .collect();
     let mut cluster = base(catalog, svc, &name, None);
     cluster.cluster_discovery_type = Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));

@@ -35,13 +35,14 @@ pub(super) fn load_assignment<'a>(
     let mut by_locality: BTreeMap<Option<&str>, Vec<LbEndpoint>> = BTreeMap::new();
     for instance in instances {
         let (host, port) = instance.target();
-        let mut endpoint = lb_endpoint(
-            host,
-            port,
-            instance.weight,
-            instance.healthy,
-            &instance.labels,
-        );
+        let health = if instance.draining {
+            HealthStatus::Draining
+        } else if instance.healthy {
+            HealthStatus::Healthy
+        } else {
+            HealthStatus::Unhealthy
+        };
+        let mut endpoint = lb_endpoint(host, port, instance.weight, health, &instance.labels);
         if mtls {
             mark_mesh_endpoint(&mut endpoint.metadata, instance);
         }
@@ -86,14 +87,9 @@ pub(super) fn lb_endpoint(
     host: &str,
     port: u16,
     weight: u32,
-    healthy: bool,
+    health: HealthStatus,
     labels: &Labels,
 ) -> LbEndpoint {
-    let health = if healthy {
-        HealthStatus::Healthy
-    } else {
-        HealthStatus::Unhealthy
-    };
     LbEndpoint {
         health_status: health as i32,
         metadata: labels_metadata(labels),

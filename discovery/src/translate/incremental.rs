@@ -259,6 +259,7 @@ mod tests {
             labels: [("version".to_string(), version.to_string())].into(),
             weight: 1,
             healthy: true,
+            draining: false,
             locality: None,
         }
     }

@@ -54,6 +54,7 @@ fn instance(node: Option<&str>, address: &str, port: u16, l: &[(&str, &str)]) ->
         labels: labels(l),
         weight: 1,
         healthy: true,
+        draining: false,
         locality: None,
     }
 }

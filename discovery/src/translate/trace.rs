@@ -73,7 +73,7 @@ pub(super) fn collector_cluster(tracing: &Tracing) -> Arc<Resource> {
                     &tracing.host,
                     tracing.port,
                     1,
-                    true,
+                    envoy_types::pb::envoy::config::core::v3::HealthStatus::Healthy,
                     &Default::default(),
                 )],
                 ..Default::default()

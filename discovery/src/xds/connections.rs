@@ -34,6 +34,8 @@ pub struct ProxyStatus {
     pub envoy: Option<String>,
     /// By short type name (`cds`, `eds`, `lds`, `rds`).
     pub types: BTreeMap<&'static str, TypeStatus>,
+    /// The newest mesh snapshot generation whose resources this proxy has accepted in full.
+    pub generation: u64,
     /// The proxy as translation sees it (what `proxy-config --diff` compares against).
     #[serde(skip)]
     pub proxy: Option<Arc<Proxy>>,
@@ -183,6 +185,7 @@ impl Connections {
                 agent,
                 envoy,
                 types: BTreeMap::new(),
+                generation: 0,
                 proxy,
             },
         );
@@ -272,6 +275,13 @@ pub struct ConnectionGuard {
 }
 
 impl ConnectionGuard {
+    /// The proxy has accepted everything of snapshot `generation`.
+    pub fn settled_at(&self, generation: u64) {
+        if let Some(status) = self.connections.lock().streams.get_mut(&self.id) {
+            status.generation = status.generation.max(generation);
+        }
+    }
+
     pub fn record(&self, event: &Event) {
         let mut inner = self.connections.lock();
         let Some(status) = inner.streams.get_mut(&self.id) else {

@@ -458,6 +458,8 @@ async fn stream_loop<S: StreamState>(
         // Make-before-break: the next stage goes out once the proxy accepted the last one.
         while state.settled() {
             let Some(resources) = stages.next_stage() else {
+                // It runs this generation's target in full (what a leaving host waits for).
+                guard.settled_at(generation);
                 break;
             };
             let step = state.on_resources(resources);

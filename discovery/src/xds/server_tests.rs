@@ -31,6 +31,7 @@ fn catalog(services: &[&str]) -> Arc<Catalog> {
                     labels: Default::default(),
                     weight: 1,
                     healthy: true,
+                    draining: false,
                     locality: None,
                 }],
                 mtls: Default::default(),
@@ -74,8 +75,7 @@ async fn start(initial: Arc<MeshSnapshot>) -> Running {
         },
     );
     let shutdown = CancellationToken::new();
-    let debug =
-        crate::proxy_config::ProxyDebugService::new(Default::default(), None, shutdown.clone());
+    let debug = crate::proxy_config::HostService::new(Default::default(), None, shutdown.clone());
     let server = tokio::spawn(crate::grpc::serve_plain(
         server,
         debug,

@@ -222,6 +222,7 @@ fn map_entry(dc: &str, e: &CheckServiceNode, opts: &MappingOptions) -> Result<In
         labels,
         weight,
         healthy,
+        draining: false,
         locality: Some(dc.to_string()),
     })
 }

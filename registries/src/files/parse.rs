@@ -419,6 +419,7 @@ impl Context {
                 weight,
                 // A file cannot know; health is the business of Envoy's outlier detection.
                 healthy: true,
+                draining: false,
                 locality,
             },
             pos,

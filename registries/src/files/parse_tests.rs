@@ -92,6 +92,7 @@ fn parses_every_field() {
                 .collect(),
             weight: 3,
             healthy: true,
+            draining: false,
             locality: Some("dc1".into()),
         }
     );

@@ -1,18 +1,22 @@
-//! The agent's side of `pilotfish-ctl proxy-config`: a `ProxyDebug.Attach` stream
-//! ([`pilotfish_pki::wire::dump`]) on the relay's own connection to discovery (so it costs no
-//! extra connection, and carries the node certificate's identity), answering each request
-//! with Envoy's config dump, read from the admin port on loopback, cut to the sections asked
-//! for and with private keys redacted.
+//! The agent's side of the `Host` service ([`pilotfish_pki::wire::host`]), on the relay's own
+//! connection to discovery (so it costs no extra connection, and carries the node
+//! certificate's identity):
+//!
+//! - `pilotfish-ctl proxy-config`: a `Host.Attach` stream answering each request with Envoy's
+//!   config dump, read from the admin port on loopback, cut to the sections asked for and with
+//!   private keys redacted ([`run`]);
+//! - a coordinated drain: on stop, `Host.Leave` tells discovery this host is leaving and
+//!   returns once callers stopped choosing it ([`leave`]).
 
 use std::time::Duration;
 
-use pilotfish_pki::wire::dump::{DumpReply, DumpRequest, ProxyDebugClient};
+use pilotfish_pki::wire::host::{DumpReply, DumpRequest, HostClient, LeaveRequest};
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::envoy::admin::Admin;
 
@@ -84,6 +88,33 @@ pub async fn run(
     }
 }
 
+/// Tells discovery this host is leaving, and waits (at most `wait`) until the callers have
+/// accepted its instances as draining. Without a connection to discovery there is nobody to
+/// tell: callers will notice the host gone through retries and `node_grace`.
+pub async fn leave(relay: &watch::Receiver<Option<(u64, Channel)>>, node: &str, wait: Duration) {
+    let current = relay.borrow().clone();
+    let Some((_, channel)) = current else {
+        warn!("stopping without telling discovery: not connected to it");
+        return;
+    };
+    let started = std::time::Instant::now();
+    let request = LeaveRequest {
+        node: node.to_string(),
+        wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+    };
+    match tokio::time::timeout(wait, HostClient::new(channel).leave(request)).await {
+        Ok(Ok(answer)) => {
+            let a = answer.into_inner();
+            info!(callers = a.callers, pending = a.pending, after = ?started.elapsed(), "discovery drained this host: callers send it nothing new");
+        }
+        Ok(Err(status)) => warn!(%status, "discovery refused the leave; stopping anyway"),
+        Err(_) => warn!(
+            ?wait,
+            "discovery did not confirm the drain in time; stopping anyway"
+        ),
+    }
+}
+
 /// One `Attach` stream: the hello, then an answer per request, until it ends.
 async fn serve(channel: Channel, node: &str, admin: &Admin) {
     let (tx, rx) = mpsc::channel(4);
@@ -95,7 +126,7 @@ async fn serve(channel: Channel, node: &str, admin: &Admin) {
     if tx.send(hello).await.is_err() {
         return;
     }
-    let mut requests = match ProxyDebugClient::new(channel)
+    let mut requests = match HostClient::new(channel)
         .attach(ReceiverStream::new(rx))
         .await
     {

@@ -1,21 +1,27 @@
-//! The agent<->discovery config-dump channel, `pilotfish.debug.v1.ProxyDebug`, on discovery's
-//! gRPC port next to ADS: how `pilotfish-ctl proxy-config` sees what a host's Envoy holds
-//! without a new open port on the host (Envoy's admin stays on loopback). Written by hand in
-//! the shape tonic-build generates, like [`super`]; the contract is equivalent to:
+//! The agent<->discovery host service, `pilotfish.host.v1.Host`, on discovery's gRPC port next
+//! to ADS: how `pilotfish-ctl proxy-config` sees what a host's Envoy holds without a new open
+//! port on the host (Envoy's admin stays on loopback), and how a stopping host tells discovery
+//! it is leaving. Written by hand in the shape tonic-build generates, like [`super`]; the
+//! contract is equivalent to:
 //!
 //! ```proto
 //! syntax = "proto3";
-//! package pilotfish.debug.v1;
+//! package pilotfish.host.v1;
 //!
-//! service ProxyDebug {
+//! service Host {
 //!   // Opened by the agent (secure mode: with its node certificate) and kept open. The agent's
 //!   // first message (id 0) names its node; then discovery sends a DumpRequest whenever an
 //!   // operator asks for this host's config, and the agent answers each with the same id.
 //!   rpc Attach(stream DumpReply) returns (stream DumpRequest);
+//!   // The host is stopping: discovery marks its instances draining, pushes that, and answers
+//!   // once the callers have accepted it (or after wait_ms).
+//!   rpc Leave(LeaveRequest) returns (LeaveResponse);
 //! }
 //! message DumpRequest { uint64 id = 1; repeated string types = 2; }
 //! message DumpReply   { uint64 id = 1; string node = 2; string config_dump_json = 3;
 //!                       string error = 4; }
+//! message LeaveRequest  { string node = 1; uint64 wait_ms = 2; }
+//! message LeaveResponse { uint32 callers = 1; uint32 pending = 2; }
 //! ```
 //!
 //! `types` are `clusters`, `endpoints`, `listeners`, `routes`, `secrets` (empty: all of them).
@@ -27,8 +33,9 @@ use tonic::codegen::{
     async_trait, http, Body, BoxFuture, BoxStream, Context, GrpcMethod, Poll, Service, StdError,
 };
 
-pub const SERVICE_NAME: &str = "pilotfish.debug.v1.ProxyDebug";
-const ATTACH_PATH: &str = "/pilotfish.debug.v1.ProxyDebug/Attach";
+pub const SERVICE_NAME: &str = "pilotfish.host.v1.Host";
+const ATTACH_PATH: &str = "/pilotfish.host.v1.Host/Attach";
+const LEAVE_PATH: &str = "/pilotfish.host.v1.Host/Leave";
 /// Largest dump discovery takes (a thousand services' clusters, routes and endpoints are a
 /// few MB of JSON).
 pub const MAX_DUMP_BYTES: usize = 64 * 1024 * 1024;
@@ -59,38 +66,77 @@ pub struct DumpReply {
     pub error: String,
 }
 
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaveRequest {
+    /// The leaving node (the certificate decides in secure mode).
+    #[prost(string, tag = "1")]
+    pub node: String,
+    /// How long the agent waits for the answer (discovery answers by then).
+    #[prost(uint64, tag = "2")]
+    pub wait_ms: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LeaveResponse {
+    /// Proxies that accepted the draining endpoints.
+    #[prost(uint32, tag = "1")]
+    pub callers: u32,
+    /// Proxies that had not when discovery answered.
+    #[prost(uint32, tag = "2")]
+    pub pending: u32,
+}
+
 /// What discovery implements.
 #[async_trait]
-pub trait ProxyDebug: Send + Sync + 'static {
+pub trait Host: Send + Sync + 'static {
     async fn attach(
         &self,
         request: tonic::Request<tonic::Streaming<DumpReply>>,
     ) -> Result<tonic::Response<BoxStream<DumpRequest>>, tonic::Status>;
+
+    async fn leave(
+        &self,
+        request: tonic::Request<LeaveRequest>,
+    ) -> Result<tonic::Response<LeaveResponse>, tonic::Status>;
 }
 
-/// The tonic service for a [`ProxyDebug`]: add it to a `tonic::transport::Server`.
-#[derive(Debug)]
-pub struct ProxyDebugServer<T> {
+struct Leave<T> {
     inner: Arc<T>,
 }
 
-impl<T> ProxyDebugServer<T> {
+impl<T: Host> tonic::server::UnaryService<LeaveRequest> for Leave<T> {
+    type Response = LeaveResponse;
+    type Future = BoxFuture<tonic::Response<LeaveResponse>, tonic::Status>;
+
+    fn call(&mut self, request: tonic::Request<LeaveRequest>) -> Self::Future {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move { inner.leave(request).await })
+    }
+}
+
+/// The tonic service for a [`Host`]: add it to a `tonic::transport::Server`.
+#[derive(Debug)]
+pub struct HostServer<T> {
+    inner: Arc<T>,
+}
+
+impl<T> HostServer<T> {
     pub fn new(inner: T) -> Self {
-        ProxyDebugServer {
+        HostServer {
             inner: Arc::new(inner),
         }
     }
 }
 
-impl<T> Clone for ProxyDebugServer<T> {
+impl<T> Clone for HostServer<T> {
     fn clone(&self) -> Self {
-        ProxyDebugServer {
+        HostServer {
             inner: Arc::clone(&self.inner),
         }
     }
 }
 
-impl<T> tonic::server::NamedService for ProxyDebugServer<T> {
+impl<T> tonic::server::NamedService for HostServer<T> {
     const NAME: &'static str = SERVICE_NAME;
 }
 
@@ -98,7 +144,7 @@ struct Attach<T> {
     inner: Arc<T>,
 }
 
-impl<T: ProxyDebug> tonic::server::StreamingService<DumpReply> for Attach<T> {
+impl<T: Host> tonic::server::StreamingService<DumpReply> for Attach<T> {
     type Response = DumpRequest;
     type ResponseStream = BoxStream<DumpRequest>;
     type Future = BoxFuture<tonic::Response<Self::ResponseStream>, tonic::Status>;
@@ -109,9 +155,9 @@ impl<T: ProxyDebug> tonic::server::StreamingService<DumpReply> for Attach<T> {
     }
 }
 
-impl<T, B> Service<http::Request<B>> for ProxyDebugServer<T>
+impl<T, B> Service<http::Request<B>> for HostServer<T>
 where
-    T: ProxyDebug,
+    T: Host,
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
@@ -124,9 +170,19 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        if req.uri().path() == LEAVE_PATH {
+            let method = Leave {
+                inner: Arc::clone(&self.inner),
+            };
+            return Box::pin(async move {
+                let codec = tonic_prost::ProstCodec::<LeaveResponse, LeaveRequest>::default();
+                let mut grpc = tonic::server::Grpc::new(codec);
+                Ok(grpc.unary(method, req).await)
+            });
+        }
         if req.uri().path() != ATTACH_PATH {
             return Box::pin(async move {
-                Ok(tonic::Status::unimplemented("no such ProxyDebug method").into_http())
+                Ok(tonic::Status::unimplemented("no such Host method").into_http())
             });
         }
         let method = Attach {
@@ -143,11 +199,11 @@ where
 
 /// The agent's client.
 #[derive(Debug, Clone)]
-pub struct ProxyDebugClient<T> {
+pub struct HostClient<T> {
     inner: tonic::client::Grpc<T>,
 }
 
-impl<T> ProxyDebugClient<T>
+impl<T> HostClient<T>
 where
     T: tonic::client::GrpcService<tonic::body::Body>,
     T::Error: Into<StdError>,
@@ -155,9 +211,32 @@ where
     <T::ResponseBody as Body>::Error: Into<StdError> + Send,
 {
     pub fn new(inner: T) -> Self {
-        ProxyDebugClient {
+        HostClient {
             inner: tonic::client::Grpc::new(inner).max_encoding_message_size(MAX_DUMP_BYTES),
         }
+    }
+
+    /// Tells discovery this host is leaving; answers once callers stopped choosing it.
+    pub async fn leave(
+        &mut self,
+        request: LeaveRequest,
+    ) -> Result<tonic::Response<LeaveResponse>, tonic::Status> {
+        self.inner
+            .ready()
+            .await
+            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {}", e.into())))?;
+        let codec = tonic_prost::ProstCodec::<LeaveRequest, LeaveResponse>::default();
+        let mut request = tonic::Request::new(request);
+        request
+            .extensions_mut()
+            .insert(GrpcMethod::new(SERVICE_NAME, "Leave"));
+        self.inner
+            .unary(
+                request,
+                http::uri::PathAndQuery::from_static(LEAVE_PATH),
+                codec,
+            )
+            .await
     }
 
     /// Opens `Attach`: `replies` goes up (the hello first), requests come down.
