@@ -8,7 +8,10 @@
 //! starts the drain, pings until Envoy is gone. Nothing at all without `NOTIFY_SOCKET`.
 //!
 //! For a reload (SIGHUP: the agent re-executes itself and hot-restarts Envoy): call
-//! [`reloading`] before starting it, and [`ready`] once the new Envoy serves.
+//! [`reloading`] when it starts, and [`ready`] once the new Envoy serves. A re-executed agent
+//! keeps its PID and `NOTIFY_SOCKET`, and its [`run`] sends `READY=1` again on its own once
+//! `/healthz/ready` holds, which ends the reload for systemd; if the old Envoy still answers
+//! `/ready` at that moment, wait for the new epoch first and call [`ready`] instead.
 
 use std::time::Duration;
 

@@ -733,7 +733,9 @@ mod tests {
                     "expected a number",
                 )],
                 restored: Some(pilotfish_registries::files::Restored {
-                    copy: PathBuf::from("/var/lib/pilotfish/discovery/last-good/files/services-0.toml"),
+                    copy: PathBuf::from(
+                        "/var/lib/pilotfish/discovery/last-good/files/services-0.toml",
+                    ),
                     saved: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
                 }),
             },
