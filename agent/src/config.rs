@@ -18,8 +18,10 @@ use serde::Deserialize;
 
 pub const DEFAULT_OUTBOUND: &str = "127.0.0.1:15001";
 pub const DEFAULT_MESH_PORT: u16 = 15006;
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/pilotfish";
-pub const DEFAULT_RUN_DIR: &str = "/run/pilotfish";
+/// The unit's `StateDirectory=pilotfish/agent`; discovery's is `/var/lib/pilotfish/discovery`.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pilotfish/agent";
+/// The unit's `RuntimeDirectory=pilotfish/agent`.
+pub const DEFAULT_RUN_DIR: &str = "/run/pilotfish/agent";
 pub const DEFAULT_HEALTH: &str = "127.0.0.1:15020";
 pub const DEFAULT_ENVOY_BINARY: &str = "envoy";
 pub const DEFAULT_ENVOY_ADMIN: &str = "127.0.0.1:15000";
@@ -686,8 +688,8 @@ insecure = true                        # must match discovery's; local experimen
 outbound = "127.0.0.1:15001"           # local apps send mesh traffic here (Host: reviews)
 app_address = "127.0.0.1"              # where local apps listen
 mesh_port = 15006
-state_dir = "/var/lib/pilotfish"       # keys, certs, last accepted config
-run_dir = "/run/pilotfish"             # UDS sockets for Envoy
+state_dir = "/var/lib/pilotfish/agent" # keys, certs, last accepted config
+run_dir = "/run/pilotfish/agent"       # UDS sockets for Envoy
 [envoy]
 binary = "envoy"                       # found on PATH unless given
 admin = "127.0.0.1:15000"
@@ -736,8 +738,11 @@ admin = "127.0.0.1:15000"
         assert_eq!(c.discovery, vec!["10.0.0.2:15012".to_string()]);
         assert_eq!(c.mesh_port, 15006);
         assert!(c.insecure);
-        assert_eq!(c.run_dir, PathBuf::from("/run/pilotfish"));
-        assert_eq!(c.xds_socket(), PathBuf::from("/run/pilotfish/xds.sock"));
+        assert_eq!(c.run_dir, PathBuf::from("/run/pilotfish/agent"));
+        assert_eq!(
+            c.xds_socket(),
+            PathBuf::from("/run/pilotfish/agent/xds.sock")
+        );
         assert_eq!(c.health, "127.0.0.1:15020".parse().unwrap());
         assert_eq!(c.envoy.binary, bin.path().join("envoy"));
         assert_eq!(c.envoy.admin, "127.0.0.1:15000".parse().unwrap());
@@ -990,7 +995,10 @@ concurrency = 0
         assert!(!c.insecure);
         assert_eq!(c.ca_file, Some(PathBuf::from("/etc/pilotfish/root.pem")));
         assert_eq!(c.trust_domain.as_str(), "pilotfish.local");
-        assert_eq!(c.sds_socket(), PathBuf::from("/run/pilotfish/sds.sock"));
+        assert_eq!(
+            c.sds_socket(),
+            PathBuf::from("/run/pilotfish/agent/sds.sock")
+        );
 
         let text = format!("trust_domain = \"corp.example\"\n{text}");
         let c = parse(
@@ -1011,13 +1019,34 @@ concurrency = 0
     }
 
     #[test]
+    fn default_directories_are_the_units_own() {
+        // systemd creates these for the unit (StateDirectory=pilotfish/agent,
+        // RuntimeDirectory=pilotfish/agent), apart from discovery's on the same host.
+        let bin = fake_path();
+        let text = DESIGN_EXAMPLE
+            .lines()
+            .filter(|l| !l.starts_with("state_dir") && !l.starts_with("run_dir"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = parse(
+            Path::new("agent.toml"),
+            &text,
+            Path::new("/etc/pilotfish"),
+            Some(bin.path().as_os_str()),
+        )
+        .unwrap();
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/pilotfish/agent"));
+        assert_eq!(c.run_dir, PathBuf::from("/run/pilotfish/agent"));
+    }
+
+    #[test]
     fn check_reads_ca_file_and_wants_a_token_or_a_node_certificate() {
         let bin = fake_path();
         let dir = tempfile::tempdir().unwrap();
         let text = DESIGN_EXAMPLE
             .replace("insecure = true", "")
             .replace("/etc/pilotfish/", "")
-            .replace("/var/lib/pilotfish", "state");
+            .replace("/var/lib/pilotfish/agent", "state");
         let c = parse(
             Path::new("agent.toml"),
             &text,

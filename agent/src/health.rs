@@ -46,10 +46,16 @@ impl Health {
             .with_graceful_shutdown(shutdown.cancelled_owned())
             .await
     }
+
+    /// Ready for traffic: an Envoy runs and its admin `/ready` answers 200 (it has its first
+    /// config). `/healthz/ready` and systemd's `READY=1` both mean this.
+    pub async fn is_ready(&self) -> bool {
+        self.status.envoy_up() && self.admin.ready_at(self.status.envoy_epoch()).await
+    }
 }
 
 async fn ready(State(h): State<Health>) -> impl IntoResponse {
-    if h.status.envoy_up() && h.admin.ready().await {
+    if h.is_ready().await {
         (StatusCode::OK, "ready\n")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "envoy not ready\n")

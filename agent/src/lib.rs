@@ -16,6 +16,7 @@ pub mod envoy;
 pub mod health;
 pub mod host;
 pub mod identity;
+pub mod notify;
 pub mod socket;
 pub mod status;
 pub mod xds;
@@ -82,6 +83,7 @@ enum Part {
     Identity,
     ConfigDump,
     Leave,
+    Systemd,
 }
 
 /// Runs the agent until `shutdown` is cancelled (then drains Envoy and returns `Ok`) or a part
@@ -187,6 +189,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         status,
         admin: Admin::new(config.envoy.admin),
     };
+    // systemd: READY=1 once Envoy serves, watchdog pings, STOPPING=1 (see notify.rs).
+    let (probe, sd, done) = (health.clone(), shutdown.clone(), services.clone());
+    parts.spawn(async move {
+        notify::run(probe, sd, done).await;
+        Part::Systemd
+    });
     let sd = services.clone();
     parts.spawn(async move { Part::Health(health.run(health_listener, sd).await) });
     let sd = services.clone();

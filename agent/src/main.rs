@@ -163,6 +163,9 @@ async fn reload(exe: &Path, config: &Path) {
             return;
         }
     }
+    // systemd shows the unit reloading until the new image reports READY=1 (its notify part
+    // does once Envoy serves again).
+    pilotfish_agent::notify::reloading();
     info!("re-executing the agent; Envoy keeps serving and is taken over by a hot restart");
     let e = std::process::Command::new(exe)
         .args(std::env::args_os().skip(1))

@@ -12,6 +12,9 @@ use std::time::SystemTime;
 pub struct AgentStatus {
     /// 0 while no Envoy runs.
     envoy_pid: AtomicU32,
+    /// The `--restart-epoch` of the Envoy the agent runs (after a hot restart the previous
+    /// one may still answer on the admin port for a moment).
+    envoy_epoch: AtomicU32,
     envoy_restarts: AtomicU64,
     upstream_streams: AtomicU64,
     cache_streams: AtomicU64,
@@ -24,6 +27,14 @@ pub struct AgentStatus {
 impl AgentStatus {
     pub fn set_envoy_pid(&self, pid: Option<u32>) {
         self.envoy_pid.store(pid.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn set_envoy_epoch(&self, epoch: u32) {
+        self.envoy_epoch.store(epoch, Ordering::Relaxed);
+    }
+
+    pub fn envoy_epoch(&self) -> u32 {
+        self.envoy_epoch.load(Ordering::Relaxed)
     }
 
     pub fn envoy_pid(&self) -> Option<u32> {

@@ -10,7 +10,7 @@
 //!
 //! ```toml
 //! trust_domain = "pilotfish.local"    # SPIFFE trust domain: [a-z0-9._-], e.g. "mesh.example"
-//! state_dir = "/var/lib/pilotfish"    # CA keys (ca/), join tokens (tokens.json), rules.d/, last-good/
+//! state_dir = "/var/lib/pilotfish/discovery"  # CA keys (ca/), join tokens (tokens.json), rules.d/, last-good/
 //! grpc = "0.0.0.0:15012"              # ADS + pilotfish.identity.v1.Identity, TLS (mTLS per call)
 //! http = "127.0.0.1:15014"            # status and metrics, plaintext: keep it on loopback
 //! insecure = false                    # true: plaintext gRPC, no CA, no authentication.
@@ -63,7 +63,8 @@ use crate::liveness::DEFAULT_NODE_GRACE;
 use crate::mesh::DebounceTimes;
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "pilotfish.local";
-pub const DEFAULT_STATE_DIR: &str = "/var/lib/pilotfish";
+/// The unit's `StateDirectory=pilotfish/discovery` (the agent's is `/var/lib/pilotfish/agent`).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/pilotfish/discovery";
 pub const DEFAULT_GRPC: &str = "0.0.0.0:15012";
 pub const DEFAULT_HTTP: &str = "127.0.0.1:15014";
 /// Default lifetime of workload (service) certificates and of discovery's serving certificate.
@@ -522,7 +523,7 @@ mod tests {
         assert_eq!(c.ca.node_ttl, Duration::from_secs(7 * 24 * 3600));
         assert_eq!(c.grpc, "0.0.0.0:15012".parse().expect("addr"));
         assert_eq!(c.http, "127.0.0.1:15014".parse().expect("addr"));
-        assert_eq!(c.state_dir, PathBuf::from("/var/lib/pilotfish"));
+        assert_eq!(c.state_dir, PathBuf::from("/var/lib/pilotfish/discovery"));
         assert_eq!(
             c.registry_files,
             [

@@ -550,7 +550,9 @@ mod tests {
                     "expected a number",
                 )],
                 restored: Some(pilotfish_registries::files::Restored {
-                    copy: PathBuf::from("/var/lib/pilotfish/last-good/files/services-0.toml"),
+                    copy: PathBuf::from(
+                        "/var/lib/pilotfish/discovery/last-good/files/services-0.toml",
+                    ),
                     saved: std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
                 }),
             },
@@ -595,7 +597,7 @@ mod tests {
         assert_eq!(file["since"], "2023-11-14T22:13:20Z");
         assert_eq!(
             file["last_good_copy"],
-            "/var/lib/pilotfish/last-good/files/services-0.toml"
+            "/var/lib/pilotfish/discovery/last-good/files/services-0.toml"
         );
         assert_eq!(json["snapshot"]["generation"], 0);
         assert_eq!(json["proxies"][0]["node"], "vm-a");

@@ -177,6 +177,7 @@ pub async fn run(
     });
     let (status_tx, status_rx) = watch::channel(Arc::new(FilesStatus::default()));
     let (snapshot_tx, snapshot_rx) = watch::channel(Arc::new(MeshSnapshot::placeholder()));
+    let first_snapshot = snapshot_rx.clone();
     let connections = Connections::default();
     let xds_metrics = Arc::new(XdsMetrics::default());
     let mesh_metrics = MeshMetrics::default();
@@ -307,6 +308,15 @@ pub async fn run(
     });
     let token = stop.clone();
     tasks.spawn(async move { http.run(http_listener, token).await.map_err(RunError::Http) });
+    // systemd (Type=notify): READY=1 once the first snapshot is built (the listeners are bound
+    // already), watchdog pings from this runtime until every part has stopped, STOPPING=1.
+    // Joined after the parts, so it pings while they drain.
+    let drained = CancellationToken::new();
+    let systemd = tokio::spawn(talk_to_systemd(
+        first_snapshot,
+        stop.clone(),
+        drained.clone(),
+    ));
 
     let mut result = Ok(());
     while let Some(joined) = tasks.join_next().await {
@@ -321,8 +331,24 @@ pub async fn run(
         }
         stop.cancel();
     }
+    drained.cancel();
+    let _ = systemd.await;
     info!("discovery stopped");
     result
+}
+
+async fn talk_to_systemd(
+    mut snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    stop: CancellationToken,
+    drained: CancellationToken,
+) {
+    let built = async move {
+        // A closed channel means discovery is stopping; STOPPING=1 comes from `stop` then.
+        if snapshots.wait_for(|s| s.generation > 0).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    pilotfish_systemd::converse(built, "serving", stop, drained).await;
 }
 
 /// Reloads the CA on every SIGHUP until `shutdown` (root rotation: `ca prepare-rotation`,
@@ -348,7 +374,12 @@ async fn reload_on_sighup(authority: Option<Arc<Authority>>, shutdown: Cancellat
         match &authority {
             Some(a) => {
                 info!("SIGHUP: reloading the CA");
-                a.request_reload();
+                // `systemctl reload` shows the unit reloading until the CA files are read.
+                pilotfish_systemd::reloading();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    () = a.request_reload() => pilotfish_systemd::ready("serving"),
+                }
             }
             None => warn!("SIGHUP: insecure mode has no CA to reload"),
         }

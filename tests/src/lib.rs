@@ -154,10 +154,22 @@ pub struct Process {
     pub child: Option<Child>,
     pub log: PathBuf,
     command: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Process {
     pub fn spawn(name: &str, program: &Path, args: &[&str], log: PathBuf) -> Result<Process> {
+        Process::spawn_env(name, program, args, log, &[])
+    }
+
+    /// [`Process::spawn`] with extra environment variables (kept for [`Process::restart`]).
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        log: PathBuf,
+        env: &[(String, String)],
+    ) -> Result<Process> {
         let out = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -173,6 +185,7 @@ impl Process {
                 "PILOTFISH_LOG",
                 std::env::var("PILOTFISH_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .with_context(|| format!("start {}", program.display()))?;
         let mut command = vec![program.display().to_string()];
@@ -182,6 +195,7 @@ impl Process {
             child: Some(child),
             log,
             command,
+            env: env.to_vec(),
         })
     }
 
@@ -194,7 +208,8 @@ impl Process {
         self.kill();
         let program = PathBuf::from(&self.command[0]);
         let args: Vec<&str> = self.command[1..].iter().map(String::as_str).collect();
-        let mut fresh = Process::spawn(&self.name, &program, &args, self.log.clone())?;
+        let mut fresh =
+            Process::spawn_env(&self.name, &program, &args, self.log.clone(), &self.env)?;
         self.child = fresh.child.take();
         Ok(())
     }

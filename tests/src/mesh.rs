@@ -128,6 +128,8 @@ pub struct Mesh {
     /// The trust bundle agents get as `ca_file` (secure meshes only).
     pub ca_file: PathBuf,
     pub config: PathBuf,
+    /// Extra environment for the agents started from now on.
+    pub agent_env: Vec<(String, String)>,
     _tmp: tempfile::TempDir,
 }
 
@@ -143,6 +145,8 @@ pub struct MeshOptions {
     pub discovery_extra: String,
     /// Extra top-level keys for discovery.toml (before its first table).
     pub discovery_top: String,
+    /// Extra environment for discovery (for example `NOTIFY_SOCKET`).
+    pub discovery_env: Vec<(String, String)>,
 }
 
 impl Default for MeshOptions {
@@ -152,6 +156,7 @@ impl Default for MeshOptions {
             secure: false,
             discovery_extra: String::new(),
             discovery_top: String::new(),
+            discovery_env: Vec::new(),
         }
     }
 }
@@ -206,11 +211,12 @@ impl Mesh {
             let bundle = discovery_cli(&config, &["ca", "bundle"])?;
             fs::write(&ca_file, bundle)?;
         }
-        let discovery = Process::spawn(
+        let discovery = Process::spawn_env(
             "discovery",
             &binary("pilotfish-discovery")?,
             &["--config", &config.display().to_string()],
             dir.join("discovery.log"),
+            &opts.discovery_env,
         )?;
         Ok(Mesh {
             net,
@@ -225,6 +231,7 @@ impl Mesh {
             secure: opts.secure,
             ca_file,
             config,
+            agent_env: Vec::new(),
             _tmp: tmp,
         })
     }
@@ -318,11 +325,12 @@ xds = "{xds}"
                 xds = self.xds,
             ),
         )?;
-        let agent = Process::spawn(
+        let agent = Process::spawn_env(
             node,
             agent,
             &["--config", &config.display().to_string()],
             dir.join("agent.log"),
+            &self.agent_env,
         )?;
         self.hosts.push(Host {
             node: node.to_string(),

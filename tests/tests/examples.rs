@@ -189,3 +189,35 @@ fn check_warns_about_a_broken_registry_file_and_validate_fails() -> Result<()> {
     assert!(text.contains("broken.toml:2:"), "{text}");
     Ok(())
 }
+
+/// The configs the packages install as /etc/pilotfish/{agent,discovery}.toml parse as they are
+/// (the package test runs `--check` on the installed copies, with a root and a token in place).
+#[test]
+fn production_examples_parse() -> Result<()> {
+    let dir = workspace_root().join("examples/production");
+    let discovery = dir.join("discovery.toml");
+    let text = std::fs::read_to_string(&discovery)?;
+    let config = pilotfish_discovery::config::Config::parse(&text, &discovery)
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(
+        config.state_dir,
+        std::path::Path::new(pilotfish_discovery::config::DEFAULT_STATE_DIR)
+    );
+
+    let agent = dir.join("agent.toml");
+    let text = std::fs::read_to_string(&agent)?;
+    // `binary = "envoy"` is looked up on PATH.
+    let envoy = envoy_binary()?;
+    let path = envoy.parent().map(|p| p.as_os_str().to_owned());
+    let config = pilotfish_agent::config::parse(&agent, &text, &dir, path.as_deref())
+        .map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    assert_eq!(
+        config.state_dir,
+        std::path::Path::new(pilotfish_agent::config::DEFAULT_STATE_DIR)
+    );
+    assert_eq!(
+        config.run_dir,
+        std::path::Path::new(pilotfish_agent::config::DEFAULT_RUN_DIR)
+    );
+    Ok(())
+}

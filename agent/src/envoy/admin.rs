@@ -117,6 +117,27 @@ impl Admin {
         }
     }
 
+    /// The `--restart-epoch` of the Envoy answering on the admin port (`/server_info`).
+    pub async fn epoch(&self) -> Option<u32> {
+        match self.call(Method::GET, "/server_info").await {
+            Ok((StatusCode::OK, body)) => {
+                let info: serde_json::Value = serde_json::from_slice(&body).ok()?;
+                let options = info.get("command_line_options")?;
+                // A proto3 default (0) may be left out of the JSON.
+                let epoch = options
+                    .get("restart_epoch")
+                    .map_or(Some(0), |e| e.as_u64())?;
+                u32::try_from(epoch).ok()
+            }
+            _ => None,
+        }
+    }
+
+    /// `/ready` answered 200 by the Envoy of `epoch` (not by the one it is replacing).
+    pub async fn ready_at(&self, epoch: u32) -> bool {
+        self.ready().await && self.epoch().await == Some(epoch)
+    }
+
     /// Envoy's config dump (`/config_dump`), with its endpoints when `eds` (they are left out
     /// by default: a large mesh has many).
     pub async fn config_dump(&self, eds: bool) -> Result<Bytes, AdminError> {

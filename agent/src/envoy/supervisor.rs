@@ -235,6 +235,7 @@ impl Supervisor {
                         record.store(&self.run_dir);
                     }
                     self.status.set_envoy_pid(Some(pid));
+                    self.status.set_envoy_epoch(epoch);
                     let outcome = self
                         .supervise(&mut child, pid, epoch, &mut inherited, &shutdown)
                         .await;
@@ -275,7 +276,7 @@ impl Supervisor {
         inherited: &mut Vec<Record>,
         shutdown: &CancellationToken,
     ) -> Outcome {
-        let ready = self.wait_ready(pid);
+        let ready = self.wait_ready(pid, epoch);
         tokio::pin!(ready);
         let mut ready_done = false;
         // Epoch 0 picked its own base id: record the process once Envoy has written it.
@@ -305,11 +306,11 @@ impl Supervisor {
         }
     }
 
-    async fn wait_ready(&self, pid: u32) {
+    async fn wait_ready(&self, pid: u32, epoch: u32) {
         let started = Instant::now();
         let mut warned = false;
         loop {
-            if self.admin.ready().await {
+            if self.admin.ready_at(epoch).await {
                 info!(pid, after = ?started.elapsed(), admin = %self.admin.addr(), "envoy ready");
                 return;
             }

@@ -85,6 +85,8 @@ pub struct Authority {
     revoker: Arc<Revoker>,
     metrics: Arc<CaMetrics>,
     reload: Notify,
+    /// Counts reload attempts, so a SIGHUP can wait for its own.
+    reloaded: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -126,6 +128,7 @@ impl Authority {
             revoker,
             metrics,
             reload: Notify::new(),
+            reloaded: watch::Sender::new(0),
         })
     }
 
@@ -172,9 +175,13 @@ impl Authority {
         }
     }
 
-    /// Asks [`Authority::run`] to reload the CA files (SIGHUP).
-    pub fn request_reload(&self) {
+    /// Asks [`Authority::run`] to reload the CA files (SIGHUP) and waits until it has tried (it
+    /// logs the outcome). Waits for ever once `run` has returned.
+    pub async fn request_reload(&self) {
+        let mut attempts = self.reloaded.subscribe();
+        attempts.mark_unchanged();
         self.reload.notify_one();
+        let _ = attempts.changed().await;
     }
 
     /// Re-reads the CA files and, if they load, makes them current: the new bundle for
@@ -242,6 +249,9 @@ impl Authority {
                 }
             })
             .await;
+            if reload {
+                self.reloaded.send_modify(|n| *n += 1);
+            }
             wait = match done {
                 Ok(Ok(())) => {
                     if !reload {
