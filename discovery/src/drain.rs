@@ -120,18 +120,11 @@ pub async fn leave(
 
 /// Proxies other than `node`'s that run `generation` (or newer) in full, and those that do not.
 fn tally(connections: &Connections, node: &str, generation: u64) -> Departure {
-    let mut d = Departure {
-        callers: 0,
-        pending: 0,
-    };
-    for p in connections.list().iter().filter(|p| p.node != node) {
-        if p.generation >= generation {
-            d.callers += 1;
-        } else {
-            d.pending += 1;
-        }
+    let (callers, pending) = connections.settled_since(node, generation);
+    Departure {
+        callers: u32::try_from(callers).unwrap_or(u32::MAX),
+        pending: u32::try_from(pending).unwrap_or(u32::MAX),
     }
-    d
 }
 
 #[cfg(test)]
@@ -145,6 +138,33 @@ mod tests {
             last_seen: Instant::now(),
             last_seen_unix_ms: 0,
         }
+    }
+
+    #[test]
+    fn callers_count_once_they_run_the_generation_and_the_leaver_never_counts() {
+        use crate::xds::connections::StreamKind;
+        let connections = Connections::default();
+        let a = connections.register("vm-a", StreamKind::Delta);
+        let _b = connections.register("vm-b", StreamKind::Delta);
+        let c = connections.register("vm-c", StreamKind::Sotw);
+        assert_eq!(
+            tally(&connections, "vm-b", 7),
+            Departure {
+                callers: 0,
+                pending: 2
+            }
+        );
+        a.settled_at(7);
+        c.settled_at(6);
+        assert_eq!(tally(&connections, "vm-b", 7).pending, 1);
+        c.settled_at(8);
+        assert_eq!(
+            tally(&connections, "vm-b", 7),
+            Departure {
+                callers: 2,
+                pending: 0
+            }
+        );
     }
 
     #[test]

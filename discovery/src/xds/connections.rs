@@ -213,6 +213,22 @@ impl Connections {
             .and_then(|s| Some((Arc::clone(s.proxy.as_ref()?), s.stream)))
     }
 
+    /// Open streams of nodes other than `node`: how many have settled at `generation` or
+    /// later, and how many have not.
+    pub fn settled_since(&self, node: &str, generation: u64) -> (usize, usize) {
+        let inner = self.lock();
+        let others = inner.streams.values().filter(|s| s.node != node);
+        let (mut done, mut pending) = (0, 0);
+        for s in others {
+            if s.generation >= generation {
+                done += 1;
+            } else {
+                pending += 1;
+            }
+        }
+        (done, pending)
+    }
+
     pub fn count(&self) -> usize {
         self.lock().streams.len()
     }
