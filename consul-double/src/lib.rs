@@ -14,6 +14,7 @@
 mod conn;
 pub mod http;
 pub mod json;
+pub mod kv;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
