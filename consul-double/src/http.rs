@@ -790,6 +790,13 @@ fn admin(
             shared.wake();
             json_response(b"true".to_vec())
         }
+        ("PUT", "reap") => {
+            for s in lock(&shared.dcs).values_mut() {
+                s.kv.reap_tombstones();
+            }
+            shared.wake();
+            json_response(b"true".to_vec())
+        }
         ("PUT", "regress") => match get("to").and_then(|t| t.parse::<u64>().ok()) {
             Some(to) => {
                 for s in lock(&shared.dcs).values_mut() {

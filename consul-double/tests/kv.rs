@@ -265,6 +265,13 @@ async fn recurse_and_keys_list_a_prefix() {
     assert_eq!(delete(&d, "/v1/kv/svc/b/?recurse").await.text(), "true");
     let keys = get(&d, "/v1/kv/?keys").await.json();
     assert_eq!(keys, serde_json::json!(["other", "svc/a"]));
+
+    // Once the tombstones are reaped the prefix's index goes backwards: clients must reset.
+    let before = get(&d, "/v1/kv/svc/?recurse").await.index();
+    d.reap_kv_tombstones();
+    let after = get(&d, "/v1/kv/svc/?recurse").await.index();
+    assert!(after < before, "{after} < {before}");
+    assert_eq!(after, get(&d, "/v1/kv/svc/a").await.index());
 }
 
 #[tokio::test]
