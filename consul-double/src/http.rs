@@ -19,6 +19,8 @@ use crate::json::{self, Filter};
 use crate::store::{DcStore, DeregisterRequest, RegisterRequest, StoreError};
 use crate::{lock, CutFault, ErrorFault, Faults, Shared};
 
+mod kv;
+
 const DEFAULT_WAIT: Duration = Duration::from_secs(300);
 const MAX_WAIT: Duration = Duration::from_secs(600);
 
@@ -36,11 +38,17 @@ enum Endpoint {
     HealthState(String),
     Datacenters,
     Leader,
+    /// `/v1/kv/<key>`, the key still percent-encoded.
+    Kv(String),
 }
 
 fn route(path: &str) -> Option<(Endpoint, &'static [Method])> {
     const GET: &[Method] = &[Method::GET];
     const PUT: &[Method] = &[Method::PUT];
+    const KV: &[Method] = &[Method::GET, Method::PUT, Method::DELETE];
+    if let Some(key) = path.strip_prefix("/v1/kv/") {
+        return Some((Endpoint::Kv(key.to_string()), KV));
+    }
     let ep = match path {
         "/v1/catalog/register" => return Some((Endpoint::Register, PUT)),
         "/v1/catalog/deregister" => return Some((Endpoint::Deregister, PUT)),
@@ -169,7 +177,27 @@ async fn dispatch(State(shared): State<Arc<Shared>>, req: Request) -> Response {
             };
             json_response(serde_json::to_vec(leader).unwrap_or_default())
         }
-        _ => read(&shared, &endpoint, params, faults).await,
+        Endpoint::Kv(key) => {
+            let req = kv::KvRequest {
+                method: parts.method,
+                raw_path: path.clone(),
+                raw_key: key,
+                query,
+                content_length: parts
+                    .headers
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok()),
+            };
+            kv::handle(&shared, req, params, faults, body).await
+        }
+        _ => {
+            let ep = endpoint;
+            let p = params.clone();
+            read(&shared, &params, faults, move |shared, faults| {
+                compute(shared, &ep, &p, faults)
+            })
+            .await
+        }
     }
 }
 
@@ -407,6 +435,30 @@ struct ReadResult {
     body: Value,
     /// Already-serialized body: the fast path for large unfiltered reads.
     raw: Option<Vec<u8>>,
+    /// 200, or 404 for a KV read that found nothing (Consul still sends the index headers).
+    status: StatusCode,
+    /// Headers that replace the defaults: KV `?raw` is `text/plain`, a KV 404 has no type.
+    headers: HeaderMap,
+    /// Entries were left out for the token: `X-Consul-Results-Filtered-By-ACLs` (named tokens).
+    filtered: bool,
+}
+
+impl ReadResult {
+    fn json(index: u64, body: Value) -> ReadResult {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        ReadResult {
+            index,
+            body,
+            raw: None,
+            status: StatusCode::OK,
+            headers,
+            filtered: false,
+        }
+    }
 }
 
 fn compute(
@@ -442,17 +494,12 @@ fn compute(
                     out.push(v);
                 }
             }
-            ReadResult {
-                index: store.index_of_service(name),
-                body: Value::Array(out),
-                raw: None,
-            }
+            ReadResult::json(store.index_of_service(name), Value::Array(out))
         }
-        Endpoint::HealthService(name) => ReadResult {
-            index: store.index_of_service(name),
-            body: Value::Array(health_service(store, name, &p.dc, p)?),
-            raw: None,
-        },
+        Endpoint::HealthService(name) => ReadResult::json(
+            store.index_of_service(name),
+            Value::Array(health_service(store, name, &p.dc, p)?),
+        ),
         Endpoint::HealthState(state) => {
             if state.is_empty() {
                 return Err(bad("Missing check state"));
@@ -467,11 +514,9 @@ fn compute(
             if p.filter.is_none() && !faults.reorder && !hide_all && !faults.filter_results {
                 // Serialize straight from the store: /v1/health/state/any carries every check.
                 let checks: Vec<_> = selected.map(json::check).collect();
-                return Ok(ReadResult {
-                    index: store.checks_index,
-                    body: Value::Null,
-                    raw: Some(serde_json::to_vec(&checks).unwrap_or_default()),
-                });
+                let mut r = ReadResult::json(store.checks_index, Value::Null);
+                r.raw = Some(serde_json::to_vec(&checks).unwrap_or_default());
+                return Ok(r);
             }
             let mut out = Vec::new();
             for c in selected {
@@ -480,15 +525,12 @@ fn compute(
                     out.push(v);
                 }
             }
-            ReadResult {
-                index: store.checks_index,
-                body: Value::Array(out),
-                raw: None,
-            }
+            ReadResult::json(store.checks_index, Value::Array(out))
         }
         _ => return Err(bad("not a read")),
     };
     if hide_all || faults.filter_results {
+        r.filtered = faults.filter_results;
         r.body = match r.body {
             Value::Object(_) => Value::Object(Map::new()),
             _ => Value::Array(Vec::new()),
@@ -557,11 +599,7 @@ fn services(store: &DcStore, dc: &str, p: &Params, list_consul: bool) -> Result<
             }
         }
     }
-    Ok(ReadResult {
-        index: store.services_index,
-        body: to_value(&out),
-        raw: None,
-    })
+    Ok(ReadResult::json(store.services_index, to_value(&out)))
 }
 
 fn health_service(store: &DcStore, name: &str, dc: &str, p: &Params) -> Result<Vec<Value>, Fail> {
@@ -593,8 +631,16 @@ fn health_service(store: &DcStore, name: &str, dc: &str, p: &Params) -> Result<V
     Ok(out)
 }
 
-/// Runs a read with Consul's blocking semantics (consul-api.md a.2).
-async fn read(shared: &Arc<Shared>, ep: &Endpoint, p: Params, faults: Faults) -> Response {
+/// Runs a read with Consul's blocking semantics (consul-api.md a.2): `compute` evaluates the
+/// query against the current state and is re-run on every write until its index passes
+/// `?index=` or the wait runs out. Every blocking endpoint, catalog, health and KV, goes through
+/// here, and so through the same fault switches and response headers.
+async fn read(
+    shared: &Arc<Shared>,
+    p: &Params,
+    faults: Faults,
+    compute: impl Fn(&Shared, &Faults) -> Result<ReadResult, Fail>,
+) -> Response {
     let no_leader = faults.error == Some(ErrorFault::NoLeader);
     match faults.error {
         Some(ErrorFault::NoLeader) if !p.stale => {
@@ -621,7 +667,7 @@ async fn read(shared: &Arc<Shared>, ep: &Endpoint, p: Params, faults: Faults) ->
     let mut counted = false;
     let result = loop {
         rx.borrow_and_update();
-        let r = match compute(shared, ep, &p, &faults) {
+        let r = match compute(shared, &faults) {
             Ok(r) => r,
             Err((code, msg)) => break Err((code, msg)),
         };
@@ -640,7 +686,7 @@ async fn read(shared: &Arc<Shared>, ep: &Endpoint, p: Params, faults: Faults) ->
         };
         if timed_out {
             // On timeout Consul answers 200 with the current body and index.
-            break compute(shared, ep, &p, &shared.faults());
+            break compute(shared, &shared.faults());
         }
     };
     if counted {
@@ -659,11 +705,7 @@ async fn read(shared: &Arc<Shared>, ep: &Endpoint, p: Params, faults: Faults) ->
         Some(raw) => raw,
         None => serde_json::to_vec(&r.body).unwrap_or_default(),
     };
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
+    let mut headers = r.headers;
     if !faults.missing_index {
         // Consul rewrites index 0 to 1.
         headers.insert("x-consul-index", HeaderValue::from(r.index.max(1)));
@@ -691,7 +733,7 @@ async fn read(shared: &Arc<Shared>, ep: &Endpoint, p: Params, faults: Faults) ->
         "x-consul-default-acl-policy",
         HeaderValue::from_static(if p.acl_enabled { "deny" } else { "allow" }),
     );
-    if faults.filter_results && p.token_known == Some(true) {
+    if r.filtered && p.token_known == Some(true) {
         headers.insert(
             "x-consul-results-filtered-by-acls",
             HeaderValue::from_static("true"),
@@ -701,6 +743,7 @@ async fn read(shared: &Arc<Shared>, ep: &Endpoint, p: Params, faults: Faults) ->
         Some(CutFault::MidBody) => {
             let half = Bytes::copy_from_slice(&body[..body.len() / 2]);
             let mut resp = cut_response(half);
+            *resp.status_mut() = r.status;
             resp.headers_mut().extend(headers);
             resp.headers_mut()
                 .insert(header::CONTENT_LENGTH, HeaderValue::from(body.len()));
@@ -708,9 +751,9 @@ async fn read(shared: &Arc<Shared>, ep: &Endpoint, p: Params, faults: Faults) ->
         }
         Some(CutFault::TruncatedJson) => {
             let half = body[..body.len() / 2].to_vec();
-            (StatusCode::OK, headers, half).into_response()
+            (r.status, headers, half).into_response()
         }
-        None => (StatusCode::OK, headers, body).into_response(),
+        None => (r.status, headers, body).into_response(),
     }
 }
 
@@ -743,6 +786,13 @@ fn admin(
         ("PUT", "spurious") => {
             for s in lock(&shared.dcs).values_mut() {
                 s.spurious_write();
+            }
+            shared.wake();
+            json_response(b"true".to_vec())
+        }
+        ("PUT", "reap") => {
+            for s in lock(&shared.dcs).values_mut() {
+                s.kv.reap_tombstones();
             }
             shared.wake();
             json_response(b"true".to_vec())

@@ -1,6 +1,12 @@
 //! A test double of the Consul HTTP API subset Pilotfish reads (shared/reference/consul-api.md),
 //! blocking queries included, with switches that reproduce the ways Consul misbehaves.
 //!
+//! Endpoints: `/v1/catalog/{services,service/:name,register,deregister,datacenters}`,
+//! `/v1/health/{service/:name,state/:state}`, `/v1/status/leader`, and the KV store
+//! `/v1/kv/<key>` (GET with `?recurse`/`?keys`/`?separator`/`?raw`, PUT with `?cas`/`?flags`,
+//! DELETE with `?recurse`/`?cas`; no sessions, so no locks), whose indexes, 404s, value limit and
+//! key checks follow Consul's `agent/kvs_endpoint.go` and `agent/consul/state/kvs.go`.
+//!
 //! [`ConsulDouble::start`] binds a listener and serves in the background; the returned
 //! [`DoubleHandle`] seeds the catalog (the same `register`/`deregister` writes a client would
 //! send over HTTP), flips fault switches, and reads request and connection counters. The binary
@@ -8,12 +14,15 @@
 //! set with `PUT /_double/faults` (a JSON [`Faults`]) and counters read at `GET /_double/stats`.
 //!
 //! Data flow: the HTTP layer ([`http`]) parses the common parameters, applies the fault switches,
-//! and runs blocking reads against the [`store`] under a mutex; each write bumps a `watch`
-//! generation that wakes blocked readers, which re-evaluate their result index.
+//! and runs blocking reads against the [`store`] (catalog) and its [`kv`] store under a mutex;
+//! each write, catalog or KV, consumes the datacenter's one Raft index and bumps a `watch`
+//! generation that wakes blocked readers, which re-evaluate their result index. Error faults
+//! fail KV writes too; catalog registration stays open so tests can seed during an outage.
 
 mod conn;
 pub mod http;
 pub mod json;
+pub mod kv;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -333,7 +342,8 @@ impl DoubleHandle {
             .unwrap_or(false)
     }
 
-    /// Spurious wake-up: every index moves on, nothing else changes.
+    /// Spurious wake-up: every catalog index moves on, nothing else changes. KV indexes stay:
+    /// Consul skips a KV write that changes nothing, so KV watchers see no spurious wake-ups.
     pub fn spurious_wakeup(&self) {
         let mut dcs = lock(&self.shared.dcs);
         for s in dcs.values_mut() {
@@ -350,6 +360,15 @@ impl DoubleHandle {
             s.regress_index(to);
         }
         drop(dcs);
+        self.shared.wake();
+    }
+
+    /// Reaps the KV tombstones in every datacenter, as Consul's reaper does once they are old:
+    /// a prefix whose newest key was deleted then reports a lower index (a KV index reset).
+    pub fn reap_kv_tombstones(&self) {
+        for s in lock(&self.shared.dcs).values_mut() {
+            s.kv.reap_tombstones();
+        }
         self.shared.wake();
     }
 

@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::kv::{KvApplied, KvOp, KvStore};
+
 pub type StrMap = BTreeMap<String, String>;
 
 /// A write or read refused by the store; the HTTP layer maps it to a status and a plain body.
@@ -201,12 +203,21 @@ pub struct DcStore {
     pub nodes_index: u64,
     /// Per service name: instances, their checks and their nodes.
     pub service_index: BTreeMap<String, u64>,
+    /// The KV store; its writes share the Raft index with the catalog.
+    pub kv: KvStore,
 }
 
 impl DcStore {
     fn next_index(&mut self) -> u64 {
         self.index += 1;
         self.index
+    }
+
+    /// Applies a KV write. Every apply consumes a Raft index, as a `KVS.Apply` that reaches Raft
+    /// does, whether or not it changes anything.
+    pub fn kv_apply(&mut self, op: KvOp) -> KvApplied {
+        let idx = self.next_index();
+        self.kv.apply(idx, op)
     }
 
     fn touch_service(&mut self, name: &str, idx: u64) {
@@ -483,6 +494,7 @@ impl DcStore {
         for v in self.service_index.values_mut() {
             *v = (*v).min(to);
         }
+        self.kv.regress_index(to);
     }
 
     /// Sets a check's status (the common "fail a health check" write).

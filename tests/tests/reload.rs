@@ -242,7 +242,10 @@ async fn a_stopping_host_is_drained_from_its_callers_first() -> Result<()> {
     flowing(&load, 1000).await?;
     let tally = load.stop().await;
     let log = mesh.host("vm-b").agent.log_text();
-    if let Some(line) = log.lines().find(|l| l.contains("discovery drained this host")) {
+    if let Some(line) = log
+        .lines()
+        .find(|l| l.contains("discovery drained this host"))
+    {
         eprintln!("{line}");
     }
     ensure!(
