@@ -1,6 +1,6 @@
 //! Operator commands that work on the state directory, with or without discovery running:
 //! join tokens (`token create|list|revoke`), hosts (`node list|revoke|restore`) and the CA
-//! (`ca bundle|roots|prepare-rotation|switch|retire`). Each returns what to print; `main.rs` prints it and picks the exit code
+//! (`ca bundle|roots|prepare-rotation|switch|retire|intermediate|sign-intermediate`). Each returns what to print; `main.rs` prints it and picks the exit code
 //! from [`AdminError::is_usage`].
 //!
 //! Run them as the user discovery runs as: they create files in `state_dir` (the CA, on first
@@ -18,13 +18,16 @@
 //!    `workload_ttl` and `node_ttl` (7 days by default).
 //! 5. `ca retire <fingerprint>` (from `ca roots`), SIGHUP.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
+use pilotfish_durable as durable;
+use pilotfish_pki::ca::{request_intermediate, sign_intermediate, DEFAULT_INTERMEDIATE_TTL};
 use pilotfish_pki::revocation::summarize;
 use pilotfish_pki::tokens::DEFAULT_TOKEN_TTL;
 use pilotfish_pki::{
-    Ca, CaError, IssuedLog, RevocationError, RevocationStore, TokenStore, TokenStoreError,
+    Ca, CaError, IntermediateError, IssuedLog, RevocationError, RevocationStore, TokenStore,
+    TokenStoreError,
 };
 use pilotfish_registries::config_vocab::parse_duration;
 
@@ -44,6 +47,16 @@ pub enum AdminError {
     Revocations(#[from] RevocationError),
     #[error(transparent)]
     Issued(#[from] pilotfish_pki::FileError),
+    #[error(transparent)]
+    Intermediate(#[from] IntermediateError),
+    #[error("{}: no root key here; run this where the root is kept, or give --root-cert and --root-key", .0.display())]
+    NoRoot(PathBuf),
+    #[error("{}: {source}", path.display())]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl AdminError {
@@ -55,6 +68,13 @@ impl AdminError {
                 | AdminError::Tokens(TokenStoreError::InvalidNode(_) | TokenStoreError::BadTtl)
                 | AdminError::Ca(CaError::Config(_))
                 | AdminError::Revocations(RevocationError::InvalidNode(_))
+                | AdminError::Intermediate(
+                    IntermediateError::BadName(_)
+                        | IntermediateError::KeyExists(_)
+                        | IntermediateError::NotRoot(_)
+                        | IntermediateError::Rejected(_)
+                )
+                | AdminError::NoRoot(_)
         )
     }
 }
@@ -353,6 +373,110 @@ pub fn ca_retire(config: &Config, fingerprint: &str) -> Result<Output, AdminErro
     })
 }
 
+/// This host's name as a replica name: the first label of the kernel's hostname.
+fn default_replica_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .and_then(|h| h.trim().split('.').next().map(str::to_owned))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "replica".to_owned())
+}
+
+/// `ca intermediate --out DIR [--name REPLICA]`, on a replica: its signing key and a CSR for
+/// the root's keeper. Needs no root.
+pub fn ca_intermediate(
+    config: &Config,
+    out: &Path,
+    name: Option<&str>,
+) -> Result<Output, AdminError> {
+    let name = name.map_or_else(default_replica_name, str::to_owned);
+    let req = request_intermediate(out, &config.trust_domain, &name)?;
+    let cert = out.join("intermediate.pem");
+    Ok(Output {
+        stdout: String::new(),
+        stderr: format!(
+            "made the key {} (keep it on this replica) and the request {} for \"{}\".\n\
+             Next:\n  \
+             1. copy the request to where the root key is and run\n     \
+             pilotfish-discovery ca sign-intermediate {} --out {}\n  \
+             2. copy {} back here, and in discovery.toml set\n     \
+             [ca]\n     cert_file = \"{}\"\n     key_file = \"{}\"\n  \
+             3. restart (or reload) discovery: it signs with the intermediate; agents keep \
+             trusting the root alone.\n",
+            req.key_file.display(),
+            req.csr_file.display(),
+            req.common_name,
+            req.csr_file.display(),
+            cert.display(),
+            cert.display(),
+            cert.display(),
+            req.key_file.display(),
+        ),
+    })
+}
+
+/// Where `ca sign-intermediate` finds the root: `--root-cert/--root-key`, else the operator's
+/// `[ca] cert_file/key_file`, else discovery's own `state_dir/ca/root.pem`.
+fn root_files(
+    config: &Config,
+    root: Option<(&Path, &Path)>,
+) -> Result<(PathBuf, PathBuf), AdminError> {
+    if let Some((cert, key)) = root {
+        return Ok((cert.to_owned(), key.to_owned()));
+    }
+    if let (Some(cert), Some(key)) = (&config.ca.cert_file, &config.ca.key_file) {
+        return Ok((cert.clone(), key.clone()));
+    }
+    let dir = config.state_dir.join("ca");
+    let (cert, key) = (dir.join("root.pem"), dir.join("root.key"));
+    if !key.exists() {
+        return Err(AdminError::NoRoot(key));
+    }
+    Ok((cert, key))
+}
+
+/// `ca sign-intermediate CSR --out CERT [--ttl 365d] [--root-cert F --root-key F]`, where the
+/// root key is: checks the replica's CSR and writes CERT, the intermediate followed by the
+/// root, which is the whole chain `[ca] cert_file` needs (no `chain_file`).
+pub fn ca_sign_intermediate(
+    config: &Config,
+    csr: &Path,
+    out: &Path,
+    ttl: Option<&str>,
+    root: Option<(&Path, &Path)>,
+) -> Result<Output, AdminError> {
+    let ttl = match ttl {
+        Some(t) => parse_duration(t).map_err(AdminError::BadTtl)?,
+        None => DEFAULT_INTERMEDIATE_TTL,
+    };
+    let (root_cert, root_key) = root_files(config, root)?;
+    let csr_pem = std::fs::read_to_string(csr).map_err(|source| AdminError::File {
+        path: csr.to_owned(),
+        source,
+    })?;
+    let signed = sign_intermediate(&root_cert, &root_key, &config.trust_domain, &csr_pem, ttl)?;
+    durable::write_atomic(out, signed.chain_pem.as_bytes(), durable::PUBLIC_MODE).map_err(
+        |source| AdminError::File {
+            path: out.to_owned(),
+            source,
+        },
+    )?;
+    Ok(Output {
+        stdout: String::new(),
+        stderr: format!(
+            "signed \"{}\" (serial {}), valid until {}, with the root {}.\n\
+             {} holds the intermediate, then the root. Copy it to the replica and point \
+             [ca] cert_file at it, with key_file = its intermediate.key; no chain_file is needed. \
+             Agents keep the same ca_file (the root).\n",
+            signed.common_name,
+            signed.serial,
+            utc(signed.not_after),
+            root_cert.display(),
+            out.display(),
+        ),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -472,5 +596,49 @@ mod tests {
         let last = ca_bundle(&c).expect("bundle").stdout;
         assert_eq!(last.matches("BEGIN CERTIFICATE").count(), 1);
         assert_ne!(last, first, "the new root remains");
+    }
+
+    #[test]
+    fn intermediate_is_requested_and_signed_by_the_root_holder() {
+        let root_dir = tempfile::tempdir().expect("tmp");
+        let root = config(root_dir.path());
+        let replica_dir = tempfile::tempdir().expect("tmp");
+        let replica = config(replica_dir.path());
+        let out = replica_dir.path().join("int");
+        let csr = out.join("intermediate.csr");
+        let cert = out.join("intermediate.pem");
+
+        let asked = ca_intermediate(&replica, &out, Some("replica-a")).expect("request");
+        assert!(
+            asked.stderr.contains("sign-intermediate"),
+            "{}",
+            asked.stderr
+        );
+        assert!(
+            !replica_dir.path().join("ca").join("root.key").exists(),
+            "a replica makes no root"
+        );
+        let e = ca_sign_intermediate(&replica, &csr, &cert, None, None).expect_err("no root");
+        assert!(matches!(e, AdminError::NoRoot(_)) && e.is_usage(), "{e}");
+
+        let bundle = ca_bundle(&root).expect("root").stdout;
+        let e = ca_sign_intermediate(&root, &csr, &cert, Some("soon"), None).expect_err("ttl");
+        assert!(e.is_usage());
+        let signed = ca_sign_intermediate(&root, &csr, &cert, Some("30d"), None).expect("signed");
+        assert!(signed.stderr.contains("cert_file"), "{}", signed.stderr);
+        let chain = std::fs::read_to_string(&cert).expect("cert");
+        assert!(chain.ends_with(&bundle), "intermediate, then the root");
+
+        let text = format!(
+            "state_dir = \"{}\"\n[registry.files]\npaths = [\"r\"]\n[ca]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            replica_dir.path().display(),
+            cert.display(),
+            out.join("intermediate.key").display()
+        );
+        let on_int =
+            Config::parse(&text, &replica_dir.path().join("discovery.toml")).expect("config");
+        assert_eq!(ca_bundle(&on_int).expect("bundle").stdout, bundle);
+        let e = ca_sign_intermediate(&on_int, &csr, &cert, None, None).expect_err("not a root");
+        assert!(e.is_usage(), "{e}");
     }
 }

@@ -57,7 +57,7 @@ enum Command {
     /// Hosts: list them, cut one off (revoke), bring it back (restore).
     #[command(subcommand)]
     Node(NodeCommand),
-    /// The mesh CA: the trust bundle for hosts, and root rotation.
+    /// The mesh CA: the trust bundle for hosts, root rotation, and replicas' intermediates.
     #[command(subcommand)]
     Ca(CaCommand),
 }
@@ -114,6 +114,32 @@ enum CaCommand {
         /// Its SHA-256 fingerprint (hex, or at least 16 leading digits), from `ca roots`.
         #[arg(value_name = "FINGERPRINT")]
         fingerprint: String,
+    },
+    /// On a replica: make its signing key and a CSR for an intermediate (DIR/intermediate.key,
+    /// DIR/intermediate.csr). Needs no root.
+    Intermediate {
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The replica's name, in the intermediate's subject (default: this host's name).
+        #[arg(long, value_name = "REPLICA")]
+        name: Option<String>,
+    },
+    /// Where the root key is: sign a replica's intermediate CSR; CERT gets the intermediate
+    /// then the root, for the replica's [ca] cert_file.
+    SignIntermediate {
+        #[arg(value_name = "CSR")]
+        csr: PathBuf,
+        #[arg(long, value_name = "CERT")]
+        out: PathBuf,
+        /// Lifetime (default 365d), never past the root's.
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        /// The root certificate (default: [ca] cert_file, else state_dir/ca/root.pem).
+        #[arg(long, value_name = "FILE", requires = "root_key")]
+        root_cert: Option<PathBuf>,
+        /// The root's key (default: [ca] key_file, else state_dir/ca/root.key).
+        #[arg(long, value_name = "FILE", requires = "root_cert")]
+        root_key: Option<PathBuf>,
     },
 }
 
@@ -192,6 +218,22 @@ fn run_admin(config: &Config, command: Command) -> ExitCode {
         Command::Ca(CaCommand::PrepareRotation) => admin::ca_prepare(config),
         Command::Ca(CaCommand::Switch) => admin::ca_switch(config),
         Command::Ca(CaCommand::Retire { fingerprint }) => admin::ca_retire(config, &fingerprint),
+        Command::Ca(CaCommand::Intermediate { out, name }) => {
+            admin::ca_intermediate(config, &out, name.as_deref())
+        }
+        Command::Ca(CaCommand::SignIntermediate {
+            csr,
+            out,
+            ttl,
+            root_cert,
+            root_key,
+        }) => admin::ca_sign_intermediate(
+            config,
+            &csr,
+            &out,
+            ttl.as_deref(),
+            root_cert.as_deref().zip(root_key.as_deref()),
+        ),
         Command::Validate { dirs } => return validate(&dirs),
     };
     match result {

@@ -162,6 +162,8 @@ pub enum CsrRejected {
     RoleNotIssuable(String),
     #[error("the requested lifetime must be at least 5 seconds")]
     TtlTooShort,
+    #[error("the CSR is not for a replica's intermediate: {0}")]
+    NotAnIntermediate(String),
     #[error("signing the certificate failed")]
     Signing(#[source] rcgen::Error),
 }
@@ -885,6 +887,13 @@ fn describe_root(
         signing,
     })
 }
+
+mod intermediate;
+
+pub use intermediate::{
+    request_intermediate, sign_intermediate, IntermediateError, IntermediateRequest,
+    SignedIntermediate, DEFAULT_INTERMEDIATE_TTL, INTERMEDIATE_CSR, INTERMEDIATE_KEY,
+};
 
 #[cfg(test)]
 mod tests;

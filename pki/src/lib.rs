@@ -26,7 +26,10 @@ pub mod spiffe;
 pub mod tokens;
 pub mod wire;
 
-pub use ca::{Ca, CaError, CaOptions, CrlError, CsrRejected, Issued, TrustedRoot};
+pub use ca::{
+    Ca, CaError, CaOptions, CrlError, CsrRejected, IntermediateError, Issued, SignedIntermediate,
+    TrustedRoot,
+};
 pub use keys::{parse_cert_pem, peer_spiffe_id, CertInfo, CertUnreadable, KeyError, LocalKey};
 pub use private_file::FileError;
 pub use revocation::{IssuedCert, IssuedLog, RevocationError, RevocationStore, Revocations};
