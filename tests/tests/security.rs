@@ -515,3 +515,235 @@ async fn a_revoked_host_is_cut_off_within_seconds_and_comes_back_with_a_new_toke
     eprintln!("a <-> b: {ok} requests, 0 failures");
     Ok(())
 }
+
+/// Runs `pilotfish-discovery --config CONFIG ARGS...` outside any mesh; its stderr (where the
+/// next steps are printed).
+fn discovery_cmd(config: &std::path::Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(pilotfish_tests::binary("pilotfish-discovery")?)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "pilotfish-discovery {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+fn files_named(dir: &std::path::Path, name: &str, found: &mut Vec<std::path::PathBuf>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            files_named(&path, name, found);
+        } else if e.file_name() == name {
+            found.push(path);
+        }
+    }
+}
+
+/// A keeper's discovery config with a root of its own (`ca bundle` makes it on first use);
+/// returns the config and the root's PEM.
+fn root_keeper(dir: &std::path::Path) -> Result<(std::path::PathBuf, String)> {
+    let config = dir.join("discovery.toml");
+    std::fs::write(
+        &config,
+        "trust_domain = \"pilotfish.local\"\nstate_dir = \"state\"\n[registry.files]\npaths = [\"r\"]\n",
+    )?;
+    let out = std::process::Command::new(pilotfish_tests::binary("pilotfish-discovery")?)
+        .arg("--config")
+        .arg(&config)
+        .args(["ca", "bundle"])
+        .output()?;
+    if !out.status.success() {
+        bail!("ca bundle: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((config, String::from_utf8(out.stdout)?))
+}
+
+/// Runs `ca intermediate` for a replica in `dir` and `ca sign-intermediate` at the keeper;
+/// the replica's `[ca] cert_file` and `key_file`.
+fn intermediate_for(
+    keeper_config: &std::path::Path,
+    dir: &std::path::Path,
+    name: &str,
+) -> Result<(String, String)> {
+    let int_dir = dir.join("int");
+    let int = int_dir.display().to_string();
+    let next = discovery_cmd(
+        keeper_config,
+        &["ca", "intermediate", "--out", &int, "--name", name],
+    )?;
+    assert!(next.contains("sign-intermediate"), "{next}");
+    let csr = int_dir.join("intermediate.csr").display().to_string();
+    let cert = int_dir.join("intermediate.pem").display().to_string();
+    discovery_cmd(
+        keeper_config,
+        &[
+            "ca",
+            "sign-intermediate",
+            &csr,
+            "--out",
+            &cert,
+            "--ttl",
+            "30d",
+        ],
+    )?;
+    Ok((cert, int_dir.join("intermediate.key").display().to_string()))
+}
+
+/// A replica signing with its own intermediate: the key and CSR are made without the root,
+/// the root's keeper signs it, and discovery started on it issues certificates that hosts
+/// trusting only the root accept, for mTLS between them and for discovery itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_signs_with_its_own_intermediate_under_the_root() -> Result<()> {
+    let keeper = tempfile::tempdir()?;
+    let (keeper_config, root) = root_keeper(keeper.path())?;
+
+    let replica = tempfile::tempdir()?;
+    let (cert, key) = intermediate_for(&keeper_config, replica.path(), "replica-a")?;
+
+    let s = secure_mesh(
+        "strict",
+        &format!("[ca]\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n"),
+    )
+    .await?;
+    // Hosts trust the root alone...
+    assert_eq!(std::fs::read_to_string(&s.mesh.ca_file)?, root);
+    assert!(
+        !s.mesh.path("state/ca/root.key").exists(),
+        "no root key on the replica"
+    );
+    // ...and the mTLS hop worked (secure_mesh waited for it), with the caller's identity.
+    let r = call(s.mesh.host("vm-a").outbound, "GET", "/reviews/1").await?;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body
+            .contains("URI=spiffe://pilotfish.local/service/productpage"),
+        "{}",
+        r.body
+    );
+    // The node certificate the host stored travels with the intermediate.
+    let mut stored = Vec::new();
+    files_named(&s.mesh.path("vm-b"), "node.pem", &mut stored);
+    assert!(!stored.is_empty(), "vm-b stored its node certificate");
+    let flat = |s: &str| s.replace(['\r', '\n'], "");
+    let (intermediate, root) = (flat(&std::fs::read_to_string(&cert)?), flat(&root));
+    let intermediate = intermediate
+        .strip_suffix(&root)
+        .expect("the signed file is the intermediate, then the root");
+    assert!(intermediate.contains("BEGIN CERTIFICATE"));
+    for path in stored {
+        let chain = flat(&std::fs::read_to_string(&path)?);
+        assert_eq!(
+            chain.matches("BEGIN CERTIFICATE").count(),
+            2,
+            "{}",
+            path.display()
+        );
+        assert!(
+            chain.ends_with(intermediate),
+            "{}: leaf, then intermediate",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Two discoveries, each on its own intermediate of the same root: a host enrolled at one calls
+/// a host enrolled at the other over mTLS, each side verifying the other against the root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hosts_enrolled_at_two_replicas_talk_over_mtls() -> Result<()> {
+    let keeper = tempfile::tempdir()?;
+    let (keeper_config, root) = root_keeper(keeper.path())?;
+    let (a_dir, b_dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (a_cert, a_key) = intermediate_for(&keeper_config, a_dir.path(), "replica-a")?;
+    let (b_cert, b_key) = intermediate_for(&keeper_config, b_dir.path(), "replica-b")?;
+    let mut mesh = Mesh::start_opts(MeshOptions {
+        secure: true,
+        discovery_extra: format!("[ca]\ncert_file = \"{a_cert}\"\nkey_file = \"{a_key}\"\n"),
+        ..MeshOptions::default()
+    })?;
+    assert_eq!(std::fs::read_to_string(&mesh.ca_file)?, root);
+    mesh.add_host("vm-a", 2)?;
+    mesh.add_host("vm-d", 5)?;
+
+    // Replica B: the same registry and trust domain, its own ports, state and intermediate.
+    let ip = mesh.net.host(1);
+    let grpc_b = SocketAddr::new(ip, pilotfish_tests::free_port(ip));
+    let http_b = SocketAddr::new(ip, pilotfish_tests::free_port(ip));
+    let config_b = mesh.path("discovery-b.toml");
+    let text = std::fs::read_to_string(&mesh.config)?
+        .replace(&mesh.grpc.to_string(), &grpc_b.to_string())
+        .replace(&mesh.http.to_string(), &http_b.to_string())
+        .replace("state_dir = \"state\"", "state_dir = \"state-b\"")
+        .replace(&a_cert, &b_cert)
+        .replace(&a_key, &b_key);
+    std::fs::write(&config_b, text)?;
+    let _discovery_b = pilotfish_tests::Process::spawn_env(
+        "discovery-b",
+        &pilotfish_tests::binary("pilotfish-discovery")?,
+        &["--config", &config_b.display().to_string()],
+        mesh.path("discovery-b.log"),
+        &[],
+    )?;
+    pilotfish_tests::mesh::wait_port(grpc_b, READY)?;
+    let (grpc_a, config_a) = (mesh.grpc, mesh.config.clone());
+    (mesh.grpc, mesh.config) = (grpc_b, config_b);
+    mesh.add_host("vm-b", 3)?;
+    (mesh.grpc, mesh.config) = (grpc_a, config_a);
+
+    let b_ip = mesh.host("vm-b").ip;
+    let port = mesh.start_app("reviews", "v1", b_ip, &[])?;
+    mesh.write_registry("services.toml", &registry(&mesh, port, "strict"))?;
+    mesh.wait_all_ready(READY).await?;
+    let out = mesh.host("vm-a").outbound;
+    let r = wait_for(
+        "vm-a (replica A) reaches reviews on vm-b (replica B)",
+        READY,
+        || async move {
+            Ok(call(out, "GET", "/reviews/1")
+                .await
+                .ok()
+                .filter(|r| r.status == 200))
+        },
+    )
+    .await;
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => bail!(
+            "{e:#}\n{}\n{}",
+            mesh.logs(),
+            std::fs::read_to_string(mesh.path("discovery-b.log")).unwrap_or_default()
+        ),
+    };
+    assert!(
+        r.body
+            .contains("URI=spiffe://pilotfish.local/service/productpage"),
+        "{}",
+        r.body
+    );
+    // Each side's certificate came from its own replica's intermediate.
+    let node_chain = |node: &str| -> Result<String> {
+        let mut stored = Vec::new();
+        files_named(&mesh.path(node), "node.pem", &mut stored);
+        let path = stored
+            .first()
+            .ok_or_else(|| anyhow::anyhow!("{node}: no node.pem"))?;
+        Ok(std::fs::read_to_string(path)?)
+    };
+    let flat = |s: &str| s.replace(['\r', '\n'], "");
+    let int_of = |cert: &str| -> Result<String> {
+        let chain = flat(&std::fs::read_to_string(cert)?);
+        Ok(chain
+            .strip_suffix(&flat(&root))
+            .unwrap_or_default()
+            .to_string())
+    };
+    assert!(flat(&node_chain("vm-a")?).ends_with(&int_of(&a_cert)?));
+    assert!(flat(&node_chain("vm-b")?).ends_with(&int_of(&b_cert)?));
+    assert_ne!(int_of(&a_cert)?, int_of(&b_cert)?);
+    Ok(())
+}
