@@ -1,34 +1,10 @@
 //! Access logs on a proxy's listeners: where they go, and how the choice keys the memo.
 
 use envoy_types::pb::envoy::config::accesslog::v3::AccessLog as EnvoyAccessLog;
-use pilotfish_registries::model::MtlsMode;
 
 use super::*;
 use crate::proxy::AccessLog;
 use crate::translate::access_log::decoded_format;
-
-fn settings() -> Arc<Settings> {
-    Arc::new(Settings {
-        trust_domain: "pilotfish.local".to_string(),
-        mtls: true,
-    })
-}
-
-/// The demo plus `db`, a TCP service on vm-b; so vm-b has an HTTP and a TCP inbound chain, and
-/// an `outbound|db` listener.
-fn catalog() -> Catalog {
-    let mut c = demo();
-    let mut db = service(
-        "db",
-        5432,
-        None,
-        vec![instance(Some("vm-b"), "10.0.0.12", 5432, &[])],
-    );
-    db.protocol = Protocol::Tcp;
-    db.mtls = MtlsMode::Strict;
-    c.services.insert(db.name.clone(), db);
-    c
-}
 
 fn logging(log: AccessLog) -> Proxy {
     Proxy {
@@ -79,7 +55,7 @@ fn field(log: &EnvoyAccessLog, key: &str) -> Option<String> {
 
 #[test]
 fn every_connection_manager_and_tcp_proxy_logs_with_its_direction() {
-    let shared = Shared::build_with(Arc::new(catalog()), settings());
+    let shared = Shared::build_with(Arc::new(demo_with_db()), mtls_settings());
     let res = shared.for_proxy(&logging(AccessLog::Stdout));
     let mut seen = Vec::new();
     for name in ["outbound", "inbound", "outbound|db"] {
@@ -104,7 +80,7 @@ fn every_connection_manager_and_tcp_proxy_logs_with_its_direction() {
 
 #[test]
 fn a_file_names_its_path_and_off_logs_nothing() {
-    let shared = Shared::build_with(Arc::new(catalog()), settings());
+    let shared = Shared::build_with(Arc::new(demo_with_db()), mtls_settings());
     let res = shared.for_proxy(&logging(AccessLog::File("/var/log/envoy.log".into())));
     let l: Listener = decode(&res.listeners, "inbound");
     for (_, log) in loggers(&l) {
@@ -129,7 +105,7 @@ fn off_is_the_listener_of_a_proxy_that_does_not_ask() {
 
 #[test]
 fn the_choice_is_part_of_the_memo_key() {
-    let shared = Shared::build_with(Arc::new(catalog()), settings());
+    let shared = Shared::build_with(Arc::new(demo_with_db()), mtls_settings());
     let stdout = shared.for_proxy(&logging(AccessLog::Stdout));
     let off = shared.for_proxy(&logging(AccessLog::Off));
     assert_ne!(
@@ -145,7 +121,7 @@ fn the_choice_is_part_of_the_memo_key() {
     let again = shared.for_proxy(&logging(AccessLog::Stdout));
     assert!(Arc::ptr_eq(&stdout.listeners, &again.listeners));
     // Two builds (replicas, restarts) agree on the versions.
-    let other = Shared::build_with(Arc::new(catalog()), settings());
+    let other = Shared::build_with(Arc::new(demo_with_db()), mtls_settings());
     let same = other.for_proxy(&logging(AccessLog::Stdout));
     for (name, r) in stdout.listeners.iter() {
         assert_eq!(r.version, same.listeners[name].version, "{name}");

@@ -23,15 +23,6 @@ use pilotfish_registries::model::{Authorization, AuthzAction, AuthzRule, MtlsMod
 
 use super::*;
 
-const TD: &str = "pilotfish.local";
-
-fn settings() -> Arc<Settings> {
-    Arc::new(Settings {
-        trust_domain: TD.to_string(),
-        mtls: true,
-    })
-}
-
 fn rule(action: AuthzAction, from: &[&str], methods: &[&str], paths: &[PathMatch]) -> AuthzRule {
     AuthzRule {
         action,
@@ -70,7 +61,7 @@ fn demo_authz() -> Catalog {
 }
 
 fn build(c: Catalog) -> Shared {
-    Shared::build_with(Arc::new(c), settings())
+    Shared::build_with(Arc::new(c), mtls_settings())
 }
 
 fn tls_any(ts: &Option<TransportSocket>) -> &Any {
@@ -748,9 +739,9 @@ fn mtls_translation_is_deterministic() {
             .flat_map(|m| m.values().map(|r| (r.name.clone(), r.version.clone())))
             .collect::<Vec<_>>()
     };
-    let one = Shared::build_with(c.clone(), settings());
+    let one = Shared::build_with(c.clone(), mtls_settings());
     for _ in 0..5 {
-        let two = Shared::build_with(c.clone(), settings());
+        let two = Shared::build_with(c.clone(), mtls_settings());
         for p in &proxies {
             assert_eq!(versions(&one, p), versions(&two, p), "{}", p.node);
         }
@@ -784,7 +775,7 @@ fn endpoint_change_with_mtls_matches_a_full_build() {
     let change = endpoint_change(&old, &new).expect("endpoint-only");
     let new = Arc::new(new);
     let next = shared.with_endpoints(new.clone(), &change);
-    let fresh = Shared::build_with(new, settings());
+    let fresh = Shared::build_with(new, mtls_settings());
     for (n, before) in ["vm-a", "vm-b", "vm-x"].iter().zip(&before) {
         let p = proxy(n, "10.0.0.50");
         let a = next.for_proxy(&p);

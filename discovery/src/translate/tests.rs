@@ -705,6 +705,30 @@ fn memoized_per_proxy() {
     assert_eq!(socket(&l.address), ("127.0.0.2".into(), 15001));
 }
 
+/// Settings with mTLS on, as a secure mesh translates.
+fn mtls_settings() -> Arc<Settings> {
+    Arc::new(Settings {
+        trust_domain: "pilotfish.local".to_string(),
+        mtls: true,
+    })
+}
+
+/// The demo plus `db`, a strict-mTLS TCP service on vm-b: vm-b then has an HTTP and a TCP
+/// inbound chain, and every proxy an `outbound|db` listener.
+fn demo_with_db() -> Catalog {
+    let mut c = demo();
+    let mut db = service(
+        "db",
+        5432,
+        None,
+        vec![instance(Some("vm-b"), "10.0.0.12", 5432, &[])],
+    );
+    db.protocol = Protocol::Tcp;
+    db.mtls = pilotfish_registries::model::MtlsMode::Strict;
+    c.services.insert(db.name.clone(), db);
+    c
+}
+
 #[path = "mtls_tests.rs"]
 mod mtls;
 

@@ -9,26 +9,10 @@ use pilotfish_registries::model::{Gateway, GatewayRoute, MtlsMode};
 use super::*;
 use crate::proxy::Tracing;
 
-fn settings() -> Arc<Settings> {
-    Arc::new(Settings {
-        trust_domain: "pilotfish.local".to_string(),
-        mtls: true,
-    })
-}
-
-/// The demo plus `db`, a TCP service on vm-b, a permissive `details` on vm-b (so the mesh port
-/// has a plaintext chain too) and a gateway on vm-b: every kind of connection manager.
+/// The demo plus `db` (TCP), a permissive `details` on vm-b (so the mesh port has a plaintext
+/// chain too) and a gateway on vm-b: every kind of connection manager.
 fn catalog() -> Catalog {
-    let mut c = demo();
-    let mut db = service(
-        "db",
-        5432,
-        None,
-        vec![instance(Some("vm-b"), "10.0.0.12", 5432, &[])],
-    );
-    db.protocol = Protocol::Tcp;
-    db.mtls = MtlsMode::Strict;
-    c.services.insert(db.name.clone(), db);
+    let mut c = demo_with_db();
     let mut details = service(
         "details",
         9080,
@@ -101,7 +85,7 @@ fn tracing_configs(res: &ProxyResources) -> Vec<(String, Option<HcmTracing>)> {
 
 #[test]
 fn every_connection_manager_traces_to_the_zipkin_cluster() {
-    let shared = Shared::build_with(Arc::new(catalog()), settings());
+    let shared = Shared::build_with(Arc::new(catalog()), mtls_settings());
     let res = shared.for_proxy(&tracing_to(zipkin("10.0.0.9", 2550)));
     let configs = tracing_configs(&res);
     let at: Vec<&str> = configs.iter().map(|(at, _)| at.as_str()).collect();
@@ -175,7 +159,7 @@ fn a_collector_name_is_resolved_by_dns() {
 /// cluster, no tracing field (so the same bytes), and the scope's shared clusters.
 #[test]
 fn a_proxy_without_tracing_is_unchanged() {
-    let shared = Shared::build_with(Arc::new(catalog()), settings());
+    let shared = Shared::build_with(Arc::new(catalog()), mtls_settings());
     let res = shared.for_proxy(&tracing_to(None));
     assert!(!res.clusters.contains_key(ZIPKIN_CLUSTER));
     for (at, tracing) in tracing_configs(&res) {
@@ -190,7 +174,7 @@ fn a_proxy_without_tracing_is_unchanged() {
 
 #[test]
 fn tracing_is_part_of_the_memo_key() {
-    let shared = Shared::build_with(Arc::new(catalog()), settings());
+    let shared = Shared::build_with(Arc::new(catalog()), mtls_settings());
     let off = shared.for_proxy(&tracing_to(None));
     let on = shared.for_proxy(&tracing_to(zipkin("10.0.0.9", 10_000)));
     let other = shared.for_proxy(&tracing_to(zipkin("10.0.0.10", 10_000)));
@@ -213,7 +197,7 @@ fn tracing_is_part_of_the_memo_key() {
     }
     assert_eq!(on.clusters.len(), off.clusters.len() + 1);
     // Two builds (replicas, restarts) agree on the versions.
-    let again = Shared::build_with(Arc::new(catalog()), settings())
+    let again = Shared::build_with(Arc::new(catalog()), mtls_settings())
         .for_proxy(&tracing_to(zipkin("10.0.0.9", 10_000)));
     for (name, r) in on.listeners.iter() {
         assert_eq!(r.version, again.listeners[name].version, "{name}");
