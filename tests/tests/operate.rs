@@ -72,17 +72,24 @@ fn row<'a>(table: &'a str, node: &str) -> Option<&'a str> {
     table.lines().find(|l| l.starts_with(&format!("{node} ")))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_status_shows_sync_nacks_and_disconnected_proxies() -> Result<()> {
+/// vm-a (no service) and vm-b (reviews), the rules API's token in `api-token`, all ready; and
+/// reviews' port.
+async fn two_hosts(opts: MeshOptions) -> Result<(Mesh, u16)> {
     let mut mesh = Mesh::start_opts(MeshOptions {
         discovery_extra: "[api]\ntoken_file = \"api-token\"\n".into(),
-        ..MeshOptions::default()
+        ..opts
     })?;
     mesh.add_host("vm-a", 2)?;
     mesh.add_host("vm-b", 3)?;
     let reviews = mesh.start_app("reviews", "v1", mesh.host("vm-b").ip, &[])?;
     mesh.write_registry("services.toml", &services(&mesh, reviews, None))?;
     mesh.wait_all_ready(READY).await?;
+    Ok((mesh, reviews))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_status_shows_sync_nacks_and_disconnected_proxies() -> Result<()> {
+    let (mut mesh, reviews) = two_hosts(MeshOptions::default()).await?;
 
     // Without the token: refused, and said so.
     let ctl = Ctl::of(&mesh);
@@ -234,17 +241,12 @@ fn pem_body(pem: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_config_shows_what_envoy_holds_and_how_it_differs() -> Result<()> {
-    let mut mesh = Mesh::start_opts(MeshOptions {
+    let (mesh, reviews) = two_hosts(MeshOptions {
         xds: "sotw",
         secure: true,
-        discovery_extra: "[api]\ntoken_file = \"api-token\"\n".into(),
         ..MeshOptions::default()
-    })?;
-    mesh.add_host("vm-a", 2)?;
-    mesh.add_host("vm-b", 3)?;
-    let reviews = mesh.start_app("reviews", "v1", mesh.host("vm-b").ip, &[])?;
-    mesh.write_registry("services.toml", &services(&mesh, reviews, None))?;
-    mesh.wait_all_ready(READY).await?;
+    })
+    .await?;
     let ctl = Ctl::of(&mesh);
 
     // Without the token: refused.
