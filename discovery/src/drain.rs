@@ -53,6 +53,9 @@ impl Drains {
     /// ends the drain.
     pub fn observe(&self, seen: &BTreeMap<String, NodeSeen>) {
         self.tx.send_if_modified(|d| {
+            if d.is_empty() {
+                return false;
+            }
             let mut next = BTreeMap::clone(d);
             for (node, gone) in next.iter_mut() {
                 let streams = seen.get(node).map_or(0, |s| s.streams);

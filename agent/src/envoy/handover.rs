@@ -121,18 +121,26 @@ mod tests {
 
     #[test]
     fn an_exited_child_is_not_alive() {
-        let mut child = std::process::Command::new("true").spawn().expect("spawn");
+        // `sleep` runs long enough to be recorded; it is killed, then the record's own check
+        // must reap it and call it gone.
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn");
         let pid = child.id();
-        let record = Record::of(pid, 0, 1);
-        // Wait for it to exit without reaping it (the record's check reaps it).
+        let record = Record::of(pid, 0, 1).expect("a running child has a record");
+        assert!(record.alive());
+        process::kill(pid).expect("kill");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while process::stat(pid).is_some_and(|(s, _)| s != 'Z') {
-            assert!(std::time::Instant::now() < deadline, "true did not exit");
+            assert!(std::time::Instant::now() < deadline, "sleep did not die");
             std::thread::yield_now();
         }
-        if let Some(record) = record {
-            assert!(!record.alive());
-        }
-        let _ = child.try_wait();
+        assert!(!record.alive(), "a dead child is not alive");
+        assert!(
+            process::stat(pid).is_none(),
+            "and it was reaped by the check"
+        );
+        assert!(child.try_wait().is_err(), "nothing left for std to reap");
     }
 }
