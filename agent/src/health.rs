@@ -50,7 +50,7 @@ impl Health {
     /// Ready for traffic: an Envoy runs and its admin `/ready` answers 200 (it has its first
     /// config). `/healthz/ready` and systemd's `READY=1` both mean this.
     pub async fn is_ready(&self) -> bool {
-        self.status.envoy_up() && self.admin.ready_at(self.status.envoy_epoch()).await
+        self.status.envoy_up() && self.status.envoy_started() && self.admin.ready().await
     }
 }
 

@@ -12,9 +12,9 @@ use std::time::SystemTime;
 pub struct AgentStatus {
     /// 0 while no Envoy runs.
     envoy_pid: AtomicU32,
-    /// The `--restart-epoch` of the Envoy the agent runs (after a hot restart the previous
-    /// one may still answer on the admin port for a moment).
-    envoy_epoch: AtomicU32,
+    /// The Envoy the agent runs has answered `/ready` itself (after a hot restart the previous
+    /// one may still answer on the admin port for a moment; the supervisor checks the epoch).
+    envoy_started: AtomicBool,
     envoy_restarts: AtomicU64,
     upstream_streams: AtomicU64,
     cache_streams: AtomicU64,
@@ -29,12 +29,13 @@ impl AgentStatus {
         self.envoy_pid.store(pid.unwrap_or(0), Ordering::Relaxed);
     }
 
-    pub fn set_envoy_epoch(&self, epoch: u32) {
-        self.envoy_epoch.store(epoch, Ordering::Relaxed);
+    /// The current Envoy became ready (`false` again when another one is started).
+    pub fn set_envoy_started(&self, started: bool) {
+        self.envoy_started.store(started, Ordering::Relaxed);
     }
 
-    pub fn envoy_epoch(&self) -> u32 {
-        self.envoy_epoch.load(Ordering::Relaxed)
+    pub fn envoy_started(&self) -> bool {
+        self.envoy_started.load(Ordering::Relaxed)
     }
 
     pub fn envoy_pid(&self) -> Option<u32> {

@@ -235,7 +235,7 @@ impl Supervisor {
                         record.store(&self.run_dir);
                     }
                     self.status.set_envoy_pid(Some(pid));
-                    self.status.set_envoy_epoch(epoch);
+                    self.status.set_envoy_started(false);
                     let outcome = self
                         .supervise(&mut child, pid, epoch, &mut inherited, &shutdown)
                         .await;
@@ -289,7 +289,10 @@ impl Supervisor {
                     self.stop(child, pid).await;
                     return Outcome::Stopped;
                 }
-                _ = &mut ready, if !ready_done => ready_done = true,
+                _ = &mut ready, if !ready_done => {
+                    ready_done = true;
+                    self.status.set_envoy_started(true);
+                }
                 _ = tick.tick() => {
                     if !recorded {
                         if let Some(record) = handover::read_base_id(&self.run_dir)
