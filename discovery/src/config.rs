@@ -27,6 +27,13 @@
 //! datacenters = ["dc1"]               # at least one
 //! token_file = "/etc/pilotfish/consul-token"  # relative paths: against this file's directory
 //!
+//! [store.consul]                      # optional: state shared by several replicas, in Consul KV
+//! address = "http://127.0.0.1:8500"   # default: [registry.consul] address
+//! token_file = "/etc/pilotfish/consul-token"  # default: [registry.consul] token_file; needs
+//!                                     # key:write on the prefix
+//! datacenter = "dc1"                  # default: the Consul agent's own
+//! prefix = "pilotfish/"               # every key discovery reads and writes is under it
+//!
 //! [api]                               # the rules API on the http port (/v1/routes, ...)
 //! token_file = "/etc/pilotfish/api-token"  # bearer token: the file's content, trimmed. Unset:
 //!                                     # the API answers 503, unless insecure (then it is open)
@@ -98,7 +105,24 @@ pub struct Config {
     pub node_grace: Duration,
     /// `[api]`: the rules API.
     pub api: ApiConfig,
+    /// `[store.consul]`: state shared with the other replicas (rules-API objects, join
+    /// tokens, revocations, trust roots) lives in Consul KV instead of `state_dir` alone.
+    pub store: Option<StoreConfig>,
 }
+
+/// `[store.consul]`, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// The connection: address and token (wait: the blocking-query wait of the watch).
+    pub consul: ConsulConfig,
+    /// `None`: the Consul agent's own datacenter.
+    pub datacenter: Option<String>,
+    /// Ends with `/`; every key is under it.
+    pub prefix: String,
+}
+
+/// The default `[store.consul] prefix`.
+pub const DEFAULT_STORE_PREFIX: &str = "pilotfish/";
 
 /// `[api]`, validated. The token file is read when discovery starts, not here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,6 +227,22 @@ struct RawConfig {
     node_grace: Option<String>,
     ca: Option<RawCa>,
     api: Option<RawApi>,
+    store: Option<RawStore>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    consul: Option<RawStoreConsul>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStoreConsul {
+    address: Option<String>,
+    token_file: Option<PathBuf>,
+    datacenter: Option<String>,
+    prefix: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -384,6 +424,17 @@ impl Config {
             read_requires_token: raw_api.read_requires_token.unwrap_or(true),
         };
 
+        let store = match raw.store {
+            Some(RawStore { consul: Some(section) }) => {
+                store_config(base, section, consul.as_ref(), &mut problems)
+            }
+            Some(RawStore { consul: None }) => {
+                problems.push("store", "name the store: [store.consul]");
+                None
+            }
+            None => None,
+        };
+
         match (grpc, http, trust_domain, problems.is_empty()) {
             (Some(grpc), Some(http), Some(trust_domain), true) => Ok(Config {
                 source: path.to_path_buf(),
@@ -398,6 +449,7 @@ impl Config {
                 debounce,
                 node_grace,
                 api,
+                store,
             }),
             _ => Err(ConfigError::Invalid {
                 problems: problems.into_vec(),
@@ -471,6 +523,96 @@ fn consul_config(
         }
     }
     section.validate(problems)
+}
+
+/// `[store.consul]`: the connection defaults to `[registry.consul]`'s.
+fn store_config(
+    base: &Path,
+    raw: RawStoreConsul,
+    registry: Option<&ConsulConfig>,
+    problems: &mut FileProblems<'_>,
+) -> Option<StoreConfig> {
+    const P: &str = "store.consul";
+    let before = problems.len();
+    let address = match (raw.address, registry) {
+        (Some(a), _) => a.trim().to_string(),
+        (None, Some(r)) => r.address.clone(),
+        (None, None) => {
+            problems.push(
+                format!("{P}.address"),
+                "is required (or set [registry.consul] address, which it then reuses)",
+            );
+            String::new()
+        }
+    };
+    if !address.is_empty()
+        && (!address.starts_with("http://") || address.len() <= "http://".len())
+    {
+        problems.push(
+            format!("{P}.address"),
+            format!("\"{address}\" is not an http:// URL (TLS to Consul is not supported by this build)"),
+        );
+    }
+    let token_file = match raw.token_file {
+        Some(p) if p.as_os_str().is_empty() => {
+            problems.push(format!("{P}.token_file"), "empty path");
+            None
+        }
+        Some(p) => Some(resolve(base, &p)),
+        None => registry.and_then(|r| r.token_file.clone()),
+    };
+    let datacenter = raw.datacenter.filter(|dc| {
+        let ok = !dc.is_empty()
+            && dc
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !ok {
+            problems.push(
+                format!("{P}.datacenter"),
+                format!("\"{dc}\" is not a datacenter name"),
+            );
+        }
+        ok
+    });
+    let prefix = raw
+        .prefix
+        .unwrap_or_else(|| DEFAULT_STORE_PREFIX.to_string());
+    if let Err(why) = check_prefix(&prefix) {
+        problems.push(format!("{P}.prefix"), why);
+    }
+    if problems.len() > before {
+        return None;
+    }
+    let mut consul = ConsulConfig::new(address, datacenter.iter().cloned().collect());
+    consul.token_file = token_file;
+    consul.stale = false;
+    if let Some(r) = registry {
+        consul.wait = r.wait;
+    }
+    Some(StoreConfig {
+        consul,
+        datacenter,
+        prefix,
+    })
+}
+
+/// A KV prefix: relative, ending with `/`, of the characters Consul keys may hold.
+fn check_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.is_empty() || !prefix.ends_with('/') || prefix.starts_with('/') {
+        return Err(format!(
+            "\"{prefix}\" must be a relative key path ending with / (like \"pilotfish/\")"
+        ));
+    }
+    if prefix.contains("//")
+        || !prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '/' | '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "\"{prefix}\": use letters, digits, '-', '_', '.' and single '/' separators"
+        ));
+    }
+    Ok(())
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {

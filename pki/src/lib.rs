@@ -22,6 +22,7 @@ pub mod keys;
 mod private_file;
 pub mod revocation;
 pub mod rotation;
+pub mod shared;
 pub mod spiffe;
 pub mod tokens;
 pub mod wire;
@@ -34,5 +35,6 @@ pub use keys::{parse_cert_pem, peer_spiffe_id, CertInfo, CertUnreadable, KeyErro
 pub use private_file::FileError;
 pub use revocation::{IssuedCert, IssuedLog, RevocationError, RevocationStore, Revocations};
 pub use rotation::renew_at;
+pub use shared::{SharedDoc, SharedDocument, SharedError};
 pub use spiffe::{InvalidSpiffeId, Role, SpiffeId, TrustDomain};
 pub use tokens::{TokenInfo, TokenRejected, TokenStore, TokenStoreError};

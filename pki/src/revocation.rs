@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use pilotfish_durable as durable;
 
 use crate::private_file::{self, FileError, Lock};
+use crate::shared::{self, SharedDoc, SharedError};
 use crate::spiffe::{self, InvalidSpiffeId};
 
 /// The file `node revoke` writes.
@@ -53,6 +54,8 @@ pub enum RevocationError {
     Locked { path: PathBuf },
     #[error("invalid node name")]
     InvalidNode(#[source] InvalidSpiffeId),
+    #[error("the shared revocation store")]
+    Shared(#[from] SharedError),
 }
 
 /// One node's revocation.
@@ -164,16 +167,37 @@ impl Revocations {
 /// Restored entries are kept this long: longer than any certificate they could cover.
 pub const KEEP_RESTORED: Duration = Duration::from_secs(400 * 24 * 3600);
 
-/// `revocations.json` in `state_dir`.
-#[derive(Debug, Clone)]
+/// `revocations.json` in `state_dir`, or a document the replicas share.
+#[derive(Clone)]
 pub struct RevocationStore {
     path: PathBuf,
+    shared: Option<SharedDoc>,
+}
+
+impl std::fmt::Debug for RevocationStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocationStore")
+            .field("path", &self.path)
+            .field("shared", &self.shared.as_ref().map(|d| d.describe()))
+            .finish()
+    }
 }
 
 impl RevocationStore {
     pub fn new(state_dir: &Path) -> Self {
         Self {
             path: state_dir.join(REVOCATIONS_FILE),
+            shared: None,
+        }
+    }
+
+    /// The revocations in a document several replicas share. Each replica's copy in its
+    /// `state_dir` follows it (discovery's store watch writes it), and the running discovery
+    /// enforces that copy.
+    pub fn shared(doc: SharedDoc) -> Self {
+        Self {
+            path: PathBuf::from(doc.describe()),
+            shared: Some(doc),
         }
     }
 
@@ -183,6 +207,12 @@ impl RevocationStore {
 
     /// The file's contents; empty when it does not exist.
     pub fn load(&self) -> Result<Revocations, RevocationError> {
+        if let Some(doc) = &self.shared {
+            return match doc.load()?.0 {
+                Some(bytes) => Self::parse(&self.path, &bytes),
+                None => Ok(Revocations::default()),
+            };
+        }
         match fs::read(&self.path) {
             Ok(bytes) => Self::parse(&self.path, &bytes),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Revocations::default()),
@@ -212,9 +242,28 @@ impl RevocationStore {
 
     fn update(
         &self,
-        change: impl FnOnce(&mut Revocations) -> bool,
+        mut change: impl FnMut(&mut Revocations) -> bool,
         now: SystemTime,
     ) -> Result<bool, RevocationError> {
+        let render = |r: &Revocations| {
+            serde_json::to_vec_pretty(r).map_err(|source| RevocationError::Corrupt {
+                path: self.path.clone(),
+                source,
+            })
+        };
+        if let Some(doc) = &self.shared {
+            let parse = |bytes: Option<&[u8]>| match bytes {
+                Some(b) => Self::parse(&self.path, b),
+                None => Ok(Revocations::default()),
+            };
+            let changed = |r: &mut Revocations| {
+                r.version = 1;
+                let changed = change(r);
+                r.prune(now, KEEP_RESTORED);
+                Ok(changed)
+            };
+            return shared::update(doc.as_ref(), parse, render, changed);
+        }
         if let Some(dir) = self.path.parent() {
             durable::create_dir_all(dir, durable::PRIVATE_DIR_MODE)
                 .map_err(private_file::at(dir))?;
@@ -235,11 +284,7 @@ impl RevocationStore {
             return Ok(false);
         }
         revocations.prune(now, KEEP_RESTORED);
-        let json =
-            serde_json::to_vec_pretty(&revocations).map_err(|source| RevocationError::Corrupt {
-                path: self.path.clone(),
-                source,
-            })?;
+        let json = render(&revocations)?;
         durable::write_atomic(&self.path, &json, durable::SECRET_MODE)
             .map_err(private_file::at(&self.path))?;
         Ok(true)

@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use pilotfish_durable as durable;
 
 use crate::private_file::{self, FileError};
+use crate::shared::{self, SharedDoc, SharedError};
 use crate::spiffe::{self, InvalidSpiffeId};
 
 const PREFIX: &str = "pft1";
@@ -55,6 +56,8 @@ pub enum TokenStoreError {
     BadTtl,
     #[error("no join token with id {0}")]
     UnknownId(String),
+    #[error("the shared join token store")]
+    Shared(#[from] SharedError),
 }
 
 /// Why a join token was refused. The messages never contain the secret.
@@ -146,10 +149,20 @@ impl StoredToken {
     }
 }
 
-/// Join tokens in `<state_dir>/tokens.json`.
-#[derive(Debug, Clone)]
+/// Join tokens in `<state_dir>/tokens.json`, or in a document the replicas share.
+#[derive(Clone)]
 pub struct TokenStore {
     path: PathBuf,
+    shared: Option<SharedDoc>,
+}
+
+impl std::fmt::Debug for TokenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenStore")
+            .field("path", &self.path)
+            .field("shared", &self.shared.as_ref().map(|d| d.describe()))
+            .finish()
+    }
 }
 
 impl TokenStore {
@@ -157,6 +170,16 @@ impl TokenStore {
     pub fn new(state_dir: &Path) -> Self {
         Self {
             path: state_dir.join("tokens.json"),
+            shared: None,
+        }
+    }
+
+    /// The store in a document several replicas share; redeeming stays single-use across
+    /// them (see [`crate::shared`]).
+    pub fn shared(doc: SharedDoc) -> Self {
+        Self {
+            path: PathBuf::from(doc.describe()),
+            shared: Some(doc),
         }
     }
 
@@ -247,27 +270,51 @@ impl TokenStore {
     }
 
     fn read(&self) -> Result<TokenFile, TokenStoreError> {
+        if let Some(doc) = &self.shared {
+            return self.parse(doc.load()?.0.as_deref());
+        }
         match fs::read(&self.path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| TokenStoreError::Corrupt {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(TokenFile {
-                version: 1,
-                tokens: Vec::new(),
-            }),
+            Ok(bytes) => self.parse(Some(&bytes)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => self.parse(None),
             Err(e) => Err(private_file::at(&self.path)(e).into()),
         }
     }
 
-    /// Read, change, write back, under the lock. `change` says whether it changed anything;
-    /// if not, or if it fails, nothing is written.
+    fn parse(&self, bytes: Option<&[u8]>) -> Result<TokenFile, TokenStoreError> {
+        let Some(bytes) = bytes else {
+            return Ok(TokenFile {
+                version: 1,
+                tokens: Vec::new(),
+            });
+        };
+        serde_json::from_slice(bytes).map_err(|source| TokenStoreError::Corrupt {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    fn render(&self, file: &TokenFile) -> Result<Vec<u8>, TokenStoreError> {
+        serde_json::to_vec_pretty(file).map_err(|source| TokenStoreError::Corrupt {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Read, change, write back, under the lock (a shared document: write if unchanged, else
+    /// again). `change` says whether it changed anything; if not, or if it fails, nothing is
+    /// written.
     fn update(
         &self,
-        change: impl FnOnce(&mut TokenFile) -> Result<bool, TokenStoreError>,
+        mut change: impl FnMut(&mut TokenFile) -> Result<bool, TokenStoreError>,
     ) -> Result<(), TokenStoreError> {
+        if let Some(doc) = &self.shared {
+            let changed = |file: &mut TokenFile| {
+                file.version = 1;
+                change(file)
+            };
+            shared::update(doc.as_ref(), |b| self.parse(b), |f| self.render(f), changed)?;
+            return Ok(());
+        }
         if let Some(dir) = self.path.parent() {
             durable::create_dir_all(dir, durable::PRIVATE_DIR_MODE)
                 .map_err(private_file::at(dir))?;
@@ -287,10 +334,7 @@ impl TokenStore {
         if !change(&mut file)? {
             return Ok(());
         }
-        let json = serde_json::to_vec_pretty(&file).map_err(|source| TokenStoreError::Corrupt {
-            path: self.path.clone(),
-            source,
-        })?;
+        let json = self.render(&file)?;
         durable::write_atomic(&self.path, &json, durable::SECRET_MODE)
             .map_err(private_file::at(&self.path))?;
         Ok(())
@@ -570,5 +614,26 @@ mod tests {
         store.create("vm-new", HOUR).unwrap();
         let nodes: Vec<String> = store.list().unwrap().into_iter().map(|t| t.node).collect();
         assert_eq!(nodes, vec!["vm-new"]);
+    }
+
+    #[test]
+    fn a_shared_token_redeems_once_across_replicas_even_after_a_lost_race() {
+        use std::sync::Arc;
+
+        use crate::shared::testing::MemoryDoc;
+
+        let doc = Arc::new(MemoryDoc::default());
+        let a = TokenStore::shared(doc.clone());
+        let b = TokenStore::shared(doc.clone());
+        let token = a.create("vm-b", HOUR).unwrap();
+        assert_eq!(b.list().unwrap().len(), 1, "created on A, seen on B");
+        // B's first write loses a race with another writer; it reads again and still wins.
+        *doc.lose_next.lock().unwrap() = 1;
+        b.redeem(&token, "vm-b").unwrap();
+        assert!(matches!(
+            a.redeem(&token, "vm-b"),
+            Err(TokenRejected::AlreadyUsed { .. })
+        ));
+        assert_eq!(a.list().unwrap()[0].state(SystemTime::now()), "used");
     }
 }

@@ -128,14 +128,39 @@ impl Client {
             })
             .collect();
         let url = format!("{}{}?{}", self.config.address, path, qs.join("&"));
-        let mut req = self.http.get(&url);
+        let (status, body, meta) = self.send(self.http.get(&url), &url, dc, path).await?;
+        if status == 404 {
+            return Err(ConsulError::Status {
+                code: 404,
+                path: path.to_string(),
+                body: String::from_utf8_lossy(&body).trim().to_string(),
+            });
+        }
+        let value = serde_json::from_slice(&body).map_err(|source| ConsulError::Decode {
+            path: path.to_string(),
+            source,
+        })?;
+        Ok((value, meta))
+    }
+
+    /// Sends `req` (to `url`, for messages) with the token header. A success or a 404 (which
+    /// the KV store answers for a missing key) is returned with its body and headers; any
+    /// other status becomes the [`ConsulError`] that says what to do about it.
+    pub(crate) async fn send(
+        &self,
+        mut req: reqwest::RequestBuilder,
+        url: &str,
+        dc: &str,
+        path: &str,
+    ) -> Result<(u16, bytes::Bytes, ResponseMeta), ConsulError> {
         if let Some(t) = self.token()? {
             req = req.header("X-Consul-Token", t);
         }
-        let resp = req.send().await.map_err(|source| ConsulError::Transport {
-            url: url.clone(),
+        let transport = |source| ConsulError::Transport {
+            url: url.to_string(),
             source,
-        })?;
+        };
+        let resp = req.send().await.map_err(transport)?;
         let status = resp.status();
         let header = |name: &str| {
             resp.headers()
@@ -152,40 +177,39 @@ impl Client {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0),
         };
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|source| ConsulError::Transport {
-                url: url.clone(),
-                source,
-            })?;
-        if !status.is_success() {
-            let text = String::from_utf8_lossy(&body).trim().to_string();
-            return Err(match status.as_u16() {
-                403 => {
-                    self.forget_token();
-                    ConsulError::Acl {
-                        token_file: token_file_name(&self.config.token_file),
-                        body: text,
-                    }
-                }
-                429 => ConsulError::RateLimited { body: text },
-                500 if text.contains("No path to datacenter") => ConsulError::UnknownDatacenter {
-                    dc: dc.to_string(),
-                    address: self.config.address.clone(),
-                },
-                code => ConsulError::Status {
-                    code,
-                    path: path.to_string(),
-                    body: text,
-                },
-            });
+        let body = resp.bytes().await.map_err(transport)?;
+        if status.is_success() || status.as_u16() == 404 {
+            return Ok((status.as_u16(), body, meta));
         }
-        let value = serde_json::from_slice(&body).map_err(|source| ConsulError::Decode {
-            path: path.to_string(),
-            source,
-        })?;
-        Ok((value, meta))
+        let text = String::from_utf8_lossy(&body).trim().to_string();
+        Err(match status.as_u16() {
+            403 => {
+                self.forget_token();
+                ConsulError::Acl {
+                    token_file: token_file_name(&self.config.token_file),
+                    body: text,
+                }
+            }
+            429 => ConsulError::RateLimited { body: text },
+            500 if text.contains("No path to datacenter") => ConsulError::UnknownDatacenter {
+                dc: dc.to_string(),
+                address: self.config.address.clone(),
+            },
+            code => ConsulError::Status {
+                code,
+                path: path.to_string(),
+                body: text,
+            },
+        })
+    }
+
+    /// The HTTP client, for requests this module does not build ([`super::kv`]).
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    pub(crate) fn config(&self) -> &ConsulConfig {
+        &self.config
     }
 }
 

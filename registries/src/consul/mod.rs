@@ -17,6 +17,7 @@
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod kv;
 pub mod mapping;
 pub mod pacing;
 pub mod status;
@@ -26,6 +27,7 @@ use std::path::PathBuf;
 
 pub use client::RequestObserver;
 pub use config::{ConsulConfig, ConsulSection, Enterprise};
+pub use kv::{Kv, KvEntry};
 pub use mapping::RejectedEntry;
 pub use status::{ConsulStatus, DatacenterStatus};
 pub use watch::ConsulRegistry;
