@@ -30,9 +30,11 @@ use pilotfish_pki::{
     TokenStoreError,
 };
 use pilotfish_registries::config_vocab::parse_duration;
+use pilotfish_registries::consul::ConsulError;
 
 use crate::config::Config;
 use crate::identity::utc;
+use crate::store::{SharedStore, REVOCATIONS_KEY, TOKENS_KEY};
 
 /// A command failed.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,8 @@ pub enum AdminError {
     Issued(#[from] pilotfish_pki::FileError),
     #[error(transparent)]
     Intermediate(#[from] IntermediateError),
+    #[error("[store.consul]")]
+    Store(#[from] ConsulError),
     #[error("{}: no root key here; run this where the root is kept, or give --root-cert and --root-key", .0.display())]
     NoRoot(PathBuf),
     #[error("{}: {source}", path.display())]
@@ -86,8 +90,23 @@ pub struct Output {
     pub stderr: String,
 }
 
-fn tokens(config: &Config) -> TokenStore {
-    TokenStore::new(&config.state_dir)
+/// The join tokens: in the replicas' shared store with `[store.consul]`, else in `state_dir`.
+fn tokens(config: &Config) -> Result<TokenStore, AdminError> {
+    Ok(match &config.store {
+        Some(s) => TokenStore::shared(SharedStore::new(s, &config.state_dir)?.document(TOKENS_KEY)),
+        None => TokenStore::new(&config.state_dir),
+    })
+}
+
+/// The node revocations, shared like [`tokens`]. With a shared store, each replica's
+/// `state_dir/revocations.json` follows it within moments.
+fn revocations(config: &Config) -> Result<RevocationStore, AdminError> {
+    Ok(match &config.store {
+        Some(s) => RevocationStore::shared(
+            SharedStore::new(s, &config.state_dir)?.document(REVOCATIONS_KEY),
+        ),
+        None => RevocationStore::new(&config.state_dir),
+    })
 }
 
 fn load_ca(config: &Config) -> Result<Ca, AdminError> {
@@ -104,7 +123,7 @@ pub fn token_create(config: &Config, node: &str, ttl: Option<&str>) -> Result<Ou
         Some(t) => parse_duration(t).map_err(AdminError::BadTtl)?,
         None => DEFAULT_TOKEN_TTL,
     };
-    let token = tokens(config).create(node, ttl)?;
+    let token = tokens(config)?.create(node, ttl)?;
     let id = token.split('.').nth(1).unwrap_or_default();
     Ok(Output {
         stdout: format!("{token}\n"),
@@ -124,7 +143,7 @@ pub fn token_list(config: &Config) -> Result<Output, AdminError> {
         "{:<16}  {:<20}  {:<8}  {:<20}  {}\n",
         "ID", "NODE", "STATE", "CREATED", "EXPIRES"
     );
-    for t in tokens(config).list()? {
+    for t in tokens(config)?.list()? {
         out.push_str(&format!(
             "{:<16}  {:<20}  {:<8}  {:<20}  {}\n",
             t.id,
@@ -142,7 +161,7 @@ pub fn token_list(config: &Config) -> Result<Output, AdminError> {
 
 /// `token revoke ID`.
 pub fn token_revoke(config: &Config, id: &str) -> Result<Output, AdminError> {
-    tokens(config).revoke(id)?;
+    tokens(config)?.revoke(id)?;
     Ok(Output {
         stdout: String::new(),
         stderr: format!("revoked join token {id}\n"),
@@ -155,8 +174,8 @@ pub fn token_revoke(config: &Config, id: &str) -> Result<Output, AdminError> {
 /// too, so only a token created after `node restore` brings it back.
 pub fn node_revoke(config: &Config, node: &str) -> Result<Output, AdminError> {
     let now = SystemTime::now();
-    let newly = RevocationStore::new(&config.state_dir).revoke(node, now)?;
-    let store = tokens(config);
+    let newly = revocations(config)?.revoke(node, now)?;
+    let store = tokens(config)?;
     let mut spent = Vec::new();
     for t in store.list()? {
         if t.node == node && t.state(now) == "valid" {
@@ -189,7 +208,7 @@ pub fn node_revoke(config: &Config, node: &str) -> Result<Output, AdminError> {
 /// `node restore NODE`: lifts the revocation. The certificates the node held stay refused; the
 /// host enrols again with a new join token.
 pub fn node_restore(config: &Config, node: &str) -> Result<Output, AdminError> {
-    let restored = RevocationStore::new(&config.state_dir).restore(node, SystemTime::now())?;
+    let restored = revocations(config)?.restore(node, SystemTime::now())?;
     let stderr = if restored {
         format!(
             "restored node {node}. Its old certificates stay refused: give the host a new join \
@@ -209,9 +228,9 @@ pub fn node_restore(config: &Config, node: &str) -> Result<Output, AdminError> {
 pub fn node_list(config: &Config) -> Result<Output, AdminError> {
     let now = SystemTime::now();
     let certs = IssuedLog::new(&config.state_dir).load(now)?;
-    let revocations = RevocationStore::new(&config.state_dir).load()?;
+    let revocations = revocations(config)?.load()?;
     let mut rows = summarize(&certs, &revocations);
-    let tokens = tokens(config).list()?;
+    let tokens = tokens(config)?.list()?;
     for t in &tokens {
         if !rows.iter().any(|r| r.node == t.node) {
             rows.push(pilotfish_pki::revocation::NodeSummary {

@@ -425,9 +425,9 @@ impl Config {
         };
 
         let store = match raw.store {
-            Some(RawStore { consul: Some(section) }) => {
-                store_config(base, section, consul.as_ref(), &mut problems)
-            }
+            Some(RawStore {
+                consul: Some(section),
+            }) => store_config(base, section, consul.as_ref(), &mut problems),
             Some(RawStore { consul: None }) => {
                 problems.push("store", "name the store: [store.consul]");
                 None
@@ -545,8 +545,7 @@ fn store_config(
             String::new()
         }
     };
-    if !address.is_empty()
-        && (!address.starts_with("http://") || address.len() <= "http://".len())
+    if !address.is_empty() && (!address.starts_with("http://") || address.len() <= "http://".len())
     {
         problems.push(
             format!("{P}.address"),
@@ -709,6 +708,50 @@ stale = true
             consul.token_file,
             Some(PathBuf::from("/etc/pilotfish/consul-token"))
         );
+    }
+
+    #[test]
+    fn store_consul_reuses_the_registry_connection_and_checks_its_keys() {
+        let c = parse(
+            "insecure = true\n[registry.files]\npaths = [\"r\"]\n[registry.consul]\n\
+             address = \"http://127.0.0.1:8500\"\ndatacenters = [\"dc1\"]\n\
+             token_file = \"consul-token\"\n[store.consul]\n",
+        )
+        .expect("valid");
+        let store = c.store.expect("store configured");
+        assert_eq!(store.consul.address, "http://127.0.0.1:8500");
+        assert_eq!(
+            store.consul.token_file,
+            Some(PathBuf::from("/etc/pilotfish/consul-token"))
+        );
+        assert_eq!(store.prefix, "pilotfish/");
+        assert_eq!(store.datacenter, None);
+        assert!(!store.consul.stale, "compare-and-set reads must not be stale");
+
+        let c = parse(
+            "insecure = true\n[registry.files]\npaths = [\"r\"]\n[store.consul]\n\
+             address = \"http://10.0.0.5:8500\"\ndatacenter = \"dc2\"\nprefix = \"mesh/prod/\"\n",
+        )
+        .expect("valid");
+        let store = c.store.expect("store configured");
+        assert_eq!(store.consul.address, "http://10.0.0.5:8500");
+        assert_eq!(store.datacenter.as_deref(), Some("dc2"));
+        assert_eq!(store.prefix, "mesh/prod/");
+
+        let found = problems(
+            "insecure = true\n[registry.files]\npaths = [\"r\"]\n[store.consul]\n\
+             datacenter = \"dc 1\"\nprefix = \"/abs\"\ntoken_file = \"\"\n",
+        );
+        for want in [
+            "store.consul.address: is required",
+            "store.consul.datacenter:",
+            "store.consul.prefix:",
+            "store.consul.token_file: empty path",
+        ] {
+            assert!(found.iter().any(|p| p.starts_with(want)), "{want} in {found:?}");
+        }
+        let found = problems("insecure = true\n[registry.files]\npaths = [\"r\"]\n[store]\n");
+        assert!(found.iter().any(|p| p.starts_with("store: name the store")), "{found:?}");
     }
 
     #[test]

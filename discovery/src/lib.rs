@@ -29,12 +29,15 @@ pub mod resources;
 pub mod rules_api;
 pub mod service_list;
 pub mod sources;
+pub mod store;
 pub mod translate;
 pub mod xds;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
 
+use pilotfish_pki::TokenStore;
 use pilotfish_registries::consul::{ConsulError, ConsulRegistry, ConsulStatus};
 use pilotfish_registries::files::{load_once_with, FileRegistry, FilesError, FilesStatus};
 use pilotfish_registries::last_good::LastGoodStore;
@@ -54,6 +57,7 @@ use crate::liveness::LivenessStage;
 use crate::mesh::{Debouncer, MeshMetrics, MeshSnapshot};
 use crate::sources::metrics::SourcesMetrics;
 use crate::sources::{Combiner, ConsulView, SourcesView, CONSUL_FIRST_SYNC_WAIT};
+use crate::store::{SharedStore, TOKENS_KEY};
 use crate::xds::connections::Connections;
 use crate::xds::metrics::XdsMetrics;
 use crate::xds::server::{AdsOptions, AdsServer};
@@ -74,7 +78,13 @@ pub enum RunError {
     RulesApi(#[source] rules_api::RulesApiError),
     #[error("a discovery task failed")]
     Task(#[source] tokio::task::JoinError),
+    #[error("the shared store ([store.consul]) could not be set up")]
+    Store(#[source] ConsulError),
 }
+
+/// How long a starting replica waits for its first copy of the shared store before serving
+/// what its `state_dir` holds.
+const STORE_SYNC_WAIT: Duration = Duration::from_secs(10);
 
 /// Runs discovery on the given listeners until `shutdown` is cancelled or a part fails; then
 /// stops every part and waits for it. Each part is expected to run until shutdown, so one that
@@ -92,6 +102,29 @@ pub async fn run(
              reaches this port can read the mesh configuration. Local experiments only."
         );
     }
+    let stop = shutdown.child_token();
+    let mut tasks = JoinSet::new();
+    // [store.consul]: mirror the shared state into state_dir before anything reads it.
+    let store = match &config.store {
+        None => None,
+        Some(store_config) => {
+            let store =
+                SharedStore::new(store_config, &config.state_dir).map_err(RunError::Store)?;
+            let (synced_tx, synced) = tokio::sync::oneshot::channel();
+            let (s, token) = (store.clone(), stop.clone());
+            tasks.spawn(async move {
+                s.run(token, Some(synced_tx)).await;
+                Ok(())
+            });
+            if tokio::time::timeout(STORE_SYNC_WAIT, synced).await.is_err() {
+                warn!(
+                    consul = store.address(),
+                    "the shared store did not answer in time; serving this replica's copy"
+                );
+            }
+            Some(store)
+        }
+    };
     let ca_metrics = Arc::new(CaMetrics::default());
     let authority = if config.insecure {
         None
@@ -101,9 +134,12 @@ pub async fn run(
             .await
             .map_err(RunError::Task)?
             .map_err(RunError::Identity)?;
+        let authority = match &store {
+            Some(store) => authority.with_tokens(TokenStore::shared(store.document(TOKENS_KEY))),
+            None => authority,
+        };
         Some(Arc::new(authority))
     };
-    let stop = shutdown.child_token();
 
     // Load the files once before serving, so the first snapshot is the real catalog rather
     // than an empty one that would make reconnecting proxies drop their config (a file broken
@@ -116,6 +152,10 @@ pub async fn run(
         .await
         .map_err(RunError::Task)?
         .map_err(RunError::RulesApi)?;
+    let rules_api = match &store {
+        Some(store) => rules_api.with_store(store.clone()),
+        None => rules_api,
+    };
     let registry_paths = rules_api.registry_paths().to_vec();
     // The last good registry files and Consul catalogs, so that a restart never shrinks the
     // mesh: a file broken now, or a Consul not reachable now, is served from there (stale).
@@ -127,7 +167,6 @@ pub async fn run(
             .await
             .map_err(RunError::Task)?;
     let (catalog_tx, catalog_rx) = watch::channel(Arc::new(catalog));
-    let mut tasks = JoinSet::new();
     let sources_metrics = SourcesMetrics::default();
     // With Consul, everything downstream (debouncer, CA) reads the merge of both sources.
     let (catalog_rx, sources_view, combiner) = match &config.consul {
@@ -397,13 +436,17 @@ fn control_plane_identifier() -> String {
     format!("pilotfish-discovery@{host}")
 }
 
-/// An error and its sources, `: `-separated, for one log line.
+/// An error and its sources, `: `-separated, for one log line. A source whose text is
+/// already there (an error that prints its source too) is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
         source = s.source();
     }
     out

@@ -38,6 +38,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::Config;
+use crate::store::{rules_key, SharedStore, StoreError, APPLY_WAIT, RULES_KEY};
 
 pub mod metrics;
 
@@ -170,6 +171,9 @@ pub struct RulesApi {
     /// refused, since nothing would come of it. `None` checks the files alone.
     catalog: Option<watch::Receiver<Arc<Catalog>>>,
     metrics: RulesApiMetrics,
+    /// `[store.consul]`: objects live in Consul KV (`rules/<file>`), written with `?cas=`;
+    /// `dir` is this replica's mirror of them.
+    store: Option<Arc<SharedStore>>,
 }
 
 impl RulesApi {
@@ -218,6 +222,7 @@ impl RulesApi {
                     writes: Mutex::new(()),
                     catalog: None,
                     metrics: RulesApiMetrics::default(),
+                    store: None,
                 })
             }
             result => result,
@@ -244,7 +249,14 @@ impl RulesApi {
             writes: Mutex::new(()),
             catalog: None,
             metrics: RulesApiMetrics::default(),
+            store: None,
         })
+    }
+
+    /// Keep objects in the replicas' shared store from now on.
+    pub fn with_store(mut self, store: Arc<SharedStore>) -> RulesApi {
+        self.store = Some(store);
+        self
     }
 
     /// What the API counts; the HTTP server registers it.
@@ -388,7 +400,13 @@ impl RulesApi {
             )
         })?;
         let table = json_to_table(kind, service, &spec).map_err(ApiError::bad_request)?;
-        let content = render(kind, service, &table);
+        let mut content = render(kind, service, &table);
+        if self.store.is_some() {
+            // Consul skips a write whose bytes equal the stored ones without checking `cas`
+            // against them, so two replicas writing the same object at the same index would
+            // both be told they won. A write is unique, and so is its version.
+            content.push_str(&format!("\n# write {:016x}\n", rand::random::<u64>()));
+        }
         let file = self.own_file(kind, service);
 
         let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
@@ -405,7 +423,7 @@ impl RulesApi {
                 ),
             ));
         }
-        let current = read_current(&file)?;
+        let (current, cas) = self.current(kind, service)?;
         let created = allowed(
             kind,
             service,
@@ -415,10 +433,7 @@ impl RulesApi {
         )?;
         let catalog = self.validate(&file, Some(content.clone()))?;
         self.known(&file, &catalog)?;
-        // Temp file (a dot name, which the registry skips), fsync, rename, fsync of the directory:
-        // the registry sees the old file or the new one, never a partial one.
-        durable::write_atomic(&file, content.as_bytes(), durable::SECRET_MODE)
-            .map_err(|e| ApiError::internal(format!("cannot write {}: {e}", file.display())))?;
+        self.commit(kind, service, Some(&content), cas)?;
         let version = version_of(&content);
         info!(kind = kind.segment(), service, %version, file = %file.display(), "rules API: wrote");
         let object = Object {
@@ -446,7 +461,8 @@ impl RulesApi {
     fn delete(&self, kind: Kind, service: &str, pre: Precondition) -> Result<Response, ApiError> {
         let file = self.own_file(kind, service);
         let _guard = self.writes.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(current) = read_current(&file)? else {
+        let (current, cas) = self.current(kind, service)?;
+        let Some(current) = current else {
             if let Some(owner) = declared(&self.paths, kind.table())
                 .into_iter()
                 .find(|d| d.service == service)
@@ -464,10 +480,74 @@ impl RulesApi {
         };
         allowed(kind, service, Some(version_of(&current)), &pre, true)?;
         self.validate(&file, None)?;
-        durable::remove(&file)
-            .map_err(|e| ApiError::internal(format!("cannot remove {}: {e}", file.display())))?;
+        self.commit(kind, service, None, cas)?;
         info!(kind = kind.segment(), service, file = %file.display(), "rules API: deleted");
         Ok(StatusCode::NO_CONTENT.into_response())
+    }
+
+    /// The object's current content (`None`: the API holds none) and what a compare-and-set
+    /// must name: the Consul `ModifyIndex` with a shared store (0 when absent), else 0.
+    fn current(&self, kind: Kind, service: &str) -> Result<(Option<String>, u64), ApiError> {
+        let Some(store) = &self.store else {
+            return Ok((read_current(&self.own_file(kind, service))?, 0));
+        };
+        let rel = shared_key(kind, service);
+        match store.block_on(store.get(&rel)) {
+            Ok(Some(entry)) => Ok((
+                Some(String::from_utf8_lossy(&entry.value).into_owned()),
+                entry.modify_index,
+            )),
+            Ok(None) => Ok((None, 0)),
+            Err(e) => Err(unavailable(&e)),
+        }
+    }
+
+    /// Writes (`Some`) or removes (`None`) the object's file: in `rules.d`, or in the shared
+    /// store if the object is still at `cas` (and then waits, briefly, for this replica's
+    /// mirror to have it, so a client that reads back here sees its write).
+    fn commit(
+        &self,
+        kind: Kind,
+        service: &str,
+        content: Option<&str>,
+        cas: u64,
+    ) -> Result<(), ApiError> {
+        let file = self.own_file(kind, service);
+        let Some(store) = &self.store else {
+            // Temp file (a dot name, which the registry skips), fsync, rename, fsync of the
+            // directory: the registry sees the old file or the new one, never a partial one.
+            return match content {
+                Some(c) => durable::write_atomic(&file, c.as_bytes(), durable::SECRET_MODE)
+                    .map_err(|e| {
+                        ApiError::internal(format!("cannot write {}: {e}", file.display()))
+                    }),
+                None => durable::remove(&file).map_err(|e| {
+                    ApiError::internal(format!("cannot remove {}: {e}", file.display()))
+                }),
+            };
+        };
+        let rel = shared_key(kind, service);
+        let won = match content {
+            Some(c) => store.block_on(store.put_if(&rel, c.as_bytes(), cas)),
+            None => store.block_on(store.delete_if(&rel, cas)),
+        }
+        .map_err(|e| unavailable(&e))?;
+        if !won {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "{}.{service} was changed through another replica meanwhile; read it again and retry",
+                    kind.table()
+                ),
+            ));
+        }
+        if !store.block_on(store.wait_applied(RULES_KEY, APPLY_WAIT)) {
+            warn!(
+                kind = kind.segment(),
+                service, "rules API: the write is in Consul but not yet in this replica's rules.d"
+            );
+        }
+        Ok(())
     }
 
     /// Check writes against the merged catalog of every source from now on.
@@ -653,6 +733,24 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// The object's key in the shared store.
+fn shared_key(kind: Kind, service: &str) -> String {
+    rules_key(&kind.file_name(service))
+        .unwrap_or_else(|| format!("{RULES_KEY}{}-{service}", kind.table()))
+}
+
+/// 503: the shared store cannot be reached; reads go on from this replica's copy.
+fn unavailable(e: &StoreError) -> ApiError {
+    warn!(error = %crate::error_chain(e), "rules API: write refused");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "{}; writes need it, reads are served from this replica's copy",
+            crate::error_chain(e)
+        ),
+    )
 }
 
 fn not_found(kind: Kind, service: &str) -> ApiError {

@@ -148,6 +148,12 @@ impl Authority {
         &self.tokens
     }
 
+    /// Join tokens from `tokens` (the replicas' shared store) instead of `state_dir`.
+    pub fn with_tokens(mut self, tokens: TokenStore) -> Authority {
+        self.tokens = tokens;
+        self
+    }
+
     /// Revoked nodes and certificates, and the CRL.
     pub fn revoker(&self) -> &Arc<Revoker> {
         &self.revoker

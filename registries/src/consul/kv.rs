@@ -127,7 +127,12 @@ impl Kv {
 
     /// Writes `value`. With `cas = Some(i)` only if the key's `ModifyIndex` is still `i`
     /// (0: only if the key does not exist). `Ok(false)`: the condition did not hold.
-    pub async fn put(&self, key: &str, value: &[u8], cas: Option<u64>) -> Result<bool, ConsulError> {
+    pub async fn put(
+        &self,
+        key: &str,
+        value: &[u8],
+        cas: Option<u64>,
+    ) -> Result<bool, ConsulError> {
         let query: Vec<(&str, String)> = cas.map(|i| ("cas", i.to_string())).into_iter().collect();
         let url = self.url(key, &query);
         let request = self.client.http().put(&url).body(value.to_vec());
@@ -159,10 +164,11 @@ fn outcome(status: u16, key: &str, body: &[u8]) -> Result<bool, ConsulError> {
 }
 
 fn decode(path: &str, body: &[u8]) -> Result<Vec<KvEntry>, ConsulError> {
-    let raw: Vec<RawEntry> = serde_json::from_slice(body).map_err(|source| ConsulError::Decode {
-        path: format!("/v1/kv/{path}"),
-        source,
-    })?;
+    let raw: Vec<RawEntry> =
+        serde_json::from_slice(body).map_err(|source| ConsulError::Decode {
+            path: format!("/v1/kv/{path}"),
+            source,
+        })?;
     raw.into_iter()
         .map(|e| {
             let value = match &e.value {

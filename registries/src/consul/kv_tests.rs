@@ -23,12 +23,20 @@ async fn cas_lets_one_of_two_writers_at_the_same_index_win() {
     let (_double, kv) = kv().await;
     assert_eq!(kv.get("p/a").await.unwrap(), None);
     assert!(kv.put("p/a", b"one", Some(0)).await.unwrap(), "create");
-    assert!(!kv.put("p/a", b"two", Some(0)).await.unwrap(), "create again");
+    assert!(
+        !kv.put("p/a", b"two", Some(0)).await.unwrap(),
+        "create again"
+    );
     let first = kv.get("p/a").await.unwrap().unwrap();
     assert_eq!(first.value, b"one");
-    assert!(kv.put("p/a", b"two", Some(first.modify_index)).await.unwrap());
+    assert!(kv
+        .put("p/a", b"two", Some(first.modify_index))
+        .await
+        .unwrap());
     assert!(
-        !kv.put("p/a", b"three", Some(first.modify_index)).await.unwrap(),
+        !kv.put("p/a", b"three", Some(first.modify_index))
+            .await
+            .unwrap(),
         "a second writer that read the same index loses"
     );
     assert_eq!(kv.get("p/a").await.unwrap().unwrap().value, b"two");
@@ -49,11 +57,15 @@ async fn a_blocking_list_returns_when_the_prefix_changes() {
     assert!(meta.index > 0);
     let writer = kv.clone();
     let started = std::time::Instant::now();
-    let blocked = tokio::spawn(async move { kv.list("p/", meta.index, Duration::from_secs(5)).await });
+    let blocked =
+        tokio::spawn(async move { kv.list("p/", meta.index, Duration::from_secs(5)).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     writer.put("p/x/two", b"", None).await.unwrap();
     let (entries, next) = blocked.await.unwrap().unwrap();
-    assert!(started.elapsed() < Duration::from_secs(4), "woken by the write");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "woken by the write"
+    );
     assert!(next.index > meta.index);
     let keys: Vec<(&str, &[u8])> = entries
         .iter()
@@ -65,7 +77,10 @@ async fn a_blocking_list_returns_when_the_prefix_changes() {
 #[tokio::test]
 async fn an_empty_prefix_is_an_empty_list_with_an_index() {
     let (_double, kv) = kv().await;
-    let (entries, meta) = kv.list("nothing/", 0, Duration::from_secs(1)).await.unwrap();
+    let (entries, meta) = kv
+        .list("nothing/", 0, Duration::from_secs(1))
+        .await
+        .unwrap();
     assert!(entries.is_empty());
     assert!(meta.index > 0, "X-Consul-Index is never 0");
 }
