@@ -726,7 +726,10 @@ stale = true
         );
         assert_eq!(store.prefix, "pilotfish/");
         assert_eq!(store.datacenter, None);
-        assert!(!store.consul.stale, "compare-and-set reads must not be stale");
+        assert!(
+            !store.consul.stale,
+            "compare-and-set reads must not be stale"
+        );
 
         let c = parse(
             "insecure = true\n[registry.files]\npaths = [\"r\"]\n[store.consul]\n\
@@ -748,10 +751,16 @@ stale = true
             "store.consul.prefix:",
             "store.consul.token_file: empty path",
         ] {
-            assert!(found.iter().any(|p| p.starts_with(want)), "{want} in {found:?}");
+            assert!(
+                found.iter().any(|p| p.starts_with(want)),
+                "{want} in {found:?}"
+            );
         }
         let found = problems("insecure = true\n[registry.files]\npaths = [\"r\"]\n[store]\n");
-        assert!(found.iter().any(|p| p.starts_with("store: name the store")), "{found:?}");
+        assert!(
+            found.iter().any(|p| p.starts_with("store: name the store")),
+            "{found:?}"
+        );
     }
 
     #[test]

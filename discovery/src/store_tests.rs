@@ -307,8 +307,7 @@ async fn without_consul_writes_are_refused_and_reads_served_from_the_copy() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     let message = body["errors"][0].as_str().unwrap();
     assert!(
-        message
-            .contains("the shared store (Consul KV pilotfish/rules/routes-reviews at http://")
+        message.contains("the shared store (Consul KV pilotfish/rules/routes-reviews at http://")
             && message.contains("writes need it, reads are served from this replica's copy"),
         "{message}"
     );

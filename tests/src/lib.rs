@@ -533,3 +533,4 @@ pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
 
 pub mod load;
 pub mod mesh;
+pub mod replica;

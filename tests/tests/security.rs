@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use pilotfish_tests::mesh::{Mesh, MeshOptions};
+use pilotfish_tests::replica::{intermediate_for, root_keeper, Replica};
 use pilotfish_tests::{blocking, envoy_stat, http_request, wait_for, Response};
 
 const READY: Duration = Duration::from_secs(30);
@@ -516,23 +517,6 @@ async fn a_revoked_host_is_cut_off_within_seconds_and_comes_back_with_a_new_toke
     Ok(())
 }
 
-/// Runs `pilotfish-discovery --config CONFIG ARGS...` outside any mesh; its stderr (where the
-/// next steps are printed).
-fn discovery_cmd(config: &std::path::Path, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(pilotfish_tests::binary("pilotfish-discovery")?)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "pilotfish-discovery {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stderr).to_string())
-}
-
 fn files_named(dir: &std::path::Path, name: &str, found: &mut Vec<std::path::PathBuf>) {
     for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let path = e.path();
@@ -542,56 +526,6 @@ fn files_named(dir: &std::path::Path, name: &str, found: &mut Vec<std::path::Pat
             found.push(path);
         }
     }
-}
-
-/// A keeper's discovery config with a root of its own (`ca bundle` makes it on first use);
-/// returns the config and the root's PEM.
-fn root_keeper(dir: &std::path::Path) -> Result<(std::path::PathBuf, String)> {
-    let config = dir.join("discovery.toml");
-    std::fs::write(
-        &config,
-        "trust_domain = \"pilotfish.local\"\nstate_dir = \"state\"\n[registry.files]\npaths = [\"r\"]\n",
-    )?;
-    let out = std::process::Command::new(pilotfish_tests::binary("pilotfish-discovery")?)
-        .arg("--config")
-        .arg(&config)
-        .args(["ca", "bundle"])
-        .output()?;
-    if !out.status.success() {
-        bail!("ca bundle: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok((config, String::from_utf8(out.stdout)?))
-}
-
-/// Runs `ca intermediate` for a replica in `dir` and `ca sign-intermediate` at the keeper;
-/// the replica's `[ca] cert_file` and `key_file`.
-fn intermediate_for(
-    keeper_config: &std::path::Path,
-    dir: &std::path::Path,
-    name: &str,
-) -> Result<(String, String)> {
-    let int_dir = dir.join("int");
-    let int = int_dir.display().to_string();
-    let next = discovery_cmd(
-        keeper_config,
-        &["ca", "intermediate", "--out", &int, "--name", name],
-    )?;
-    assert!(next.contains("sign-intermediate"), "{next}");
-    let csr = int_dir.join("intermediate.csr").display().to_string();
-    let cert = int_dir.join("intermediate.pem").display().to_string();
-    discovery_cmd(
-        keeper_config,
-        &[
-            "ca",
-            "sign-intermediate",
-            &csr,
-            "--out",
-            &cert,
-            "--ttl",
-            "30d",
-        ],
-    )?;
-    Ok((cert, int_dir.join("intermediate.key").display().to_string()))
 }
 
 /// A replica signing with its own intermediate: the key and CSR are made without the root,
@@ -671,25 +605,8 @@ async fn hosts_enrolled_at_two_replicas_talk_over_mtls() -> Result<()> {
     mesh.add_host("vm-d", 5)?;
 
     // Replica B: the same registry and trust domain, its own ports, state and intermediate.
-    let ip = mesh.net.host(1);
-    let grpc_b = SocketAddr::new(ip, pilotfish_tests::free_port(ip));
-    let http_b = SocketAddr::new(ip, pilotfish_tests::free_port(ip));
-    let config_b = mesh.path("discovery-b.toml");
-    let text = std::fs::read_to_string(&mesh.config)?
-        .replace(&mesh.grpc.to_string(), &grpc_b.to_string())
-        .replace(&mesh.http.to_string(), &http_b.to_string())
-        .replace("state_dir = \"state\"", "state_dir = \"state-b\"")
-        .replace(&a_cert, &b_cert)
-        .replace(&a_key, &b_key);
-    std::fs::write(&config_b, text)?;
-    let _discovery_b = pilotfish_tests::Process::spawn_env(
-        "discovery-b",
-        &pilotfish_tests::binary("pilotfish-discovery")?,
-        &["--config", &config_b.display().to_string()],
-        mesh.path("discovery-b.log"),
-        &[],
-    )?;
-    pilotfish_tests::mesh::wait_port(grpc_b, READY)?;
+    let replica_b = Replica::start(&mesh, "b", &[(&a_cert, &b_cert), (&a_key, &b_key)])?;
+    let (grpc_b, config_b) = (replica_b.grpc, replica_b.config.clone());
     let (grpc_a, config_a) = (mesh.grpc, mesh.config.clone());
     (mesh.grpc, mesh.config) = (grpc_b, config_b);
     mesh.add_host("vm-b", 3)?;
@@ -713,11 +630,7 @@ async fn hosts_enrolled_at_two_replicas_talk_over_mtls() -> Result<()> {
     .await;
     let r = match r {
         Ok(r) => r,
-        Err(e) => bail!(
-            "{e:#}\n{}\n{}",
-            mesh.logs(),
-            std::fs::read_to_string(mesh.path("discovery-b.log")).unwrap_or_default()
-        ),
+        Err(e) => bail!("{e:#}\n{}\n{}", mesh.logs(), replica_b.log_text()),
     };
     assert!(
         r.body
