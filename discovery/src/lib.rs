@@ -138,7 +138,15 @@ pub async fn run(
             Some(store) => authority.with_tokens(TokenStore::shared(store.document(TOKENS_KEY))),
             None => authority,
         };
-        Some(Arc::new(authority))
+        let authority = Arc::new(authority);
+        if let Some(store) = &store {
+            let (s, a, token) = (store.clone(), authority.clone(), stop.clone());
+            tasks.spawn(async move {
+                crate::store::share_crls(s, a, token).await;
+                Ok(())
+            });
+        }
+        Some(authority)
     };
 
     // Load the files once before serving, so the first snapshot is the real catalog rather

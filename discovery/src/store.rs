@@ -47,6 +47,8 @@ pub const TOKENS_KEY: &str = "tokens";
 pub const REVOCATIONS_KEY: &str = "revocations";
 /// The folder (under the prefix) of rules-API objects.
 pub const RULES_KEY: &str = "rules/";
+/// The folder (under the prefix) of the replicas' CRLs, one key per signer fingerprint.
+pub const CRLS_KEY: &str = "crls/";
 /// Set once the first replica copied its own state in.
 pub const SEEDED_KEY: &str = "seeded";
 /// How long a write waits for this replica's mirror to show it before answering.
@@ -62,6 +64,8 @@ pub struct SharedStore {
     applied: watch::Sender<u64>,
     /// Whether the last request to Consul succeeded.
     up: watch::Sender<bool>,
+    /// Every replica's CRL (`crls/`), by signer fingerprint, as last mirrored.
+    crls: watch::Sender<BTreeMap<String, String>>,
     /// For calls from outside a runtime (the command line).
     runtime: OnceLock<tokio::runtime::Runtime>,
 }
@@ -95,6 +99,7 @@ impl SharedStore {
             wait: config.consul.wait,
             applied: watch::channel(0).0,
             up: watch::channel(false).0,
+            crls: watch::channel(BTreeMap::new()).0,
             runtime: OnceLock::new(),
         }))
     }
@@ -175,6 +180,19 @@ impl SharedStore {
             .is_ok_and(|r| r.is_ok())
     }
 
+    /// Every replica's CRL by signer fingerprint, as last mirrored.
+    pub fn crls(&self) -> watch::Receiver<BTreeMap<String, String>> {
+        self.crls.subscribe()
+    }
+
+    /// Writes `rel` whatever it holds: for keys only this replica writes.
+    pub async fn put(&self, rel: &str, value: &[u8]) -> Result<(), StoreError> {
+        let put = self.kv.put(&self.key(rel), value, None).await;
+        put.map_err(|e| self.failed(rel, e))?;
+        self.up.send_replace(true);
+        Ok(())
+    }
+
     /// Whether the last request to Consul succeeded.
     pub fn is_up(&self) -> bool {
         *self.up.borrow()
@@ -228,6 +246,21 @@ impl SharedStore {
                     } else {
                         meta.index
                     };
+                    let crls: BTreeMap<String, String> = entries
+                        .iter()
+                        .filter_map(|e| {
+                            let id = e.key.strip_prefix(&self.prefix)?.strip_prefix(CRLS_KEY)?;
+                            Some((
+                                id.to_string(),
+                                String::from_utf8_lossy(&e.value).into_owned(),
+                            ))
+                        })
+                        .collect();
+                    self.crls.send_if_modified(|current| {
+                        let changed = *current != crls;
+                        *current = crls;
+                        changed
+                    });
                     let dir = self.state_dir.clone();
                     let prefix = self.prefix.clone();
                     let applied =
@@ -400,6 +433,54 @@ impl KvDocument {
         SharedError {
             place: self.describe(),
             message: crate::error_chain(&e),
+        }
+    }
+}
+
+/// Shares this replica's CRL with the others and serves theirs beside it, until `shutdown`:
+/// once a node is revoked, every replica's hosts hold a CRL for every replica's signer (Envoy
+/// refuses a certificate whose issuer has none once it has CRLs at all).
+pub async fn share_crls(
+    store: Arc<SharedStore>,
+    authority: Arc<crate::identity::Authority>,
+    shutdown: CancellationToken,
+) {
+    let mut views = authority.revoker().subscribe();
+    let mut crls = store.crls();
+    let mut published: Option<(String, String)> = None;
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
+    loop {
+        let theirs = crls.borrow_and_update().clone();
+        let ca = authority.ca();
+        authority.revoker().set_shared_crls(&ca, &theirs);
+        let own = views.borrow_and_update().own_crl_pem.clone();
+        let key = format!("{CRLS_KEY}{}", ca.signer_fingerprint());
+        let wanted = (key, own);
+        let mut retry = None;
+        if published.as_ref() != Some(&wanted) {
+            match store.put(&wanted.0, wanted.1.as_bytes()).await {
+                Ok(()) => {
+                    backoff.reset();
+                    published = Some(wanted);
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %crate::error_chain(&e), retry_in = ?delay, "cannot share this replica's CRL");
+                    retry = Some(delay);
+                }
+            }
+        }
+        let wait = async {
+            match retry {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = crls.changed() => {}
+            _ = views.changed() => {}
+            _ = wait => {}
         }
     }
 }

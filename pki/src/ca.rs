@@ -211,6 +211,8 @@ pub struct Ca {
     trust_domain: TrustDomain,
     issuer: Issuer<'static, KeyPair>,
     signer_not_after: SystemTime,
+    /// SHA-256 of the signing certificate, hex: names this signer's CRL among replicas'.
+    signer_fingerprint: String,
     chain_pem: String,
     bundle: Vec<CertificateDer<'static>>,
     bundle_pem: String,
@@ -291,6 +293,7 @@ impl Ca {
             trust_domain: trust_domain.clone(),
             issuer: signer.issuer,
             signer_not_after: signer.not_after,
+            signer_fingerprint: signer.fingerprint,
             chain_pem: signer.chain_pem,
             bundle,
             bundle_pem,
@@ -316,6 +319,12 @@ impl Ca {
     /// The roots in the bundle, and which one signs.
     pub fn trusted_roots(&self) -> &[TrustedRoot] {
         &self.roots
+    }
+
+    /// The SHA-256 fingerprint (hex) of the signing certificate: the root's, or a replica's
+    /// intermediate's.
+    pub fn signer_fingerprint(&self) -> &str {
+        &self.signer_fingerprint
     }
 
     /// When the signing CA certificate expires; no leaf outlives it.
@@ -551,6 +560,7 @@ impl Ca {
 struct Signer {
     issuer: Issuer<'static, KeyPair>,
     not_after: SystemTime,
+    fingerprint: String,
     /// Intermediates, signing certificate first; empty when the signer is a root.
     chain_pem: String,
     root: CertificateDer<'static>,
@@ -655,6 +665,7 @@ fn load_signer(
         Issuer::from_ca_cert_der(&chain[0], key).map_err(|e| bad(cert_path, e.to_string()))?;
     let root = chain[len - 1].clone();
     Ok(Signer {
+        fingerprint: fingerprint(&chain[0]),
         issuer,
         not_after,
         chain_pem,

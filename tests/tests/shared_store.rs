@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use pilotfish_consul_double::ConsulDouble;
+use pilotfish_tests::load::Load;
 use pilotfish_tests::mesh::{Mesh, MeshOptions, API_TOKEN};
 use pilotfish_tests::replica::{discovery_cmd, intermediate_for, root_keeper, Replica};
 use pilotfish_tests::{blocking, http_request, wait_for, Response};
@@ -86,11 +87,14 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
     })?;
     let b = Replica::start(&mesh, "b", &[(&a_cert, &b_cert), (&a_key, &b_key)])?;
 
-    // Every host's join token is made through replica A (`token create` with A's config);
-    // every host enrols and gets its config through replica B.
-    let grpc_a = mesh.grpc;
-    mesh.grpc = b.grpc;
-    for (node, i) in [("vm-a", 2), ("vm-b", 3), ("vm-c", 4)] {
+    // vm-b's and vm-c's join tokens are made through replica A (`token create` with A's
+    // config), and they enrol and get their config through replica B; vm-a the other way
+    // round. So vm-a's certificates come from A's intermediate, the others' from B's.
+    let (grpc_a, config_a) = (mesh.grpc, mesh.config.clone());
+    (mesh.grpc, mesh.config) = (grpc_a, b.config.clone());
+    mesh.add_host("vm-a", 2)?;
+    (mesh.grpc, mesh.config) = (b.grpc, config_a);
+    for (node, i) in [("vm-b", 3), ("vm-c", 4)] {
         mesh.add_host(node, i)?;
     }
     mesh.grpc = grpc_a;
@@ -171,8 +175,76 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
         "exactly one of two concurrent writes wins"
     );
 
-    // Revocations made through one replica are enforced by the other.
+    // Revoking vm-c through A, under load from vm-a (A's certificates) to vm-b (B's): each
+    // replica signs a CRL for its own certificates and serves the other's beside it, so vm-b,
+    // which now holds CRLs, still accepts vm-a's certificate. Not one request fails.
+    let all_v1 = api(mesh.http, "GET", None, String::new()).await?;
+    let version = all_v1.header("etag").unwrap_or_default().to_string();
+    let to_v1 = api(mesh.http, "PUT", Some(version), canary(0)).await?;
+    assert_eq!(to_v1.status, 200, "{}", to_v1.body);
+    wait_for("all traffic on v1 (vm-b)", READY, || async move {
+        let seen = split(out, 20).await;
+        Ok((seen.get("reviews-v1") == Some(&20)).then_some(()))
+    })
+    .await?;
+    let load = Load::start(out, "reviews", &[&[], &[]]);
     discovery_cmd(&mesh.config, &["node", "revoke", "vm-c"])?;
+    let crl_file = mesh.path("vm-b").join("state").join("crl.pem");
+    let crls = wait_for("both replicas' CRLs at vm-b", READY, || {
+        let crl_file = crl_file.clone();
+        async move {
+            let pem = std::fs::read_to_string(&crl_file).unwrap_or_default();
+            Ok((pem.matches("BEGIN X509 CRL").count() == 2).then_some(pem))
+        }
+    })
+    .await;
+    if let Err(e) = crls {
+        bail!(
+            "{e:#}
+{}
+{}",
+            mesh.logs(),
+            b.log_text()
+        );
+    }
+    // Traffic keeps flowing with the CRLs in force.
+    let before = load.total();
+    wait_for("200 more requests with the CRLs in force", READY, || {
+        let total = load.total();
+        async move { Ok((total > before + 200).then_some(())) }
+    })
+    .await?;
+    let tally = load.stop().await;
+    assert_eq!(
+        tally.failed,
+        0,
+        "{} of {} requests failed: {:?}",
+        tally.failed,
+        tally.total(),
+        &tally.failures
+    );
+    println!(
+        "revocation under load: {} requests, 0 failed",
+        tally.total()
+    );
+    // Connections opened before the CRLs arrived are not checked again: a host that joins
+    // now, with a certificate from A, opens new ones to vm-b (whose CRLs are in force).
+    mesh.add_host("vm-d", 5)?;
+    mesh.host("vm-d").wait_ready(READY).await?;
+    let out_d = mesh.host("vm-d").outbound;
+    let fresh = wait_for(
+        "vm-d (A's certificate) reaches vm-b (B's CRLs)",
+        READY,
+        || async move {
+            let seen = split(out_d, 20).await;
+            Ok((seen.get("reviews-v1") == Some(&20)).then_some(seen))
+        },
+    )
+    .await;
+    if let Err(e) = fresh {
+        let seen = split(out_d, 5).await;
+        bail!("{e:#}: {seen:?}\n{}", mesh.logs());
+    }
     let list = blocking({
         let config = b.config.clone();
         move || {

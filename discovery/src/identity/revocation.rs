@@ -16,7 +16,7 @@
 //! it is rebuilt when the file changes, when a certificate is issued to a revoked node, and
 //! when the CA is reloaded.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -40,8 +40,12 @@ pub struct RevocationView {
     pub revocations: Revocations,
     /// Serials (lower-case hex) of unexpired certificates that are revoked.
     pub serials: BTreeSet<String>,
-    /// The CRL listing `serials`, PEM; empty while nothing is revoked.
+    /// The CRLs peers check certificates against, PEM: this replica's (listing `serials`)
+    /// and, with a shared store, every other replica's, in the order of their signers'
+    /// fingerprints (so every replica serves the same bytes). Empty while nothing is revoked.
     pub crl_pem: String,
+    /// This replica's own CRL, PEM (what it shares with the others); empty while it has none.
+    pub own_crl_pem: String,
 }
 
 impl RevocationView {
@@ -69,6 +73,10 @@ struct State {
     /// The bytes of `revocations.json` last parsed (`Some(None)`: no file; `None`: not read
     /// yet).
     file: Option<Option<Vec<u8>>>,
+    /// With a shared store: the other replicas' CRLs by their signers' fingerprints. Then this
+    /// replica signs a CRL (empty if need be) whenever a node is revoked, because Envoy
+    /// refuses a certificate whose issuer has no CRL once it holds CRLs for others.
+    shared: Option<BTreeMap<String, String>>,
 }
 
 /// Keeps the [`RevocationView`] current. Blocking file I/O: call it from `spawn_blocking`.
@@ -114,6 +122,7 @@ impl Revoker {
                 issued,
                 appended: 0,
                 file: None,
+                shared: None,
             }),
             view: watch::Sender::new(Arc::new(RevocationView::default())),
             nodes: watch::Sender::new(Arc::new(BTreeSet::new())),
@@ -200,6 +209,20 @@ impl Revoker {
         Ok(true)
     }
 
+    /// The other replicas' CRLs (by signer fingerprint; this replica's own entry is ignored):
+    /// from now on this replica works with theirs (see [`State::shared`]).
+    pub fn set_shared_crls(&self, ca: &Ca, crls: &BTreeMap<String, String>) {
+        let mut others = crls.clone();
+        others.remove(ca.signer_fingerprint());
+        let mut state = self.lock();
+        if state.shared.as_ref() == Some(&others) {
+            return;
+        }
+        state.shared = Some(others);
+        let revocations = self.view.borrow().revocations.clone();
+        self.publish(ca, &state, revocations);
+    }
+
     /// Re-signs the CRL with a reloaded CA.
     pub fn resign(&self, ca: &Ca) {
         let state = self.lock();
@@ -221,7 +244,9 @@ impl Revoker {
             })
             .collect();
         let serials: BTreeSet<String> = revoked.iter().map(|(s, _)| s.clone()).collect();
-        let crl_pem = if revoked.is_empty() {
+        let needed = !revoked.is_empty()
+            || (state.shared.is_some() && !revocations.revoked_nodes().is_empty());
+        let own_crl_pem = if !needed {
             String::new()
         } else {
             match ca.sign_crl(&revoked, now) {
@@ -246,10 +271,12 @@ impl Revoker {
                 true
             }
         });
+        let crl_pem = combined_crls(ca.signer_fingerprint(), &own_crl_pem, state.shared.as_ref());
         self.view.send_replace(Arc::new(RevocationView {
             revocations,
             serials,
             crl_pem,
+            own_crl_pem,
         }));
     }
 
@@ -281,6 +308,27 @@ impl Revoker {
             }
         }
     }
+}
+
+/// Every non-empty CRL of `own` (this signer's, under `own_id`) and `others`, in the order of
+/// their ids; empty when none is.
+fn combined_crls(own_id: &str, own: &str, others: Option<&BTreeMap<String, String>>) -> String {
+    let mut all: BTreeMap<&str, &str> = others
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    all.insert(own_id, own);
+    all.values()
+        .filter(|pem| !pem.trim().is_empty())
+        .map(|pem| {
+            let mut pem = pem.to_string();
+            if !pem.ends_with('\n') {
+                pem.push('\n');
+            }
+            pem
+        })
+        .collect()
 }
 
 /// The serial of a peer's leaf certificate, as the view spells it.
@@ -345,6 +393,42 @@ mod tests {
         // A restart reads the same state from disk.
         let again = Revoker::load(dir.path(), &ca).unwrap();
         assert_eq!(again.view().serials, view.serials);
+    }
+
+    #[test]
+    fn with_a_shared_store_every_replica_signs_a_crl_once_a_node_is_revoked() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca(dir.path());
+        let revoker = Revoker::load(dir.path(), &ca).unwrap();
+        let others = BTreeMap::from([
+            (
+                "bb".to_owned(),
+                "-----BEGIN X509 CRL-----\nB\n-----END X509 CRL-----\n".to_owned(),
+            ),
+            ("00".to_owned(), String::new()),
+        ]);
+        revoker.set_shared_crls(&ca, &others);
+        // Nothing revoked: no CRL at all, even though another replica's key is there.
+        assert!(revoker.view().own_crl_pem.is_empty());
+        // vm-c has no certificate from this replica, yet this replica signs an (empty) CRL,
+        // served in fingerprint order with the other replica's.
+        RevocationStore::new(dir.path())
+            .revoke("vm-c", SystemTime::now())
+            .unwrap();
+        revoker.poll(&ca).unwrap();
+        let view = revoker.view();
+        assert!(view.serials.is_empty());
+        assert!(view.own_crl_pem.contains("BEGIN X509 CRL"));
+        assert_eq!(view.crl_pem.matches("BEGIN X509 CRL").count(), 2);
+        let own_first = ca.signer_fingerprint() < "bb";
+        assert_eq!(view.crl_pem.starts_with(&view.own_crl_pem), own_first);
+        // The same inputs give the same bytes, whichever replica combines them.
+        let mut mine = others.clone();
+        mine.insert(ca.signer_fingerprint().to_owned(), view.own_crl_pem.clone());
+        assert_eq!(
+            combined_crls("bb", &others["bb"], Some(&mine)),
+            view.crl_pem
+        );
     }
 
     #[test]
