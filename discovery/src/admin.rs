@@ -53,6 +53,8 @@ pub enum AdminError {
     Intermediate(#[from] IntermediateError),
     #[error("[store.consul]")]
     Store(#[from] ConsulError),
+    #[error("{0}")]
+    Shared(String),
     #[error("{}: no root key here; run this where the root is kept, or give --root-cert and --root-key", .0.display())]
     NoRoot(PathBuf),
     #[error("{}: {source}", path.display())]
@@ -381,14 +383,38 @@ pub fn ca_switch(config: &Config) -> Result<Output, AdminError> {
 
 /// `ca retire FINGERPRINT`: step 5.
 pub fn ca_retire(config: &Config, fingerprint: &str) -> Result<Output, AdminError> {
-    let removed: PathBuf = Ca::retire_root(&config.state_dir, fingerprint)?;
-    Ok(Output {
-        stdout: String::new(),
-        stderr: format!(
+    let local = Ca::retire_root(&config.state_dir, fingerprint);
+    // With a shared store the root also leaves every replica's bundle: the store's copy goes,
+    // and each replica's mirror removes it and reloads its CA.
+    let shared = match &config.store {
+        Some(s) if fingerprint.len() >= 16 => {
+            let store = SharedStore::new(s, &config.state_dir)?;
+            let prefix = fingerprint.to_ascii_lowercase();
+            store
+                .block_on(store.remove_roots(&prefix))
+                .map_err(|e| AdminError::Shared(crate::error_chain(&e)))?
+        }
+        _ => Vec::new(),
+    };
+    let mut stderr = String::new();
+    match local {
+        Ok(removed) => stderr.push_str(&format!(
             "removed {}; reload discovery (SIGHUP) to stop trusting it, and hand hosts the new \
              `ca bundle` as ca_file.\n",
             removed.display()
-        ),
+        )),
+        Err(e) if shared.is_empty() => return Err(e.into()),
+        Err(_) => {}
+    }
+    for fp in &shared {
+        stderr.push_str(&format!(
+            "removed root {fp} from the shared store: every replica stops trusting it within \
+             seconds.\n"
+        ));
+    }
+    Ok(Output {
+        stdout: String::new(),
+        stderr,
     })
 }
 

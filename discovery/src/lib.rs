@@ -145,6 +145,11 @@ pub async fn run(
                 crate::store::share_crls(s, a, token).await;
                 Ok(())
             });
+            let (s, a, token) = (store.clone(), authority.clone(), stop.clone());
+            tasks.spawn(async move {
+                crate::store::share_roots(s, a, token).await;
+                Ok(())
+            });
         }
         Some(authority)
     };

@@ -15,8 +15,9 @@
 //! the same state only one can write ([`pilotfish_pki::shared`]; the rules API maps `If-Match`
 //! onto it). Every replica watches the prefix with a blocking query ([`SharedStore::run`]) and
 //! mirrors it into its `state_dir`: `rules.d/` (which its file registry watches, so a write on
-//! any replica is pushed like a file edit everywhere) and `revocations.json` (which its revoker
-//! polls). Join tokens are read and written in Consul directly, never from the mirror: a
+//! any replica is pushed like a file edit everywhere), `revocations.json` (which its revoker
+//! polls) and `ca/roots.d/shared-<fingerprint>.pem` (roots other replicas trust, which join
+//! its bundle on the CA reload the mirror asks for). Join tokens are read and written in Consul directly, never from the mirror: a
 //! redemption must see the latest state.
 //!
 //! When Consul is unavailable each replica keeps serving what it mirrored last; writes are
@@ -29,6 +30,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use pilotfish_durable as durable;
+use pilotfish_pki::ca::{roots_dir, SHARED_ROOT_PREFIX};
 use pilotfish_pki::revocation::REVOCATIONS_FILE;
 use pilotfish_pki::{SharedDoc, SharedDocument, SharedError};
 use pilotfish_registries::consul::client::Client;
@@ -49,6 +51,8 @@ pub const REVOCATIONS_KEY: &str = "revocations";
 pub const RULES_KEY: &str = "rules/";
 /// The folder (under the prefix) of the replicas' CRLs, one key per signer fingerprint.
 pub const CRLS_KEY: &str = "crls/";
+/// The folder (under the prefix) of the roots the replicas trust, one key per fingerprint.
+pub const ROOTS_KEY: &str = "roots/";
 /// Set once the first replica copied its own state in.
 pub const SEEDED_KEY: &str = "seeded";
 /// How long a write waits for this replica's mirror to show it before answering.
@@ -66,6 +70,8 @@ pub struct SharedStore {
     up: watch::Sender<bool>,
     /// Every replica's CRL (`crls/`), by signer fingerprint, as last mirrored.
     crls: watch::Sender<BTreeMap<String, String>>,
+    /// Counts the mirrors that changed `ca/roots.d/` (the CA must be reloaded).
+    roots_changed: watch::Sender<u64>,
     /// For calls from outside a runtime (the command line).
     runtime: OnceLock<tokio::runtime::Runtime>,
 }
@@ -100,6 +106,7 @@ impl SharedStore {
             applied: watch::channel(0).0,
             up: watch::channel(false).0,
             crls: watch::channel(BTreeMap::new()).0,
+            roots_changed: watch::channel(0).0,
             runtime: OnceLock::new(),
         }))
     }
@@ -193,6 +200,31 @@ impl SharedStore {
         Ok(())
     }
 
+    /// Ticks each time the mirror changed the shared roots in `ca/roots.d/`.
+    pub fn roots_changed(&self) -> watch::Receiver<u64> {
+        self.roots_changed.subscribe()
+    }
+
+    /// Deletes every shared root whose fingerprint starts with `prefix` (`ca retire`); their
+    /// fingerprints.
+    pub async fn remove_roots(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let listed = self.kv.list(&self.key(ROOTS_KEY), 0, self.wait).await;
+        let (entries, _) = listed.map_err(|e| self.failed(ROOTS_KEY, e))?;
+        let mut removed = Vec::new();
+        for e in entries {
+            let Some(fp) = e.key.strip_prefix(&self.key(ROOTS_KEY)) else {
+                continue;
+            };
+            if fp.starts_with(prefix) {
+                let rel = format!("{ROOTS_KEY}{fp}");
+                if self.delete_if(&rel, e.modify_index).await? {
+                    removed.push(fp.to_string());
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Whether the last request to Consul succeeded.
     pub fn is_up(&self) -> bool {
         *self.up.borrow()
@@ -266,7 +298,10 @@ impl SharedStore {
                     let applied =
                         tokio::task::spawn_blocking(move || mirror(&dir, &prefix, &entries)).await;
                     match applied {
-                        Ok(Ok(())) => {
+                        Ok(Ok(roots_changed)) => {
+                            if roots_changed {
+                                self.roots_changed.send_modify(|n| *n += 1);
+                            }
                             self.applied.send_replace(meta.index);
                         }
                         Ok(Err(e)) => {
@@ -352,11 +387,13 @@ pub fn rules_key(file_name: &str) -> Option<String> {
 /// Makes `state_dir` hold what the store holds: `rules.d/` gets exactly the store's rules
 /// files (others that the API could have written are removed), `revocations.json` the store's
 /// revocations. Files are replaced atomically and only when their bytes differ, so an
-/// unchanged prefix touches nothing and the registry sees no event.
-fn mirror(state_dir: &Path, prefix: &str, entries: &[KvEntry]) -> std::io::Result<()> {
+/// unchanged prefix touches nothing and the registry sees no event. Returns whether the shared
+/// roots in `ca/roots.d/` changed (only where this replica has a CA).
+fn mirror(state_dir: &Path, prefix: &str, entries: &[KvEntry]) -> std::io::Result<bool> {
     let rules_dir = state_dir.join(RULES_DIR);
     durable::create_dir_all(&rules_dir, durable::PRIVATE_DIR_MODE)?;
     let mut rules: BTreeMap<String, &[u8]> = BTreeMap::new();
+    let mut roots: BTreeMap<String, &[u8]> = BTreeMap::new();
     let mut revocations = None;
     for e in entries {
         let Some(rel) = e.key.strip_prefix(prefix) else {
@@ -369,6 +406,10 @@ fn mirror(state_dir: &Path, prefix: &str, entries: &[KvEntry]) -> std::io::Resul
             }
         } else if rel == REVOCATIONS_KEY {
             revocations = Some(&e.value[..]);
+        } else if let Some(fp) = rel.strip_prefix(ROOTS_KEY) {
+            if !fp.is_empty() && fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+                roots.insert(format!("{SHARED_ROOT_PREFIX}{fp}.pem"), &e.value);
+            }
         }
     }
     for (name, bytes) in &rules {
@@ -385,14 +426,34 @@ fn mirror(state_dir: &Path, prefix: &str, entries: &[KvEntry]) -> std::io::Resul
     if let Some(bytes) = revocations {
         write_if_changed(&state_dir.join(REVOCATIONS_FILE), bytes)?;
     }
-    Ok(())
+    // Roots only where there is a CA (an insecure discovery has none).
+    let mut roots_changed = false;
+    if state_dir.join("ca").is_dir() {
+        let dir = roots_dir(state_dir);
+        durable::create_dir_all(&dir, durable::PRIVATE_DIR_MODE)?;
+        for (name, pem) in &roots {
+            roots_changed |= write_if_changed(&dir.join(name), pem)?;
+        }
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(SHARED_ROOT_PREFIX) && !roots.contains_key(&name) {
+                info!(file = %entry.path().display(), "shared store: a root was retired");
+                durable::remove(&entry.path())?;
+                roots_changed = true;
+            }
+        }
+    }
+    Ok(roots_changed)
 }
 
-fn write_if_changed(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Whether it wrote.
+fn write_if_changed(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
     if std::fs::read(path).is_ok_and(|old| old == bytes) {
-        return Ok(());
+        return Ok(false);
     }
-    durable::write_atomic(path, bytes, durable::SECRET_MODE)
+    durable::write_atomic(path, bytes, durable::SECRET_MODE)?;
+    Ok(true)
 }
 
 /// One key of the store as a [`SharedDocument`]; its version is the key's `ModifyIndex`.
@@ -481,6 +542,54 @@ pub async fn share_crls(
             _ = crls.changed() => {}
             _ = views.changed() => {}
             _ = wait => {}
+        }
+    }
+}
+
+/// Shares the roots this replica trusts of its own (`roots/<fingerprint>`), and reloads the
+/// CA whenever the mirror brought roots of other replicas, until `shutdown`. So a root a
+/// replica starts to trust (a rotation's new root, under which its new intermediate chains)
+/// reaches every replica's bundle, and from there every host.
+pub async fn share_roots(
+    store: Arc<SharedStore>,
+    authority: Arc<crate::identity::Authority>,
+    shutdown: CancellationToken,
+) {
+    /// How often the CA's own roots are compared with what was shared (they change on a
+    /// reload, which any operator step may trigger).
+    const RECHECK: Duration = Duration::from_secs(10);
+    let mut changed = store.roots_changed();
+    let mut shared: Vec<(String, String)> = Vec::new();
+    loop {
+        if changed.has_changed().unwrap_or(false) {
+            changed.mark_unchanged();
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = authority.request_reload() => {}
+            }
+        }
+        let own = authority.ca().own_roots_pem();
+        if own != shared {
+            let mut all = true;
+            for (fp, pem) in &own {
+                // Only where absent: a root is the same bytes whoever shares it.
+                if let Err(e) = store
+                    .put_if(&format!("{ROOTS_KEY}{fp}"), pem.as_bytes(), 0)
+                    .await
+                {
+                    warn!(error = %crate::error_chain(&e), "cannot share this replica's roots");
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                shared = own;
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = changed.changed() => {}
+            _ = tokio::time::sleep(RECHECK) => {}
         }
     }
 }

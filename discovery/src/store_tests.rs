@@ -319,3 +319,39 @@ async fn without_consul_writes_are_refused_and_reads_served_from_the_copy() {
         .unwrap()
         .contains("weight = 10"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roots_shared_by_one_replica_join_the_others_ca_and_leave_when_retired() {
+    let double = double().await;
+    let a = Replica::start(&double, &[]).await;
+    let ca_dir = a.dir.path().join("state").join("ca");
+    std::fs::create_dir_all(&ca_dir).unwrap();
+    let mut changed = a.store.roots_changed();
+    let fp = "ab".repeat(32);
+    let pem = "-----BEGIN CERTIFICATE-----\nMA==\n-----END CERTIFICATE-----\n";
+    assert!(a
+        .store
+        .put_if(&format!("{ROOTS_KEY}{fp}"), pem.as_bytes(), 0)
+        .await
+        .unwrap());
+    // Not hex: never a file name.
+    a.store.put_if("roots/../evil", b"x", 0).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), changed.changed())
+        .await
+        .expect("the mirror tells the CA to reload")
+        .unwrap();
+    let file = ca_dir.join("roots.d").join(format!("shared-{fp}.pem"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), pem);
+    assert_eq!(
+        std::fs::read_dir(ca_dir.join("roots.d")).unwrap().count(),
+        1
+    );
+
+    let removed = a.store.remove_roots(&fp[..16]).await.unwrap();
+    assert_eq!(removed, [fp.clone()]);
+    tokio::time::timeout(Duration::from_secs(5), changed.changed())
+        .await
+        .expect("reload after the retirement")
+        .unwrap();
+    assert!(!file.exists());
+}

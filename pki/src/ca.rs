@@ -234,6 +234,15 @@ fn ca_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("ca")
 }
 
+/// Roots other replicas trust, as discovery's shared store copies them into `ca/roots.d/`:
+/// `shared-<fingerprint>.pem`.
+pub const SHARED_ROOT_PREFIX: &str = "shared-";
+
+/// `<state_dir>/ca/roots.d`: roots trusted besides the signing one.
+pub fn roots_dir(state_dir: &Path) -> PathBuf {
+    ca_dir(state_dir).join("roots.d")
+}
+
 impl Ca {
     /// Loads the CA from `<state_dir>/ca` (or the operator's files in `opts`), creating a
     /// self-signed root there on first start.
@@ -288,6 +297,14 @@ impl Ca {
             roots.push(describe_root(&der, source, signing)?);
             bundle.push(der);
         }
+        // The signing root first, then the others by fingerprint: replicas that trust the
+        // same roots hand out the same bundle, whatever their files are called.
+        let mut rest: Vec<_> = roots.drain(1..).zip(bundle.drain(1..)).collect();
+        rest.sort_by(|a, b| a.0.fingerprint.cmp(&b.0.fingerprint));
+        for (root, der) in rest {
+            roots.push(root);
+            bundle.push(der);
+        }
         let bundle_pem = bundle.iter().map(|d| cert_pem(d)).collect();
         Ok(Self {
             trust_domain: trust_domain.clone(),
@@ -319,6 +336,23 @@ impl Ca {
     /// The roots in the bundle, and which one signs.
     pub fn trusted_roots(&self) -> &[TrustedRoot] {
         &self.roots
+    }
+
+    /// (fingerprint, PEM) of every root in the bundle that did not come from another replica
+    /// (`roots.d/shared-*.pem`, which discovery's shared store writes): what this replica
+    /// shares with the others.
+    pub fn own_roots_pem(&self) -> Vec<(String, String)> {
+        self.roots
+            .iter()
+            .zip(&self.bundle)
+            .filter(|(root, _)| {
+                !root
+                    .source
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(SHARED_ROOT_PREFIX))
+            })
+            .map(|(root, der)| (root.fingerprint.clone(), cert_pem(der)))
+            .collect()
     }
 
     /// The SHA-256 fingerprint (hex) of the signing certificate: the root's, or a replica's
