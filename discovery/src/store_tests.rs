@@ -348,7 +348,7 @@ async fn roots_shared_by_one_replica_join_the_others_ca_and_leave_when_retired()
     );
 
     let removed = a.store.remove_roots(&fp[..16]).await.unwrap();
-    assert_eq!(removed, [fp.clone()]);
+    assert_eq!(removed, vec![fp.clone()]);
     tokio::time::timeout(Duration::from_secs(5), changed.changed())
         .await
         .expect("reload after the retirement")
