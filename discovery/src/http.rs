@@ -54,6 +54,8 @@ pub struct HttpState {
     pub ca_metrics: Arc<CaMetrics>,
     pub mesh_metrics: MeshMetrics,
     pub sources_metrics: SourcesMetrics,
+    /// `[store.consul]`; `None` without it.
+    pub store: Option<Arc<crate::store::SharedStore>>,
 }
 
 pub struct HttpServer {
@@ -123,6 +125,9 @@ pub struct Status {
     pub nodes: Vec<NodeLiveness>,
     /// Absent in insecure mode.
     pub ca: Option<CaStatus>,
+    /// The shared store (`[store.consul]`); absent without one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::store::StoreStatus>,
 }
 
 #[derive(Debug, Serialize)]
@@ -401,6 +406,10 @@ pub fn status_of(state: &HttpState) -> Status {
         proxies: state.connections.list(),
         nodes: state.nodes.borrow().as_ref().clone(),
         ca: state.ca.as_deref().map(ca_status),
+        store: state
+            .store
+            .as_deref()
+            .map(crate::store::SharedStore::status),
     }
 }
 
@@ -572,6 +581,7 @@ mod tests {
             ca_metrics: Arc::new(CaMetrics::default()),
             mesh_metrics: MeshMetrics::default(),
             sources_metrics: SourcesMetrics::default(),
+            store: None,
         };
         (state, files_tx)
     }

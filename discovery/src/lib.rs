@@ -105,7 +105,7 @@ pub async fn run(
     let stop = shutdown.child_token();
     let mut tasks = JoinSet::new();
     // [store.consul]: mirror the shared state into state_dir before anything reads it.
-    let store = match &config.store {
+    let shared_store = match &config.store {
         None => None,
         Some(store_config) => {
             let store =
@@ -134,12 +134,12 @@ pub async fn run(
             .await
             .map_err(RunError::Task)?
             .map_err(RunError::Identity)?;
-        let authority = match &store {
+        let authority = match &shared_store {
             Some(store) => authority.with_tokens(TokenStore::shared(store.document(TOKENS_KEY))),
             None => authority,
         };
         let authority = Arc::new(authority);
-        if let Some(store) = &store {
+        if let Some(store) = &shared_store {
             let (s, a, token) = (store.clone(), authority.clone(), stop.clone());
             tasks.spawn(async move {
                 crate::store::share_crls(s, a, token).await;
@@ -165,7 +165,7 @@ pub async fn run(
         .await
         .map_err(RunError::Task)?
         .map_err(RunError::RulesApi)?;
-    let rules_api = match &store {
+    let rules_api = match &shared_store {
         Some(store) => rules_api.with_store(store.clone()),
         None => rules_api,
     };
@@ -300,6 +300,7 @@ pub async fn run(
         ca_metrics,
         mesh_metrics,
         sources_metrics,
+        store: shared_store,
     })
     .with_rules(rules_api.clone().router());
     info!(grpc = %config.grpc, http = %config.http, "discovery starting");

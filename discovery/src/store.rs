@@ -85,6 +85,17 @@ impl std::fmt::Debug for SharedStore {
     }
 }
 
+/// The shared store in `/status`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoreStatus {
+    pub consul: String,
+    pub prefix: String,
+    /// Whether the last request to Consul succeeded.
+    pub up: bool,
+    /// The Consul index last mirrored into `state_dir` (0: not yet).
+    pub applied_index: u64,
+}
+
 /// The shared store failed; the message says where and what to do.
 #[derive(Debug, thiserror::Error)]
 #[error("the shared store (Consul KV {place} at {address}) is unavailable")]
@@ -228,6 +239,34 @@ impl SharedStore {
     /// Whether the last request to Consul succeeded.
     pub fn is_up(&self) -> bool {
         *self.up.borrow()
+    }
+
+    /// For `/status`.
+    pub fn status(&self) -> StoreStatus {
+        StoreStatus {
+            consul: self.kv.address().to_string(),
+            prefix: self.prefix.clone(),
+            up: self.is_up(),
+            applied_index: *self.applied.borrow(),
+        }
+    }
+
+    /// `pilotfish_store_up` and `pilotfish_store_applied_index`.
+    pub fn register(self: &Arc<Self>, registry: &mut prometheus_client::registry::Registry) {
+        use crate::metrics::ScrapeGauge;
+        let store = registry.sub_registry_with_prefix("store");
+        let up = self.up.subscribe();
+        store.register_collector(ScrapeGauge::boxed(
+            "up",
+            "1 while the last request to the shared store (Consul KV) succeeded.",
+            move || i64::from(*up.borrow()),
+        ));
+        let applied = self.applied.subscribe();
+        store.register_collector(ScrapeGauge::boxed(
+            "applied_index",
+            "The Consul index of the shared store last mirrored into state_dir (0: not yet).",
+            move || i64::try_from(*applied.borrow()).unwrap_or(i64::MAX),
+        ));
     }
 
     /// The shared document at `rel`, for the stores of join tokens and revocations.

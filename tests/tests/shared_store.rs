@@ -114,6 +114,18 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
     if let Err(e) = mesh.wait_all_ready(READY).await {
         bail!("{e:#}\n{}\n{}", mesh.logs(), b.log_text());
     }
+    // Both replicas mirror the store, and say so.
+    for http in [mesh.http, b.http] {
+        let status =
+            blocking(move || pilotfish_tests::http_get(http, "discovery", "/status")).await?;
+        let json: serde_json::Value = serde_json::from_str(&status.body)?;
+        assert_eq!(json["store"]["up"], true, "{}", status.body);
+        assert!(
+            json["store"]["applied_index"].as_u64() > Some(0),
+            "{}",
+            status.body
+        );
+    }
     // Each token was used once, and both replicas say so.
     for config in [&mesh.config, &b.config] {
         let out = std::process::Command::new(pilotfish_tests::binary("pilotfish-discovery")?)

@@ -30,6 +30,9 @@ pub fn registry(state: &HttpState) -> Registry {
     if let Some(api) = &state.api {
         api.metrics().register(&mut registry);
     }
+    if let Some(store) = &state.store {
+        store.register(&mut registry);
+    }
     registry
 }
 
