@@ -157,7 +157,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         });
     }
     let proxy = XdsProxy::new(
-        Upstream::with_transport(config.discovery.clone(), transport, DialBackoff::default()),
+        Upstream::with_transport(
+            xds::replicas::order(&config.node, &config.discovery),
+            transport,
+            DialBackoff::default(),
+        ),
         cache.clone(),
         status.clone(),
     );

@@ -18,6 +18,9 @@
 //! debounce = { quiet = "100ms", max = "1s" }
 //! node_grace = "15s"                  # a host whose agent has been disconnected this long:
 //!                                     # its instances become unhealthy in EDS
+//! max_stream_age = "30m"              # ADS streams close after this long, +-10% per stream,
+//!                                     # so agents spread over replicas again (Envoy keeps its
+//!                                     # config while it reconnects); at least 1s
 //!
 //! [registry.files]
 //! paths = ["/etc/pilotfish/registry.d"]
@@ -68,6 +71,7 @@ use serde::Deserialize;
 
 use crate::liveness::DEFAULT_NODE_GRACE;
 use crate::mesh::DebounceTimes;
+use crate::xds::server::DEFAULT_MAX_STREAM_AGE;
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "pilotfish.local";
 /// The unit's `StateDirectory=pilotfish/discovery` (the agent's is `/var/lib/pilotfish/agent`).
@@ -103,6 +107,8 @@ pub struct Config {
     pub debounce: DebounceTimes,
     /// How long a host's instances stay healthy after its agent's last stream closed.
     pub node_grace: Duration,
+    /// ADS streams close after this long (jittered per stream) so agents rebalance.
+    pub max_stream_age: Duration,
     /// `[api]`: the rules API.
     pub api: ApiConfig,
     /// `[store.consul]`: state shared with the other replicas (rules-API objects, join
@@ -225,6 +231,7 @@ struct RawConfig {
     registry: Option<RawRegistry>,
     debounce: Option<RawDebounce>,
     node_grace: Option<String>,
+    max_stream_age: Option<String>,
     ca: Option<RawCa>,
     api: Option<RawApi>,
     store: Option<RawStore>,
@@ -412,6 +419,18 @@ impl Config {
             },
         };
 
+        let max_stream_age = match raw.max_stream_age.as_deref() {
+            None => DEFAULT_MAX_STREAM_AGE,
+            Some(text) => match problems.duration("max_stream_age", text) {
+                Some(v) if v >= Duration::from_secs(1) => v,
+                Some(_) => {
+                    problems.push("max_stream_age", "must be at least 1s");
+                    DEFAULT_MAX_STREAM_AGE
+                }
+                None => DEFAULT_MAX_STREAM_AGE,
+            },
+        };
+
         let raw_api = raw.api.unwrap_or_default();
         let api = ApiConfig {
             token_file: match raw_api.token_file {
@@ -448,6 +467,7 @@ impl Config {
                 consul,
                 debounce,
                 node_grace,
+                max_stream_age,
                 api,
                 store,
             }),
@@ -874,6 +894,28 @@ stale = true
         assert!(err.to_string().contains("token"), "{err}");
         let p = problems("[registry.files]\npaths = [\"r\"]\n[api]\ntoken_file = \"\"\n");
         assert_eq!(p, ["api.token_file: empty path"]);
+    }
+
+    #[test]
+    fn max_stream_age_defaults_to_30m_and_must_be_at_least_a_second() {
+        let minimal = "insecure = true\n[registry.files]\npaths = [\"r\"]\n";
+        assert_eq!(
+            parse(minimal).expect("valid").max_stream_age,
+            Duration::from_secs(30 * 60)
+        );
+        let set = format!("max_stream_age = \"10m\"\n{minimal}");
+        assert_eq!(
+            parse(&set).expect("valid").max_stream_age,
+            Duration::from_secs(600)
+        );
+        let short = format!("max_stream_age = \"500ms\"\n{minimal}");
+        let listed = problems(&short);
+        assert!(
+            listed
+                .iter()
+                .any(|p| p.contains("max_stream_age: must be at least 1s")),
+            "{listed:?}"
+        );
     }
 
     #[test]

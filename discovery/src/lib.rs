@@ -272,6 +272,7 @@ pub async fn run(
         AdsOptions {
             control_plane: control_plane_identifier(),
             auth: authority.as_ref().map(|a| a.peer_auth()),
+            max_stream_age: config.max_stream_age,
             ..AdsOptions::default()
         },
     );

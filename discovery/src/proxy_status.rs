@@ -166,6 +166,7 @@ mod tests {
             last_nack: nack.map(str::to_string),
             nacked: nack.is_some(),
             sent_unix_ms: Some(5),
+            ..TypeStatus::default()
         }
     }
 

@@ -516,6 +516,7 @@ where
     }
 }
 
+pub mod ads;
 pub mod host;
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! A whole mesh on one machine: discovery, N simulated hosts (agent + Envoy each, on their own
-//! loopback address), sample apps, and the registry directory the test edits.
+//! A whole mesh on one machine: discovery (one process, or several replicas with the same
+//! inputs), N simulated hosts (agent + Envoy each, on their own loopback address), sample apps,
+//! and the registry directory the test edits.
 
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
@@ -110,15 +111,30 @@ impl Drop for Host {
     }
 }
 
+/// A discovery replica beyond the first (which is [`Mesh::discovery`], [`Mesh::grpc`],
+/// [`Mesh::http`]): its own process, address, ports and `state_dir`, the same registry.
+#[derive(Debug)]
+pub struct Replica {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    /// Its directory: `discovery.toml`, `state/`, `discovery.log`.
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub process: Process,
+}
+
 /// Discovery plus hosts, all torn down on drop.
 #[derive(Debug)]
 pub struct Mesh {
     pub net: Net,
     pub dir: PathBuf,
     pub registry: PathBuf,
+    /// Replica 0: its gRPC and HTTP addresses and process.
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub discovery: Process,
+    /// Replicas 1.. (`MeshOptions::replicas` > 1); every agent lists all replicas.
+    pub replicas: Vec<Replica>,
     pub hosts: Vec<Host>,
     pub apps: Vec<Process>,
     /// Which ADS flavour the agents' Envoys use ("delta" or "sotw").
@@ -147,6 +163,11 @@ pub struct MeshOptions {
     pub discovery_top: String,
     /// Extra environment for discovery (for example `NOTIFY_SOCKET`).
     pub discovery_env: Vec<(String, String)>,
+    /// Discovery processes reading the same registry directory (default 1). Each replica has
+    /// its own address (`net.host(250 + i)` for replica i > 0), ports and `state_dir`, and
+    /// gets `discovery_top` and `discovery_extra` too. Insecure meshes only: replicas share
+    /// neither join tokens nor a CA yet.
+    pub replicas: usize,
 }
 
 impl Default for MeshOptions {
@@ -157,6 +178,7 @@ impl Default for MeshOptions {
             discovery_extra: String::new(),
             discovery_top: String::new(),
             discovery_env: Vec::new(),
+            replicas: 1,
         }
     }
 }
@@ -218,6 +240,42 @@ impl Mesh {
             dir.join("discovery.log"),
             &opts.discovery_env,
         )?;
+        if opts.replicas > 1 && opts.secure {
+            anyhow::bail!("replicas > 1 needs an insecure mesh (no shared CA or join tokens)");
+        }
+        let mut replicas = Vec::new();
+        for i in 1..opts.replicas {
+            let ip = net.host(250 + u8::try_from(i).context("at most 5 replicas")?);
+            let grpc = SocketAddr::new(ip, free_port(ip));
+            let http = SocketAddr::new(ip, free_port(ip));
+            let rdir = dir.join(format!("replica-{i}"));
+            fs::create_dir_all(&rdir)?;
+            let config = rdir.join("discovery.toml");
+            fs::write(
+                &config,
+                format!(
+                    "insecure = true\ntrust_domain = \"pilotfish.local\"\nstate_dir = \"state\"\ngrpc = \"{grpc}\"\nhttp = \"{http}\"\n{}\n\n[registry.files]\npaths = [\"{}\"]\n{}\n",
+                    opts.discovery_top,
+                    registry.display(),
+                    opts.discovery_extra
+                ),
+            )?;
+            fs::write(rdir.join("api-token"), API_TOKEN)?;
+            let process = Process::spawn_env(
+                &format!("discovery-{i}"),
+                &binary("pilotfish-discovery")?,
+                &["--config", &config.display().to_string()],
+                rdir.join("discovery.log"),
+                &opts.discovery_env,
+            )?;
+            replicas.push(Replica {
+                grpc,
+                http,
+                dir: rdir,
+                config,
+                process,
+            });
+        }
         Ok(Mesh {
             net,
             dir,
@@ -225,6 +283,7 @@ impl Mesh {
             grpc,
             http,
             discovery,
+            replicas,
             hosts: Vec::new(),
             apps: Vec::new(),
             xds,
@@ -298,12 +357,17 @@ impl Mesh {
         } else {
             "insecure = true".to_string()
         };
+        let discovery = std::iter::once(self.grpc)
+            .chain(self.replicas.iter().map(|r| r.grpc))
+            .map(|a| format!("\"{a}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         fs::write(
             &config,
             format!(
                 r#"node = "{node}"
 address = "{ip}"
-discovery = ["{grpc}"]
+discovery = [{discovery}]
 {security}
 outbound = "{outbound}"
 app_address = "{ip}"
@@ -320,7 +384,6 @@ drain_time = "2s"
 xds = "{xds}"
 {envoy_extra}
 "#,
-                grpc = self.grpc,
                 envoy = envoy_binary()?.display(),
                 xds = self.xds,
             ),
@@ -413,9 +476,72 @@ xds = "{xds}"
         Ok(())
     }
 
+    /// How many discovery replicas run (or ran): replica 0 and [`Mesh::replicas`].
+    pub fn replica_count(&self) -> usize {
+        1 + self.replicas.len()
+    }
+
+    /// Replica `i`'s gRPC address (what agents list in `discovery`).
+    pub fn replica_grpc(&self, i: usize) -> SocketAddr {
+        match i {
+            0 => self.grpc,
+            i => self.replicas[i - 1].grpc,
+        }
+    }
+
+    /// Replica `i`'s HTTP address (`/status`, `/metrics`, `/v1/...`).
+    pub fn replica_http(&self, i: usize) -> SocketAddr {
+        match i {
+            0 => self.http,
+            i => self.replicas[i - 1].http,
+        }
+    }
+
+    /// Replica `i`'s process.
+    pub fn replica_process(&mut self, i: usize) -> &mut Process {
+        match i {
+            0 => &mut self.discovery,
+            i => &mut self.replicas[i - 1].process,
+        }
+    }
+
+    /// Replica `i`'s `/status`, parsed.
+    pub async fn replica_status(&self, i: usize) -> Result<serde_json::Value> {
+        let http = self.replica_http(i);
+        let body = crate::blocking(move || crate::admin_get(http, "/status")).await?;
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Which replicas hold an open ADS stream of `node` now (its `/status` entries), by index;
+    /// replicas that do not answer (stopped) are skipped.
+    pub async fn replicas_of(&self, node: &str) -> Vec<(usize, serde_json::Value)> {
+        let mut out = Vec::new();
+        for i in 0..self.replica_count() {
+            let Ok(status) = self.replica_status(i).await else {
+                continue;
+            };
+            let empty = Vec::new();
+            let proxies = status["proxies"].as_array().unwrap_or(&empty);
+            out.extend(
+                proxies
+                    .iter()
+                    .filter(|p| p["node"] == node)
+                    .map(|p| (i, p.clone())),
+            );
+        }
+        out
+    }
+
     /// Every process's log, for a failing test's output.
     pub fn logs(&self) -> String {
         let mut out = format!("--- discovery ---\n{}\n", tail(&self.discovery.log_text()));
+        for (i, r) in self.replicas.iter().enumerate() {
+            out.push_str(&format!(
+                "--- discovery replica {} ---\n{}\n",
+                i + 1,
+                tail(&r.process.log_text())
+            ));
+        }
         for h in &self.hosts {
             out.push_str(&format!(
                 "--- agent {} ---\n{}\n",

@@ -222,6 +222,7 @@ impl Schedule {
 pub struct IdentitySettings {
     pub node: String,
     pub trust_domain: TrustDomain,
+    /// The replicas in the order to try them ([`crate::xds::replicas::order`]).
     pub discovery: Vec<String>,
     /// The contents of `ca_file`.
     pub ca_pem: String,
@@ -253,7 +254,8 @@ impl IdentitySettings {
         Ok(IdentitySettings {
             node: config.node.clone(),
             trust_domain: config.trust_domain.clone(),
-            discovery: config.discovery.clone(),
+            // The relay's order, so enrolment and renewals go where the host's stream goes.
+            discovery: crate::xds::replicas::order(&config.node, &config.discovery),
             ca_pem,
             token_file: config.token_file.clone(),
             state_dir: config.state_dir.clone(),

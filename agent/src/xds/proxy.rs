@@ -8,7 +8,11 @@
 //!   stream fed by that queue; responses come back through a queue of at most 2 entries, so
 //!   back-pressure reaches discovery instead of piling up in the agent. Nonces pass verbatim.
 //! - when the upstream stream ends or fails, Envoy's stream ends with `UNAVAILABLE`: nonces do
-//!   not survive a stream, so Envoy must restart its whole sequence (it retries with backoff).
+//!   not survive a stream, so Envoy must restart its whole sequence. It reconnects within
+//!   500 ms (its backoff restarts at [0, 500 ms) after any response) and sends the versions it
+//!   holds, which a replica with the same inputs does not send again. A broken stream marks
+//!   its replica failed, so that reconnect goes to another one; a stream discovery closed for
+//!   its age does not (the host returns to its first choice).
 //! - a new stream from Envoy ends the previous one.
 //!
 //! Responses Envoy ACKs go into the cache. When no replica can be reached and the cache holds
@@ -196,8 +200,8 @@ impl Inner {
             c = self.upstream.dial() => c,
             _ = token.cancelled() => return,
         };
-        let channel = match channel {
-            Ok(channel) => channel,
+        let (channel, replica) = match channel {
+            Ok(c) => (c.channel, c.replica),
             Err(e) => {
                 if self.cache.is_empty() {
                     warn!(error = %e, "discovery unreachable and nothing cached; Envoy will retry");
@@ -241,8 +245,9 @@ impl Inner {
         let mut upstream = match opened {
             Ok(upstream) => upstream,
             Err(status) => {
-                warn!(%status, "discovery refused the stream");
+                warn!(%status, discovery = %replica, "discovery refused the stream");
                 self.upstream.stream_failed();
+                self.upstream.replica_failed(&replica);
                 let _ = down_tx
                     .send(Err(Status::unavailable(format!(
                         "discovery refused the stream: {status}"
@@ -253,7 +258,7 @@ impl Inner {
         };
         let _connected = self.status.upstream_stream();
         let _published = Published::new(&self.relay, shared);
-        info!("relaying to discovery");
+        info!(discovery = %replica, "relaying to discovery");
         let end = loop {
             let msg = tokio::select! {
                 m = upstream.message() => m,
@@ -272,13 +277,24 @@ impl Inner {
                         _ = token.cancelled() => break Status::unavailable("stream closed by the agent"),
                     }
                 }
-                Ok(None) => break Status::unavailable("discovery ended the stream"),
+                Ok(None) => {
+                    // Discovery stopping; a replica that only rebalances says so.
+                    self.upstream.replica_failed(&replica);
+                    break Status::unavailable("discovery ended the stream");
+                }
+                Err(status) if pilotfish_pki::wire::ads::is_aged_out(&status) => {
+                    break Status::unavailable(format!(
+                        "discovery rebalances: {}",
+                        status.message()
+                    ))
+                }
                 Err(status) => {
-                    break Status::unavailable(format!("discovery stream failed: {status}"))
+                    self.upstream.replica_failed(&replica);
+                    break Status::unavailable(format!("discovery stream failed: {status}"));
                 }
             }
         };
-        info!(reason = %end.message(), "xDS stream ended");
+        info!(discovery = %replica, reason = %end.message(), "xDS stream ended");
         end_stream(&down_tx, end).await;
     }
 

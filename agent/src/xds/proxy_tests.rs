@@ -36,6 +36,15 @@ const STEP: Duration = Duration::from_secs(10);
 struct FakeDiscovery {
     seen: mpsc::UnboundedSender<DiscoveryRequest>,
     kill: CancellationToken,
+    /// Ends the SotW streams open now (see [`Discovery::end_streams`]).
+    ending: Arc<std::sync::Mutex<Arc<Ending>>>,
+}
+
+/// How the SotW streams open now end, once `token` is cancelled: with `status`, or cleanly.
+#[derive(Default)]
+struct Ending {
+    token: CancellationToken,
+    status: std::sync::Mutex<Option<Status>>,
 }
 
 #[tonic::async_trait]
@@ -51,12 +60,20 @@ impl AggregatedDiscoveryService for FakeDiscovery {
         let mut inbound = request.into_inner();
         let seen = self.seen.clone();
         let kill = self.kill.clone();
+        let ending = self.ending.lock().unwrap().clone();
         tokio::spawn(async move {
             let mut n = 0;
             loop {
                 let req = tokio::select! {
                     r = inbound.message() => r,
                     _ = kill.cancelled() => return, // drops tx: the stream ends
+                    _ = ending.token.cancelled() => {
+                        let status = ending.status.lock().unwrap().clone();
+                        if let Some(status) = status {
+                            let _ = tx.send(Err(status)).await;
+                        }
+                        return;
+                    }
                 };
                 let Ok(Some(req)) = req else { return };
                 let _ = seen.send(req.clone());
@@ -119,6 +136,7 @@ struct Discovery {
     kill: CancellationToken,
     task: JoinHandle<()>,
     seen: mpsc::UnboundedReceiver<DiscoveryRequest>,
+    ending: Arc<std::sync::Mutex<Arc<Ending>>>,
 }
 
 impl Discovery {
@@ -130,7 +148,9 @@ impl Discovery {
         let svc = FakeDiscovery {
             seen: seen_tx,
             kill: kill.clone(),
+            ending: Arc::default(),
         };
+        let ending = svc.ending.clone();
         let k = kill.clone();
         let task = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
@@ -143,7 +163,16 @@ impl Discovery {
             kill,
             task,
             seen,
+            ending,
         }
+    }
+
+    /// Ends the SotW streams open now with `status` (`None`: cleanly); the server stays up
+    /// and later streams are served.
+    fn end_streams(&self, status: Option<Status>) {
+        let now = std::mem::take(&mut *self.ending.lock().unwrap());
+        *now.status.lock().unwrap() = status;
+        now.token.cancel();
     }
 
     async fn stop(self) -> SocketAddr {
@@ -163,6 +192,11 @@ struct Agent {
 
 impl Agent {
     fn start(dir: &Path, discovery: SocketAddr, cache: XdsCache) -> Agent {
+        Agent::start_replicas(dir, &[discovery], cache)
+    }
+
+    /// An agent whose replicas are `replicas`, tried in that order.
+    fn start_replicas(dir: &Path, replicas: &[SocketAddr], cache: XdsCache) -> Agent {
         let socket = dir.join("xds.sock");
         // A stale socket file from a "previous run" must not stop the agent.
         std::os::unix::net::UnixListener::bind(&socket).unwrap();
@@ -170,7 +204,7 @@ impl Agent {
         let cache = SharedCache::new(cache);
         let status = Arc::new(AgentStatus::default());
         let upstream = Upstream::new(
-            vec![discovery.to_string()],
+            replicas.iter().map(|r| r.to_string()).collect(),
             DialBackoff::new(Duration::from_millis(50), Duration::from_millis(200)),
         );
         let proxy = XdsProxy::new(upstream, cache.clone(), status.clone());
@@ -410,4 +444,54 @@ async fn a_cache_loaded_from_disk_serves_a_delta_envoy_without_discovery() {
     assert_eq!(resp.resources[0].name, "a");
     assert_eq!(resp.resources[0].resource, Some(cluster("a")));
     agent.stop().await;
+}
+
+/// A broken stream sends the reconnect to the next replica even though the first one still
+/// accepts connections; a stream closed for its age goes back to the first choice.
+#[tokio::test]
+async fn a_broken_stream_fails_over_and_an_aged_out_one_returns_to_the_first_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = Discovery::start("127.0.0.1:0".parse().unwrap()).await;
+    let mut second = Discovery::start("127.0.0.1:0".parse().unwrap()).await;
+    let agent = Agent::start_replicas(dir.path(), &[first.addr, second.addr], XdsCache::default());
+    let mut client = agent.client().await;
+    // Envoy's reconnect: a new stream, the request again.
+    let mut reconnect = async || {
+        let (tx, mut responses) = sotw_stream(&mut client).await;
+        tx.send(cds_request("", true)).unwrap();
+        assert!(next(&mut responses).await.unwrap().is_some());
+        (tx, responses)
+    };
+
+    let (_tx, mut responses) = reconnect().await;
+    assert!(
+        first.seen.recv().await.is_some(),
+        "the first replica serves"
+    );
+    first.end_streams(Some(pilotfish_pki::wire::ads::aged_out()));
+    assert_eq!(
+        next(&mut responses).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    let (_tx, mut responses) = reconnect().await;
+    assert!(
+        first.seen.recv().await.is_some(),
+        "an aged-out stream comes back to the first choice"
+    );
+
+    first.end_streams(Some(Status::internal("replica failing")));
+    assert_eq!(
+        next(&mut responses).await.unwrap_err().code(),
+        Code::Unavailable
+    );
+    let (_tx, _responses) = reconnect().await;
+    assert!(second.seen.recv().await.is_some(), "failed over");
+    assert!(
+        first.seen.try_recv().is_err(),
+        "without trying the failed one, which still accepts connections"
+    );
+
+    agent.stop().await;
+    first.stop().await;
+    second.stop().await;
 }

@@ -1,7 +1,9 @@
-//! Dialling discovery: the configured replicas in order, each with a short connect timeout so
-//! Envoy gets a fast answer, and a jittered exponential backoff shared by every stream so a
-//! discovery outage never turns into a dial loop (Envoy reconnects at least every 500 ms, the
-//! cache fallback probes in the background).
+//! Dialling discovery: the replicas in this host's order ([`super::replicas`]: rendezvous by
+//! node name, replicas that just failed last), each with a short connect timeout so Envoy gets
+//! a fast answer, and a jittered exponential backoff shared by every stream so a discovery
+//! outage never turns into a dial loop (Envoy reconnects at least every 500 ms, the cache
+//! fallback probes in the background). The backoff starts only when every replica failed in
+//! one round: losing one replica costs no wait.
 //!
 //! In secure mode every connection is TLS: discovery's certificate is verified against the mesh
 //! roots and the name `discovery.<trust_domain>`, and the node certificate is the client
@@ -18,6 +20,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::debug;
+
+use super::replicas::Replicas;
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// xDS responses for large meshes exceed tonic's 4 MiB default (xDS checklist b.9).
@@ -92,9 +96,17 @@ pub enum Transport {
     Tls(watch::Receiver<Option<ClientTlsConfig>>),
 }
 
+/// A connection to one replica.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub channel: Channel,
+    /// The replica's address, as configured.
+    pub replica: String,
+}
+
 #[derive(Debug)]
 pub struct Upstream {
-    addrs: Vec<String>,
+    replicas: Replicas,
     transport: Transport,
     backoff: Mutex<DialBackoff>,
     /// Tracks which TLS settings the last dial saw, so that new ones (enrolment, renewal,
@@ -103,7 +115,8 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    /// A plaintext upstream (`insecure = true`, and tests).
+    /// A plaintext upstream (`insecure = true`, and tests). `addrs` in the order to try them
+    /// ([`super::replicas::order`]).
     pub fn new(addrs: Vec<String>, backoff: DialBackoff) -> Self {
         Self::with_transport(addrs, Transport::Plaintext, backoff)
     }
@@ -114,7 +127,7 @@ impl Upstream {
             Transport::Tls(rx) => Some(Mutex::new(rx.clone())),
         };
         Upstream {
-            addrs,
+            replicas: Replicas::new(addrs),
             transport,
             backoff: Mutex::new(backoff),
             tls_seen,
@@ -158,7 +171,7 @@ impl Upstream {
     }
 
     /// Connects to the first reachable replica, unless the backoff says not yet.
-    pub async fn dial(&self) -> Result<Channel, DialError> {
+    pub async fn dial(&self) -> Result<Connected, DialError> {
         self.tls_changed();
         let wait = self.with_backoff(|b| b.wait(Instant::now()));
         if !wait.is_zero() {
@@ -167,7 +180,7 @@ impl Upstream {
         self.dial_now().await
     }
 
-    async fn dial_now(&self) -> Result<Channel, DialError> {
+    async fn dial_now(&self) -> Result<Connected, DialError> {
         let tls = match &self.transport {
             Transport::Plaintext => None,
             Transport::Tls(rx) => match rx.borrow().clone() {
@@ -182,14 +195,21 @@ impl Upstream {
             },
         };
         let mut errors = Vec::new();
-        for addr in &self.addrs {
-            match connect(addr, tls.clone()).await {
+        for addr in self.replicas.dial_order(Instant::now()) {
+            match connect(&addr, tls.clone()).await {
                 Ok(channel) => {
                     debug!(discovery = %addr, "connected to discovery");
                     self.with_backoff(DialBackoff::succeeded);
-                    return Ok(channel);
+                    self.replicas.reached(&addr);
+                    return Ok(Connected {
+                        channel,
+                        replica: addr,
+                    });
                 }
-                Err(e) => errors.push(format!("{addr}: {e}")),
+                Err(e) => {
+                    self.replicas.failed(&addr, Instant::now());
+                    errors.push(format!("{addr}: {e}"));
+                }
             }
         }
         let delay = self.with_backoff(|b| b.failed(Instant::now()));
@@ -202,8 +222,14 @@ impl Upstream {
         self.with_backoff(|b| b.failed(Instant::now()));
     }
 
+    /// A stream on `replica` broke (not closed for its age): the next dial tries the others
+    /// first, without waiting.
+    pub fn replica_failed(&self, replica: &str) {
+        self.replicas.failed(replica, Instant::now());
+    }
+
     /// Waits, honouring the backoff, until a replica accepts a connection.
-    pub async fn wait_reachable(&self) -> Channel {
+    pub async fn wait_reachable(&self) -> Connected {
         loop {
             self.tls_changed();
             let wait = self.with_backoff(|b| b.wait(Instant::now()));

@@ -53,6 +53,10 @@ pub struct TypeStatus {
     pub nacked: bool,
     /// When the last response was sent (milliseconds since the Unix epoch).
     pub sent_unix_ms: Option<u64>,
+    /// Resources sent on this stream, and the bytes of the responses (gRPC frames) that carried
+    /// them: what a reconnect cost. A reconnect that found the client up to date sends none.
+    pub resources_sent: u64,
+    pub bytes_sent: u64,
 }
 
 /// Where one resource type stands at one proxy, as `proxy-status` shows it.
@@ -337,7 +341,27 @@ impl ConnectionGuard {
                 t.sent_version = Some(version.clone());
                 t.sent_unix_ms = Some(unix_ms(SystemTime::now()));
             }
+            Event::Resumed { type_url, version } => {
+                let t = status.types.entry(short_name(type_url)).or_default();
+                t.sent_version = Some(version.clone());
+                t.acked_version = Some(version.clone());
+                if type_url == LISTENER && !status.serving {
+                    status.serving = true;
+                    let node = status.node.clone();
+                    self.connections.serving(&mut inner, &node, 1);
+                }
+            }
             Event::StaleNonce { .. } | Event::UnknownType { .. } => {}
+        }
+    }
+
+    /// A response of `type_url` with `resources` resources went out in `bytes` bytes.
+    pub fn sent(&self, type_url: &str, resources: usize, bytes: usize) {
+        let mut inner = self.connections.lock();
+        if let Some(status) = inner.streams.get_mut(&self.id) {
+            let t = status.types.entry(short_name(type_url)).or_default();
+            t.resources_sent += resources as u64;
+            t.bytes_sent += bytes as u64;
         }
     }
 }

@@ -147,9 +147,12 @@ impl DeltaState {
             }
             state.held = Held::Versions(versions);
         }
-        // Names the subscription did not cover before are not held, whatever the map says.
+        // Names the subscription did not cover before are not held, whatever the map says;
+        // except on a stream's first request, where `initial_resource_versions` says exactly
+        // what the client holds (a reconnect must not get what it has again).
         for name in &req.resource_names_subscribe {
-            if name != WILDCARD && !state.sub.covers(name) {
+            let declared = first && req.initial_resource_versions.contains_key(name);
+            if name != WILDCARD && !state.sub.covers(name) && !declared {
                 state.force.insert(name.clone());
             }
         }

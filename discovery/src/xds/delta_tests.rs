@@ -233,6 +233,23 @@ fn initial_resource_versions_skip_what_the_client_has() {
     assert_eq!(r.removed_resources, ["gone"]);
 }
 
+/// A reconnect (to this replica or another with the same inputs) that subscribes to names it
+/// declares holding at the current versions gets an empty answer: nothing is sent twice.
+#[test]
+fn a_reconnect_subscribing_to_names_it_holds_gets_nothing_resent() {
+    let res = resources(&["a", "b"], 1);
+    let mut s = state(&["a", "b"]);
+    let mut r = first(ENDPOINT, &["a", "b"]);
+    r.initial_resource_versions = [
+        ("a".to_string(), res.endpoints["a"].version.clone()),
+        ("b".to_string(), "old".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let r = one(s.on_request(r).expect("ok"));
+    assert_eq!(sent(&r), ["b"], "only the stale one");
+}
+
 #[test]
 fn eds_after_cds_resends_subscribed_names() {
     let mut s = state(&["a"]);

@@ -1,5 +1,6 @@
-//! The ADS server's metrics: responses sent by type, NACKs, stale nonces, streams dropped for
-//! slow clients, open streams, and how long a change takes to reach each proxy.
+//! The ADS server's metrics: responses, resources and bytes sent by type, NACKs, stale nonces,
+//! streams dropped for slow clients or closed for their age, open streams, and how long a
+//! change takes to reach each proxy.
 //!
 //! Convergence is timed per stream and per type with a [`StreamTimer`]: a response sent for a
 //! snapshot that arrived while the stream was open carries the moment discovery learned of the
@@ -25,6 +26,8 @@ type TypeLabel = StaticLabels<1>;
 #[derive(Debug)]
 pub struct XdsMetrics {
     pushes: Family<TypeLabel, Counter>,
+    resources_sent: Family<TypeLabel, Counter>,
+    sent_bytes: Family<TypeLabel, Counter>,
     push_seconds: Latencies<TypeLabel>,
     convergence_seconds: Latencies<TypeLabel>,
     /// The three families' members, indexed like [`PUSH_ORDER`]: the hot path skips the
@@ -34,11 +37,15 @@ pub struct XdsMetrics {
     stale_nonces: Counter,
     /// Streams dropped because the client did not take a response in time.
     send_timeouts: Counter,
+    /// Streams closed at their (jittered) maximum age.
+    aged_out: Counter,
 }
 
 #[derive(Debug)]
 struct ByType {
     pushes: Counter,
+    resources_sent: Counter,
+    sent_bytes: Counter,
     push_seconds: Histogram,
     convergence_seconds: Histogram,
 }
@@ -46,24 +53,31 @@ struct ByType {
 impl Default for XdsMetrics {
     fn default() -> Self {
         let pushes = Family::<TypeLabel, Counter>::default();
+        let resources_sent = Family::<TypeLabel, Counter>::default();
+        let sent_bytes = Family::<TypeLabel, Counter>::default();
         let push_seconds = latencies();
         let convergence_seconds = latencies();
         let by_type = PUSH_ORDER.map(|t| {
             let label = [("type", short_name(t))];
             ByType {
                 pushes: pushes.get_or_create_owned(&label),
+                resources_sent: resources_sent.get_or_create_owned(&label),
+                sent_bytes: sent_bytes.get_or_create_owned(&label),
                 push_seconds: push_seconds.get_or_create_owned(&label),
                 convergence_seconds: convergence_seconds.get_or_create_owned(&label),
             }
         });
         XdsMetrics {
             pushes,
+            resources_sent,
+            sent_bytes,
             push_seconds,
             convergence_seconds,
             by_type,
             nacks: Counter::default(),
             stale_nonces: Counter::default(),
             send_timeouts: Counter::default(),
+            aged_out: Counter::default(),
         }
     }
 }
@@ -78,6 +92,23 @@ impl XdsMetrics {
             move || i64::try_from(connections.count()).unwrap_or(i64::MAX),
         ));
         xds.register("pushes", "xDS responses sent, by type", self.pushes.clone());
+        xds.register(
+            "resources_sent",
+            "Resources sent in xDS responses, by type",
+            self.resources_sent.clone(),
+        );
+        // `_bytes` is the unit; prometheus-client appends `_total` to the counter.
+        xds.register(
+            "sent_bytes",
+            "Bytes of xDS responses sent (gRPC frames), by type",
+            self.sent_bytes.clone(),
+        );
+        xds.register(
+            "streams_aged_out",
+            "ADS streams closed at their maximum age (max_stream_age, jittered) so proxies \
+             rebalance over replicas",
+            self.aged_out.clone(),
+        );
         xds.register(
             "nacks",
             "xDS responses rejected by proxies",
@@ -156,12 +187,24 @@ impl XdsMetrics {
             Event::StaleNonce { .. } => {
                 self.stale_nonces.inc();
             }
-            Event::UnknownType { .. } => {}
+            Event::UnknownType { .. } | Event::Resumed { .. } => {}
+        }
+    }
+
+    /// A response of `type_url` carrying `resources` went out in `bytes` bytes.
+    pub fn sent(&self, type_url: &str, resources: usize, bytes: usize) {
+        if let Some(i) = type_index(type_url) {
+            self.by_type[i].resources_sent.inc_by(resources as u64);
+            self.by_type[i].sent_bytes.inc_by(bytes as u64);
         }
     }
 
     pub fn send_timeout(&self) {
         self.send_timeouts.inc();
+    }
+
+    pub fn aged_out(&self) {
+        self.aged_out.inc();
     }
 
     /// Pushes per type URL, in push order.

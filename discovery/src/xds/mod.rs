@@ -43,6 +43,10 @@ pub enum Event {
     },
     /// The client asked for a type discovery does not serve.
     UnknownType { type_url: String },
+    /// A new stream's first request of a type reports the version discovery would send (the
+    /// client reconnected, maybe from another replica): nothing is sent, and the client counts
+    /// as having accepted that version.
+    Resumed { type_url: String, version: String },
 }
 
 /// A request that ends the stream.

@@ -6,6 +6,12 @@
 //! stream (it reconnects and gets full state), so a slow proxy never holds up the others. While
 //! a task waits on a slow client, snapshot changes collapse in the watch channel: a proxy gets
 //! the latest snapshot, never a queue of stale ones.
+//!
+//! Every stream ends after its maximum age, drawn per stream from [0.9, 1.1] x
+//! `max_stream_age`, with `UNAVAILABLE` ([`pilotfish_pki::wire::ads::aged_out`]): the agent
+//! dials again in its own replica order, so hosts return to a replica that came back, and the
+//! jitter keeps streams opened together (after a failover) from closing together. Envoy keeps
+//! its config meanwhile and reconnects with the versions it holds, which are not sent again.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,14 +56,23 @@ const INITIAL_SYNCS: usize = 64;
 /// A stream gives its permit back once settled on its first config, or after this long.
 const INITIAL_SYNC_HOLD: Duration = Duration::from_secs(5);
 
+/// The default `max_stream_age` (istiod's `keepaliveMaxServerConnectionAge`).
+pub const DEFAULT_MAX_STREAM_AGE: Duration = Duration::from_secs(30 * 60);
+
+/// A stream's maximum age: `age` x [0.9, 1.1], by `unit` in [0, 1).
+pub fn jittered_age(age: Duration, unit: f64) -> Duration {
+    age.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0))
+}
+
 #[derive(Debug, Clone)]
 pub struct AdsOptions {
     /// `control_plane.identifier` in every response.
     pub control_plane: String,
     /// How long a client may take to accept a response before its stream is dropped.
     pub send_timeout: Duration,
-    /// Streams are closed after this long so clients rebalance across replicas.
-    pub max_connection_age: Duration,
+    /// Streams are closed after about this long (+-10%, per stream) so clients rebalance
+    /// across replicas; connections get a GOAWAY after it.
+    pub max_stream_age: Duration,
     /// Who may open a stream: `Some` requires a node client certificate and binds the stream to
     /// that node; `None` is insecure mode (anyone, as any node; logged on every stream).
     pub auth: Option<PeerAuth>,
@@ -68,7 +83,7 @@ impl Default for AdsOptions {
         AdsOptions {
             control_plane: "pilotfish-discovery".into(),
             send_timeout: Duration::from_secs(30),
-            max_connection_age: Duration::from_secs(30 * 60),
+            max_stream_age: DEFAULT_MAX_STREAM_AGE,
             auth: None,
         }
     }
@@ -77,7 +92,6 @@ impl Default for AdsOptions {
 /// The ADS server: serves both protocol variants on one listener.
 pub struct AdsServer {
     service: AdsService,
-    max_connection_age: Duration,
 }
 
 impl AdsServer {
@@ -98,8 +112,8 @@ impl AdsServer {
                 shutdown: CancellationToken::new(),
                 tracker: TaskTracker::new(),
                 initial_syncs: Arc::new(Semaphore::new(INITIAL_SYNCS)),
+                max_stream_age: options.max_stream_age,
             },
-            max_connection_age: options.max_connection_age,
         }
     }
 
@@ -110,10 +124,14 @@ impl AdsServer {
         let mut service = self.service;
         service.shutdown = shutdown;
         let tracker = service.tracker.clone();
+        // Connections outlive their ADS streams a little: the streams close themselves first,
+        // each at its own jittered age; the GOAWAY then only ends what else the connection
+        // carried (a bundle watch), which the agent reopens.
+        let max_connection_age = service.max_stream_age.mul_f64(1.2);
         AdsParts {
             routes: Routes::new(service),
             tasks: tracker,
-            max_connection_age: self.max_connection_age,
+            max_connection_age,
         }
     }
 }
@@ -137,6 +155,7 @@ struct AdsService {
     tracker: TaskTracker,
     /// Admission: streams doing their initial sync at once (see [`INITIAL_SYNCS`]).
     initial_syncs: Arc<Semaphore>,
+    max_stream_age: Duration,
 }
 
 impl AdsService {
@@ -211,6 +230,7 @@ trait StreamState: Sized + Send + 'static {
     fn new(control_plane: &str, node: &str, resources: ProxyResources) -> Self;
     fn node(request: &Self::Request) -> Option<&Node>;
     fn type_url(request: &Self::Request) -> &str;
+    fn response_type(response: &Self::Response) -> &str;
     fn on_request(
         &mut self,
         request: Self::Request,
@@ -232,6 +252,9 @@ impl StreamState for SotwState {
     }
     fn type_url(request: &DiscoveryRequest) -> &str {
         &request.type_url
+    }
+    fn response_type(response: &DiscoveryResponse) -> &str {
+        &response.type_url
     }
     fn on_request(
         &mut self,
@@ -262,6 +285,9 @@ impl StreamState for DeltaState {
     }
     fn type_url(request: &DeltaDiscoveryRequest) -> &str {
         &request.type_url
+    }
+    fn response_type(response: &DeltaDiscoveryResponse) -> &str {
+        &response.type_url
     }
     fn on_request(
         &mut self,
@@ -381,20 +407,26 @@ async fn stream_loop<S: StreamState>(
         }
     };
     tokio::pin!(revoked);
+    let max_age = jittered_age(svc.max_stream_age, rand::random::<f64>());
+    let aged = tokio::time::sleep(max_age);
+    tokio::pin!(aged);
     loop {
         let step = match next.take() {
             Some(request) if gate.holds(S::type_url(&request)) => {
                 gate.held.push(request);
                 continue;
             }
-            Some(request) => match state.on_request(request) {
-                Ok(step) => step,
-                Err(e) => {
-                    warn!(error = %e, "closing ADS stream");
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
+            Some(request) => {
+                gate.clusters_answered |= S::type_url(&request) == CLUSTER;
+                match state.on_request(request) {
+                    Ok(step) => step,
+                    Err(e) => {
+                        warn!(error = %e, "closing ADS stream");
+                        let _ = tx.send(Err(e.into())).await;
+                        return;
+                    }
                 }
-            },
+            }
             None if gate.open && !gate.held.is_empty() => {
                 next = Some(gate.held.remove(0));
                 continue;
@@ -403,6 +435,12 @@ async fn stream_loop<S: StreamState>(
                 _ = svc.shutdown.cancelled() => break,
                 status = &mut revoked => {
                     let _ = tx.send(Err(status)).await;
+                    return;
+                }
+                _ = &mut aged => {
+                    info!(age = ?max_age, "closing the stream at its maximum age");
+                    svc.metrics.aged_out();
+                    let _ = tx.send(Err(pilotfish_pki::wire::ads::aged_out())).await;
                     return;
                 }
                 _ = tokio::time::sleep_until(admitted_until), if admission.is_some() || !gate.open => {
@@ -448,11 +486,13 @@ async fn stream_loop<S: StreamState>(
         if !deliver::<S>(svc, step, sending, &tx, guard).await {
             return;
         }
-        // The initial sync is done once the proxy accepted its clusters and assignments.
-        if admission.is_some() && sent >= 2 && state.settled() {
+        // The initial sync is done once the proxy accepted its clusters and assignments, or
+        // when a reconnecting proxy needed none of them.
+        let nothing_needed = sent == 0 && gate.clusters_answered;
+        if admission.is_some() && (sent >= 2 || nothing_needed) && state.settled() {
             admission = None;
         }
-        if !gate.open && gate.clusters_asked && sent >= 1 && state.settled() {
+        if !gate.open && gate.clusters_asked && (sent >= 1 || nothing_needed) && state.settled() {
             gate.open = true;
         }
         // Make-before-break: the next stage goes out once the proxy accepted the last one.
@@ -482,6 +522,8 @@ async fn stream_loop<S: StreamState>(
 struct InitialGate<R> {
     open: bool,
     clusters_asked: bool,
+    /// A clusters request has been through the protocol state (answered, or found current).
+    clusters_answered: bool,
     held: Vec<R>,
 }
 
@@ -490,6 +532,7 @@ impl<R> Default for InitialGate<R> {
         InitialGate {
             open: false,
             clusters_asked: false,
+            clusters_answered: false,
             held: Vec::new(),
         }
     }
@@ -527,11 +570,15 @@ async fn deliver<S: StreamState>(
         log_event(event, sending.generation);
     }
     for response in step.responses {
-        match tx
-            .send_timeout(Ok(response.into_chunks()), svc.send_timeout)
-            .await
-        {
-            Ok(()) => {}
+        let resources = response.count;
+        let type_url = S::response_type(&response.head).to_string();
+        let chunks = response.into_chunks();
+        let bytes = chunks.iter().map(|c| c.len()).sum();
+        match tx.send_timeout(Ok(chunks), svc.send_timeout).await {
+            Ok(()) => {
+                svc.metrics.sent(&type_url, resources, bytes);
+                guard.sent(&type_url, resources, bytes);
+            }
             Err(mpsc::error::SendTimeoutError::Timeout(_)) => {
                 svc.metrics.send_timeout();
                 warn!(
@@ -579,6 +626,11 @@ fn log_event(event: &Event, generation: u64) {
             resources,
             generation,
             "pushed"
+        ),
+        Event::Resumed { type_url, version } => debug!(
+            r#type = short_name(type_url),
+            version = %version,
+            "proxy reconnected with the current version; nothing to send"
         ),
         Event::UnknownType { type_url } => {
             warn!(type_url = %type_url, "proxy asked for a type discovery does not serve")

@@ -60,6 +60,10 @@ struct Running {
 }
 
 async fn start(initial: Arc<MeshSnapshot>) -> Running {
+    start_aging(initial, AdsOptions::default().max_stream_age).await
+}
+
+async fn start_aging(initial: Arc<MeshSnapshot>, max_stream_age: Duration) -> Running {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let (snapshots, rx) = watch::channel(initial);
@@ -71,6 +75,7 @@ async fn start(initial: Arc<MeshSnapshot>) -> Running {
         metrics.clone(),
         AdsOptions {
             control_plane: "cp-test".into(),
+            max_stream_age,
             ..AdsOptions::default()
         },
     );
@@ -294,6 +299,82 @@ async fn listeners_wait_for_clusters_when_asked_together() {
     let lds = next(&mut responses).await;
     assert_eq!(lds.type_url, LISTENER, "then the listener");
     drop(tx);
+    r.shutdown.cancel();
+    r.server.await.expect("joins").expect("serves");
+}
+
+#[test]
+fn stream_ages_are_jittered_within_ten_percent() {
+    let age = Duration::from_secs(1800);
+    assert_eq!(jittered_age(age, 0.0), Duration::from_secs(1620));
+    assert_eq!(jittered_age(age, 0.5), age);
+    assert!(jittered_age(age, 0.999_999) <= Duration::from_secs(1980));
+    assert_eq!(jittered_age(age, 7.0), Duration::from_secs(1980), "clamped");
+}
+
+/// A stream closes at its (jittered) maximum age with the status the agent recognises; the
+/// proxy reconnects with the version it holds and nothing is sent again.
+#[tokio::test]
+async fn an_aged_out_stream_closes_and_its_reconnect_costs_no_resources() {
+    let mut r = start_aging(snapshot(1, &["a"]), Duration::from_secs(1)).await;
+    let cds = |version: &str| DiscoveryRequest {
+        node: node(),
+        type_url: CLUSTER.into(),
+        version_info: version.into(),
+        ..Default::default()
+    };
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(cds("")).await.expect("send");
+    let started = tokio::time::Instant::now();
+    let mut responses = r
+        .client
+        .stream_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let first = next(&mut responses).await;
+    let sent = r.connections.list()[0].types["cds"].clone();
+    assert_eq!(sent.resources_sent, 1);
+    assert!(sent.bytes_sent > 0);
+
+    let end = tokio::time::timeout(Duration::from_secs(5), responses.message())
+        .await
+        .expect("closed in time")
+        .expect_err("closed with a status");
+    assert!(pilotfish_pki::wire::ads::is_aged_out(&end), "{end:?}");
+    let age = started.elapsed();
+    assert!(
+        age >= Duration::from_millis(850) && age < Duration::from_secs(3),
+        "{age:?}"
+    );
+    eventually(|| r.connections.count() == 0).await;
+
+    let (tx2, rx2) = mpsc::channel(4);
+    tx2.send(cds(&first.version_info)).await.expect("send");
+    let mut again = r
+        .client
+        .stream_aggregated_resources(ReceiverStream::new(rx2))
+        .await
+        .expect("stream")
+        .into_inner();
+    eventually(|| {
+        r.connections.list().first().is_some_and(|p| {
+            p.types
+                .get("cds")
+                .is_some_and(|t| t.acked_version.as_ref() == Some(&first.version_info))
+        })
+    })
+    .await;
+    let resumed = r.connections.list()[0].types["cds"].clone();
+    assert_eq!((resumed.resources_sent, resumed.bytes_sent), (0, 0));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), again.message())
+            .await
+            .is_err(),
+        "nothing sent"
+    );
+
+    drop((tx, tx2));
     r.shutdown.cancel();
     r.server.await.expect("joins").expect("serves");
 }

@@ -5,6 +5,11 @@
 //! The rules are those of `shared/reference/xds-protocol.md` (b.2-b.6), after Istio's
 //! `ShouldRespond`: a NACK is an `error_detail`; a stale nonce is ignored; an ACK with unchanged
 //! names gets no answer, except the first EDS request after a CDS response (AlwaysRespond).
+//!
+//! A new stream whose first request of a type carries the `version_info` discovery would send
+//! gets no answer (go-control-plane does the same): an Envoy that reconnects, to this replica or
+//! another with the same inputs, already runs that config. Versions are content hashes of what
+//! the client holds, EDS included (not a chain of pushes), so replicas agree on them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -34,6 +39,8 @@ struct TypeState {
     /// Stream-wide sequence number of the last response sent, and of the last one ACKed.
     sent_seq: u64,
     acked_seq: u64,
+    /// The client has asked for this type on this stream.
+    requested: bool,
 }
 
 impl Default for TypeState {
@@ -47,6 +54,7 @@ impl Default for TypeState {
             nacked: false,
             sent_seq: 0,
             acked_seq: 0,
+            requested: false,
         }
     }
 }
@@ -87,6 +95,8 @@ impl SotwState {
             return Ok(step);
         }
         let state = self.types.entry(type_url.clone()).or_default();
+        let first_of_type = !state.requested;
+        state.requested = true;
         let nonce = req.response_nonce.as_str();
         // An empty nonce, or none sent yet for the type, is an initial request or a reconnect.
         let initial = nonce.is_empty() || state.last_nonce.is_none();
@@ -127,6 +137,24 @@ impl SotwState {
             }
         }
 
+        // A reconnect that already holds what it would get: answer nothing.
+        let may_resume = first_of_type
+            && nonce.is_empty()
+            && req.error_detail.is_none()
+            && !req.version_info.is_empty();
+        if may_resume && self.current_version(&type_url).as_ref() == Some(&req.version_info) {
+            if let Some(state) = self.types.get_mut(&type_url) {
+                state.sent_version = Some(req.version_info.clone());
+            }
+            step.events.push(Event::Resumed {
+                type_url,
+                version: req.version_info,
+            });
+            return Ok(step);
+        }
+        let Some(state) = self.types.get_mut(&type_url) else {
+            return Ok(step);
+        };
         let respond = if initial {
             true
         } else {
@@ -198,7 +226,7 @@ impl SotwState {
             let subscribed = self
                 .types
                 .get(type_url)
-                .is_some_and(|s| s.last_nonce.is_some() && !s.sub.is_empty());
+                .is_some_and(|s| s.requested && !s.sub.is_empty());
             if !subscribed {
                 continue;
             }
@@ -221,7 +249,8 @@ impl SotwState {
     }
 
     /// Pushes the subscribed resources among `changed` (a non-wildcard type), if any. The
-    /// version chains the previous one with what was sent: SotW versions are opaque.
+    /// version is that of everything the client then holds of the type, as a full answer
+    /// would carry: a client that reconnects with it needs nothing sent.
     fn respond_changed(
         &mut self,
         type_url: &str,
@@ -247,14 +276,7 @@ impl SotwState {
         if contents.is_empty() {
             return;
         }
-        let previous = state.sent_version.clone().unwrap_or_default();
-        let version = resources::versions_hash(
-            std::iter::once(("", previous.as_str())).chain(
-                contents
-                    .iter()
-                    .map(|r| (r.name.as_str(), r.version.as_str())),
-            ),
-        );
+        let version = resources::map_version(&self.contents(type_url, &state.sub));
         let entries = wire::entries(&contents, Flavour::Sotw);
         self.send(type_url, version, contents.len(), entries, step);
     }
@@ -280,6 +302,12 @@ impl SotwState {
             })
             .collect();
         Arc::new(picked)
+    }
+
+    /// The version a full answer for `type_url` would carry now.
+    fn current_version(&self, type_url: &str) -> Option<String> {
+        let state = self.types.get(type_url)?;
+        Some(resources::map_version(&self.contents(type_url, &state.sub)))
     }
 
     fn respond(

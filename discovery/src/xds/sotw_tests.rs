@@ -347,3 +347,73 @@ fn endpoint_push_carries_only_the_changed_assignments() {
         .responses
         .is_empty());
 }
+
+/// A new stream (Envoy reconnecting, maybe to another replica with the same inputs) whose
+/// first requests report the versions discovery would send gets nothing: no resource is sent
+/// twice. A stale version is answered in full; later changes are pushed as usual.
+#[test]
+fn a_reconnect_holding_the_current_versions_gets_nothing_resent() {
+    // What a first stream sent and the proxy ACKed, per type.
+    let mut old = state(&["a", "b"]);
+    let cds = one(old.on_request(first(CLUSTER, &[])).expect("ok"));
+    let eds = one(old
+        .on_request(req(ENDPOINT, &["a", "b"], "", ""))
+        .expect("ok"));
+    let lds = one(old.on_request(req(LISTENER, &[], "", "")).expect("ok"));
+
+    let mut s = state(&["a", "b"]);
+    let resume = |type_url: &str, names: &[&str], version: &str| DiscoveryRequest {
+        node: node(),
+        ..req(type_url, names, "", version)
+    };
+    for (r, names) in [(&cds, &[][..]), (&eds, &["a", "b"][..]), (&lds, &[][..])] {
+        let step = s
+            .on_request(resume(&r.type_url, names, &r.version_info))
+            .expect("ok");
+        assert!(step.responses.is_empty(), "{} resent", r.type_url);
+        assert_eq!(
+            step.events,
+            [Event::Resumed {
+                type_url: r.type_url.clone(),
+                version: r.version_info.clone(),
+            }]
+        );
+    }
+    assert!(s.settled(), "nothing outstanding");
+
+    // A proxy that holds something older gets the current state.
+    let mut behind = state(&["a", "b"]);
+    let r = one(behind
+        .on_request(resume(CLUSTER, &[], "an-old-version"))
+        .expect("ok"));
+    assert_eq!(r.version_info, cds.version_info);
+
+    // The resumed stream still gets changes.
+    let changed = resources(&["a", "b"], 2);
+    let pushed = s.on_resources(changed);
+    assert_eq!(pushed.responses.len(), 1, "{pushed:?}");
+    let e2 = pushed.responses[0].decoded();
+    assert_eq!(e2.type_url, ENDPOINT);
+    assert_eq!(resource_names(&e2), ["a", "b"]);
+}
+
+/// An endpoint push carries a subset, but its version is that of everything the proxy then
+/// holds, the one a full answer on a new stream would carry: replicas and reconnects agree.
+#[test]
+fn a_partial_endpoint_push_carries_the_version_of_the_full_set() {
+    let mut s = state(&["a", "b"]);
+    let e = one(s.on_request(first(ENDPOINT, &["a", "b"])).expect("ok"));
+    s.on_request(ack_of(&e, &["a", "b"])).expect("ok");
+    let before = resources(&["a", "b"], 1);
+    let mut after = before.clone();
+    let mut endpoints = (*before.endpoints).clone();
+    endpoints.insert("a".into(), resources(&["a"], 2).endpoints["a"].clone());
+    after.endpoints = std::sync::Arc::new(endpoints);
+    s.on_resources(before);
+    let r = one(s.on_resources(after.clone()));
+    assert_eq!(resource_names(&r), ["a"]);
+
+    let mut fresh = SotwState::new("cp-test", NODE, after);
+    let full = one(fresh.on_request(first(ENDPOINT, &["a", "b"])).expect("ok"));
+    assert_eq!(r.version_info, full.version_info);
+}
