@@ -573,17 +573,24 @@ fn bundle_carries_extra_roots_from_roots_d_and_options() {
     };
     let ca = Ca::load_or_create(dir.path(), &td(), &opts).unwrap();
     // The signing root first, then the others by fingerprint (whatever their files).
-    let mut others = vec![der_of(&a.root_pem), der_of(&b.root_pem)];
+    let mut others = [der_of(&a.root_pem), der_of(&b.root_pem)];
     others.sort_by_key(|d| hex_sha256(d));
     assert_eq!(
         ca.bundle_der(),
-        &[own.bundle_der()[0].clone(), others[0].clone(), others[1].clone()]
+        &[
+            own.bundle_der()[0].clone(),
+            others[0].clone(),
+            others[1].clone()
+        ]
     );
     let fingerprints: Vec<&str> = ca.trusted_roots()[1..]
         .iter()
         .map(|r| r.fingerprint.as_str())
         .collect();
-    assert!(fingerprints.windows(2).all(|w| w[0] < w[1]), "{fingerprints:?}");
+    assert!(
+        fingerprints.windows(2).all(|w| w[0] < w[1]),
+        "{fingerprints:?}"
+    );
     assert_eq!(pem_certs(ca.bundle_pem()).unwrap(), ca.bundle_der());
     let signing: Vec<bool> = ca.trusted_roots().iter().map(|r| r.signing).collect();
     assert_eq!(signing, vec![true, false, false]);
@@ -688,5 +695,8 @@ fn ca_is_shareable_across_tasks() {
 
 fn hex_sha256(der: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(der).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
