@@ -33,7 +33,7 @@ pub mod store;
 pub mod translate;
 pub mod xds;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -257,6 +257,20 @@ pub async fn run(
         drains.clone(),
         config.node_grace,
     );
+    // With several replicas, a host connected to another one is alive too.
+    let liveness = match &shared_store {
+        None => liveness,
+        Some(store) => {
+            let (remote_tx, remote_rx) = watch::channel(Arc::new(BTreeMap::new()));
+            let id = store::liveness::replica_id(config.grpc);
+            let (s, c, token) = (store.clone(), connections.clone(), stop.clone());
+            tasks.spawn(async move {
+                store::liveness::share_liveness(s, c, id, remote_tx, token).await;
+                Ok(())
+            });
+            liveness.with_remote(remote_rx)
+        }
+    };
     let token = stop.clone();
     tasks.spawn(async move {
         liveness.run(token).await;

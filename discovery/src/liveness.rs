@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::drain::{Draining, Drains};
+use crate::store::liveness::{merge_seen, RemoteNodes};
 use crate::xds::connections::{Connections, NodeSeen};
 
 /// The default `node_grace`.
@@ -170,6 +171,8 @@ pub struct LivenessStage {
     view: watch::Sender<Arc<Vec<NodeLiveness>>>,
     grace: Duration,
     started: Instant,
+    /// Nodes connected to other replicas (`[store.consul]`); `None` with one replica.
+    remote: Option<RemoteNodes>,
 }
 
 impl LivenessStage {
@@ -208,8 +211,15 @@ impl LivenessStage {
             view,
             grace,
             started,
+            remote: None,
         };
         (stage, out_rx, view_rx)
+    }
+
+    /// Counts the nodes connected to other replicas as connected here too.
+    pub fn with_remote(mut self, remote: RemoteNodes) -> LivenessStage {
+        self.remote = Some(remote);
+        self
     }
 
     /// Runs until `shutdown` or until the registries are gone.
@@ -230,9 +240,18 @@ impl LivenessStage {
                 .with_nodes(|seen| self.drains.observe(seen));
             let draining = Arc::clone(&self.draining.borrow_and_update());
             let now = Instant::now();
-            let verdict = self
-                .connections
-                .with_nodes(|seen| judge(&catalog, seen, &revoked, self.started, now, self.grace));
+            let verdict = match &mut self.remote {
+                None => self.connections.with_nodes(|seen| {
+                    judge(&catalog, seen, &revoked, self.started, now, self.grace)
+                }),
+                Some(remote) => {
+                    let remote = Arc::clone(&remote.borrow_and_update());
+                    let seen = self
+                        .connections
+                        .with_nodes(|seen| merge_seen(seen, &remote));
+                    judge(&catalog, &seen, &revoked, self.started, now, self.grace)
+                }
+            };
             for node in verdict.dead.difference(&dead) {
                 let state = if revoked.contains(node) {
                     "revoked"
@@ -274,6 +293,13 @@ impl LivenessStage {
                 _ = nodes_changed.changed() => {}
                 changed = self.revoked.changed(), if revocations => revocations = changed.is_ok(),
                 _ = self.draining.changed() => {}
+                _ = async { match &mut self.remote {
+                    // Its sender gone (shutdown): nothing more to wait for.
+                    Some(remote) => if remote.changed().await.is_err() {
+                        std::future::pending::<()>().await
+                    },
+                    None => std::future::pending().await,
+                } } => {}
                 _ = async { match wake {
                     Some(t) => tokio::time::sleep_until(t).await,
                     None => std::future::pending().await,

@@ -6,6 +6,7 @@
 //! | `rules/<kind>-<svc>`       | a rules-API object (its `rules.d` file) | the rules API (`?cas=`) |
 //! | `tokens`                   | join tokens (hashes only)              | `token ...`, enrolment |
 //! | `revocations`              | revoked nodes                          | `node revoke/restore` |
+//! | `liveness/<replica>`       | the hosts connected to a replica, and a beat | that replica, every 2 s ([`liveness`]) |
 //! | `seeded`                   | set once a replica copied its own state in | the first replica |
 //!
 //! Keys carry no file extension: Consul refuses keys ending in `.json` (and other extensions
@@ -40,6 +41,8 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub mod liveness;
+
 use crate::config::StoreConfig;
 use crate::rules_api::RULES_DIR;
 
@@ -51,6 +54,8 @@ pub const REVOCATIONS_KEY: &str = "revocations";
 pub const RULES_KEY: &str = "rules/";
 /// The folder (under the prefix) of the replicas' CRLs, one key per signer fingerprint.
 pub const CRLS_KEY: &str = "crls/";
+/// The folder (under the prefix) of the replicas' liveness records ([`liveness`]).
+pub const LIVENESS_KEY: &str = "liveness/";
 /// The folder (under the prefix) of the roots the replicas trust, one key per fingerprint.
 pub const ROOTS_KEY: &str = "roots/";
 /// Set once the first replica copied its own state in.
@@ -70,6 +75,8 @@ pub struct SharedStore {
     up: watch::Sender<bool>,
     /// Every replica's CRL (`crls/`), by signer fingerprint, as last mirrored.
     crls: watch::Sender<BTreeMap<String, String>>,
+    /// Every replica's liveness record (`liveness/<replica>`, by that key), as last mirrored.
+    liveness: watch::Sender<BTreeMap<String, Vec<u8>>>,
     /// Counts the mirrors that changed `ca/roots.d/` (the CA must be reloaded).
     roots_changed: watch::Sender<u64>,
     /// For calls from outside a runtime (the command line).
@@ -118,6 +125,7 @@ impl SharedStore {
             up: watch::channel(false).0,
             crls: watch::channel(BTreeMap::new()).0,
             roots_changed: watch::channel(0).0,
+            liveness: watch::channel(BTreeMap::new()).0,
             runtime: OnceLock::new(),
         }))
     }
@@ -209,6 +217,11 @@ impl SharedStore {
         put.map_err(|e| self.failed(rel, e))?;
         self.up.send_replace(true);
         Ok(())
+    }
+
+    /// Every replica's liveness record, by key under the prefix.
+    pub fn liveness(&self) -> watch::Receiver<BTreeMap<String, Vec<u8>>> {
+        self.liveness.subscribe()
     }
 
     /// Ticks each time the mirror changed the shared roots in `ca/roots.d/`.
@@ -330,6 +343,19 @@ impl SharedStore {
                     self.crls.send_if_modified(|current| {
                         let changed = *current != crls;
                         *current = crls;
+                        changed
+                    });
+                    let records: BTreeMap<String, Vec<u8>> = entries
+                        .iter()
+                        .filter_map(|e| {
+                            let rel = e.key.strip_prefix(&self.prefix)?;
+                            rel.starts_with(LIVENESS_KEY)
+                                .then(|| (rel.to_string(), e.value.clone()))
+                        })
+                        .collect();
+                    self.liveness.send_if_modified(|current| {
+                        let changed = *current != records;
+                        *current = records;
                         changed
                     });
                     let dir = self.state_dir.clone();

@@ -4,9 +4,9 @@
 //! byte-identical resources and versions.
 //! Run: `cargo build --workspace --bins && cargo test -p pilotfish-tests --test replicas`.
 //!
-//! Replicas keep their own liveness view (which hosts hold a stream to *them*), so these meshes
-//! set a long `node_grace`: otherwise a replica would mark the hosts of the other replicas dead
-//! once the grace since its start ran out.
+//! The replicas share their state over `[store.consul]` (the Consul double's KV store), which
+//! also tells each replica which hosts are connected to the others: every replica sees every
+//! host live, whichever replica it is connected to.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,6 +19,7 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::{Struct, Value};
+use pilotfish_consul_double::{ConsulDouble, DoubleHandle};
 use pilotfish_tests::load::Load;
 use pilotfish_tests::mesh::{Mesh, MeshOptions};
 use pilotfish_tests::{blocking, http_get, wait_for};
@@ -33,13 +34,55 @@ const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 /// The types whose per-stream counters `/status` shows.
 const TYPES: [&str; 4] = ["cds", "eds", "lds", "rds"];
 
-fn replicated(xds: &'static str, replicas: usize) -> MeshOptions {
+/// A mesh of `replicas` discovery replicas sharing their state through `consul`'s KV store.
+fn replicated(xds: &'static str, replicas: usize, consul: &DoubleHandle) -> MeshOptions {
     MeshOptions {
         xds,
         replicas,
-        discovery_top: "node_grace = \"1h\"".into(),
+        discovery_extra: format!("[store.consul]\naddress = \"{}\"\n", consul.url()),
         ..MeshOptions::default()
     }
+}
+
+async fn consul() -> Result<DoubleHandle> {
+    Ok(ConsulDouble::start(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))).await?)
+}
+
+/// Each node's liveness state as replica `i`'s `/status` shows it.
+async fn node_states(mesh: &Mesh, i: usize) -> Result<BTreeMap<String, String>> {
+    let http = mesh.replica_http(i);
+    let status = blocking(move || http_get(http, "discovery", "/status")).await?;
+    let json: Json = serde_json::from_str(&status.body)?;
+    Ok(json["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|n| {
+            (
+                n["node"].as_str().unwrap_or_default().to_string(),
+                n["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
+}
+
+/// Every replica in `replicas` sees each of `nodes` live, wherever it is connected.
+async fn all_live(mesh: &Mesh, replicas: &[usize], nodes: &[&str]) -> Result<()> {
+    for i in replicas {
+        wait_for(
+            &format!("replica {i} sees {nodes:?} live"),
+            READY,
+            || async {
+                let states = node_states(mesh, *i).await?;
+                Ok(nodes
+                    .iter()
+                    .all(|n| states.get(*n).is_some_and(|s| s == "live"))
+                    .then_some(()))
+            },
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Waits until the load has answered `more` requests beyond what it had.
@@ -99,7 +142,8 @@ async fn sent_totals(http: SocketAddr) -> Result<(u64, u64)> {
 /// Three replicas, three hosts; the replica the caller is on is killed (SIGKILL) under
 /// continuous load through the caller.
 async fn a_killed_replica(xds: &'static str) -> Result<()> {
-    let mut mesh = Mesh::start_opts(replicated(xds, 3))?;
+    let consul = consul().await?;
+    let mut mesh = Mesh::start_opts(replicated(xds, 3, &consul))?;
     for (node, i) in [("vm-a", 2), ("vm-b", 3), ("vm-c", 4)] {
         mesh.add_host(node, i)?;
     }
@@ -126,6 +170,9 @@ async fn a_killed_replica(xds: &'static str) -> Result<()> {
         placed.insert(node, i);
     }
     println!("{xds}: hosts on replicas {placed:?}");
+    // Each replica counts the hosts connected to the others as live (not merely within their
+    // grace, after which their instances would be marked unhealthy).
+    all_live(&mesh, &[0, 1, 2], &["vm-a", "vm-b", "vm-c"]).await?;
     let victim = placed["vm-a"];
     let survivors: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
     let mut before = Vec::new();
@@ -184,6 +231,7 @@ async fn a_killed_replica(xds: &'static str) -> Result<()> {
         ensure!(r1 == r0, "replica {i} sent {} resources", r1 - r0);
     }
     println!("{xds}: {} requests, 0 failed", tally.total());
+    all_live(&mesh, &survivors, &["vm-a", "vm-b", "vm-c"]).await?;
     Ok(())
 }
 
@@ -273,7 +321,8 @@ async fn answers(
 /// same versions.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_with_the_same_inputs_serve_identical_resources_and_versions() -> Result<()> {
-    let mut mesh = Mesh::start_opts(replicated("sotw", 2))?;
+    let consul = consul().await?;
+    let mut mesh = Mesh::start_opts(replicated("sotw", 2, &consul))?;
     mesh.add_host("vm-a", 2)?;
     mesh.add_host("vm-b", 3)?;
     let b_ip = mesh.host("vm-b").ip;

@@ -1,0 +1,293 @@
+//! Host liveness across replicas. A replica knows which hosts hold an ADS stream to *it*; with
+//! several replicas a host connected to another one would look gone and, after `node_grace`,
+//! its instances unhealthy. So each replica publishes the nodes connected to it
+//! (`liveness/<replica>`: the serving nodes and a beat counter, rewritten on every change and
+//! every [`BEAT`]), and counts a node live while any replica's record, fresh, lists it.
+//!
+//! A record is fresh while it keeps changing: its beat moves every [`BEAT`], and this replica
+//! notes *when it saw* each change, so no clocks are compared. A replica that dies stops
+//! beating; [`STALE`] later its nodes count as disconnected from that moment (their grace
+//! starts then), unless they are live elsewhere (an agent fails over within a second or two).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::{SharedStore, LIVENESS_KEY};
+use crate::xds::connections::{Connections, NodeSeen};
+
+/// How often a replica rewrites its record when nothing changed.
+pub const BEAT: Duration = Duration::from_secs(2);
+/// A record not seen changing for this long is a replica gone.
+pub const STALE: Duration = Duration::from_secs(7);
+
+/// Nodes live at other replicas (`streams > 0`), and the ones that were and are not any more
+/// (`streams == 0`, `last_seen` when that was noticed), for [`crate::liveness`].
+pub type RemoteNodes = watch::Receiver<Arc<BTreeMap<String, NodeSeen>>>;
+
+#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    /// Nodes with a serving stream to this replica.
+    nodes: BTreeSet<String>,
+    /// Moves on every write, so that readers see the replica is alive.
+    beat: u64,
+}
+
+/// This replica's name in `liveness/`: its host name and gRPC address, as key characters.
+pub fn replica_id(grpc: std::net::SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default();
+    format!("{host}-{grpc}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Publishes this replica's record and follows the others', until `shutdown`.
+pub async fn share_liveness(
+    store: Arc<SharedStore>,
+    connections: Connections,
+    id: String,
+    out: watch::Sender<Arc<BTreeMap<String, NodeSeen>>>,
+    shutdown: CancellationToken,
+) {
+    let key = format!("{LIVENESS_KEY}{id}");
+    let mut records = store.liveness();
+    let mut nodes_changed = connections.watch_nodes();
+    let mut follower = Follower::default();
+    let mut beat = 0u64;
+    let mut written: Option<BTreeSet<String>> = None;
+    let mut next_beat = tokio::time::Instant::now();
+    loop {
+        let now = Instant::now();
+        let serving: BTreeSet<String> = connections.with_nodes(|seen| {
+            seen.iter()
+                .filter(|(_, s)| s.streams > 0)
+                .map(|(n, _)| n.clone())
+                .collect()
+        });
+        if written.as_ref() != Some(&serving) || tokio::time::Instant::now() >= next_beat {
+            beat += 1;
+            let record = Record {
+                nodes: serving.clone(),
+                beat,
+            };
+            let bytes = serde_json::to_vec(&record).unwrap_or_default();
+            match store.put(&key, &bytes).await {
+                Ok(()) => written = Some(serving),
+                Err(e) => {
+                    warn!(error = %crate::error_chain(&e), "cannot share which hosts are connected here")
+                }
+            }
+            next_beat = tokio::time::Instant::now() + BEAT;
+        }
+        let theirs = records.borrow_and_update().clone();
+        let published = follower.follow(&theirs, &key, now);
+        out.send_if_modified(|current| {
+            let changed = **current != published;
+            if changed {
+                *current = Arc::new(published);
+            }
+            changed
+        });
+        let recheck = follower.next_stale(now).map(tokio::time::Instant::from_std);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = records.changed() => {}
+            _ = nodes_changed.changed() => {}
+            _ = tokio::time::sleep_until(next_beat) => {}
+            _ = async { match recheck {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            } } => {}
+        }
+    }
+}
+
+/// What this replica knows of the others' records.
+#[derive(Debug, Default)]
+struct Follower {
+    /// Each record's bytes and when they were last seen to change.
+    seen: BTreeMap<String, (Vec<u8>, Instant)>,
+    /// Nodes that were live at another replica and are not now: since when.
+    gone: BTreeMap<String, (Instant, u64)>,
+    live: BTreeSet<String>,
+}
+
+impl Follower {
+    /// Takes the records (full keys, `own` excluded) as of `now`; what [`RemoteNodes`] says.
+    fn follow(
+        &mut self,
+        records: &BTreeMap<String, Vec<u8>>,
+        own: &str,
+        now: Instant,
+    ) -> BTreeMap<String, NodeSeen> {
+        self.seen.retain(|k, _| records.contains_key(k));
+        for (key, bytes) in records.iter().filter(|(k, _)| k.as_str() != own) {
+            if self.seen.get(key).is_none_or(|(old, _)| old != bytes) {
+                self.seen.insert(key.clone(), (bytes.clone(), now));
+            }
+        }
+        let mut live = BTreeSet::new();
+        for (bytes, at) in self.seen.values() {
+            if now.duration_since(*at) >= STALE {
+                continue;
+            }
+            match serde_json::from_slice::<Record>(bytes) {
+                Ok(r) => live.extend(r.nodes),
+                Err(e) => warn!(error = %e, "a replica's liveness record does not parse"),
+            }
+        }
+        let unix_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        for node in self.live.difference(&live) {
+            self.gone.insert(node.clone(), (now, unix_ms));
+        }
+        for node in &live {
+            self.gone.remove(node);
+        }
+        self.live = live;
+        let mut out: BTreeMap<String, NodeSeen> = self
+            .gone
+            .iter()
+            .map(|(n, (at, ms))| {
+                (
+                    n.clone(),
+                    NodeSeen {
+                        streams: 0,
+                        last_seen: *at,
+                        last_seen_unix_ms: *ms,
+                    },
+                )
+            })
+            .collect();
+        for node in &self.live {
+            out.insert(
+                node.clone(),
+                NodeSeen {
+                    streams: 1,
+                    last_seen: now,
+                    last_seen_unix_ms: unix_ms,
+                },
+            );
+        }
+        out
+    }
+
+    /// When the freshest-seen record that is not stale yet would become stale.
+    fn next_stale(&self, now: Instant) -> Option<Instant> {
+        self.seen
+            .values()
+            .map(|(_, at)| *at + STALE)
+            .filter(|t| *t > now)
+            .min()
+    }
+}
+
+/// `local` with the nodes live elsewhere counted live, and those that were, as last seen then.
+pub fn merge_seen(
+    local: &BTreeMap<String, NodeSeen>,
+    remote: &BTreeMap<String, NodeSeen>,
+) -> BTreeMap<String, NodeSeen> {
+    let mut out = local.clone();
+    for (node, r) in remote {
+        match out.get_mut(node) {
+            Some(l) => {
+                l.streams += r.streams;
+                if r.last_seen > l.last_seen {
+                    l.last_seen = r.last_seen;
+                    l.last_seen_unix_ms = r.last_seen_unix_ms;
+                }
+            }
+            None => {
+                out.insert(node.clone(), *r);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn record(nodes: &[&str], beat: u64) -> Vec<u8> {
+        serde_json::to_vec(&Record {
+            nodes: nodes.iter().map(|n| n.to_string()).collect(),
+            beat,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn nodes_of_a_beating_replica_are_live_and_of_a_silent_one_gone_from_then() {
+        let mut f = Follower::default();
+        let t0 = Instant::now();
+        let mut records = BTreeMap::from([
+            ("p/liveness/own".to_string(), record(&["vm-own"], 1)),
+            ("p/liveness/b".to_string(), record(&["vm-1", "vm-2"], 1)),
+            ("p/liveness/c".to_string(), record(&["vm-3"], 1)),
+        ]);
+        let out = f.follow(&records, "p/liveness/own", t0);
+        let live: Vec<&str> = out
+            .iter()
+            .filter(|(_, s)| s.streams > 0)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        assert_eq!(
+            live,
+            ["vm-1", "vm-2", "vm-3"],
+            "its own record is not counted"
+        );
+
+        // b beats on; c stays silent past STALE.
+        let t1 = t0 + STALE;
+        records.insert("p/liveness/b".to_string(), record(&["vm-1"], 2));
+        let out = f.follow(&records, "p/liveness/own", t1);
+        assert_eq!(out["vm-1"].streams, 1);
+        assert_eq!(out["vm-2"].streams, 0, "left b");
+        assert_eq!(out["vm-2"].last_seen, t1);
+        assert_eq!(out["vm-3"].streams, 0, "c stopped beating");
+        assert_eq!(f.next_stale(t1), Some(t1 + STALE));
+
+        // vm-3 comes back through b.
+        records.insert("p/liveness/b".to_string(), record(&["vm-1", "vm-3"], 3));
+        let out = f.follow(&records, "p/liveness/own", t1 + BEAT);
+        assert_eq!(out["vm-3"].streams, 1);
+    }
+
+    #[test]
+    fn remote_streams_add_to_local_ones() {
+        let t = Instant::now();
+        let seen = |streams, last_seen| NodeSeen {
+            streams,
+            last_seen,
+            last_seen_unix_ms: 0,
+        };
+        let local = BTreeMap::from([("a".to_string(), seen(0, t)), ("b".to_string(), seen(1, t))]);
+        let later = t + Duration::from_secs(1);
+        let remote = BTreeMap::from([
+            ("a".to_string(), seen(1, later)),
+            ("c".to_string(), seen(0, later)),
+        ]);
+        let merged = merge_seen(&local, &remote);
+        assert_eq!(merged["a"].streams, 1);
+        assert_eq!(merged["a"].last_seen, later);
+        assert_eq!(merged["b"].streams, 1);
+        assert_eq!(merged["c"].streams, 0);
+    }
+}
