@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::mesh::MeshSnapshot;
+use crate::store::liveness::RemoteNodes;
 use crate::xds::connections::{Connections, NodeSeen};
 
 /// Nodes leaving the mesh: `true` once their agent's streams have closed.
@@ -88,12 +89,14 @@ pub struct Departure {
 }
 
 /// Marks `node` draining, waits until a snapshot carries that, then until every other
-/// connected proxy has accepted that snapshot in full, or until `wait` (at most
-/// [`MAX_LEAVE_WAIT`]) has passed.
+/// connected proxy has accepted that snapshot in full, and (with other replicas, `remote`)
+/// until every live replica says its proxies have too; or until `wait` (at most
+/// [`MAX_LEAVE_WAIT`]) has passed. Replicas still settling count in `pending`.
 pub async fn leave(
     drains: &Drains,
     snapshots: &watch::Receiver<Arc<MeshSnapshot>>,
     connections: &Connections,
+    remote: Option<&RemoteNodes>,
     node: &str,
     wait: Duration,
 ) -> Departure {
@@ -113,7 +116,16 @@ pub async fn leave(
             _ => return tally(connections, node, u64::MAX),
         };
     loop {
-        let departure = tally(connections, node, generation);
+        let mut departure = tally(connections, node, generation);
+        if let Some(remote) = remote {
+            let unsettled = remote
+                .borrow()
+                .settled
+                .iter()
+                .filter(|s| !s.contains(node))
+                .count();
+            departure.pending += u32::try_from(unsettled).unwrap_or(u32::MAX);
+        }
         if departure.pending == 0 || tokio::time::Instant::now() >= deadline {
             return departure;
         }

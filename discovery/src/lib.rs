@@ -33,7 +33,7 @@ pub mod store;
 pub mod translate;
 pub mod xds;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -257,18 +257,25 @@ pub async fn run(
         drains.clone(),
         config.node_grace,
     );
-    // With several replicas, a host connected to another one is alive too.
-    let liveness = match &shared_store {
-        None => liveness,
+    // With several replicas, a host connected to another one is alive too, and one leaving
+    // through another one is leaving here too.
+    let (liveness, remote) = match &shared_store {
+        None => (liveness, None),
         Some(store) => {
-            let (remote_tx, remote_rx) = watch::channel(Arc::new(BTreeMap::new()));
-            let id = store::liveness::replica_id(config.grpc);
-            let (s, c, token) = (store.clone(), connections.clone(), stop.clone());
+            let (remote_tx, remote_rx) = watch::channel(Arc::default());
+            let sharing = store::liveness::Sharing {
+                store: store.clone(),
+                connections: connections.clone(),
+                drains: drains.clone(),
+                snapshots: snapshot_rx.clone(),
+                id: store::liveness::replica_id(config.grpc),
+            };
+            let token = stop.clone();
             tasks.spawn(async move {
-                store::liveness::share_liveness(s, c, id, remote_tx, token).await;
+                store::liveness::share_liveness(sharing, remote_tx, token).await;
                 Ok(())
             });
-            liveness.with_remote(remote_rx)
+            (liveness.with_remote(remote_rx.clone()), Some(remote_rx))
         }
     };
     let token = stop.clone();
@@ -300,6 +307,7 @@ pub async fn run(
         drains,
         snapshots: snapshot_rx.clone(),
         connections: connections.clone(),
+        remote,
     });
     let rules_api = Arc::new(rules_api.with_catalog(catalog_rx.clone()));
     let http = HttpServer::new(HttpState {

@@ -236,21 +236,38 @@ impl LivenessStage {
             let catalog = Arc::clone(&self.catalogs.borrow_and_update());
             let revoked = Arc::clone(&self.revoked.borrow_and_update());
             nodes_changed.mark_unchanged();
-            self.connections
-                .with_nodes(|seen| self.drains.observe(seen));
-            let draining = Arc::clone(&self.draining.borrow_and_update());
+            let remote = self
+                .remote
+                .as_mut()
+                .map(|r| Arc::clone(&r.borrow_and_update()));
+            // With other replicas: their hosts count as connected, and their leaving hosts as
+            // leaving here too.
+            let seen = match &remote {
+                None => None,
+                Some(r) => Some(
+                    self.connections
+                        .with_nodes(|seen| merge_seen(seen, &r.seen)),
+                ),
+            };
+            match &seen {
+                None => self
+                    .connections
+                    .with_nodes(|seen| self.drains.observe(seen)),
+                Some(seen) => self.drains.observe(seen),
+            }
+            let mut draining = Arc::clone(&self.draining.borrow_and_update());
+            if let Some(r) = remote.as_ref().filter(|r| !r.draining.is_empty()) {
+                let map = Arc::make_mut(&mut draining);
+                for node in &r.draining {
+                    map.entry(node.clone()).or_insert(false);
+                }
+            }
             let now = Instant::now();
-            let verdict = match &mut self.remote {
+            let verdict = match &seen {
                 None => self.connections.with_nodes(|seen| {
                     judge(&catalog, seen, &revoked, self.started, now, self.grace)
                 }),
-                Some(remote) => {
-                    let remote = Arc::clone(&remote.borrow_and_update());
-                    let seen = self
-                        .connections
-                        .with_nodes(|seen| merge_seen(seen, &remote));
-                    judge(&catalog, &seen, &revoked, self.started, now, self.grace)
-                }
+                Some(seen) => judge(&catalog, seen, &revoked, self.started, now, self.grace),
             };
             for node in verdict.dead.difference(&dead) {
                 let state = if revoked.contains(node) {

@@ -168,6 +168,8 @@ pub struct Leaving {
     pub drains: crate::drain::Drains,
     pub snapshots: tokio::sync::watch::Receiver<Arc<crate::mesh::MeshSnapshot>>,
     pub connections: crate::xds::connections::Connections,
+    /// What the other replicas say (`[store.consul]`); `None` with one replica.
+    pub remote: Option<crate::store::liveness::RemoteNodes>,
 }
 
 /// The `Host` gRPC service: config dumps over a [`DumpHub`], and leaving hosts.
@@ -223,6 +225,7 @@ impl Host for HostService {
             &leaving.drains,
             &leaving.snapshots,
             &leaving.connections,
+            leaving.remote.as_ref(),
             &node,
             wait,
         )

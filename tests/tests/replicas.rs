@@ -365,3 +365,100 @@ async fn replicas_with_the_same_inputs_serve_identical_resources_and_versions() 
     }
     Ok(())
 }
+
+/// A host leaving through one replica (`systemctl stop`: `Host.Leave`) is drained at callers
+/// connected to another: its instances turn `DRAINING` there too, the leave waits for that
+/// replica's proxies, and no request fails or reaches the host after it stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_leaving_through_one_replica_is_drained_at_callers_of_another() -> Result<()> {
+    let consul = consul().await?;
+    let mut mesh = Mesh::start_opts(replicated("delta", 2, &consul))?;
+    // vm-b and vm-c (the callees) know only replica 0, vm-a (the caller) only replica 1.
+    let replicas = std::mem::take(&mut mesh.replicas);
+    mesh.add_host("vm-b", 3)?;
+    mesh.add_host("vm-c", 4)?;
+    let first = mesh.grpc;
+    mesh.grpc = replicas[0].grpc;
+    mesh.add_host("vm-a", 2)?;
+    mesh.grpc = first;
+    mesh.replicas = replicas;
+    let (b_ip, c_ip) = (mesh.host("vm-b").ip, mesh.host("vm-c").ip);
+    let v1 = mesh.start_app("reviews", "v1", b_ip, &[])?;
+    let v2 = mesh.start_app("reviews", "v2", c_ip, &[])?;
+    let services = mesh.service_toml("reviews", "", &[("vm-b", v1, ""), ("vm-c", v2, "")]);
+    mesh.write_registry("services.toml", &services)?;
+    mesh.wait_all_ready(READY).await?;
+    ensure!(
+        mesh.replicas_of("vm-a").await.iter().all(|(i, _)| *i == 1)
+            && mesh.replicas_of("vm-b").await.iter().all(|(i, _)| *i == 0),
+        "the caller and the callee use different replicas"
+    );
+    all_live(&mesh, &[0, 1], &["vm-a", "vm-b", "vm-c"]).await?;
+    let out = mesh.host("vm-a").outbound;
+    wait_for("vm-a reaches both reviews hosts", READY, || async {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..20 {
+            if let Ok(r) = blocking(move || http_get(out, "reviews", "/")).await {
+                seen.extend(r.header("x-served-by").map(str::to_string));
+            }
+        }
+        Ok((seen.len() == 2).then_some(()))
+    })
+    .await?;
+
+    let load = Load::start(out, "reviews", &[PLAIN, PLAIN, PLAIN, PLAIN]);
+    flowing(&load, 300).await?;
+    let on_b = |load: &Load| -> u64 {
+        load.served_by()
+            .iter()
+            .filter(|(who, _)| who.contains("v1"))
+            .map(|(_, n)| *n)
+            .sum()
+    };
+    ensure!(on_b(&load) > 0, "vm-b serves before it stops");
+    let status = mesh
+        .host_mut("vm-b")
+        .agent
+        .terminate(Duration::from_secs(20));
+    ensure!(
+        status.is_some_and(|s| s.success()),
+        "vm-b's agent stops cleanly: {status:?}"
+    );
+    let served_by_b = on_b(&load);
+    flowing(&load, 1000).await?;
+    let tally = load.stop().await;
+    let log = mesh.host("vm-b").agent.log_text();
+    let drained = log
+        .lines()
+        .find(|l| l.contains("discovery drained this host"))
+        .unwrap_or_default()
+        .to_string();
+    println!("{drained}");
+    ensure!(
+        drained.contains("pending=0"),
+        "the leave waited for the other replica's callers:\n{}",
+        mesh.logs()
+    );
+    ensure!(
+        tally.failed == 0,
+        "{} of {} requests failed: {:?}",
+        tally.failed,
+        tally.total(),
+        tally.failures
+    );
+    let after: u64 = tally
+        .served_by
+        .iter()
+        .filter(|(who, _)| who.contains("v1"))
+        .map(|(_, n)| *n)
+        .sum();
+    ensure!(
+        after == served_by_b,
+        "no request reached vm-b after it stopped ({served_by_b} before, {after} in all)"
+    );
+    println!(
+        "leave across replicas: {} requests, 0 failed",
+        tally.total()
+    );
+    Ok(())
+}

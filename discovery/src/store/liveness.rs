@@ -4,6 +4,11 @@
 //! (`liveness/<replica>`: the serving nodes and a beat counter, rewritten on every change and
 //! every [`BEAT`]), and counts a node live while any replica's record, fresh, lists it.
 //!
+//! Leaving hosts too: a replica that takes a host's `Host.Leave` lists the node as draining in
+//! its record, every replica marks the node's instances draining for the proxies connected to
+//! it, and lists it as settled once they all run that; the `Leave` call waits for every
+//! replica's settled list (see [`crate::drain::leave`]).
+//!
 //! A record is fresh while it keeps changing: its beat moves every [`BEAT`], and this replica
 //! notes *when it saw* each change, so no clocks are compared. A replica that dies stops
 //! beating; [`STALE`] later its nodes count as disconnected from that moment (their grace
@@ -19,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::{SharedStore, LIVENESS_KEY};
+use crate::drain::Drains;
+use crate::mesh::MeshSnapshot;
 use crate::xds::connections::{Connections, NodeSeen};
 
 /// How often a replica rewrites its record when nothing changed.
@@ -26,17 +33,37 @@ pub const BEAT: Duration = Duration::from_secs(2);
 /// A record not seen changing for this long is a replica gone.
 pub const STALE: Duration = Duration::from_secs(7);
 
-/// Nodes live at other replicas (`streams > 0`), and the ones that were and are not any more
-/// (`streams == 0`, `last_seen` when that was noticed), for [`crate::liveness`].
-pub type RemoteNodes = watch::Receiver<Arc<BTreeMap<String, NodeSeen>>>;
+/// What the other replicas say, for [`crate::liveness`] and [`crate::drain`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Remote {
+    /// Nodes live at other replicas (`streams > 0`), and the ones that were and are not any
+    /// more (`streams == 0`, `last_seen` when that was noticed).
+    pub seen: BTreeMap<String, NodeSeen>,
+    /// Nodes leaving through another replica.
+    pub draining: BTreeSet<String>,
+    /// Per live replica: the draining nodes its proxies all run drained.
+    pub settled: Vec<BTreeSet<String>>,
+}
 
-#[derive(Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// [`Remote`], as it changes.
+pub type RemoteNodes = watch::Receiver<Arc<Remote>>;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Record {
     /// Nodes with a serving stream to this replica.
     nodes: BTreeSet<String>,
+    /// Nodes whose `Host.Leave` this replica took.
+    #[serde(default)]
+    draining: BTreeSet<String>,
+    /// Draining nodes (whoever took their leave) that every proxy connected here runs drained.
+    #[serde(default)]
+    settled: BTreeSet<String>,
     /// Moves on every write, so that readers see the replica is alive.
     beat: u64,
 }
+
+/// How often settling drains are checked (proxies ACK without telling this task).
+const SETTLE_POLL: Duration = Duration::from_millis(50);
 
 /// This replica's name in `liveness/`: its host name and gRPC address, as key characters.
 pub fn replica_id(grpc: std::net::SocketAddr) -> String {
@@ -55,50 +82,88 @@ pub fn replica_id(grpc: std::net::SocketAddr) -> String {
         .collect()
 }
 
+/// What [`share_liveness`] works with.
+pub struct Sharing {
+    pub store: Arc<SharedStore>,
+    pub connections: Connections,
+    pub drains: Drains,
+    pub snapshots: watch::Receiver<Arc<MeshSnapshot>>,
+    /// This replica's name ([`replica_id`]).
+    pub id: String,
+}
+
 /// Publishes this replica's record and follows the others', until `shutdown`.
 pub async fn share_liveness(
-    store: Arc<SharedStore>,
-    connections: Connections,
-    id: String,
-    out: watch::Sender<Arc<BTreeMap<String, NodeSeen>>>,
+    sharing: Sharing,
+    out: watch::Sender<Arc<Remote>>,
     shutdown: CancellationToken,
 ) {
+    let Sharing {
+        store,
+        connections,
+        drains,
+        mut snapshots,
+        id,
+    } = sharing;
     let key = format!("{LIVENESS_KEY}{id}");
     let mut records = store.liveness();
     let mut nodes_changed = connections.watch_nodes();
+    let mut leaving = drains.watch();
     let mut follower = Follower::default();
+    // The snapshot generation from which each draining node's instances were drained.
+    let mut drained_at: BTreeMap<String, u64> = BTreeMap::new();
     let mut beat = 0u64;
-    let mut written: Option<BTreeSet<String>> = None;
+    let mut written: Option<Record> = None;
     let mut next_beat = tokio::time::Instant::now();
     loop {
         let now = Instant::now();
-        let serving: BTreeSet<String> = connections.with_nodes(|seen| {
-            seen.iter()
-                .filter(|(_, s)| s.streams > 0)
-                .map(|(n, _)| n.clone())
-                .collect()
-        });
-        if written.as_ref() != Some(&serving) || tokio::time::Instant::now() >= next_beat {
+        let theirs = records.borrow_and_update().clone();
+        let remote = follower.follow(&theirs, &key, now);
+        let local: BTreeSet<String> = leaving.borrow_and_update().keys().cloned().collect();
+        let all: BTreeSet<String> = local.union(&remote.draining).cloned().collect();
+        let snapshot = Arc::clone(&snapshots.borrow_and_update());
+        drained_at.retain(|n, _| all.contains(n));
+        for node in &all {
+            if !drained_at.contains_key(node) && drained(&snapshot, node) {
+                drained_at.insert(node.clone(), snapshot.generation);
+            }
+        }
+        let settled: BTreeSet<String> = drained_at
+            .iter()
+            .filter(|(node, generation)| connections.settled_since(node, **generation).1 == 0)
+            .map(|(node, _)| node.clone())
+            .collect();
+        let unsettled = settled.len() < all.len();
+        let record = Record {
+            nodes: connections.with_nodes(|seen| {
+                seen.iter()
+                    .filter(|(_, s)| s.streams > 0)
+                    .map(|(n, _)| n.clone())
+                    .collect()
+            }),
+            draining: local,
+            settled,
+            beat: 0,
+        };
+        if written.as_ref() != Some(&record) || tokio::time::Instant::now() >= next_beat {
             beat += 1;
-            let record = Record {
-                nodes: serving.clone(),
+            let bytes = serde_json::to_vec(&Record {
                 beat,
-            };
-            let bytes = serde_json::to_vec(&record).unwrap_or_default();
+                ..record.clone()
+            })
+            .unwrap_or_default();
             match store.put(&key, &bytes).await {
-                Ok(()) => written = Some(serving),
+                Ok(()) => written = Some(record),
                 Err(e) => {
                     warn!(error = %crate::error_chain(&e), "cannot share which hosts are connected here")
                 }
             }
             next_beat = tokio::time::Instant::now() + BEAT;
         }
-        let theirs = records.borrow_and_update().clone();
-        let published = follower.follow(&theirs, &key, now);
         out.send_if_modified(|current| {
-            let changed = **current != published;
+            let changed = **current != remote;
             if changed {
-                *current = Arc::new(published);
+                *current = Arc::new(remote);
             }
             changed
         });
@@ -107,13 +172,25 @@ pub async fn share_liveness(
             _ = shutdown.cancelled() => return,
             _ = records.changed() => {}
             _ = nodes_changed.changed() => {}
+            _ = leaving.changed() => {}
+            Ok(()) = snapshots.changed() => {}
             _ = tokio::time::sleep_until(next_beat) => {}
+            _ = tokio::time::sleep(SETTLE_POLL), if unsettled => {}
             _ = async { match recheck {
                 Some(t) => tokio::time::sleep_until(t).await,
                 None => std::future::pending().await,
             } } => {}
         }
     }
+}
+
+/// Whether every instance on `node` is draining in `snapshot`.
+fn drained(snapshot: &MeshSnapshot, node: &str) -> bool {
+    !snapshot.shared.catalog.services.values().any(|svc| {
+        svc.instances
+            .iter()
+            .any(|i| i.node.as_deref() == Some(node) && !i.draining)
+    })
 }
 
 /// What this replica knows of the others' records.
@@ -127,13 +204,8 @@ struct Follower {
 }
 
 impl Follower {
-    /// Takes the records (full keys, `own` excluded) as of `now`; what [`RemoteNodes`] says.
-    fn follow(
-        &mut self,
-        records: &BTreeMap<String, Vec<u8>>,
-        own: &str,
-        now: Instant,
-    ) -> BTreeMap<String, NodeSeen> {
+    /// Takes the records (by key, `own` excluded) as of `now`; what [`RemoteNodes`] says.
+    fn follow(&mut self, records: &BTreeMap<String, Vec<u8>>, own: &str, now: Instant) -> Remote {
         self.seen.retain(|k, _| records.contains_key(k));
         for (key, bytes) in records.iter().filter(|(k, _)| k.as_str() != own) {
             if self.seen.get(key).is_none_or(|(old, _)| old != bytes) {
@@ -141,12 +213,17 @@ impl Follower {
             }
         }
         let mut live = BTreeSet::new();
+        let mut remote = Remote::default();
         for (bytes, at) in self.seen.values() {
             if now.duration_since(*at) >= STALE {
                 continue;
             }
             match serde_json::from_slice::<Record>(bytes) {
-                Ok(r) => live.extend(r.nodes),
+                Ok(r) => {
+                    live.extend(r.nodes);
+                    remote.draining.extend(r.draining);
+                    remote.settled.push(r.settled);
+                }
                 Err(e) => warn!(error = %e, "a replica's liveness record does not parse"),
             }
         }
@@ -160,7 +237,7 @@ impl Follower {
             self.gone.remove(node);
         }
         self.live = live;
-        let mut out: BTreeMap<String, NodeSeen> = self
+        remote.seen = self
             .gone
             .iter()
             .map(|(n, (at, ms))| {
@@ -175,7 +252,7 @@ impl Follower {
             })
             .collect();
         for node in &self.live {
-            out.insert(
+            remote.seen.insert(
                 node.clone(),
                 NodeSeen {
                     streams: 1,
@@ -184,7 +261,7 @@ impl Follower {
                 },
             );
         }
-        out
+        remote
     }
 
     /// When the freshest-seen record that is not stale yet would become stale.
@@ -229,6 +306,7 @@ mod tests {
         serde_json::to_vec(&Record {
             nodes: nodes.iter().map(|n| n.to_string()).collect(),
             beat,
+            ..Record::default()
         })
         .unwrap()
     }
@@ -242,7 +320,7 @@ mod tests {
             ("p/liveness/b".to_string(), record(&["vm-1", "vm-2"], 1)),
             ("p/liveness/c".to_string(), record(&["vm-3"], 1)),
         ]);
-        let out = f.follow(&records, "p/liveness/own", t0);
+        let out = f.follow(&records, "p/liveness/own", t0).seen;
         let live: Vec<&str> = out
             .iter()
             .filter(|(_, s)| s.streams > 0)
@@ -257,7 +335,7 @@ mod tests {
         // b beats on; c stays silent past STALE.
         let t1 = t0 + STALE;
         records.insert("p/liveness/b".to_string(), record(&["vm-1"], 2));
-        let out = f.follow(&records, "p/liveness/own", t1);
+        let out = f.follow(&records, "p/liveness/own", t1).seen;
         assert_eq!(out["vm-1"].streams, 1);
         assert_eq!(out["vm-2"].streams, 0, "left b");
         assert_eq!(out["vm-2"].last_seen, t1);
@@ -266,8 +344,23 @@ mod tests {
 
         // vm-3 comes back through b.
         records.insert("p/liveness/b".to_string(), record(&["vm-1", "vm-3"], 3));
-        let out = f.follow(&records, "p/liveness/own", t1 + BEAT);
+        let out = f.follow(&records, "p/liveness/own", t1 + BEAT).seen;
         assert_eq!(out["vm-3"].streams, 1);
+
+        // b takes vm-1's leave and its proxies have settled: every replica learns both.
+        let leaving = Record {
+            nodes: ["vm-3".to_string()].into(),
+            draining: ["vm-1".to_string()].into(),
+            settled: ["vm-1".to_string()].into(),
+            beat: 4,
+        };
+        records.insert(
+            "p/liveness/b".to_string(),
+            serde_json::to_vec(&leaving).unwrap(),
+        );
+        let remote = f.follow(&records, "p/liveness/own", t1 + BEAT * 2);
+        assert!(remote.draining.contains("vm-1"));
+        assert_eq!(remote.settled, vec![BTreeSet::from(["vm-1".to_string()])]);
     }
 
     #[test]
