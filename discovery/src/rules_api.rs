@@ -988,4 +988,4 @@ fn read_current(file: &Path) -> Result<Option<String>, ApiError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

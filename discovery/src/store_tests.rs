@@ -15,25 +15,8 @@ use tower::ServiceExt as _;
 
 use super::*;
 use crate::config::{StoreConfig, DEFAULT_STORE_PREFIX};
+use crate::rules_api::tests::{OPERATOR_RULES, SERVICES};
 use crate::rules_api::{Access, RulesApi};
-
-const SERVICES: &str = r#"
-[services.reviews]
-port = 9080
-
-[[services.reviews.instances]]
-address = "10.0.0.12"
-port = 9080
-labels = { version = "v1" }
-
-[[services.reviews.instances]]
-address = "10.0.0.13"
-port = 9080
-labels = { version = "v2" }
-
-[policies.reviews]
-subsets = { v1 = { version = "v1" }, v2 = { version = "v2" } }
-"#;
 
 fn store_config(double: &DoubleHandle) -> StoreConfig {
     let mut consul = ConsulConfig::new(double.url(), Vec::new());
@@ -60,6 +43,8 @@ impl Replica {
         let registry = dir.path().join("registry.d");
         std::fs::create_dir(&registry).unwrap();
         std::fs::write(registry.join("services.toml"), SERVICES).unwrap();
+        // Declares the subsets (policies.reviews) the canaries route to.
+        std::fs::write(registry.join("rules.toml"), OPERATOR_RULES).unwrap();
         let rules_dir = dir.path().join("state").join(RULES_DIR);
         std::fs::create_dir_all(&rules_dir).unwrap();
         for (name, content) in rules {

@@ -485,26 +485,32 @@ pub fn envoy_stat(admin: SocketAddr, name: &str) -> Result<Option<u64>> {
         .and_then(|(_, v)| v.trim().parse().ok()))
 }
 
+/// Runs `pilotfish-discovery --config CONFIG ARGS...` to completion; its output, or an error
+/// with its stderr when it failed.
+pub fn discovery_run(config: &Path, args: &[&str]) -> Result<std::process::Output> {
+    let out = Command::new(binary("pilotfish-discovery")?)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "pilotfish-discovery {args:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}
+
 /// Copy `examples/demo` to `work` and do what an operator does before starting the hosts:
 /// hand the mesh root to the agents (`ca bundle`) and create a join token per host.
 pub fn prepare_demo(work: &Path) -> Result<()> {
     let _ = fs::remove_dir_all(work);
     copy_dir(&workspace_root().join("examples/demo"), work)?;
-    let discovery = binary("pilotfish-discovery")?;
     let config = work.join("discovery.toml");
     let run = |args: &[&str]| -> Result<String> {
-        let out = Command::new(&discovery)
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .output()?;
-        if !out.status.success() {
-            bail!(
-                "pilotfish-discovery {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+        Ok(String::from_utf8_lossy(&discovery_run(&config, args)?.stdout).to_string())
     };
     fs::write(work.join("root.pem"), run(&["ca", "bundle"])?)?;
     for node in ["vm-a", "vm-b", "vm-c"] {
@@ -531,6 +537,8 @@ pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+pub mod leaving;
 pub mod load;
 pub mod mesh;
 pub mod replica;
+pub mod rules;

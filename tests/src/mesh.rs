@@ -598,19 +598,7 @@ xds = "{xds}"
 }
 
 fn discovery_cli(config: &Path, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(binary("pilotfish-discovery")?)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        anyhow::bail!(
-            "pilotfish-discovery {args:?} failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    Ok(String::from_utf8_lossy(&crate::discovery_run(config, args)?.stdout).to_string())
 }
 
 fn tail(s: &str) -> &str {

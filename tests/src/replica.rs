@@ -5,25 +5,14 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 use crate::mesh::{wait_port, Mesh};
 use crate::{binary, free_port, Process};
 
 /// Runs `pilotfish-discovery --config CONFIG ARGS...`; its stderr (what it tells people).
 pub fn discovery_cmd(config: &Path, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(binary("pilotfish-discovery")?)
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "pilotfish-discovery {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stderr).to_string())
+    Ok(String::from_utf8_lossy(&crate::discovery_run(config, args)?.stderr).to_string())
 }
 
 /// A keeper's discovery config with a root of its own (`ca bundle` makes it on first use);
@@ -34,15 +23,8 @@ pub fn root_keeper(dir: &Path) -> Result<(PathBuf, String)> {
         &config,
         "trust_domain = \"pilotfish.local\"\nstate_dir = \"state\"\n[registry.files]\npaths = [\"r\"]\n",
     )?;
-    let out = std::process::Command::new(binary("pilotfish-discovery")?)
-        .arg("--config")
-        .arg(&config)
-        .args(["ca", "bundle"])
-        .output()?;
-    if !out.status.success() {
-        bail!("ca bundle: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok((config, String::from_utf8(out.stdout)?))
+    let root = crate::discovery_run(&config, &["ca", "bundle"])?.stdout;
+    Ok((config, String::from_utf8(root)?))
 }
 
 /// Runs `ca intermediate` for a replica in `dir` and `ca sign-intermediate` at the keeper;

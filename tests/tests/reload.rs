@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Result};
+use pilotfish_tests::leaving::{flowing, stop_under_load};
 use pilotfish_tests::load::Load;
 use pilotfish_tests::mesh::{Host, Mesh, MeshOptions};
 use pilotfish_tests::{binary, blocking, envoy_binary, http_get, wait_for};
@@ -33,15 +34,6 @@ async fn handed_over(host: &Host, old: u32) -> Result<u32> {
             Ok((ready && pids.len() == 1 && pids[0] != old).then(|| pids[0]))
         },
     )
-    .await
-}
-
-/// Waits until the load has answered `more` requests beyond what it had.
-async fn flowing(load: &Load, more: u64) -> Result<()> {
-    let from = load.total();
-    wait_for("the load keeps flowing", READY, || async {
-        Ok((load.total() >= from + more).then_some(()))
-    })
     .await
 }
 
@@ -208,71 +200,6 @@ async fn a_stopping_host_is_drained_from_its_callers_first() -> Result<()> {
     let services = mesh.service_toml("reviews", "", &[("vm-b", v1, ""), ("vm-c", v2, "")]);
     mesh.write_registry("services.toml", &services)?;
     mesh.wait_all_ready(READY).await?;
-    let out = mesh.host("vm-a").outbound;
-    wait_for("vm-a reaches both reviews hosts", READY, || async {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..20 {
-            if let Ok(r) = blocking(move || http_get(out, "reviews", "/")).await {
-                seen.extend(r.header("x-served-by").map(str::to_string));
-            }
-        }
-        Ok((seen.len() == 2).then_some(()))
-    })
-    .await?;
-
-    let load = Load::start(out, "reviews", &[PLAIN, PLAIN, PLAIN, PLAIN]);
-    flowing(&load, 300).await?;
-    let on_b = |load: &Load| {
-        load.served_by()
-            .iter()
-            .filter(|(who, _)| who.contains("v1"))
-            .map(|(_, n)| *n)
-            .sum::<u64>()
-    };
-    ensure!(on_b(&load) > 0, "vm-b serves before it stops");
-    let status = mesh
-        .host_mut("vm-b")
-        .agent
-        .terminate(Duration::from_secs(20));
-    ensure!(
-        status.is_some_and(|s| s.success()),
-        "vm-b's agent stops cleanly: {status:?}"
-    );
-    let served_by_b = on_b(&load);
-    flowing(&load, 1000).await?;
-    let tally = load.stop().await;
-    let log = mesh.host("vm-b").agent.log_text();
-    if let Some(line) = log
-        .lines()
-        .find(|l| l.contains("discovery drained this host"))
-    {
-        eprintln!("{line}");
-    }
-    ensure!(
-        log.lines()
-            .any(|l| l.contains("discovery drained this host") && l.contains("pending=0")),
-        "the agent told discovery and waited for its callers:\n{}",
-        mesh.logs()
-    );
-    ensure!(
-        tally.failed == 0,
-        "requests failed: {:?}\n{}",
-        tally.failures,
-        mesh.logs()
-    );
-    let after: u64 = tally
-        .served_by
-        .iter()
-        .filter(|(who, _)| who.contains("v1"))
-        .map(|(_, n)| *n)
-        .sum();
-    ensure!(
-        after == served_by_b,
-        "no request reached vm-b after it stopped ({served_by_b} before, {after} in all)"
-    );
-    ensure!(
-        mesh.host("vm-b").envoy_pids().is_empty(),
-        "vm-b's Envoy stopped"
-    );
+    stop_under_load(&mut mesh, "vm-a", "vm-b", "reviews", "v1").await?;
     Ok(())
 }

@@ -20,6 +20,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::google::protobuf::value::Kind;
 use envoy_types::pb::google::protobuf::{Struct, Value};
 use pilotfish_consul_double::{ConsulDouble, DoubleHandle};
+use pilotfish_tests::leaving::{flowing, stop_under_load};
 use pilotfish_tests::load::Load;
 use pilotfish_tests::mesh::{Mesh, MeshOptions};
 use pilotfish_tests::{blocking, http_get, wait_for};
@@ -83,15 +84,6 @@ async fn all_live(mesh: &Mesh, replicas: &[usize], nodes: &[&str]) -> Result<()>
         .await?;
     }
     Ok(())
-}
-
-/// Waits until the load has answered `more` requests beyond what it had.
-async fn flowing(load: &Load, more: u64) -> Result<()> {
-    let from = load.total();
-    wait_for("the load keeps flowing", READY, || async {
-        Ok((load.total() >= from + more).then_some(()))
-    })
-    .await
 }
 
 /// A stream's entry in `/status` has accepted what it was sent of clusters and listeners.
@@ -394,68 +386,7 @@ async fn a_host_leaving_through_one_replica_is_drained_at_callers_of_another() -
         "the caller and the callee use different replicas"
     );
     all_live(&mesh, &[0, 1], &["vm-a", "vm-b", "vm-c"]).await?;
-    let out = mesh.host("vm-a").outbound;
-    wait_for("vm-a reaches both reviews hosts", READY, || async {
-        let mut seen = std::collections::BTreeSet::new();
-        for _ in 0..20 {
-            if let Ok(r) = blocking(move || http_get(out, "reviews", "/")).await {
-                seen.extend(r.header("x-served-by").map(str::to_string));
-            }
-        }
-        Ok((seen.len() == 2).then_some(()))
-    })
-    .await?;
-
-    let load = Load::start(out, "reviews", &[PLAIN, PLAIN, PLAIN, PLAIN]);
-    flowing(&load, 300).await?;
-    let on_b = |load: &Load| -> u64 {
-        load.served_by()
-            .iter()
-            .filter(|(who, _)| who.contains("v1"))
-            .map(|(_, n)| *n)
-            .sum()
-    };
-    ensure!(on_b(&load) > 0, "vm-b serves before it stops");
-    let status = mesh
-        .host_mut("vm-b")
-        .agent
-        .terminate(Duration::from_secs(20));
-    ensure!(
-        status.is_some_and(|s| s.success()),
-        "vm-b's agent stops cleanly: {status:?}"
-    );
-    let served_by_b = on_b(&load);
-    flowing(&load, 1000).await?;
-    let tally = load.stop().await;
-    let log = mesh.host("vm-b").agent.log_text();
-    let drained = log
-        .lines()
-        .find(|l| l.contains("discovery drained this host"))
-        .unwrap_or_default()
-        .to_string();
-    println!("{drained}");
-    ensure!(
-        drained.contains("pending=0"),
-        "the leave waited for the other replica's callers:\n{}",
-        mesh.logs()
-    );
-    ensure!(
-        tally.failed == 0,
-        "{} of {} requests failed: {:?}",
-        tally.failed,
-        tally.total(),
-        tally.failures
-    );
-    let after: u64 = tally
-        .served_by
-        .iter()
-        .filter(|(who, _)| who.contains("v1"))
-        .map(|(_, n)| *n)
-        .sum();
-    ensure!(
-        after == served_by_b,
-        "no request reached vm-b after it stopped ({served_by_b} before, {after} in all)"
-    );
+    let (tally, _) = stop_under_load(&mut mesh, "vm-a", "vm-b", "reviews", "v1").await?;
     println!(
         "leave across replicas: {} requests, 0 failed",
         tally.total()

@@ -1,59 +1,14 @@
 //! The rules API end to end: a canary moved from 1% to 50% through the API changes live
 //! traffic, survives a discovery restart, refuses stale and invalid writes, and needs its token.
 
-use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
-use pilotfish_tests::mesh::{Mesh, MeshOptions, API_TOKEN};
-use pilotfish_tests::{blocking, http_request, wait_for, Response};
+use pilotfish_tests::mesh::{Mesh, MeshOptions};
+use pilotfish_tests::rules::{api, canary, split};
+use pilotfish_tests::{blocking, http_request, wait_for};
 
 const READY: Duration = Duration::from_secs(30);
-
-async fn api(
-    http: SocketAddr,
-    method: &'static str,
-    path: &'static str,
-    extra: Vec<(&'static str, String)>,
-    body: String,
-) -> Result<Response> {
-    blocking(move || {
-        let auth = format!("Bearer {API_TOKEN}");
-        let mut headers: Vec<(&str, &str)> = vec![
-            ("Authorization", auth.as_str()),
-            ("Content-Type", "application/json"),
-        ];
-        for (k, v) in &extra {
-            headers.push((k, v.as_str()));
-        }
-        http_request(http, method, "discovery", path, &headers, &body)
-    })
-    .await
-}
-
-fn canary(v2: u32) -> String {
-    format!(
-        r#"{{"rules":[{{"to":[{{"subset":"v1","weight":{}}},{{"subset":"v2","weight":{v2}}}]}}]}}"#,
-        100 - v2
-    )
-}
-
-async fn split(out: SocketAddr, n: usize) -> BTreeMap<String, usize> {
-    blocking(move || {
-        let mut seen = BTreeMap::new();
-        for _ in 0..n {
-            let who = match http_request(out, "GET", "reviews", "/", &[], "") {
-                Ok(r) if r.status == 200 => r.header("x-served-by").unwrap_or("?").to_string(),
-                Ok(r) => format!("HTTP {}", r.status),
-                Err(_) => "error".into(),
-            };
-            *seen.entry(who).or_insert(0) += 1;
-        }
-        seen
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn canary_through_the_rules_api() -> Result<()> {

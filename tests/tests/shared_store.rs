@@ -3,69 +3,18 @@
 //! to one moves live traffic at hosts connected to the other within a second, and two writes
 //! with the same `If-Match` on both replicas cannot both win.
 
-use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 use pilotfish_consul_double::ConsulDouble;
 use pilotfish_tests::load::Load;
-use pilotfish_tests::mesh::{Mesh, MeshOptions, API_TOKEN};
+use pilotfish_tests::mesh::{Mesh, MeshOptions};
 use pilotfish_tests::replica::{discovery_cmd, intermediate_for, root_keeper, Replica};
-use pilotfish_tests::{blocking, http_request, wait_for, Response};
+use pilotfish_tests::rules::{api, canary, split};
+use pilotfish_tests::{blocking, wait_for};
 
 const READY: Duration = Duration::from_secs(30);
-
-async fn api(
-    http: SocketAddr,
-    method: &'static str,
-    if_match: Option<String>,
-    body: String,
-) -> Result<Response> {
-    blocking(move || {
-        let auth = format!("Bearer {API_TOKEN}");
-        let mut headers = vec![
-            ("Authorization", auth.as_str()),
-            ("Content-Type", "application/json"),
-        ];
-        if let Some(v) = &if_match {
-            headers.push(("If-Match", v.as_str()));
-        }
-        http_request(
-            http,
-            method,
-            "discovery",
-            "/v1/routes/reviews",
-            &headers,
-            &body,
-        )
-    })
-    .await
-}
-
-fn canary(v2: u32) -> String {
-    format!(
-        r#"{{"rules":[{{"to":[{{"subset":"v1","weight":{}}},{{"subset":"v2","weight":{v2}}}]}}]}}"#,
-        100 - v2
-    )
-}
-
-/// Who served each of `n` calls through `out`.
-async fn split(out: SocketAddr, n: usize) -> BTreeMap<String, usize> {
-    blocking(move || {
-        let mut seen = BTreeMap::new();
-        for _ in 0..n {
-            let who = match http_request(out, "GET", "reviews", "/", &[], "") {
-                Ok(r) if r.status == 200 => r.header("x-served-by").unwrap_or("?").to_string(),
-                Ok(r) => format!("HTTP {}", r.status),
-                Err(_) => "error".into(),
-            };
-            *seen.entry(who).or_insert(0) += 1;
-        }
-        seen
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
@@ -145,7 +94,7 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
 
     // A canary written through A: hosts on B follow within a second.
     let out = mesh.host("vm-a").outbound;
-    let all_v1 = api(mesh.http, "PUT", None, canary(0)).await?;
+    let all_v1 = api(mesh.http, "PUT", "/v1/routes/reviews", vec![], canary(0)).await?;
     assert_eq!(all_v1.status, 201, "{}", all_v1.body);
     wait_for("all traffic on v1", READY, || async move {
         let seen = split(out, 20).await;
@@ -154,7 +103,14 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
     .await?;
     let version = all_v1.header("etag").unwrap_or_default().to_string();
     let written = Instant::now();
-    let moved = api(mesh.http, "PUT", Some(version), canary(100)).await?;
+    let moved = api(
+        mesh.http,
+        "PUT",
+        "/v1/routes/reviews",
+        vec![("If-Match", version)],
+        canary(100),
+    )
+    .await?;
     assert_eq!(moved.status, 200, "{}", moved.body);
     let shifted = wait_for(
         "all traffic on v2 at a host of replica B",
@@ -173,11 +129,30 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
     );
 
     // The same If-Match sent to both replicas at once: exactly one write wins.
-    let current = api(mesh.http, "GET", None, String::new()).await?;
+    let current = api(
+        mesh.http,
+        "GET",
+        "/v1/routes/reviews",
+        vec![],
+        String::new(),
+    )
+    .await?;
     let version = current.header("etag").unwrap_or_default().to_string();
     let (on_a, on_b) = tokio::join!(
-        api(mesh.http, "PUT", Some(version.clone()), canary(10)),
-        api(b.http, "PUT", Some(version), canary(10)),
+        api(
+            mesh.http,
+            "PUT",
+            "/v1/routes/reviews",
+            vec![("If-Match", version.clone())],
+            canary(10)
+        ),
+        api(
+            b.http,
+            "PUT",
+            "/v1/routes/reviews",
+            vec![("If-Match", version)],
+            canary(10)
+        ),
     );
     let mut statuses = [on_a?.status, on_b?.status];
     statuses.sort();
@@ -190,9 +165,23 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
     // Revoking vm-c through A, under load from vm-a (A's certificates) to vm-b (B's): each
     // replica signs a CRL for its own certificates and serves the other's beside it, so vm-b,
     // which now holds CRLs, still accepts vm-a's certificate. Not one request fails.
-    let all_v1 = api(mesh.http, "GET", None, String::new()).await?;
+    let all_v1 = api(
+        mesh.http,
+        "GET",
+        "/v1/routes/reviews",
+        vec![],
+        String::new(),
+    )
+    .await?;
     let version = all_v1.header("etag").unwrap_or_default().to_string();
-    let to_v1 = api(mesh.http, "PUT", Some(version), canary(0)).await?;
+    let to_v1 = api(
+        mesh.http,
+        "PUT",
+        "/v1/routes/reviews",
+        vec![("If-Match", version)],
+        canary(0),
+    )
+    .await?;
     assert_eq!(to_v1.status, 200, "{}", to_v1.body);
     wait_for("all traffic on v1 (vm-b)", READY, || async move {
         let seen = split(out, 20).await;

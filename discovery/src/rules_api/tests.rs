@@ -184,7 +184,7 @@ fn token_comparison_and_debug_hides_the_token() {
 
 const TOKEN: &str = "t0ken";
 
-const SERVICES: &str = r#"
+pub(crate) const SERVICES: &str = r#"
 [services.reviews]
 port = 9080
 
@@ -205,7 +205,7 @@ port = 9081
 port = 9082
 "#;
 
-const OPERATOR_RULES: &str = r#"
+pub(crate) const OPERATOR_RULES: &str = r#"
 [policies.reviews]
 subsets = { v1 = { version = "v1" }, v2 = { version = "v2" } }
 

@@ -117,17 +117,7 @@ impl Client {
                 query.push(("partition", p.clone()));
             }
         }
-        let qs: Vec<String> = query
-            .iter()
-            .map(|(k, v)| {
-                if v.is_empty() {
-                    (*k).to_string()
-                } else {
-                    format!("{k}={}", path_segment(v))
-                }
-            })
-            .collect();
-        let url = format!("{}{}?{}", self.config.address, path, qs.join("&"));
+        let url = format!("{}{}?{}", self.config.address, path, query_string(&query));
         let (status, body, meta) = self.send(self.http.get(&url), &url, dc, path).await?;
         if status == 404 {
             return Err(ConsulError::Status {
@@ -218,6 +208,21 @@ fn token_file_name(p: &Option<PathBuf>) -> String {
         || "(no token_file configured: the anonymous token was used)".to_string(),
         |p| p.display().to_string(),
     )
+}
+
+/// `k=v&flag&...`, values percent-encoded; a parameter with an empty value is a bare flag.
+pub fn query_string(query: &[(&str, String)]) -> String {
+    query
+        .iter()
+        .map(|(k, v)| {
+            if v.is_empty() {
+                (*k).to_string()
+            } else {
+                format!("{k}={}", path_segment(v))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// Percent-encodes a service name for a path segment.

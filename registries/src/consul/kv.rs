@@ -10,7 +10,7 @@ use std::time::Duration;
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::client::{path_segment, Client, ResponseMeta};
+use super::client::{path_segment, query_string, Client, ResponseMeta};
 use super::ConsulError;
 
 /// One key as Consul returns it.
@@ -60,23 +60,14 @@ impl Kv {
 
     fn url(&self, key: &str, query: &[(&str, String)]) -> String {
         let path: Vec<String> = key.split('/').map(path_segment).collect();
-        let mut qs: Vec<String> = query
-            .iter()
-            .map(|(k, v)| {
-                if v.is_empty() {
-                    (*k).to_string()
-                } else {
-                    format!("{k}={}", path_segment(v))
-                }
-            })
-            .collect();
+        let mut query = query.to_vec();
         if let Some(dc) = &self.datacenter {
-            qs.push(format!("dc={}", path_segment(dc)));
+            query.push(("dc", dc.clone()));
         }
         let mut url = format!("{}/v1/kv/{}", self.address(), path.join("/"));
-        if !qs.is_empty() {
+        if !query.is_empty() {
             url.push('?');
-            url.push_str(&qs.join("&"));
+            url.push_str(&query_string(&query));
         }
         url
     }
