@@ -20,7 +20,7 @@
 //!                                     # its instances become unhealthy in EDS
 //! max_stream_age = "30m"              # ADS streams close after this long, +-10% per stream,
 //!                                     # so agents spread over replicas again (Envoy keeps its
-//!                                     # config while it reconnects); at least 1s
+//!                                     # config while it reconnects); 1s to 7d
 //!
 //! [registry.files]
 //! paths = ["/etc/pilotfish/registry.d"]
@@ -86,6 +86,10 @@ pub const DEFAULT_NODE_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 const MIN_TTL: Duration = pilotfish_pki::ca::MIN_TTL;
 /// Longest certificate lifetime accepted.
 const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// Longest `max_stream_age`: hosts should rebalance within days, and deadlines stay far from
+/// any overflow.
+const MAX_STREAM_AGE_LIMIT: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The validated configuration the components see.
 #[derive(Debug, Clone, PartialEq)]
@@ -422,9 +426,9 @@ impl Config {
         let max_stream_age = match raw.max_stream_age.as_deref() {
             None => DEFAULT_MAX_STREAM_AGE,
             Some(text) => match problems.duration("max_stream_age", text) {
-                Some(v) if v >= Duration::from_secs(1) => v,
+                Some(v) if (Duration::from_secs(1)..=MAX_STREAM_AGE_LIMIT).contains(&v) => v,
                 Some(_) => {
-                    problems.push("max_stream_age", "must be at least 1s");
+                    problems.push("max_stream_age", "must be between 1s and 7d");
                     DEFAULT_MAX_STREAM_AGE
                 }
                 None => DEFAULT_MAX_STREAM_AGE,
@@ -913,7 +917,7 @@ stale = true
         assert!(
             listed
                 .iter()
-                .any(|p| p.contains("max_stream_age: must be at least 1s")),
+                .any(|p| p.contains("max_stream_age: must be between 1s and 7d")),
             "{listed:?}"
         );
     }

@@ -77,6 +77,12 @@ fn rows() -> Vec<Row> {
             |t| discovery(t).map(|c| Some(c.node_grace)),
         ),
         row(
+            "max_stream_age",
+            "max_stream_age = \"DURATION\"\n[registry.files]\npaths = [\"r\"]\n",
+            secs(1)..=secs(7 * DAY),
+            |t| discovery(t).map(|c| Some(c.max_stream_age)),
+        ),
+        row(
             "ca.workload_ttl",
             "[registry.files]\npaths = [\"r\"]\n[ca]\nworkload_ttl = \"DURATION\"\n",
             secs(5)..=secs(365 * DAY),
