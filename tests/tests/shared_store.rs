@@ -1,7 +1,9 @@
-//! Two discovery replicas over `[store.consul]` (the Consul double's KV store), each on its own
-//! intermediate: join tokens made through one enrol hosts through the other, a rules-API write
-//! to one moves live traffic at hosts connected to the other within a second, and two writes
-//! with the same `If-Match` on both replicas cannot both win.
+//! Three discovery replicas over `[store.consul]` (the Consul double's KV store), each on its own
+//! intermediate: join tokens made through one enrol hosts through another, a rules-API write
+//! to one moves live traffic at hosts connected to another within a second, of three writes
+//! with the same `If-Match` (one per replica) exactly one wins, a revocation keeps hosts of
+//! different replicas talking (shared CRLs), and without Consul traffic goes on while writes
+//! are refused with a reason.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -35,6 +37,10 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
         ..MeshOptions::default()
     })?;
     let b = Replica::start(&mesh, "b", &[(&a_cert, &b_cert), (&a_key, &b_key)])?;
+    // A third replica takes part in the concurrent writes, on its own intermediate too.
+    let c_dir = tempfile::tempdir()?;
+    let (c_cert, c_key) = intermediate_for(&keeper_config, c_dir.path(), "replica-c")?;
+    let c = Replica::start(&mesh, "c", &[(&a_cert, &c_cert), (&a_key, &c_key)])?;
 
     // vm-b's and vm-c's join tokens are made through replica A (`token create` with A's
     // config), and they enrol and get their config through replica B; vm-a the other way
@@ -63,8 +69,8 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
     if let Err(e) = mesh.wait_all_ready(READY).await {
         bail!("{e:#}\n{}\n{}", mesh.logs(), b.log_text());
     }
-    // Both replicas mirror the store, and say so.
-    for http in [mesh.http, b.http] {
+    // Every replica mirrors the store, and says so.
+    for http in [mesh.http, b.http, c.http] {
         let status =
             blocking(move || pilotfish_tests::http_get(http, "discovery", "/status")).await?;
         let json: serde_json::Value = serde_json::from_str(&status.body)?;
@@ -128,7 +134,7 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
         b.log_text()
     );
 
-    // The same If-Match sent to both replicas at once: exactly one write wins.
+    // The same If-Match sent to the three replicas at once: exactly one write wins.
     let current = api(
         mesh.http,
         "GET",
@@ -138,28 +144,22 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
     )
     .await?;
     let version = current.header("etag").unwrap_or_default().to_string();
-    let (on_a, on_b) = tokio::join!(
+    let put = |http| {
         api(
-            mesh.http,
+            http,
             "PUT",
             "/v1/routes/reviews",
             vec![("If-Match", version.clone())],
-            canary(10)
-        ),
-        api(
-            b.http,
-            "PUT",
-            "/v1/routes/reviews",
-            vec![("If-Match", version)],
-            canary(10)
-        ),
-    );
-    let mut statuses = [on_a?.status, on_b?.status];
+            canary(10),
+        )
+    };
+    let (on_a, on_b, on_c) = tokio::join!(put(mesh.http), put(b.http), put(c.http));
+    let mut statuses = [on_a?.status, on_b?.status, on_c?.status];
     statuses.sort();
     assert_eq!(
         statuses,
-        [200, 409],
-        "exactly one of two concurrent writes wins"
+        [200, 409, 409],
+        "exactly one of three concurrent writes wins"
     );
 
     // Revoking vm-c through A, under load from vm-a (A's certificates) to vm-b (B's): each
@@ -264,5 +264,23 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
             .any(|l| l.starts_with("vm-c") && l.contains("revoked")),
         "{list}"
     );
+
+    // Consul goes away: traffic goes on as configured, writes are refused with a reason that
+    // names the store, reads are served from each replica's copy.
+    double.shutdown().await;
+    let seen = split(out_d, 20).await;
+    assert_eq!(seen.get("reviews-v1"), Some(&20), "{seen:?}");
+    let refused = api(mesh.http, "PUT", "/v1/routes/reviews", vec![], canary(50)).await?;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(
+        refused
+            .body
+            .contains("the shared store (Consul KV pilotfish/rules/routes-reviews at")
+            && refused.body.contains("writes need it"),
+        "{}",
+        refused.body
+    );
+    let read = api(b.http, "GET", "/v1/routes/reviews", vec![], String::new()).await?;
+    assert_eq!(read.status, 200, "{}", read.body);
     Ok(())
 }
