@@ -191,11 +191,11 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
     let load = Load::start(out, "reviews", &[&[], &[]]);
     discovery_cmd(&mesh.config, &["node", "revoke", "vm-c"])?;
     let crl_file = mesh.path("vm-b").join("state").join("crl.pem");
-    let crls = wait_for("both replicas' CRLs at vm-b", READY, || {
+    let crls = wait_for("the three replicas' CRLs at vm-b", READY, || {
         let crl_file = crl_file.clone();
         async move {
             let pem = std::fs::read_to_string(&crl_file).unwrap_or_default();
-            Ok((pem.matches("BEGIN X509 CRL").count() == 2).then_some(pem))
+            Ok((pem.matches("BEGIN X509 CRL").count() == 3).then_some(pem))
         }
     })
     .await;
@@ -208,13 +208,24 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
             b.log_text()
         );
     }
-    // Traffic keeps flowing with the CRLs in force.
+    // Traffic keeps flowing with the CRLs in force, and the CRLs stay put: no replica
+    // re-signs its own because another's changed (which would go round for ever).
+    let crl_writes = double.stats().requests_to("/v1/kv/pilotfish/crls/");
+    assert!(
+        crl_writes >= 3,
+        "each replica shared its CRL ({crl_writes} writes)"
+    );
     let before = load.total();
-    wait_for("200 more requests with the CRLs in force", READY, || {
+    wait_for("1000 more requests with the CRLs in force", READY, || {
         let total = load.total();
-        async move { Ok((total > before + 200).then_some(())) }
+        async move { Ok((total > before + 1000).then_some(())) }
     })
     .await?;
+    assert_eq!(
+        double.stats().requests_to("/v1/kv/pilotfish/crls/"),
+        crl_writes,
+        "CRLs were written again while nothing changed"
+    );
     let tally = load.stop().await;
     assert_eq!(
         tally.failed,

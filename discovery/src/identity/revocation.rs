@@ -218,9 +218,28 @@ impl Revoker {
         if state.shared.as_ref() == Some(&others) {
             return;
         }
+        let first = state.shared.is_none();
         state.shared = Some(others);
-        let revocations = self.view.borrow().revocations.clone();
-        self.publish(ca, &state, revocations);
+        if first {
+            // Shared from now on: this replica may have to sign a CRL it did not need alone.
+            let revocations = self.view.borrow().revocations.clone();
+            self.publish(ca, &state, revocations);
+            return;
+        }
+        // Only the others' changed: serve them beside this replica's CRL as it is. Re-signing
+        // it would change its bytes and wake every other replica, which would re-sign theirs.
+        let view = self.view.borrow().clone();
+        let crl_pem = combined_crls(
+            ca.signer_fingerprint(),
+            &view.own_crl_pem,
+            state.shared.as_ref(),
+        );
+        if crl_pem != view.crl_pem {
+            self.view.send_replace(Arc::new(RevocationView {
+                crl_pem,
+                ..RevocationView::clone(&view)
+            }));
+        }
     }
 
     /// Re-signs the CRL with a reloaded CA.
@@ -429,6 +448,17 @@ mod tests {
             combined_crls("bb", &others["bb"], Some(&mine)),
             view.crl_pem
         );
+        // Another replica re-signed its CRL: this one's is served beside it unchanged (a
+        // re-signed one would wake every other replica, which would re-sign theirs, and so on).
+        let mut newer = others.clone();
+        newer.insert(
+            "bb".to_owned(),
+            "-----BEGIN X509 CRL-----\nB2\n-----END X509 CRL-----\n".to_owned(),
+        );
+        revoker.set_shared_crls(&ca, &newer);
+        let after = revoker.view();
+        assert_eq!(after.own_crl_pem, view.own_crl_pem);
+        assert!(after.crl_pem.contains("B2") && !after.crl_pem.contains("\nB\n"));
     }
 
     #[test]
