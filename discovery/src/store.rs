@@ -303,6 +303,9 @@ impl SharedStore {
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(10));
         let mut index = 0u64;
         let mut seeded = false;
+        // The (key, ModifyIndex) of every mirrored key last written into state_dir: liveness
+        // beats wake the watch every second or two, and most wakes change nothing to mirror.
+        let mut mirrored: Option<Vec<(String, u64)>> = None;
         loop {
             bucket.acquire().await;
             let step = async {
@@ -358,6 +361,18 @@ impl SharedStore {
                         *current = records;
                         changed
                     });
+                    let wanted: Vec<(String, u64)> = entries
+                        .iter()
+                        .filter(|e| is_mirrored(&e.key, &self.prefix))
+                        .map(|e| (e.key.clone(), e.modify_index))
+                        .collect();
+                    if mirrored.as_ref() == Some(&wanted) {
+                        self.applied.send_replace(meta.index);
+                        if let Some(tx) = synced.take() {
+                            let _ = tx.send(());
+                        }
+                        continue;
+                    }
                     let dir = self.state_dir.clone();
                     let prefix = self.prefix.clone();
                     let applied =
@@ -367,6 +382,7 @@ impl SharedStore {
                             if roots_changed {
                                 self.roots_changed.send_modify(|n| *n += 1);
                             }
+                            mirrored = Some(wanted);
                             self.applied.send_replace(meta.index);
                         }
                         Ok(Err(e)) => {
@@ -413,6 +429,13 @@ impl SharedStore {
         self.put_if(SEEDED_KEY, b"", 0).await?;
         Ok(())
     }
+}
+
+/// Whether [`mirror`] writes `key` (a full key) into `state_dir`.
+fn is_mirrored(key: &str, prefix: &str) -> bool {
+    key.strip_prefix(prefix).is_some_and(|rel| {
+        rel.starts_with(RULES_KEY) || rel.starts_with(ROOTS_KEY) || rel == REVOCATIONS_KEY
+    })
 }
 
 /// What a replica's `state_dir` holds that the store shares, as (key under the prefix, bytes).
