@@ -48,7 +48,7 @@ async fn cas_lets_one_of_two_writers_at_the_same_index_win() {
 
 #[tokio::test]
 async fn a_blocking_list_returns_when_the_prefix_changes() {
-    let (_double, kv) = kv().await;
+    let (double, kv) = kv().await;
     kv.put("p/x/one", b"1", None).await.unwrap();
     kv.put("q/other", b"", None).await.unwrap();
     let (entries, meta) = kv.list("p/", 0, Duration::from_secs(5)).await.unwrap();
@@ -59,7 +59,12 @@ async fn a_blocking_list_returns_when_the_prefix_changes() {
     let started = std::time::Instant::now();
     let blocked =
         tokio::spawn(async move { kv.list("p/", meta.index, Duration::from_secs(5)).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The write comes once the double holds the query (so it must wake it, not pre-empt it).
+    let deadline = std::time::Instant::now() + Duration::from_secs(4);
+    while double.stats().blocked_now == 0 {
+        assert!(std::time::Instant::now() < deadline, "the list never blocked");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     writer.put("p/x/two", b"", None).await.unwrap();
     let (entries, next) = blocked.await.unwrap().unwrap();
     assert!(
