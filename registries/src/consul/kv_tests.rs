@@ -62,7 +62,10 @@ async fn a_blocking_list_returns_when_the_prefix_changes() {
     // The write comes once the double holds the query (so it must wake it, not pre-empt it).
     let deadline = std::time::Instant::now() + Duration::from_secs(4);
     while double.stats().blocked_now == 0 {
-        assert!(std::time::Instant::now() < deadline, "the list never blocked");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the list never blocked"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     writer.put("p/x/two", b"", None).await.unwrap();
