@@ -80,6 +80,8 @@ pub enum RunError {
     Task(#[source] tokio::task::JoinError),
     #[error("the shared store ([store.consul]) could not be set up")]
     Store(#[source] ConsulError),
+    #[error("cannot keep this replica's name in state_dir/replica-id")]
+    StoreId(#[source] std::io::Error),
 }
 
 /// How long a starting replica waits for its first copy of the shared store before serving
@@ -268,7 +270,7 @@ pub async fn run(
                 connections: connections.clone(),
                 drains: drains.clone(),
                 snapshots: snapshot_rx.clone(),
-                id: store::liveness::replica_id(config.grpc),
+                id: store::liveness::replica_id(&config.state_dir).map_err(RunError::StoreId)?,
             };
             let token = stop.clone();
             tasks.spawn(async move {

@@ -6,7 +6,7 @@
 //! | `rules/<kind>-<svc>`       | a rules-API object (its `rules.d` file) | the rules API (`?cas=`) |
 //! | `tokens`                   | join tokens (hashes only)              | `token ...`, enrolment |
 //! | `revocations`              | revoked nodes                          | `node revoke/restore` |
-//! | `liveness/<replica>`       | the hosts connected to a replica, and a beat | that replica, every 2 s ([`liveness`]) |
+//! | `liveness/<host>-<tag>`    | the hosts connected to a replica, and a beat | that replica, every 2 s ([`liveness`]) |
 //! | `seeded`                   | set once a replica copied its own state in | the first replica |
 //!
 //! Keys carry no file extension: Consul refuses keys ending in `.json` (and other extensions

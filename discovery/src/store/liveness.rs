@@ -18,6 +18,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::path::Path;
+
+use pilotfish_durable as durable;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -65,21 +68,35 @@ struct Record {
 /// How often settling drains are checked (proxies ACK without telling this task).
 const SETTLE_POLL: Duration = Duration::from_millis(50);
 
-/// This replica's name in `liveness/`: its host name and gRPC address, as key characters.
-pub fn replica_id(grpc: std::net::SocketAddr) -> String {
+/// The file in `state_dir` that keeps this replica's name.
+pub const REPLICA_ID_FILE: &str = "replica-id";
+
+/// This replica's name in `liveness/`: its host name and a random tag made on first start and
+/// kept in `state_dir/replica-id`, so that it stays the same across restarts and two replicas
+/// never share one (cloned machines may share a host name and listen address). Blocking.
+pub fn replica_id(state_dir: &Path) -> std::io::Result<String> {
+    let path = state_dir.join(REPLICA_ID_FILE);
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim();
+        if !id.is_empty() && id.chars().all(is_key_char) {
+            return Ok(id.to_string());
+        }
+    }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_default();
-    format!("{host}-{grpc}")
+    let host: String = host
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+        .map(|c| if is_key_char(c) { c } else { '_' })
+        .collect();
+    let id = format!("{host}-{:016x}", rand::random::<u64>());
+    durable::create_dir_all(state_dir, durable::PRIVATE_DIR_MODE)?;
+    durable::write_atomic(&path, id.as_bytes(), durable::SECRET_MODE)?;
+    Ok(id)
+}
+
+fn is_key_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_'
 }
 
 /// What [`share_liveness`] works with.
@@ -361,6 +378,19 @@ mod tests {
         let remote = f.follow(&records, "p/liveness/own", t1 + BEAT * 2);
         assert!(remote.draining.contains("vm-1"));
         assert_eq!(remote.settled, vec![BTreeSet::from(["vm-1".to_string()])]);
+    }
+
+    #[test]
+    fn a_replica_keeps_its_name_across_restarts_and_two_never_share_one() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = replica_id(a.path()).unwrap();
+        assert_eq!(
+            replica_id(a.path()).unwrap(),
+            first,
+            "the same after a restart"
+        );
+        assert_ne!(replica_id(b.path()).unwrap(), first);
+        assert!(first.chars().all(is_key_char), "{first}");
     }
 
     #[test]
