@@ -474,15 +474,14 @@ where
         &mut self,
         request: impl tonic::IntoRequest<BundleRequest>,
     ) -> Result<tonic::Response<tonic::codec::Streaming<BundleResponse>>, tonic::Status> {
-        self.inner
-            .ready()
-            .await
-            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {}", e.into())))?;
+        let request = ready(
+            &mut self.inner,
+            request.into_request(),
+            SERVICE_NAME,
+            "WatchBundle",
+        )
+        .await?;
         let codec = tonic_prost::ProstCodec::<BundleRequest, BundleResponse>::default();
-        let mut request = request.into_request();
-        request
-            .extensions_mut()
-            .insert(GrpcMethod::new(SERVICE_NAME, "WatchBundle"));
         self.inner
             .server_streaming(
                 request,
@@ -494,7 +493,7 @@ where
 
     async fn unary<Req, Resp>(
         &mut self,
-        mut request: tonic::Request<Req>,
+        request: tonic::Request<Req>,
         path: &'static str,
         method: &'static str,
     ) -> Result<tonic::Response<Resp>, tonic::Status>
@@ -502,18 +501,36 @@ where
         Req: prost::Message + Send + Sync + 'static,
         Resp: prost::Message + Default + Send + Sync + 'static,
     {
-        self.inner
-            .ready()
-            .await
-            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {}", e.into())))?;
+        let request = ready(&mut self.inner, request, SERVICE_NAME, method).await?;
         let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
-        request
-            .extensions_mut()
-            .insert(GrpcMethod::new(SERVICE_NAME, method));
         self.inner
             .unary(request, http::uri::PathAndQuery::from_static(path), codec)
             .await
     }
+}
+
+/// What every hand-written client call does first: waits until the channel can take a call,
+/// and names the call (`service`/`method`) in the request's extensions, as generated clients do.
+pub(crate) async fn ready<T, M>(
+    inner: &mut tonic::client::Grpc<T>,
+    mut request: tonic::Request<M>,
+    service: &'static str,
+    method: &'static str,
+) -> Result<tonic::Request<M>, tonic::Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<StdError>,
+    T::ResponseBody: Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as Body>::Error: Into<StdError> + Send,
+{
+    inner
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {}", e.into())))?;
+    request
+        .extensions_mut()
+        .insert(GrpcMethod::new(service, method));
+    Ok(request)
 }
 
 pub mod ads;

@@ -30,8 +30,10 @@
 use std::sync::Arc;
 
 use tonic::codegen::{
-    async_trait, http, Body, BoxFuture, BoxStream, Context, GrpcMethod, Poll, Service, StdError,
+    async_trait, http, Body, BoxFuture, BoxStream, Context, Poll, Service, StdError,
 };
+
+use super::ready;
 
 pub const SERVICE_NAME: &str = "pilotfish.host.v1.Host";
 const ATTACH_PATH: &str = "/pilotfish.host.v1.Host/Attach";
@@ -221,15 +223,14 @@ where
         &mut self,
         request: LeaveRequest,
     ) -> Result<tonic::Response<LeaveResponse>, tonic::Status> {
-        self.inner
-            .ready()
-            .await
-            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {}", e.into())))?;
+        let request = ready(
+            &mut self.inner,
+            tonic::Request::new(request),
+            SERVICE_NAME,
+            "Leave",
+        )
+        .await?;
         let codec = tonic_prost::ProstCodec::<LeaveRequest, LeaveResponse>::default();
-        let mut request = tonic::Request::new(request);
-        request
-            .extensions_mut()
-            .insert(GrpcMethod::new(SERVICE_NAME, "Leave"));
         self.inner
             .unary(
                 request,
@@ -244,15 +245,14 @@ where
         &mut self,
         replies: impl tonic::IntoStreamingRequest<Message = DumpReply>,
     ) -> Result<tonic::Response<tonic::codec::Streaming<DumpRequest>>, tonic::Status> {
-        self.inner
-            .ready()
-            .await
-            .map_err(|e| tonic::Status::unknown(format!("Service was not ready: {}", e.into())))?;
+        let request = ready(
+            &mut self.inner,
+            replies.into_streaming_request(),
+            SERVICE_NAME,
+            "Attach",
+        )
+        .await?;
         let codec = tonic_prost::ProstCodec::<DumpReply, DumpRequest>::default();
-        let mut request = replies.into_streaming_request();
-        request
-            .extensions_mut()
-            .insert(GrpcMethod::new(SERVICE_NAME, "Attach"));
         self.inner
             .streaming(
                 request,
