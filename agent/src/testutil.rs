@@ -104,62 +104,7 @@ pub async fn http_get_with_head(addr: SocketAddr, path: &str) -> (u16, String, S
     (code, head.to_string(), body.to_string())
 }
 
-/// What `promtool check metrics` (a real Prometheus parser and linter) says about `text`: its
-/// exit code (0: valid and clean, 3: valid with lint findings, 1: not parseable) and output.
-/// Installs Debian's `prometheus` package when promtool is missing; fails, never skips, when
-/// that is impossible.
-pub fn promtool_check(text: &str) -> (i32, String) {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
-    {
-        // Tests run on threads: one apt-get at a time (dpkg takes a lock).
-        static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _one = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-        let found = || {
-            Command::new("promtool")
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
-        if !found() {
-            let install = || {
-                Command::new("apt-get")
-                    .args(["install", "-y", "--no-install-recommends", "prometheus"])
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .output()
-                    .unwrap()
-            };
-            let mut out = install();
-            if !out.status.success() {
-                // A fresh machine may have no package lists yet.
-                let _ = Command::new("apt-get").arg("update").output();
-                out = install();
-            }
-            assert!(
-                found(),
-                "promtool (Debian's prometheus package) is missing and apt-get failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-    }
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), said)
-}
+#[path = "../../tests/src/debian.rs"]
+mod debian;
+
+pub use debian::promtool_check;

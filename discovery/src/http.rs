@@ -686,7 +686,7 @@ mod tests {
         }
         // A real parser accepts it, and its linter finds nothing (names, units, help texts).
         assert_eq!(
-            crate::metrics::promtool::check(&text),
+            crate::metrics::debian::promtool_check(&text),
             (0, String::new()),
             "promtool on:\n{text}"
         );
@@ -815,7 +815,7 @@ mod tests {
             );
         }
         assert_eq!(
-            crate::metrics::promtool::check(&text),
+            crate::metrics::debian::promtool_check(&text),
             (0, String::new()),
             "promtool on:\n{text}"
         );

@@ -427,40 +427,7 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 /// (idempotent; one install at a time in this process, since dpkg takes a lock). Fails, never
 /// skips, when that is impossible: the test that needs it then says what to install.
 pub fn ensure_debian_tool(program: &str, package: &str) -> Result<PathBuf> {
-    static INSTALL: Mutex<()> = Mutex::new(());
-    let _one = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(found) = on_path(program) {
-        return Ok(found);
-    }
-    let install = || {
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", package])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .output()
-    };
-    let mut out = install().context("running apt-get (is this Debian?)")?;
-    if !out.status.success() {
-        // A fresh machine may have no package lists yet.
-        let _ = Command::new("apt-get").arg("update").output();
-        out = install().context("running apt-get")?;
-    }
-    match on_path(program) {
-        Some(found) if out.status.success() => Ok(found),
-        _ => bail!(
-            "this test needs {program} from Debian's {package} package, and \
-             `apt-get install -y {package}` failed (no network, or not root?): {}\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    }
-}
-
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| p.is_file())
-    })
+    debian::ensure_tool(program, package).map_err(anyhow::Error::msg)
 }
 
 /// GET a URL on Envoy's admin or discovery's HTTP port and return the body.
@@ -537,6 +504,7 @@ pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+pub mod debian;
 pub mod leaving;
 pub mod load;
 pub mod mesh;

@@ -6,8 +6,6 @@
 //! Run: `cargo build --workspace --bins && cargo test -p pilotfish-tests --test prometheus`
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -37,27 +35,6 @@ fn registry(mesh: &Mesh, reviews_port: u16, with_ratings: bool) -> String {
     };
     text += &mesh.service_toml("reviews", "", &[("vm-b", reviews_port, "")]);
     text
-}
-
-/// `promtool check metrics` on `text`: (exit code, what it said).
-fn promtool(promtool: &Path, text: &str) -> Result<(i32, String)> {
-    use std::io::Write as _;
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("running promtool")?;
-    child
-        .stdin
-        .take()
-        .context("promtool's stdin")?
-        .write_all(text.as_bytes())?;
-    let out = child.wait_with_output()?;
-    let said =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    Ok((out.status.code().unwrap_or(-1), said))
 }
 
 /// Percent-encodes a PromQL query for a URL.
@@ -104,7 +81,6 @@ async fn until(prometheus: SocketAddr, promql: &str, ok: fn(f64) -> bool) -> Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_discovery_and_an_agent_with_its_envoy() -> Result<()> {
     let prometheus_bin = blocking(|| ensure_debian_tool("prometheus", "prometheus")).await?;
-    let promtool_bin = blocking(|| ensure_debian_tool("promtool", "prometheus")).await?;
 
     let mut mesh = Mesh::start()?;
     mesh.add_host("vm-a", 2)?;
@@ -131,14 +107,14 @@ async fn prometheus_scrapes_discovery_and_an_agent_with_its_envoy() -> Result<()
         scrape.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
-    let (exit, said) = promtool(&promtool_bin, &scrape.body)?;
+    let (exit, said) = pilotfish_tests::debian::promtool_check(&scrape.body);
     assert_eq!((exit, said.as_str()), (0, ""), "{}", scrape.body);
     let scrape = blocking(move || http_get(agent, "agent", "/metrics")).await?;
     assert_eq!(
         scrape.header("content-type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
     );
-    let (exit, said) = promtool(&promtool_bin, &scrape.body)?;
+    let (exit, said) = pilotfish_tests::debian::promtool_check(&scrape.body);
     // It parses; lint findings are only Envoy's own names (help texts, counter suffixes).
     assert!(exit == 0 || exit == 3, "promtool exit {exit}: {said}");
     for finding in said.lines() {
