@@ -193,8 +193,8 @@ impl SharedStore {
     /// `rel` (a folder), so that a write answered here is already served here. False when it
     /// did not within `deadline` (the write stands; the mirror catches up).
     pub async fn wait_applied(&self, rel: &str, deadline: Duration) -> bool {
-        let index = match self.kv.list(&self.key(rel), 0, self.wait).await {
-            Ok((_, meta)) => meta.index,
+        let index = match self.kv.index(&self.key(rel)).await {
+            Ok(index) => index,
             Err(e) => {
                 warn!(error = %e, "cannot read the index of the write just made");
                 return false;

@@ -116,6 +116,17 @@ impl Kv {
         Ok((decode(prefix, &body)?, meta))
     }
 
+    /// The index of the latest write under `prefix` (deletes included): `X-Consul-Index` of a
+    /// keys-only listing, which carries no values.
+    pub async fn index(&self, prefix: &str) -> Result<u64, ConsulError> {
+        let url = self.url(prefix, &[("keys", String::new())]);
+        let (_, _, meta) = self
+            .client
+            .send(self.client.http().get(&url), &url, self.dc(), prefix)
+            .await?;
+        Ok(meta.index)
+    }
+
     /// Writes `value`. With `cas = Some(i)` only if the key's `ModifyIndex` is still `i`
     /// (0: only if the key does not exist). `Ok(false)`: the condition did not hold.
     pub async fn put(

@@ -83,6 +83,25 @@ async fn a_blocking_list_returns_when_the_prefix_changes() {
 }
 
 #[tokio::test]
+async fn the_index_of_a_prefix_moves_with_writes_and_deletes_under_it() {
+    let (_double, kv) = kv().await;
+    kv.put("p/a", b"1", None).await.unwrap();
+    let written = kv.index("p/").await.unwrap();
+    assert_eq!(
+        written,
+        kv.list("p/", 0, Duration::from_secs(1))
+            .await
+            .unwrap()
+            .1
+            .index
+    );
+    kv.put("q/other", b"", None).await.unwrap();
+    assert_eq!(kv.index("p/").await.unwrap(), written, "a write elsewhere");
+    kv.delete("p/a", None).await.unwrap();
+    assert!(kv.index("p/").await.unwrap() > written, "a delete counts");
+}
+
+#[tokio::test]
 async fn an_empty_prefix_is_an_empty_list_with_an_index() {
     let (_double, kv) = kv().await;
     let (entries, meta) = kv
