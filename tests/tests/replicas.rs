@@ -393,3 +393,67 @@ async fn a_host_leaving_through_one_replica_is_drained_at_callers_of_another() -
     );
     Ok(())
 }
+
+/// Streams closed at their (jittered) maximum age, over and over, under continuous load: each
+/// host reconnects while its Envoy keeps serving what it has, and no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_closed_for_their_age_under_load_drop_no_request() -> Result<()> {
+    let consul = consul().await?;
+    let mut opts = replicated("delta", 2, &consul);
+    opts.discovery_top = "max_stream_age = \"1s\"".into();
+    let mut mesh = Mesh::start_opts(opts)?;
+    mesh.add_host("vm-a", 2)?;
+    mesh.add_host("vm-b", 3)?;
+    let b_ip = mesh.host("vm-b").ip;
+    let port = mesh.start_app("ratings", "v1", b_ip, &[])?;
+    let services = mesh.service_toml("ratings", "", &[("vm-b", port, "")]);
+    mesh.write_registry("services.toml", &services)?;
+    mesh.wait_all_ready(READY).await?;
+    let out = mesh.host("vm-a").outbound;
+    wait_for("vm-a reaches ratings", READY, || async move {
+        let answer = blocking(move || http_get(out, "ratings", "/")).await;
+        Ok(answer.is_ok_and(|r| r.status == 200).then_some(()))
+    })
+    .await?;
+
+    let aged = |mesh: &Mesh| {
+        let https: Vec<SocketAddr> = (0..2).map(|i| mesh.replica_http(i)).collect();
+        async move {
+            let mut total = 0u64;
+            for http in https {
+                let text = blocking(move || http_get(http, "discovery", "/metrics")).await?;
+                total += text
+                    .body
+                    .lines()
+                    .find(|l| l.starts_with("pilotfish_xds_streams_aged_out_total "))
+                    .and_then(|l| l.split_whitespace().nth(1))
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0) as u64;
+            }
+            anyhow::Ok(total)
+        }
+    };
+    let load = Load::start(out, "ratings", &[PLAIN, PLAIN]);
+    let from = aged(&mesh).await?;
+    // Both hosts' streams, several times over.
+    let closed = wait_for("eight streams closed for their age", READY, || async {
+        let now = aged(&mesh).await?;
+        Ok((now >= from + 8).then_some(now - from))
+    })
+    .await?;
+    flowing(&load, 200).await?;
+    let tally = load.stop().await;
+    ensure!(
+        tally.failed == 0,
+        "{} of {} requests failed: {:?}",
+        tally.failed,
+        tally.total(),
+        tally.failures
+    );
+    println!(
+        "{closed} streams aged out under load: {} requests, 0 failed",
+        tally.total()
+    );
+    all_live(&mesh, &[0, 1], &["vm-a", "vm-b"]).await?;
+    Ok(())
+}
