@@ -242,19 +242,11 @@ impl LivenessStage {
                 .map(|r| Arc::clone(&r.borrow_and_update()));
             // With other replicas: their hosts count as connected, and their leaving hosts as
             // leaving here too.
-            let seen = match &remote {
-                None => None,
-                Some(r) => Some(
-                    self.connections
-                        .with_nodes(|seen| merge_seen(seen, &r.seen)),
-                ),
-            };
-            match &seen {
-                None => self
-                    .connections
-                    .with_nodes(|seen| self.drains.observe(seen)),
-                Some(seen) => self.drains.observe(seen),
+            let mut seen = self.connections.nodes();
+            if let Some(r) = &remote {
+                merge_seen(&mut seen, &r.seen);
             }
+            self.drains.observe(&seen);
             let mut draining = Arc::clone(&self.draining.borrow_and_update());
             if let Some(r) = remote.as_ref().filter(|r| !r.draining.is_empty()) {
                 let map = Arc::make_mut(&mut draining);
@@ -263,12 +255,7 @@ impl LivenessStage {
                 }
             }
             let now = Instant::now();
-            let verdict = match &seen {
-                None => self.connections.with_nodes(|seen| {
-                    judge(&catalog, seen, &revoked, self.started, now, self.grace)
-                }),
-                Some(seen) => judge(&catalog, seen, &revoked, self.started, now, self.grace),
-            };
+            let verdict = judge(&catalog, &seen, &revoked, self.started, now, self.grace);
             for node in verdict.dead.difference(&dead) {
                 let state = if revoked.contains(node) {
                     "revoked"

@@ -291,14 +291,14 @@ impl Follower {
     }
 }
 
-/// `local` with the nodes live elsewhere counted live, and those that were, as last seen then.
-pub fn merge_seen(
-    local: &BTreeMap<String, NodeSeen>,
-    remote: &BTreeMap<String, NodeSeen>,
-) -> BTreeMap<String, NodeSeen> {
-    let mut out = local.clone();
+/// Adds to `seen` (this replica's nodes) the nodes live elsewhere, counted live, and those
+/// that were, as last seen then.
+pub fn merge_seen(seen: &mut BTreeMap<String, NodeSeen>, remote: &BTreeMap<String, NodeSeen>) {
     for (node, r) in remote {
-        match out.get_mut(node) {
+        match seen.get_mut(node) {
+            None => {
+                seen.insert(node.clone(), *r);
+            }
             Some(l) => {
                 l.streams += r.streams;
                 if r.last_seen > l.last_seen {
@@ -306,12 +306,8 @@ pub fn merge_seen(
                     l.last_seen_unix_ms = r.last_seen_unix_ms;
                 }
             }
-            None => {
-                out.insert(node.clone(), *r);
-            }
         }
     }
-    out
 }
 
 #[cfg(test)]
@@ -407,7 +403,8 @@ mod tests {
             ("a".to_string(), seen(1, later)),
             ("c".to_string(), seen(0, later)),
         ]);
-        let merged = merge_seen(&local, &remote);
+        let mut merged = local;
+        merge_seen(&mut merged, &remote);
         assert_eq!(merged["a"].streams, 1);
         assert_eq!(merged["a"].last_seen, later);
         assert_eq!(merged["b"].streams, 1);
