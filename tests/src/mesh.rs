@@ -113,14 +113,20 @@ impl Drop for Host {
 
 /// A discovery replica beyond the first (which is [`Mesh::discovery`], [`Mesh::grpc`],
 /// [`Mesh::http`]): its own process, address, ports and `state_dir`, the same registry.
+/// [`MeshOptions::replicas`] makes them, or [`crate::replica`] beside a mesh.
 #[derive(Debug)]
 pub struct Replica {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
-    /// Its directory: `discovery.toml`, `state/`, `discovery.log`.
-    pub dir: PathBuf,
     pub config: PathBuf,
+    pub log: PathBuf,
     pub process: Process,
+}
+
+impl Replica {
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
 }
 
 /// Discovery plus hosts, all torn down on drop.
@@ -271,8 +277,8 @@ impl Mesh {
             replicas.push(Replica {
                 grpc,
                 http,
-                dir: rdir,
                 config,
+                log: rdir.join("discovery.log"),
                 process,
             });
         }

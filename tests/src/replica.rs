@@ -1,5 +1,5 @@
-//! More than one discovery: a root kept apart, an intermediate per replica, and a second
-//! discovery process beside a [`Mesh`]'s own.
+//! More than one discovery: a root kept apart, an intermediate per replica, and another
+//! discovery process beside a [`Mesh`]'s own, on its own intermediate ([`Replica::start`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+pub use crate::mesh::Replica;
 use crate::mesh::{wait_port, Mesh};
 use crate::{binary, free_port, Process};
 
@@ -54,18 +55,8 @@ pub fn intermediate_for(keeper_config: &Path, dir: &Path, name: &str) -> Result<
     Ok((cert, int_dir.join("intermediate.key").display().to_string()))
 }
 
-/// Another discovery beside a mesh's own.
-#[derive(Debug)]
-pub struct Replica {
-    pub process: Process,
-    pub grpc: SocketAddr,
-    pub http: SocketAddr,
-    pub config: PathBuf,
-    pub log: PathBuf,
-}
-
 impl Replica {
-    /// Starts replica `name` with the mesh's config (so the same registry, trust domain and
+    /// Starts replica `name` beside `mesh` with the mesh's config (so the same registry, trust domain and
     /// `[store.consul]`), its own ports on the mesh's discovery address, its own
     /// `state_dir = "state-<name>"`, and each `(from, to)` of `replace` applied to the text
     /// (its own intermediate's files, say). Returns once its gRPC port accepts connections.
@@ -101,9 +92,5 @@ impl Replica {
             config,
             log,
         })
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
