@@ -21,6 +21,8 @@
 //! max_stream_age = "30m"              # ADS streams close after this long, +-10% per stream,
 //!                                     # so agents spread over replicas again (Envoy keeps its
 //!                                     # config while it reconnects); 1s to 7d
+//! vip_range = "240.240.0.0/16"        # services' virtual IPs (mesh DNS, interception), /8 to
+//!                                     # /28; every replica must use the same range
 //!
 //! [registry.files]
 //! paths = ["/etc/pilotfish/registry.d"]
@@ -71,6 +73,7 @@ use serde::Deserialize;
 
 use crate::liveness::DEFAULT_NODE_GRACE;
 use crate::mesh::DebounceTimes;
+use crate::translate::VipRange;
 use crate::xds::server::DEFAULT_MAX_STREAM_AGE;
 
 pub const DEFAULT_TRUST_DOMAIN: &str = "pilotfish.local";
@@ -113,6 +116,8 @@ pub struct Config {
     pub node_grace: Duration,
     /// ADS streams close after this long (jittered per stream) so agents rebalance.
     pub max_stream_age: Duration,
+    /// Where services' virtual IPs come from.
+    pub vip_range: VipRange,
     /// `[api]`: the rules API.
     pub api: ApiConfig,
     /// `[store.consul]`: state shared with the other replicas (rules-API objects, join
@@ -236,6 +241,7 @@ struct RawConfig {
     debounce: Option<RawDebounce>,
     node_grace: Option<String>,
     max_stream_age: Option<String>,
+    vip_range: Option<String>,
     ca: Option<RawCa>,
     api: Option<RawApi>,
     store: Option<RawStore>,
@@ -435,6 +441,14 @@ impl Config {
             },
         };
 
+        let vip_range = match raw.vip_range.as_deref() {
+            None => VipRange::default(),
+            Some(text) => text.parse().unwrap_or_else(|message: String| {
+                problems.push("vip_range", message);
+                VipRange::default()
+            }),
+        };
+
         let raw_api = raw.api.unwrap_or_default();
         let api = ApiConfig {
             token_file: match raw_api.token_file {
@@ -472,6 +486,7 @@ impl Config {
                 debounce,
                 node_grace,
                 max_stream_age,
+                vip_range,
                 api,
                 store,
             }),
@@ -898,6 +913,26 @@ stale = true
         assert!(err.to_string().contains("token"), "{err}");
         let p = problems("[registry.files]\npaths = [\"r\"]\n[api]\ntoken_file = \"\"\n");
         assert_eq!(p, ["api.token_file: empty path"]);
+    }
+
+    #[test]
+    fn vip_range_defaults_and_problems_name_the_key() {
+        let minimal = "insecure = true\n[registry.files]\npaths = [\"r\"]\n";
+        assert_eq!(
+            parse(minimal).expect("valid").vip_range.to_string(),
+            "240.240.0.0/16"
+        );
+        let set = format!("vip_range = \"10.200.0.0/20\"\n{minimal}");
+        assert_eq!(
+            parse(&set).expect("valid").vip_range.to_string(),
+            "10.200.0.0/20"
+        );
+        let bad = format!("vip_range = \"10.200.1.0/20\"\n{minimal}");
+        let err = parse(&bad).expect_err("host bits").to_string();
+        assert!(
+            err.contains(":1:") && err.contains("vip_range: \"10.200.1.0/20\" has host bits set"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -243,6 +243,7 @@ pub async fn run(
     let settings = Arc::new(translate::Settings {
         trust_domain: config.trust_domain.to_string(),
         mtls: !config.insecure,
+        vip_range: config.vip_range,
     });
     // Host liveness: dead hosts' instances become unhealthy before translation. Revoked nodes
     // are never alive.

@@ -521,6 +521,7 @@ mod tests {
             app_address: std::net::Ipv4Addr::LOCALHOST.into(),
             access_log: Default::default(),
             tracing: None,
+            intercept: None,
         };
         let before = h.snapshots.borrow().shared.for_proxy(&p);
 

@@ -12,6 +12,7 @@
 //! | `pilotfish.app_address` | where local apps listen |
 //! | `pilotfish.access_log` | `"stdout"`, `"off"` or an absolute file path: where Envoy writes its access log (absent: off, so proxies of older agents keep their listeners) |
 //! | `pilotfish.zipkin` | `"host:port"` of a Zipkin collector: trace HTTP requests there (absent: no tracing) |
+//! | `pilotfish.intercept` | `"ip:port"` where the agent's nftables rules send the apps' captured TCP: the `intercept` listener binds it (absent: no interception) |
 //! | `pilotfish.trace_sample_percent` | a number from 0 to 100: the share of requests that start a trace (absent: 100; read only with `pilotfish.zipkin`) |
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -27,6 +28,7 @@ pub const META_APP_ADDRESS: &str = "pilotfish.app_address";
 pub const META_ACCESS_LOG: &str = "pilotfish.access_log";
 pub const META_ZIPKIN: &str = "pilotfish.zipkin";
 pub const META_TRACE_SAMPLE_PERCENT: &str = "pilotfish.trace_sample_percent";
+pub const META_INTERCEPT: &str = "pilotfish.intercept";
 /// The version of the Pilotfish agent that runs the proxy (for `proxy-status`).
 pub const META_AGENT_VERSION: &str = "pilotfish.agent_version";
 
@@ -66,6 +68,9 @@ pub struct Proxy {
     pub access_log: AccessLog,
     /// Where this proxy's Envoy sends spans (`pilotfish.zipkin`); `None`: no tracing.
     pub tracing: Option<Tracing>,
+    /// Where the agent redirects the apps' captured connections (`pilotfish.intercept`);
+    /// `None`: no interception, no `intercept` listener.
+    pub intercept: Option<SocketAddr>,
 }
 
 /// A proxy's Zipkin collector and sampling.
@@ -189,6 +194,19 @@ impl Proxy {
             }
         };
         let tracing = tracing(meta)?;
+        let intercept = match field(meta, META_INTERCEPT) {
+            None => None,
+            Some(Kind::StringValue(s)) => Some(s.parse().map_err(|_| NodeError::BadMetadata {
+                key: META_INTERCEPT,
+                message: format!("\"{s}\" is not an ip:port"),
+            })?),
+            Some(_) => {
+                return Err(NodeError::BadMetadata {
+                    key: META_INTERCEPT,
+                    message: "expected \"ip:port\"".into(),
+                })
+            }
+        };
         Ok(Proxy {
             node: node.id.clone(),
             address,
@@ -197,6 +215,7 @@ impl Proxy {
             app_address,
             access_log,
             tracing,
+            intercept,
         })
     }
 }

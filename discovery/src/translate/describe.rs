@@ -22,6 +22,7 @@ pub fn describe(catalog: &Catalog) -> Vec<String> {
         app_address: [127, 0, 0, 1].into(),
         access_log: Default::default(),
         tracing: None,
+        intercept: None,
     };
     // No node hosts a service named by the empty string: this proxy sees every service.
     let all = shared.for_proxy(&proxy(""));

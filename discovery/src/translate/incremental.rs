@@ -209,6 +209,7 @@ impl Shared {
             scopes: std::sync::Mutex::new(scopes),
             proxies: std::sync::Mutex::new(proxies),
             settings: self.settings.clone(),
+            vips: self.vips.clone(),
             // Cluster content is unchanged (same mesh mix), whatever the client identity.
             client_clusters: std::sync::Mutex::new(lock(&self.client_clusters).clone()),
         }
@@ -329,6 +330,7 @@ mod tests {
             app_address: "127.0.0.1".parse().unwrap(),
             access_log: Default::default(),
             tracing: None,
+            intercept: None,
         }
     }
 

@@ -57,17 +57,42 @@ use super::{ads, any, inbound_name, outbound_name, rbac, routes, subset_name, IN
 use crate::proxy::{AccessLog, Proxy};
 use crate::resources::Resource;
 
-const HCM: &str = "envoy.filters.network.http_connection_manager";
+pub(super) const HCM: &str = "envoy.filters.network.http_connection_manager";
 const TCP_PROXY: &str = "envoy.filters.network.tcp_proxy";
 const ROUTER: &str = "envoy.filters.http.router";
 const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 /// The name of the mesh port's plaintext chain (permissive services).
 pub const PLAINTEXT_CHAIN: &str = "inbound|plaintext";
 
-/// `outbound`: where local apps send mesh traffic, routed by RDS `outbound`. The fault and
-/// local rate limit filters are there only when some rule or policy uses them (they act only
-/// through per-route configuration), so meshes without them get the same listener as before.
+/// `outbound`: where local apps send mesh traffic, routed by RDS `outbound`.
 pub(super) fn outbound(proxy: &Proxy, settings: &Settings, catalog: &Catalog) -> Arc<Resource> {
+    let route = RouteSpecifier::Rds(Rds {
+        config_source: Some(ads()),
+        route_config_name: OUTBOUND.to_string(),
+    });
+    let mut hcm = outbound_hcm(OUTBOUND, route, catalog, settings.mtls);
+    hcm.access_log = access_log::http(&proxy.access_log, Direction::Outbound);
+    hcm.tracing = trace::http(proxy.tracing.as_ref());
+    let listener = listener(
+        OUTBOUND,
+        proxy.outbound,
+        TrafficDirection::Outbound,
+        HCM,
+        any(&hcm),
+    );
+    Resource::encode(OUTBOUND, &listener)
+}
+
+/// The connection manager of local apps' HTTP calls (`outbound`, and `intercept`'s chains).
+/// The fault and local rate limit filters are there only when some rule or policy uses them
+/// (they act only through per-route configuration), so meshes without them get the same
+/// listener as before.
+pub(super) fn outbound_hcm(
+    stat_prefix: &str,
+    route: RouteSpecifier,
+    catalog: &Catalog,
+    mtls: bool,
+) -> HttpConnectionManager {
     let mut filters = Vec::new();
     let faults = catalog
         .routes
@@ -86,21 +111,7 @@ pub(super) fn outbound(proxy: &Proxy, settings: &Settings, catalog: &Catalog) ->
         };
         filters.push(http_filter(routes::RATE_LIMIT_FILTER, any(&config)));
     }
-    let route = RouteSpecifier::Rds(Rds {
-        config_source: Some(ads()),
-        route_config_name: OUTBOUND.to_string(),
-    });
-    let mut hcm = hcm(OUTBOUND, route, filters, settings.mtls);
-    hcm.access_log = access_log::http(&proxy.access_log, Direction::Outbound);
-    hcm.tracing = trace::http(proxy.tracing.as_ref());
-    let listener = listener(
-        OUTBOUND,
-        proxy.outbound,
-        TrafficDirection::Outbound,
-        HCM,
-        any(&hcm),
-    );
-    Resource::encode(OUTBOUND, &listener)
+    hcm(stat_prefix, route, filters, mtls)
 }
 
 /// `gateway|<name>`: an ingress gateway's listener on its node, routes inline.
@@ -240,7 +251,7 @@ pub(super) fn inbound_mtls(
     (Resource::encode(INBOUND, &listener), route)
 }
 
-fn filter(name: &str, typed_config: envoy_types::pb::google::protobuf::Any) -> Filter {
+pub(super) fn filter(name: &str, typed_config: envoy_types::pb::google::protobuf::Any) -> Filter {
     Filter {
         name: name.to_string(),
         config_type: Some(filter::ConfigType::TypedConfig(typed_config)),
@@ -255,14 +266,37 @@ fn tcp_proxy(cluster: &str) -> TcpProxy {
     }
 }
 
-/// `outbound|<svc>`: a TCP service's local port, proxied to its `outbound|<svc>` cluster, or
-/// split by weight over subsets when the service's first route rule says so.
+/// `outbound|<svc>`: a TCP service's local port, proxied by [`tcp_filter`].
 pub(super) fn tcp_outbound(
     catalog: &Catalog,
     service: &str,
     addr: SocketAddr,
     log: &AccessLog,
 ) -> Arc<Resource> {
+    let name = outbound_name(service);
+    let listener = Listener {
+        name: name.clone(),
+        address: Some(socket_address(&addr.ip().to_string(), addr.port())),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        filter_chains: vec![FilterChain {
+            filters: vec![tcp_filter(catalog, service, log)],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::encode(name, &listener)
+}
+
+/// A TCP proxy to `cluster`, with the outbound access log.
+pub(super) fn tcp_proxy_filter(cluster: &str, log: &AccessLog) -> Filter {
+    let mut proxy = tcp_proxy(cluster);
+    proxy.access_log = access_log::tcp(log, Direction::Outbound);
+    filter(TCP_PROXY, any(&proxy))
+}
+
+/// A local app's TCP connection to `service`: proxied to its `outbound|<svc>` cluster, or
+/// split by weight over subsets when the service's first route rule says so.
+pub(super) fn tcp_filter(catalog: &Catalog, service: &str, log: &AccessLog) -> Filter {
     let name = outbound_name(service);
     let mut proxy = tcp_proxy(&name);
     proxy.access_log = access_log::tcp(log, Direction::Outbound);
@@ -310,14 +344,7 @@ pub(super) fn tcp_outbound(
             ));
         }
     }
-    let listener = listener(
-        &name,
-        addr,
-        TrafficDirection::Outbound,
-        TCP_PROXY,
-        any(&proxy),
-    );
-    Resource::encode(name, &listener)
+    filter(TCP_PROXY, any(&proxy))
 }
 
 /// An HTTP connection manager: `filters`, then the router. `hardened` normalizes the path

@@ -74,6 +74,7 @@ mod clusters;
 mod describe;
 mod endpoints;
 mod incremental;
+mod intercept;
 mod listeners;
 mod rbac;
 mod routes;
@@ -83,9 +84,10 @@ mod tls;
 mod trace;
 #[cfg(test)]
 mod traffic_tests;
+mod vips;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -101,11 +103,13 @@ use crate::resources::{ProxyResources, Resource, ResourceMap};
 pub use describe::describe;
 pub use endpoints::labels_metadata;
 pub use incremental::{endpoint_change, EndpointChange};
+pub use intercept::{INTERCEPT, PASSTHROUGH};
 pub use tls::{
     client_secret, node_id, service_id, service_secret, sni, Settings, NODE_SECRET, ROOTS_SECRET,
     SDS_CLUSTER,
 };
 pub use trace::{SPANS_PATH, ZIPKIN_CLUSTER};
+pub use vips::{VipRange, DEFAULT_VIP_RANGE};
 
 /// The outbound name of a service's cluster, endpoints and TCP listener.
 pub fn outbound_name(service: &str) -> String {
@@ -159,6 +163,9 @@ pub struct Shared {
     scopes: Mutex<HashMap<BTreeSet<String>, Arc<Scoped>>>,
     proxies: Mutex<HashMap<Proxy, CachedProxy>>,
     settings: Arc<Settings>,
+    /// Every service's virtual IP ([`vips`]): a function of the service names, so an
+    /// endpoint-only change carries it over.
+    vips: Arc<BTreeMap<String, Ipv4Addr>>,
     /// With mTLS: a scope's outbound clusters as a client identity other than the node's
     /// presents itself (`services` holds them as [`NODE_SECRET`]), by (secret, scope).
     client_clusters: Mutex<HashMap<(String, ScopeKey), Arc<ResourceMap>>>,
@@ -204,6 +211,10 @@ impl Shared {
             })
             .collect();
         let all = Arc::new(scoped(&services, None));
+        let vips = Arc::new(vips::allocate(
+            catalog.services.keys().map(String::as_str),
+            settings.vip_range,
+        ));
         Shared {
             catalog,
             services,
@@ -211,12 +222,18 @@ impl Shared {
             scopes: Mutex::new(HashMap::new()),
             proxies: Mutex::new(HashMap::new()),
             settings,
+            vips,
             client_clusters: Mutex::new(HashMap::new()),
         }
     }
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Every service's virtual IP, by name.
+    pub fn vips(&self) -> &BTreeMap<String, Ipv4Addr> {
+        &self.vips
     }
 
     pub fn for_proxy(&self, proxy: &Proxy) -> ProxyResources {
@@ -297,7 +314,7 @@ impl Shared {
         } else {
             scoped.clusters.clone()
         };
-        let clusters = if local.is_empty() && proxy.tracing.is_none() {
+        let clusters = if local.is_empty() && proxy.tracing.is_none() && proxy.intercept.is_none() {
             outbound_clusters
         } else {
             let mut clusters = ResourceMap::clone(&outbound_clusters);
@@ -307,6 +324,10 @@ impl Shared {
             }
             if let Some(tracing) = &proxy.tracing {
                 let cluster = trace::collector_cluster(tracing);
+                clusters.insert(cluster.name.clone(), cluster);
+            }
+            if proxy.intercept.is_some() {
+                let cluster = intercept::passthrough_cluster();
                 clusters.insert(cluster.name.clone(), cluster);
             }
             Arc::new(clusters)
@@ -346,6 +367,14 @@ impl Shared {
             let listener = listeners::tcp_outbound(&self.catalog, service, addr, &proxy.access_log);
             listeners.insert(listener.name.clone(), listener);
         }
+        if let Some(addr) = proxy.intercept {
+            if claim(&mut bound, addr) {
+                let listener = self.intercept(proxy, addr, key);
+                listeners.insert(listener.name.clone(), listener);
+            } else {
+                tracing::warn!(node = %proxy.node, %addr, "interception port collides with another listener; no intercept listener");
+            }
+        }
         for gw in self.catalog.gateways.values() {
             if gw.node != proxy.node {
                 continue;
@@ -364,6 +393,36 @@ impl Shared {
             listeners: Arc::new(listeners),
             routes: Arc::new(routes),
         }
+    }
+}
+
+impl Shared {
+    /// The `intercept` listener of a proxy whose agent captures its apps' traffic.
+    fn intercept(&self, proxy: &Proxy, addr: SocketAddr, key: &ScopeKey) -> Arc<Resource> {
+        let targets = intercept::targets(&self.vips, |name| {
+            if key.as_ref().is_some_and(|names| !names.contains(name)) {
+                return None;
+            }
+            let svc = self.services.get(name)?;
+            Some((svc.protocol, svc.vhost.as_ref()))
+        });
+        let mut inbound_ports: Vec<u16> = self
+            .catalog
+            .services_on_node(&proxy.node)
+            .flat_map(|s| s.instances.iter())
+            .filter(|i| i.node.as_deref() == Some(proxy.node.as_str()))
+            .map(|i| i.port)
+            .collect();
+        inbound_ports.sort_unstable();
+        inbound_ports.dedup();
+        intercept::listener(
+            &self.catalog,
+            proxy,
+            addr,
+            &targets,
+            &inbound_ports,
+            self.settings.mtls,
+        )
     }
 }
 

@@ -179,6 +179,7 @@ fn proxy(node: &str, address: &str) -> Proxy {
         app_address: "127.0.0.1".parse().unwrap(),
         access_log: Default::default(),
         tracing: None,
+        intercept: None,
     }
 }
 
@@ -710,6 +711,7 @@ fn mtls_settings() -> Arc<Settings> {
     Arc::new(Settings {
         trust_domain: "pilotfish.local".to_string(),
         mtls: true,
+        ..Settings::default()
     })
 }
 
@@ -737,3 +739,6 @@ mod access_logs;
 
 #[path = "trace_tests.rs"]
 mod traces;
+
+#[path = "intercept_tests.rs"]
+mod intercepts;

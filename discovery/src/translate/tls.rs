@@ -52,6 +52,8 @@ use super::any;
 pub struct Settings {
     pub trust_domain: String,
     pub mtls: bool,
+    /// Where services' virtual IPs come from (mesh DNS and interception).
+    pub vip_range: super::VipRange,
 }
 
 impl Default for Settings {
@@ -59,6 +61,7 @@ impl Default for Settings {
         Settings {
             trust_domain: "pilotfish.local".to_string(),
             mtls: false,
+            vip_range: super::VipRange::default(),
         }
     }
 }

@@ -95,6 +95,7 @@ fn proxy(node: &str) -> Proxy {
         app_address: "127.0.0.1".parse().expect("ip"),
         access_log: Default::default(),
         tracing: None,
+        intercept: None,
     }
 }
 
