@@ -12,6 +12,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use crate::intercept::InterceptionConfig;
+use crate::intercept::Ipv4Net;
 use pilotfish_pki::TrustDomain;
 use pilotfish_registries::config_vocab::{FileProblems, Problem};
 use serde::Deserialize;
@@ -70,6 +72,7 @@ struct AgentFile {
     health: Option<String>,
     envoy: Option<EnvoyFile>,
     tracing: Option<TracingFile>,
+    interception: Option<InterceptionFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -82,6 +85,17 @@ struct EnvoyFile {
     log_level: Option<String>,
     xds: Option<String>,
     access_log: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InterceptionFile {
+    outbound: Option<bool>,
+    inbound: Option<bool>,
+    port: Option<i64>,
+    include_cidrs: Option<Vec<String>>,
+    exclude_cidrs: Option<Vec<String>>,
+    exclude_ports: Option<Vec<i64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -162,6 +176,8 @@ pub struct AgentConfig {
     pub envoy: EnvoyConfig,
     /// `None`: no tracing (no `[tracing]` table).
     pub tracing: Option<TracingConfig>,
+    /// `None`: no interception (`[interception]` absent, or neither direction on).
+    pub interception: Option<InterceptionConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -429,10 +445,14 @@ pub fn parse(
         },
     };
     let tracing = file.tracing.and_then(|t| tracing(&mut v, t));
+    let interception = file.interception.and_then(|i| interception(&mut v, i));
 
     let mut used = vec![("health", health), ("envoy.admin", admin)];
     if !v.failed() {
         used.push(("outbound", outbound));
+        if let Some(i) = &interception {
+            used.push(("interception.port", i.listener()));
+        }
         if let Some((a, b)) = first_clash(&used) {
             v.problem(b, format!("uses the same address as {a}"));
         }
@@ -465,7 +485,55 @@ pub fn parse(
             access_log,
         },
         tracing,
+        interception,
     })
+}
+
+/// `[interception]`: `None` unless `outbound` or `inbound` is on.
+fn interception(v: &mut Validator<'_>, file: InterceptionFile) -> Option<InterceptionConfig> {
+    let port = match file.port {
+        None => crate::intercept::DEFAULT_PORT,
+        Some(p) => match u16::try_from(p) {
+            Ok(p) if p != 0 => p,
+            _ => v.fail("interception.port", format!("{p} is not a port (1-65535)")),
+        },
+    };
+    let mut cidrs = |key: &str, list: Option<Vec<String>>| -> Vec<Ipv4Net> {
+        let mut out = Vec::new();
+        for (i, text) in list.unwrap_or_default().iter().enumerate() {
+            match text.parse() {
+                Ok(net) => out.push(net),
+                Err(m) => v.problem(format!("interception.{key}[{i}]"), m),
+            }
+        }
+        out
+    };
+    let include_cidrs = cidrs("include_cidrs", file.include_cidrs);
+    let exclude_cidrs = cidrs("exclude_cidrs", file.exclude_cidrs);
+    let mut exclude_ports = Vec::new();
+    for (i, p) in file
+        .exclude_ports
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        match u16::try_from(p) {
+            Ok(p) if p != 0 => exclude_ports.push(p),
+            _ => v.problem(
+                format!("interception.exclude_ports[{i}]"),
+                format!("{p} is not a port (1-65535)"),
+            ),
+        }
+    }
+    let config = InterceptionConfig {
+        outbound: file.outbound.unwrap_or(false),
+        inbound: file.inbound.unwrap_or(false),
+        port,
+        include_cidrs,
+        exclude_cidrs,
+        exclude_ports,
+    };
+    (config.outbound || config.inbound).then_some(config)
 }
 
 /// `[tracing]`: `zipkin` is required once the table is written; `sample_percent` is a number
@@ -860,6 +928,70 @@ admin = "127.0.0.1:15000"
             assert_eq!(err.len(), 1, "{tracing}: {err:?}");
             let shown = err[0].to_string();
             assert!(shown.starts_with(expected), "{tracing}: {shown}");
+        }
+    }
+
+    #[test]
+    fn interception_is_off_unless_a_direction_is_on_and_problems_name_their_key() {
+        let bin = fake_path();
+        let parse_with = |table: &str| {
+            let text = format!(
+                "node = \"a\"\naddress = \"127.0.0.2\"\ndiscovery = [\"127.0.0.1:1\"]\n\
+                 insecure = true\n{table}"
+            );
+            parse(
+                Path::new("agent.toml"),
+                &text,
+                Path::new("/etc/pilotfish"),
+                Some(bin.path().as_os_str()),
+            )
+        };
+        assert_eq!(parse_with("").unwrap().interception, None);
+        assert_eq!(
+            parse_with("[interception]\nexclude_ports = [22]\n")
+                .unwrap()
+                .interception,
+            None
+        );
+        let on = parse_with(
+            "[interception]\noutbound = true\nexclude_cidrs = [\"10.9.0.0/16\"]\n\
+             exclude_ports = [22]\ninclude_cidrs = [\"240.240.0.0/16\", \"10.0.0.0/8\"]\n",
+        )
+        .unwrap()
+        .interception
+        .unwrap();
+        assert!(on.outbound && !on.inbound);
+        assert_eq!(on.listener().to_string(), "127.0.0.1:15002");
+        assert_eq!(on.exclude_ports, [22]);
+        assert_eq!(on.include_cidrs.len(), 2);
+
+        let cases = [
+            (
+                "[interception]\noutbound = true\nport = 0\n",
+                "agent.toml:7:8: interception.port: 0 is not a port",
+            ),
+            (
+                "[interception]\noutbound = true\nexclude_cidrs = [\"10.0.0.1/8\"]\n",
+                "agent.toml:7:18: interception.exclude_cidrs[0]: \"10.0.0.1/8\" has host bits set",
+            ),
+            (
+                "[interception]\ninbound = true\nexclude_ports = [22, 70000]\n",
+                "agent.toml:7:22: interception.exclude_ports[1]: 70000 is not a port",
+            ),
+            (
+                "[interception]\noutbound = true\nport = 15020\n",
+                "agent.toml:7:8: interception.port: uses the same address as health",
+            ),
+            (
+                "[interception]\noutbund = true\n",
+                "agent.toml:6:1: interception.outbund: unknown field `outbund`",
+            ),
+        ];
+        for (table, expected) in cases {
+            let err = parse_with(table).unwrap_err();
+            assert_eq!(err.len(), 1, "{table}: {err:?}");
+            let shown = err[0].to_string();
+            assert!(shown.starts_with(expected), "{table}: {shown}");
         }
     }
 

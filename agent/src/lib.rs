@@ -16,6 +16,7 @@ pub mod envoy;
 pub mod health;
 pub mod host;
 pub mod identity;
+pub mod intercept;
 pub mod notify;
 pub mod socket;
 pub mod status;
@@ -39,6 +40,7 @@ use health::Health;
 use identity::manager::{IdentityError, IdentityManager, IdentitySettings};
 use identity::sds::{SdsError, SdsServer};
 use identity::{Identities, Wanted};
+use intercept::Interceptor;
 use status::AgentStatus;
 use xds::proxy::{ProxyError, XdsProxy};
 use xds::store::SharedCache;
@@ -72,6 +74,8 @@ pub enum AgentError {
     },
     #[error("agent task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
+    #[error("[interception]: {0}")]
+    Intercept(#[from] intercept::InterceptError),
 }
 
 enum Part {
@@ -84,6 +88,7 @@ enum Part {
     ConfigDump,
     Leave,
     Systemd,
+    Intercept,
 }
 
 /// Runs the agent until `shutdown` is cancelled (then drains Envoy and returns `Ok`) or a part
@@ -111,6 +116,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let sds_listener = identity::sds::bind(&config.sds_socket())?;
 
     let cache = SharedCache::new(xds::store::load(&config.cache_path()).await);
+    // Before anything else listens: a table a crashed agent left is replaced or removed.
+    let interceptor = Interceptor::start(
+        config.interception.clone(),
+        intercept::Host {
+            uid: intercept::own_uid()?,
+            address: config.address,
+            mesh_port: config.mesh_port,
+        },
+        cache.clone(),
+    )
+    .await?;
     let xds_listener = xds::proxy::bind(&config.xds_socket())?;
     let health_listener =
         TcpListener::bind(config.health)
@@ -201,6 +217,12 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     });
     let sd = services.clone();
     parts.spawn(async move { Part::Health(health.run(health_listener, sd).await) });
+    // Removes the table once Envoy is gone (`services` is cancelled after the supervisor).
+    let sd = services.clone();
+    parts.spawn(async move {
+        interceptor.run(sd).await;
+        Part::Intercept
+    });
     let sd = services.clone();
     let cache_path = config.cache_path();
     parts.spawn(async move {

@@ -60,6 +60,7 @@ pub fn test_config(dir: &Path) -> AgentConfig {
             access_log: crate::config::AccessLog::Stdout,
         },
         tracing: None,
+        interception: None,
     }
 }
 
@@ -107,4 +108,4 @@ pub async fn http_get_with_head(addr: SocketAddr, path: &str) -> (u16, String, S
 #[path = "../../tests/src/debian.rs"]
 mod debian;
 
-pub use debian::promtool_check;
+pub use debian::{ensure_tool, promtool_check};

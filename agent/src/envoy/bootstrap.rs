@@ -32,6 +32,9 @@ pub const META_ACCESS_LOG: &str = "pilotfish.access_log";
 pub const META_ZIPKIN: &str = "pilotfish.zipkin";
 /// `[tracing] sample_percent`, a number; only with `pilotfish.zipkin`.
 pub const META_TRACE_SAMPLE_PERCENT: &str = "pilotfish.trace_sample_percent";
+/// `[interception]`: where the `intercept` listener binds (`"127.0.0.1:<port>"`); absent
+/// without interception.
+pub const META_INTERCEPT: &str = "pilotfish.intercept";
 /// This agent's version, which discovery shows in `proxy-status`.
 pub const META_AGENT_VERSION: &str = "pilotfish.agent_version";
 
@@ -55,6 +58,9 @@ pub fn bootstrap(config: &AgentConfig, xds_socket: &Path) -> Value {
         META_ACCESS_LOG: config.envoy.access_log.metadata(),
         META_AGENT_VERSION: env!("CARGO_PKG_VERSION"),
     });
+    if let Some(interception) = &config.interception {
+        metadata[META_INTERCEPT] = json!(interception.listener().to_string());
+    }
     let mut cluster = NODE_CLUSTER;
     if let Some(tracing) = &config.tracing {
         metadata[META_ZIPKIN] = json!(tracing.zipkin);

@@ -6,17 +6,26 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::cache::XdsCache;
 
-/// The cache shared by the relay (writes on ACK), the fallback (reads) and the persister.
-#[derive(Debug, Clone, Default)]
+/// The cache shared by the relay (writes on ACK), the fallback (reads), the persister and
+/// whoever follows what Envoy accepted ([`SharedCache::changes`]).
+#[derive(Debug, Clone)]
 pub struct SharedCache {
     inner: Arc<Mutex<XdsCache>>,
     dirty: Arc<Notify>,
+    /// Counts changes, for followers.
+    changed: Arc<watch::Sender<u64>>,
+}
+
+impl Default for SharedCache {
+    fn default() -> Self {
+        SharedCache::new(XdsCache::default())
+    }
 }
 
 impl SharedCache {
@@ -24,7 +33,20 @@ impl SharedCache {
         SharedCache {
             inner: Arc::new(Mutex::new(cache)),
             dirty: Arc::new(Notify::new()),
+            changed: Arc::new(watch::channel(0).0),
         }
+    }
+
+    /// Wakes on every change of the cache (the value counts them); read the cache itself
+    /// with [`SharedCache::resource`] or [`SharedCache::snapshot`].
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// One resource as Envoy last accepted it.
+    pub fn resource(&self, type_url: &str, name: &str) -> Option<super::cache::CachedResource> {
+        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        guard.resources(type_url)?.get(name).cloned()
     }
 
     /// Runs `f` on the cache; when it reports a change the persister is woken.
@@ -35,6 +57,7 @@ impl SharedCache {
         };
         if changed {
             self.dirty.notify_one();
+            self.changed.send_modify(|n| *n += 1);
         }
     }
 
