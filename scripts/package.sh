@@ -47,6 +47,9 @@ stage() {
   install -m 0644 "systemd/$pkg.service" "$dir/lib/systemd/system/"
   install -m 0644 packaging/deb/copyright "$dir/usr/share/doc/$pkg/copyright"
   install -m 0644 "packaging/deb/$pkg/README.Debian" "$dir/usr/share/doc/$pkg/README.Debian"
+  if [ "$pkg" = pilotfish-agent ]; then
+    install -m 0644 systemd/interception.conf "$dir/usr/share/doc/$pkg/interception.conf"
+  fi
   printf '%s (%s) unstable; urgency=medium\n\n  * Release %s.\n\n -- Pilotfish developers <pilotfish@example.org>  %s\n' \
     "$pkg" "$version" "$version" "$(date -u -R -d "@$epoch")" \
     | gzip -9n > "$dir/usr/share/doc/$pkg/changelog.gz"

@@ -72,6 +72,37 @@ fn systemd_verifies_both_units() -> Result<()> {
     Ok(())
 }
 
+/// The interception drop-in: systemd accepts the unit with it, and it grants exactly the two
+/// capabilities interception and mesh DNS need.
+#[test]
+fn the_interception_drop_in_verifies_and_adds_only_its_capabilities() -> Result<()> {
+    let analyze = systemd_analyze()?;
+    let dir = tempfile::tempdir()?;
+    let unit = "pilotfish-agent.service";
+    let shipped = "/usr/bin/pilotfish-agent";
+    let copy = dir.path().join(unit);
+    std::fs::write(
+        &copy,
+        unit_text(unit)?.replace(shipped, &binary("pilotfish-agent")?.display().to_string()),
+    )?;
+    let drop_in = dir.path().join(format!("{unit}.d"));
+    std::fs::create_dir_all(&drop_in)?;
+    let text = unit_text("interception.conf")?;
+    std::fs::write(drop_in.join("interception.conf"), &text)?;
+    let out = Command::new(&analyze).arg("verify").arg(&copy).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stderr.trim().is_empty(),
+        "systemd-analyze verify {unit} + interception.conf: {}\n{stderr}",
+        out.status
+    );
+    let caps = "CAP_NET_ADMIN CAP_NET_BIND_SERVICE";
+    assert_eq!(setting(&text, "CapabilityBoundingSet"), Some(caps));
+    assert_eq!(setting(&text, "AmbientCapabilities"), Some(caps));
+    assert!(setting(&text, "RestrictAddressFamilies").is_some_and(|f| f.contains("AF_NETLINK")));
+    Ok(())
+}
+
 #[test]
 fn both_units_are_rated_ok_by_systemd_analyze_security() -> Result<()> {
     let analyze = systemd_analyze()?;
