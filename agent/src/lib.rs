@@ -12,6 +12,7 @@
 //! stream and probes keep answering (503) while connections drain.
 
 pub mod config;
+pub mod dns;
 pub mod envoy;
 pub mod health;
 pub mod host;
