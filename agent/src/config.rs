@@ -15,6 +15,8 @@ use std::time::Duration;
 pub use crate::intercept::InterceptionConfig;
 use crate::intercept::Ipv4Net;
 use pilotfish_pki::TrustDomain;
+
+pub use crate::dns::DnsConfig;
 use pilotfish_registries::config_vocab::{FileProblems, Problem};
 use serde::Deserialize;
 
@@ -34,6 +36,12 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "pilotfish.local";
 /// operator who turns it on expects to see the request just made (Istio's 1% suits clusters
 /// that trace by default).
 pub const DEFAULT_SAMPLE_PERCENT: f64 = 100.0;
+
+/// `[dns] listen`: a loopback address of its own, so the mesh DNS can have port 53 beside
+/// systemd-resolved (127.0.0.53) and anything on 127.0.0.1.
+pub const DEFAULT_DNS_LISTEN: &str = "127.0.0.153:53";
+/// `[dns] domain`: services answer as `<service>.mesh`.
+pub const DEFAULT_DNS_DOMAIN: &str = "mesh";
 
 /// The socket Envoy's `pilotfish-xds` cluster dials, inside `run_dir`.
 pub const XDS_SOCKET: &str = "xds.sock";
@@ -73,6 +81,7 @@ struct AgentFile {
     envoy: Option<EnvoyFile>,
     tracing: Option<TracingFile>,
     interception: Option<InterceptionFile>,
+    dns: Option<DnsFile>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -103,6 +112,16 @@ struct InterceptionFile {
 struct TracingFile {
     zipkin: Option<String>,
     sample_percent: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DnsFile {
+    enabled: Option<bool>,
+    listen: Option<String>,
+    domain: Option<String>,
+    bare_names: Option<bool>,
+    upstreams: Option<Vec<String>>,
 }
 
 // ---- runtime layer ----------------------------------------------------------------------------
@@ -178,6 +197,8 @@ pub struct AgentConfig {
     pub tracing: Option<TracingConfig>,
     /// `None`: no interception (`[interception]` absent, or neither direction on).
     pub interception: Option<InterceptionConfig>,
+    /// `None`: no mesh DNS server (`[dns] enabled` is not true).
+    pub dns: Option<DnsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -446,12 +467,17 @@ pub fn parse(
     };
     let tracing = file.tracing.and_then(|t| tracing(&mut v, t));
     let interception = file.interception.and_then(|i| interception(&mut v, i));
+    let dns = dns(&mut v, file.dns.unwrap_or_default());
 
     let mut used = vec![("health", health), ("envoy.admin", admin)];
     if !v.failed() {
         used.push(("outbound", outbound));
         if let Some(i) = &interception {
             used.push(("interception.port", i.listener()));
+        }
+        // Its TCP half would clash with the HTTP listeners.
+        if let Some(dns) = &dns {
+            used.push(("dns.listen", dns.listen));
         }
         if let Some((a, b)) = first_clash(&used) {
             v.problem(b, format!("uses the same address as {a}"));
@@ -486,6 +512,7 @@ pub fn parse(
         },
         tracing,
         interception,
+        dns,
     })
 }
 
@@ -569,6 +596,119 @@ fn tracing(v: &mut Validator<'_>, file: TracingFile) -> Option<TracingConfig> {
         zipkin: zipkin?,
         sample_hundredths: sample_hundredths?,
     })
+}
+
+/// Whether the mesh DNS server runs: `[dns] enabled` when written, else `default_on`.
+///
+/// TODO(interception): `[interception] outbound = true` turns DNS on by default; pass it here
+/// as `default_on` once that table exists (apps must resolve `<service>.mesh` to reach the VIPs
+/// it intercepts). `enabled = false` still turns it off.
+fn dns_enabled(file_enabled: Option<bool>, default_on: bool) -> bool {
+    file_enabled.unwrap_or(default_on)
+}
+
+/// `[dns]`: every key is checked even when the server is off, so a typo shows before the day it
+/// is turned on. `upstreams` not written: the host's name servers (read only when enabled, see
+/// [`crate::dns::system_upstreams`]).
+fn dns(v: &mut Validator<'_>, file: DnsFile) -> Option<DnsConfig> {
+    let enabled = dns_enabled(file.enabled, false);
+    let listen_text = file.listen.as_deref().unwrap_or(DEFAULT_DNS_LISTEN);
+    let listen = match listen_text.parse::<SocketAddr>() {
+        Ok(a) if a.port() != 0 => a,
+        Ok(_) => v.fail(
+            "dns.listen",
+            format!("\"{listen_text}\" has port 0 (DNS clients ask port 53)"),
+        ),
+        Err(_) => v.fail("dns.listen", format!("\"{listen_text}\" is not an ip:port")),
+    };
+    let domain = file
+        .domain
+        .unwrap_or_else(|| DEFAULT_DNS_DOMAIN.to_string());
+    if let Err(m) = check_domain(&domain) {
+        v.problem("dns.domain", m);
+    }
+    let upstreams = match file.upstreams {
+        Some(list) => list
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let key = format!("dns.upstreams[{i}]");
+                match parse_upstream(s) {
+                    Ok(a) if crate::dns::is_own_address(a, listen) => {
+                        v.problem(
+                            key,
+                            format!("{a} is dns.listen itself: queries would loop back to it"),
+                        );
+                        None
+                    }
+                    Ok(a) => Some(a),
+                    Err(m) => {
+                        v.problem(key, m);
+                        None
+                    }
+                }
+            })
+            .collect(),
+        None if enabled => crate::dns::system_upstreams(listen),
+        None => Vec::new(),
+    };
+    enabled.then(|| DnsConfig {
+        listen,
+        domain,
+        bare_names: file.bare_names.unwrap_or(false),
+        upstreams,
+    })
+}
+
+/// A DNS name written without its trailing dot: labels of 1-63 lowercase letters, digits and
+/// '-' (not at either end), joined by single dots.
+fn check_domain(domain: &str) -> Result<(), String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "\"{}\" is not a DNS domain: {why}",
+            domain.escape_debug()
+        ))
+    };
+    if domain.is_empty() {
+        return bad("it is empty");
+    }
+    if domain.starts_with('.') || domain.ends_with('.') {
+        return bad("write it without a leading or trailing dot");
+    }
+    if domain.len() > 253 {
+        return bad("longer than 253 characters");
+    }
+    for label in domain.split('.') {
+        if label.is_empty() {
+            return bad("two dots in a row");
+        }
+        if label.len() > 63 {
+            return bad("a label longer than 63 characters");
+        }
+        if !label
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return bad("only lowercase letters, digits, '-' and dots");
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return bad("a label starts or ends with '-'");
+        }
+    }
+    Ok(())
+}
+
+/// `"ip"` (port 53) or `"ip:port"` (`"[v6]:port"`).
+fn parse_upstream(s: &str) -> Result<SocketAddr, String> {
+    let addr = match (s.parse::<SocketAddr>(), s.parse::<IpAddr>()) {
+        (Ok(a), _) => a,
+        (_, Ok(ip)) => SocketAddr::new(ip, 53),
+        _ => return Err(format!("\"{}\" is not an ip or ip:port", s.escape_debug())),
+    };
+    if addr.port() == 0 {
+        return Err(format!("\"{s}\" has port 0"));
+    }
+    Ok(addr)
 }
 
 fn first_clash(used: &[(&'static str, SocketAddr)]) -> Option<(&'static str, &'static str)> {
@@ -993,6 +1133,144 @@ admin = "127.0.0.1:15000"
             let shown = err[0].to_string();
             assert!(shown.starts_with(expected), "{table}: {shown}");
         }
+    }
+
+    #[test]
+    fn dns_is_off_unless_enabled_and_every_key_is_checked() {
+        let bin = fake_path();
+        let parse_with = |dns: &str| {
+            let text = format!(
+                "node = \"a\"\naddress = \"127.0.0.2\"\ndiscovery = [\"127.0.0.1:1\"]\n\
+                 insecure = true\n{dns}"
+            );
+            parse(
+                Path::new("agent.toml"),
+                &text,
+                Path::new("/etc/pilotfish"),
+                Some(bin.path().as_os_str()),
+            )
+        };
+        assert_eq!(parse_with("").unwrap().dns, None);
+        assert_eq!(parse_with("[dns]\nenabled = false\n").unwrap().dns, None);
+        let listen: SocketAddr = "127.0.0.153:53".parse().unwrap();
+        let on = parse_with(
+            "[dns]\nenabled = true\nupstreams = [\"10.0.0.2\", \"10.0.0.3:5353\", \"2001:db8::53\", \
+             \"[2001:db8::54]:53\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            on.dns,
+            Some(DnsConfig {
+                listen,
+                domain: "mesh".into(),
+                bare_names: false,
+                upstreams: [
+                    "10.0.0.2:53",
+                    "10.0.0.3:5353",
+                    "[2001:db8::53]:53",
+                    "[2001:db8::54]:53"
+                ]
+                .iter()
+                .map(|a| a.parse().unwrap())
+                .collect(),
+            })
+        );
+        let custom = parse_with(
+            "[dns]\nenabled = true\nlisten = \"127.0.0.2:5353\"\ndomain = \"svc.corp-1\"\n\
+             bare_names = true\nupstreams = []\n",
+        )
+        .unwrap()
+        .dns
+        .unwrap();
+        assert_eq!(custom.listen, "127.0.0.2:5353".parse().unwrap());
+        assert_eq!(custom.domain, "svc.corp-1");
+        assert!(custom.bare_names);
+        assert!(custom.upstreams.is_empty());
+        // Not written: the host's resolv.conf, less the listen address.
+        let default = parse_with("[dns]\nenabled = true\n").unwrap().dns.unwrap();
+        assert_eq!(default.upstreams, crate::dns::system_upstreams(listen));
+        assert!(!default.upstreams.contains(&listen));
+
+        // Each problem at its key, with what is wrong; checked even with the server off.
+        let cases = [
+            (
+                "[dns]\nlisten = \"127.0.0.153\"\n",
+                "agent.toml:6:10: dns.listen: \"127.0.0.153\" is not an ip:port",
+            ),
+            (
+                "[dns]\nlisten = \"127.0.0.153:0\"\n",
+                "agent.toml:6:10: dns.listen: \"127.0.0.153:0\" has port 0",
+            ),
+            (
+                "[dns]\ndomain = \"Mesh\"\n",
+                "agent.toml:6:10: dns.domain: \"Mesh\" is not a DNS domain: only lowercase",
+            ),
+            (
+                "[dns]\ndomain = \"mesh.\"\n",
+                "agent.toml:6:10: dns.domain: \"mesh.\" is not a DNS domain: write it without a \
+                 leading or trailing dot",
+            ),
+            (
+                "[dns]\ndomain = \".mesh\"\n",
+                "agent.toml:6:10: dns.domain: \".mesh\" is not a DNS domain: write it without",
+            ),
+            (
+                "[dns]\ndomain = \"svc..mesh\"\n",
+                "agent.toml:6:10: dns.domain: \"svc..mesh\" is not a DNS domain: two dots in a row",
+            ),
+            (
+                "[dns]\ndomain = \"-mesh\"\n",
+                "agent.toml:6:10: dns.domain: \"-mesh\" is not a DNS domain: a label starts or \
+                 ends with '-'",
+            ),
+            (
+                "[dns]\ndomain = \"svc_1\"\n",
+                "agent.toml:6:10: dns.domain: \"svc_1\" is not a DNS domain: only lowercase",
+            ),
+            (
+                "[dns]\ndomain = \"\"\n",
+                "agent.toml:6:10: dns.domain: \"\" is not a DNS domain: it is empty",
+            ),
+            (
+                "[dns]\nupstreams = [\"10.0.0.2\", \"10.0.0.300\"]\n",
+                "agent.toml:6:26: dns.upstreams[1]: \"10.0.0.300\" is not an ip or ip:port",
+            ),
+            (
+                "[dns]\nupstreams = [\"10.0.0.2:0\"]\n",
+                "agent.toml:6:14: dns.upstreams[0]: \"10.0.0.2:0\" has port 0",
+            ),
+            (
+                "[dns]\nupstreams = [\"127.0.0.153\"]\n",
+                "agent.toml:6:14: dns.upstreams[0]: 127.0.0.153:53 is dns.listen itself: \
+                 queries would loop back to it",
+            ),
+            (
+                "[dns]\nenabled = true\nlisten = \"127.0.0.1:15020\"\nupstreams = []\n",
+                "agent.toml:7:10: dns.listen: uses the same address as health",
+            ),
+            (
+                "[dns]\nenabled = \"yes\"\n",
+                "agent.toml:6:11: dns.enabled: invalid type: string",
+            ),
+            (
+                "[dns]\nupstream = [\"10.0.0.2\"]\n",
+                "agent.toml:6:1: dns.upstream: unknown field `upstream`",
+            ),
+        ];
+        for (dns, expected) in cases {
+            let err = parse_with(dns).unwrap_err();
+            assert_eq!(err.len(), 1, "{dns}: {err:?}");
+            let shown = err[0].to_string();
+            assert!(shown.starts_with(expected), "{dns}: {shown}");
+        }
+    }
+
+    #[test]
+    fn dns_enabled_follows_the_file_then_the_default() {
+        assert!(!dns_enabled(None, false));
+        assert!(dns_enabled(None, true));
+        assert!(dns_enabled(Some(true), false));
+        assert!(!dns_enabled(Some(false), true));
     }
 
     #[test]

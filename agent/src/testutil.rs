@@ -61,6 +61,7 @@ pub fn test_config(dir: &Path) -> AgentConfig {
         },
         tracing: None,
         interception: None,
+        dns: None,
     }
 }
 
