@@ -175,8 +175,18 @@ async fn reload(exe: &Path, config: &Path) {
 
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_env("PILOTFISH_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let spec = std::env::var("PILOTFISH_LOG").unwrap_or_default();
+    let mut filter = EnvFilter::try_new(&spec)
+        .ok()
+        .filter(|_| !spec.is_empty())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    // hickory-server logs every DNS query it answers at info; the mesh DNS answers all of the
+    // host's. Unless the operator asked for hickory's logs by name, only its warnings.
+    if !spec.contains("hickory") {
+        if let Ok(quiet) = "hickory_server=warn".parse() {
+            filter = filter.add_directive(quiet);
+        }
+    }
     // No colour codes unless a person is watching (journald would store them).
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
