@@ -30,9 +30,8 @@ mod forward;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,8 +54,8 @@ pub use forward::{
     is_own_address, system_upstreams, upstreams_from_resolv_conf, RESOLVED_RESOLV_CONF, RESOLV_CONF,
 };
 
-/// Service name -> VIP, as discovery allocates them.
-pub type Names = BTreeMap<String, Ipv4Addr>;
+/// Service name -> VIP, as discovery allocates them (the table [`crate::intercept`] learns).
+pub use crate::intercept::Names;
 
 /// The TTL of every mesh answer, and the SOA minimum (how long a miss is remembered), in
 /// seconds: short, so a VIP change or a new service reaches apps within seconds.
