@@ -467,7 +467,8 @@ pub fn parse(
     };
     let tracing = file.tracing.and_then(|t| tracing(&mut v, t));
     let interception = file.interception.and_then(|i| interception(&mut v, i));
-    let dns = dns(&mut v, file.dns.unwrap_or_default());
+    let intercepts = interception.as_ref().is_some_and(|i| i.outbound);
+    let dns = dns(&mut v, file.dns.unwrap_or_default(), intercepts);
 
     let mut used = vec![("health", health), ("envoy.admin", admin)];
     if !v.failed() {
@@ -598,11 +599,9 @@ fn tracing(v: &mut Validator<'_>, file: TracingFile) -> Option<TracingConfig> {
     })
 }
 
-/// Whether the mesh DNS server runs: `[dns] enabled` when written, else `default_on`.
-///
-/// TODO(interception): `[interception] outbound = true` turns DNS on by default; pass it here
-/// as `default_on` once that table exists (apps must resolve `<service>.mesh` to reach the VIPs
-/// it intercepts). `enabled = false` still turns it off.
+/// Whether the mesh DNS server runs: `[dns] enabled` when written, else `default_on`, which
+/// is `[interception] outbound` (apps resolve `<service>.mesh` to reach the VIPs it
+/// intercepts). `enabled = false` still turns it off.
 fn dns_enabled(file_enabled: Option<bool>, default_on: bool) -> bool {
     file_enabled.unwrap_or(default_on)
 }
@@ -610,8 +609,15 @@ fn dns_enabled(file_enabled: Option<bool>, default_on: bool) -> bool {
 /// `[dns]`: every key is checked even when the server is off, so a typo shows before the day it
 /// is turned on. `upstreams` not written: the host's name servers (read only when enabled, see
 /// [`crate::dns::system_upstreams`]).
-fn dns(v: &mut Validator<'_>, file: DnsFile) -> Option<DnsConfig> {
-    let enabled = dns_enabled(file.enabled, false);
+fn dns(v: &mut Validator<'_>, file: DnsFile, intercepts: bool) -> Option<DnsConfig> {
+    let enabled = dns_enabled(file.enabled, intercepts);
+    if enabled && !intercepts {
+        v.problem(
+            "dns.enabled",
+            "needs [interception] outbound = true: the virtual IPs it answers with reach Envoy \
+             only through interception",
+        );
+    }
     let listen_text = file.listen.as_deref().unwrap_or(DEFAULT_DNS_LISTEN);
     let listen = match listen_text.parse::<SocketAddr>() {
         Ok(a) if a.port() != 0 => a,
@@ -1138,7 +1144,7 @@ admin = "127.0.0.1:15000"
     #[test]
     fn dns_is_off_unless_enabled_and_every_key_is_checked() {
         let bin = fake_path();
-        let parse_with = |dns: &str| {
+        let parse_plain = |dns: &str| {
             let text = format!(
                 "node = \"a\"\naddress = \"127.0.0.2\"\ndiscovery = [\"127.0.0.1:1\"]\n\
                  insecure = true\n{dns}"
@@ -1150,8 +1156,19 @@ admin = "127.0.0.1:15000"
                 Some(bin.path().as_os_str()),
             )
         };
-        assert_eq!(parse_with("").unwrap().dns, None);
+        // With outbound interception (which turns DNS on unless `enabled = false`).
+        let parse_with =
+            |dns: &str| parse_plain(&format!("{dns}\n[interception]\noutbound = true\n"));
+        assert_eq!(parse_plain("").unwrap().dns, None);
+        assert!(parse_with("").unwrap().dns.is_some());
         assert_eq!(parse_with("[dns]\nenabled = false\n").unwrap().dns, None);
+        let alone = parse_plain("[dns]\nenabled = true\n").unwrap_err();
+        assert!(
+            alone[0]
+                .to_string()
+                .starts_with("agent.toml:6:11: dns.enabled: needs [interception] outbound = true"),
+            "{alone:?}"
+        );
         let listen: SocketAddr = "127.0.0.153:53".parse().unwrap();
         let on = parse_with(
             "[dns]\nenabled = true\nupstreams = [\"10.0.0.2\", \"10.0.0.3:5353\", \"2001:db8::53\", \

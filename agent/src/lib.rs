@@ -77,6 +77,8 @@ pub enum AgentError {
     Task(#[from] tokio::task::JoinError),
     #[error("[interception]: {0}")]
     Intercept(#[from] intercept::InterceptError),
+    #[error("[dns]: {0}")]
+    Dns(#[from] dns::DnsError),
 }
 
 enum Part {
@@ -90,6 +92,7 @@ enum Part {
     Leave,
     Systemd,
     Intercept,
+    Dns(Result<(), dns::DnsError>),
 }
 
 /// Runs the agent until `shutdown` is cancelled (then drains Envoy and returns `Ok`) or a part
@@ -128,6 +131,10 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         cache.clone(),
     )
     .await?;
+    let dns = match &config.dns {
+        Some(dns) => Some(dns::bind(dns).await?),
+        None => None,
+    };
     let xds_listener = xds::proxy::bind(&config.xds_socket())?;
     let health_listener =
         TcpListener::bind(config.health)
@@ -218,6 +225,11 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     });
     let sd = services.clone();
     parts.spawn(async move { Part::Health(health.run(health_listener, sd).await) });
+    if let Some(dns) = dns {
+        info!(listen = %dns.local_addr(), "mesh DNS serving");
+        let (names, sd) = (interceptor.names(), services.clone());
+        parts.spawn(async move { Part::Dns(dns.serve(names, sd).await) });
+    }
     // Removes the table once Envoy is gone (`services` is cancelled after the supervisor).
     let sd = services.clone();
     parts.spawn(async move {
@@ -240,6 +252,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             }
             Ok(Part::Proxy(Err(e))) => AgentError::Proxy(e),
             Ok(Part::Sds(Err(e))) => AgentError::Sds(e),
+            Ok(Part::Dns(Err(e))) => AgentError::Dns(e),
             Ok(Part::Health(Err(source))) => AgentError::Health {
                 addr: config.health,
                 source,

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use rand::Rng;
+use rand::RngExt;
 
 /// The default jitter: ±10% of the lifetime around the midpoint.
 pub const DEFAULT_JITTER_FRACTION: f64 = 0.1;
@@ -19,7 +19,7 @@ pub const LATEST_FRACTION: f64 = 0.8;
 /// When to start renewing a certificate valid from `not_before` to `not_after`.
 /// `jitter_fraction` is clamped to `0.0..=0.5`. A certificate with no lifetime (not_after at
 /// or before not_before) is due at `not_before`, that is, now.
-pub fn renew_at<R: Rng + ?Sized>(
+pub fn renew_at<R: RngExt + ?Sized>(
     not_before: SystemTime,
     not_after: SystemTime,
     jitter_fraction: f64,
@@ -43,7 +43,7 @@ pub fn renew_at<R: Rng + ?Sized>(
 }
 
 /// How long from `now` until renewal is due (zero if it already is).
-pub fn renew_in<R: Rng + ?Sized>(
+pub fn renew_in<R: RngExt + ?Sized>(
     now: SystemTime,
     not_before: SystemTime,
     not_after: SystemTime,

@@ -91,7 +91,7 @@ mod tests {
     use super::*;
     use crate::model::{Instance, Protocol, Service};
     use rand::seq::SliceRandom;
-    use rand::{Rng, SeedableRng};
+    use rand::{RngExt, SeedableRng};
 
     fn inst(addr: &str, port: u16, dc: Option<&str>) -> Instance {
         Instance {

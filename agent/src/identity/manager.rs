@@ -35,7 +35,7 @@ use std::time::{Duration, SystemTime};
 
 use pilotfish_pki::rotation::DEFAULT_JITTER_FRACTION;
 use pilotfish_pki::{parse_cert_pem, renew_at, CertInfo, LocalKey, SpiffeId, TrustDomain};
-use rand::Rng;
+use rand::RngExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::ClientTlsConfig;
@@ -104,12 +104,12 @@ impl Schedule {
         }
     }
 
-    fn renewal<R: Rng + ?Sized>(&self, info: &CertInfo, rng: &mut R) -> SystemTime {
+    fn renewal<R: RngExt + ?Sized>(&self, info: &CertInfo, rng: &mut R) -> SystemTime {
         renew_at(info.not_before, info.not_after, self.jitter, rng)
     }
 
     /// A (new or stored) node certificate: renew it at `renew_at`.
-    pub fn node_issued<R: Rng + ?Sized>(&mut self, info: &CertInfo, rng: &mut R) {
+    pub fn node_issued<R: RngExt + ?Sized>(&mut self, info: &CertInfo, rng: &mut R) {
         self.node = Slot::at(self.renewal(info, rng));
         self.node_not_after = Some(info.not_after);
     }
@@ -127,14 +127,19 @@ impl Schedule {
     }
 
     /// A new certificate for `service`.
-    pub fn service_issued<R: Rng + ?Sized>(&mut self, service: &str, info: &CertInfo, rng: &mut R) {
+    pub fn service_issued<R: RngExt + ?Sized>(
+        &mut self,
+        service: &str,
+        info: &CertInfo,
+        rng: &mut R,
+    ) {
         let slot = Slot::at(self.renewal(info, rng));
         self.services.insert(service.to_owned(), slot);
     }
 
     /// Envoy asked for `service`. With a stored certificate, renew it when due; without one,
     /// get one now. Already known names keep their schedule.
-    pub fn want<R: Rng + ?Sized>(
+    pub fn want<R: RngExt + ?Sized>(
         &mut self,
         service: &str,
         stored: Option<&CertInfo>,
@@ -156,7 +161,12 @@ impl Schedule {
     }
 
     /// `job` failed at `now`: retry after a jittered, doubling delay. Returns the delay.
-    pub fn failed<R: Rng + ?Sized>(&mut self, job: &Job, now: SystemTime, rng: &mut R) -> Duration {
+    pub fn failed<R: RngExt + ?Sized>(
+        &mut self,
+        job: &Job,
+        now: SystemTime,
+        rng: &mut R,
+    ) -> Duration {
         let slot = match job {
             Job::Enrol | Job::RenewNode => &mut self.node,
             Job::Bundle => &mut self.bundle,
