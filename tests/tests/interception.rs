@@ -1,0 +1,299 @@
+//! Transparent interception and mesh DNS, end to end: every host is a network namespace with
+//! its own nftables, its agent writes its own table, and apps run unmodified, as another user
+//! than the agent and Envoy (root here), calling services by name.
+//!
+//! - productpage: `[interception] outbound = true` (mesh DNS on by default, forwarding other
+//!   names to a dnsmasq upstream on the bridge);
+//! - reviews: `[interception] inbound = true`; it hosts `reviews` (HTTP, port 9080) and `db`
+//!   (TCP, clients dial port 5432, the app listens on 7000).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use pilotfish_tests::mesh::{Mesh, MeshOptions};
+use pilotfish_tests::netns::NetnsCommand;
+use pilotfish_tests::{
+    blocking, ensure_debian_tool, envoy_stat, http_get, wait_for, Process,
+};
+
+const READY: Duration = Duration::from_secs(30);
+/// The apps' user: anyone but the agent's (root in these tests).
+const APP_UID: u32 = 65534;
+/// The `intercept` listener's connection count, in Envoy's stats.
+const INTERCEPTED: &str = "listener.127.0.0.1_15002.downstream_cx_total";
+
+/// `nft list tables` inside a host: the `ip pilotfish` lines.
+fn pilotfish_tables(ns: &pilotfish_tests::netns::NetnsHost) -> Result<usize> {
+    let out = ns.command("nft").args(["list", "tables"]).run()?;
+    Ok(out
+        .lines()
+        .filter(|l| l.trim() == "table ip pilotfish")
+        .count())
+}
+
+/// Runs `cmd` until it succeeds and its stdout satisfies `ok`; that stdout.
+async fn until(what: &str, cmd: NetnsCommand, ok: fn(&str) -> bool, mesh: &Mesh) -> Result<String> {
+    wait_for(what, READY, || {
+        let cmd = cmd.clone();
+        async move {
+            let out = blocking(move || cmd.output()).await?;
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            Ok((out.status.success() && ok(&stdout)).then_some(stdout))
+        }
+    })
+    .await
+    .map_err(|e| anyhow!("{e:#}\n{}", mesh.logs()))
+}
+
+/// A shell loop of `curl`s (new connections, as the app's user) until SIGTERM: a line `ok`
+/// per answer, `failed at ...` per failure, and `ok=N fail=M` at the end.
+fn load_loop(ns: &pilotfish_tests::netns::NetnsHost, url: &str, log: std::path::PathBuf) -> Result<Process> {
+    let script = format!(
+        "ok=0; fail=0; trap 'echo \"ok=$ok fail=$fail\"; exit 0' TERM; \
+         while :; do if curl -sf -o /dev/null --max-time 3 {url}; then ok=$((ok+1)); echo ok; \
+         else fail=$((fail+1)); echo \"failed at $(date +%T.%N)\"; fi; done"
+    );
+    ns.command("sh")
+        .args(["-c", &script])
+        .as_user(APP_UID)
+        .spawn("load", log)
+}
+
+fn load_result(log: &str) -> Result<(u64, u64)> {
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("ok="))
+        .with_context(|| format!("no result in the load's log:\n{log}"))?;
+    let mut nums = last
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('=')?.1.parse::<u64>().ok());
+    match (nums.next(), nums.next()) {
+        (Some(ok), Some(fail)) => Ok((ok, fail)),
+        _ => bail!("bad load result {last:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() -> Result<()> {
+    ensure_debian_tool("nft", "nftables")?;
+    ensure_debian_tool("curl", "curl")?;
+    let dnsmasq = ensure_debian_tool("dnsmasq", "dnsmasq-base")?;
+    let mut mesh = Mesh::start_opts(MeshOptions {
+        secure: true,
+        netns: true,
+        ..MeshOptions::default()
+    })?;
+    let gw = mesh.lab.as_ref().context("a netns mesh")?.gateway();
+    // The host's "real" resolver: answers outside.test, on the bridge.
+    let _upstream = Process::spawn(
+        "dnsmasq",
+        &dnsmasq,
+        &[
+            "--keep-in-foreground",
+            "--no-hosts",
+            "--no-resolv",
+            "--bind-interfaces",
+            &format!("--listen-address={gw}"),
+            "--except-interface=lo",
+            "--port=53",
+            "--user=root",
+            "--address=/outside.test/192.0.2.10",
+            "--log-facility=-",
+        ],
+        mesh.dir.join("dnsmasq.log"),
+    )?;
+    mesh.add_host_with(
+        "productpage",
+        1,
+        &format!(
+            "access_log = \"off\"\n\n[interception]\noutbound = true\n\n[dns]\nupstreams = [\"{gw}\"]\n"
+        ),
+    )?;
+    let reviews_log = mesh.dir.join("reviews-access.log");
+    mesh.add_host_with(
+        "reviews",
+        2,
+        &format!(
+            "access_log = \"{}\"\n\n[interception]\ninbound = true\n",
+            reviews_log.display()
+        ),
+    )?;
+    mesh.start_app_in("reviews", "reviews", "v1", 9080, &[])?;
+    mesh.start_app_in("reviews", "db", "v1", 7000, &[])?;
+    mesh.start_app_in("productpage", "productpage", "v1", 9080, &[])?;
+    let reviews_ip = mesh.host("reviews").ip;
+    let mut registry = mesh.service_toml(
+        "productpage",
+        "upstreams = [\"reviews\", \"db\"]",
+        &[("productpage", 9080, "")],
+    ) + &mesh.service_toml("reviews", "", &[("reviews", 9080, "")]);
+    registry.push_str(&format!(
+        "[services.db]\nport = 5432\nprotocol = \"tcp\"\n\n[[services.db.instances]]\n\
+         node = \"reviews\"\naddress = \"{reviews_ip}\"\nport = 7000\nmesh_port = 15006\n"
+    ));
+    mesh.write_registry("services.toml", &registry)?;
+    mesh.wait_all_ready(READY).await?;
+
+    let client = mesh.host("productpage").netns.clone().context("namespace")?;
+    client.set_resolv_conf("nameserver 127.0.0.153\n")?;
+    let admin = mesh.host("productpage").admin;
+
+    // 1. An unmodified HTTP client, by name, over mTLS: the callee sees productpage.
+    let curl = client
+        .command("curl")
+        .args(["-s", "--max-time", "5", "http://reviews.mesh:9080/"])
+        .as_user(APP_UID);
+    let answer = until(
+        "curl http://reviews.mesh:9080/",
+        curl,
+        |b| b.starts_with("reviews-v1 GET / "),
+        &mesh,
+    )
+    .await?;
+    assert!(
+        answer.contains("URI=spiffe://pilotfish.local/service/productpage"),
+        "the callee sees the caller's identity: {answer}"
+    );
+    // The name resolves to a virtual IP of the range.
+    let vip = client
+        .command("getent")
+        .args(["ahostsv4", "reviews.mesh"])
+        .as_user(APP_UID)
+        .run()?;
+    assert!(vip.starts_with("240.240."), "{vip}");
+
+    // 2. A raw TCP client to a TCP service by name; the callee's proxy saw productpage's
+    // certificate.
+    let raw = client
+        .command("bash")
+        .args([
+            "-c",
+            "exec 3<>/dev/tcp/db.mesh/5432 && printf 'GET /raw HTTP/1.0\\r\\nHost: db\\r\\n\\r\\n' >&3 \
+             && timeout 5 cat <&3",
+        ])
+        .as_user(APP_UID);
+    let answer = until("raw TCP to db.mesh:5432", raw, |b| b.contains("db-v1 GET /raw"), &mesh).await?;
+    println!("raw TCP: {}", answer.lines().last().unwrap_or_default());
+    let log_path = reviews_log.clone();
+    let line = wait_for("the TCP connection in reviews' access log", READY, || {
+        let path = log_path.clone();
+        async move {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            Ok(text
+                .lines()
+                .find(|l| l.contains("\"upstream_cluster\":\"inbound|db\""))
+                .map(str::to_string))
+        }
+    })
+    .await?;
+    assert!(
+        line.contains("\"peer\":\"spiffe://pilotfish.local/service/productpage\""),
+        "{line}"
+    );
+
+    // 3. A name outside the mesh still resolves, through the host's resolver.
+    let outside = client
+        .command("getent")
+        .args(["ahostsv4", "outside.test"])
+        .as_user(APP_UID)
+        .run()?;
+    assert!(outside.starts_with("192.0.2.10 "), "{outside}");
+
+    // 4. Envoy's user is never captured (no loop), and other destinations pass through.
+    let healthz = format!("http://{}/healthz", mesh.http);
+    let direct = |uid: Option<u32>| {
+        let mut cmd = client
+            .command("curl")
+            .args(["-sf", "-o", "/dev/null", "--max-time", "5", &healthz]);
+        if let Some(uid) = uid {
+            cmd = cmd.as_user(uid);
+        }
+        cmd
+    };
+    let count = || envoy_stat(admin, INTERCEPTED).map(Option::unwrap_or_default);
+    let before = count()?;
+    direct(None).run().context("root (Envoy's user) reaches discovery")?;
+    assert_eq!(count()?, before, "a connection of Envoy's user was captured");
+    direct(Some(APP_UID)).run().context("an app reaches discovery")?;
+    assert_eq!(count()?, before + 1, "the app's connection passed through Envoy");
+
+    // 5. Inbound capture: plaintext straight to reviews' app port finds the mesh port, which
+    // wants mTLS; productpage (no inbound capture) answers the same request.
+    let productpage_app = SocketAddr::new(mesh.host("productpage").ip, 9080);
+    let r = blocking(move || http_get(productpage_app, "productpage", "/")).await?;
+    assert_eq!(r.status, 200, "plaintext to a host without inbound capture");
+    let reviews_app = SocketAddr::new(reviews_ip, 9080);
+    let refused = blocking(move || http_get(reviews_app, "reviews", "/")).await;
+    assert!(
+        refused.is_err(),
+        "plaintext to reviews' app port got an answer: {:?}",
+        refused.map(|r| r.status)
+    );
+    let reviews_ns = mesh.host("reviews").netns.clone().context("namespace")?;
+    assert_eq!(pilotfish_tables(&reviews_ns)?, 1);
+
+    // 6. kill -9 of the agent and a restart, under continuous load through interception:
+    // nothing fails, and the host has exactly one table.
+    assert_eq!(pilotfish_tables(&client)?, 1);
+    let load_log = mesh.dir.join("load.log");
+    let mut load = load_loop(&client, "http://reviews.mesh:9080/", load_log.clone())?;
+    let answered = || {
+        std::fs::read_to_string(&load_log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == "ok")
+            .count()
+    };
+    let flowing = |n: usize| {
+        wait_for("the load flowing", READY, move || async move {
+            let seen = answered();
+            Ok((seen >= n).then_some(seen))
+        })
+    };
+    let start = flowing(1).await?;
+    mesh.host_mut("productpage").restart_agent()?;
+    let host = mesh.host("productpage");
+    host.wait_ready(READY).await?;
+    wait_for("the restarted agent rewrote its table", READY, || async {
+        Ok(host
+            .agent
+            .log_text()
+            .matches("interception rules installed")
+            .count()
+            .ge(&2)
+            .then_some(()))
+    })
+    .await
+    .map_err(|e| anyhow!("{e:#}\n{}", host.agent.log_text()))?;
+    flowing(start + 20).await?;
+    load.terminate(Duration::from_secs(10));
+    let (ok, fail) = load_result(&load.log_text())?;
+    println!("through kill -9 and restart of the agent: {ok} requests, {fail} failed");
+    assert_eq!(fail, 0, "{}", load.log_text());
+    assert!(ok >= 20, "{ok}");
+    assert_eq!(pilotfish_tables(&client)?, 1);
+    // And the names still resolve, from the same (adopted) config.
+    until(
+        "curl after the restart",
+        client
+            .command("curl")
+            .args(["-s", "--max-time", "5", "http://reviews.mesh:9080/"])
+            .as_user(APP_UID),
+        |b| b.starts_with("reviews-v1 GET / "),
+        &mesh,
+    )
+    .await?;
+
+    // 7. Stopping the agent removes its table: the host is not left redirecting to nothing.
+    let status = mesh
+        .host_mut("productpage")
+        .agent
+        .terminate(Duration::from_secs(20));
+    assert!(status.is_some_and(|s| s.success()), "agent exit: {status:?}");
+    assert_eq!(pilotfish_tables(&client)?, 0);
+    let host_ip: IpAddr = mesh.host("reviews").ip;
+    println!("reviews at {host_ip}: tables {}", pilotfish_tables(&reviews_ns)?);
+    Ok(())
+}
