@@ -73,7 +73,7 @@ impl Host {
                 if !(envoy && ours) {
                     return None;
                 }
-                let (state, start) = proc_stat(pid)?;
+                let (state, start) = crate::proc_stat(pid)?;
                 (state != 'Z' && state != 'X').then_some((start, pid))
             })
             .collect();
@@ -85,17 +85,6 @@ impl Host {
     pub fn restart_agent(&mut self) -> Result<()> {
         self.agent.restart()
     }
-}
-
-/// State letter and start time (clock ticks since boot) from `/proc/<pid>/stat`.
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some((
-        fields.first()?.chars().next()?,
-        fields.get(19)?.parse().ok()?,
-    ))
 }
 
 impl Drop for Host {
