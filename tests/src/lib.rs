@@ -489,6 +489,17 @@ pub fn prepare_demo(work: &Path) -> Result<()> {
     Ok(())
 }
 
+/// State letter and start time (clock ticks since boot) from `/proc/<pid>/stat`.
+pub(crate) fn proc_stat(pid: u32) -> Option<(char, u64)> {
+    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    Some((
+        fields.first()?.chars().next()?,
+        fields.get(19)?.parse().ok()?,
+    ))
+}
+
 /// Copy a directory tree.
 pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     fs::create_dir_all(to)?;
@@ -508,5 +519,6 @@ pub mod debian;
 pub mod leaving;
 pub mod load;
 pub mod mesh;
+pub mod netns;
 pub mod replica;
 pub mod rules;

@@ -1,6 +1,9 @@
 //! A whole mesh on one machine: discovery (one process, or several replicas with the same
 //! inputs), N simulated hosts (agent + Envoy each, on their own loopback address), sample apps,
 //! and the registry directory the test edits.
+//!
+//! With [`MeshOptions::netns`] each host is a network namespace of the mesh's [`Lab`] instead
+//! (fixed ports, its own 127.0.0.1), and discovery listens on the lab's bridge address.
 
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
@@ -9,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::netns::{Lab, NetnsHost};
 use crate::{binary, envoy_binary, free_port, wait_for, Net, Process};
 
 /// One simulated host: an agent and its Envoy.
@@ -23,6 +27,9 @@ pub struct Host {
     pub config: PathBuf,
     pub dir: PathBuf,
     pub agent: Process,
+    /// The host's network namespace in a [`MeshOptions::netns`] mesh: run commands in it with
+    /// [`NetnsHost::command`]. `outbound` is then 127.0.0.1 inside it, out of the test's reach.
+    pub netns: Option<NetnsHost>,
 }
 
 impl Host {
@@ -73,7 +80,7 @@ impl Host {
                 if !(envoy && ours) {
                     return None;
                 }
-                let (state, start) = proc_stat(pid)?;
+                let (state, start) = crate::proc_stat(pid)?;
                 (state != 'Z' && state != 'X').then_some((start, pid))
             })
             .collect();
@@ -85,17 +92,6 @@ impl Host {
     pub fn restart_agent(&mut self) -> Result<()> {
         self.agent.restart()
     }
-}
-
-/// State letter and start time (clock ticks since boot) from `/proc/<pid>/stat`.
-fn proc_stat(pid: u32) -> Option<(char, u64)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    Some((
-        fields.first()?.chars().next()?,
-        fields.get(19)?.parse().ok()?,
-    ))
 }
 
 impl Drop for Host {
@@ -152,6 +148,8 @@ pub struct Mesh {
     pub config: PathBuf,
     /// Extra environment for the agents started from now on.
     pub agent_env: Vec<(String, String)>,
+    /// The hosts' namespaces and bridge ([`MeshOptions::netns`]); dropped after every process.
+    pub lab: Option<Lab>,
     _tmp: tempfile::TempDir,
 }
 
@@ -174,6 +172,11 @@ pub struct MeshOptions {
     /// gets `discovery_top` and `discovery_extra` too. Insecure meshes only: replicas share
     /// neither join tokens nor a CA yet.
     pub replicas: usize,
+    /// Each host in its own network namespace ([`crate::netns`]): host `i` at
+    /// `10.213.N.(i+1)` with fixed ports (outbound 127.0.0.1:15001, mesh port 15006, Envoy
+    /// admin on port 15000 and agent health on 15020 of the host's address); discovery and
+    /// its replicas on the bridge address `10.213.N.1`.
+    pub netns: bool,
 }
 
 impl Default for MeshOptions {
@@ -185,6 +188,7 @@ impl Default for MeshOptions {
             discovery_top: String::new(),
             discovery_env: Vec::new(),
             replicas: 1,
+            netns: false,
         }
     }
 }
@@ -220,7 +224,16 @@ impl Mesh {
         let dir = tmp.path().to_path_buf();
         let registry = dir.join("registry.d");
         fs::create_dir_all(&registry)?;
-        let ip = net.host(1);
+        let lab = if opts.netns { Some(Lab::new()?) } else { None };
+        // Discovery's address: with namespaced hosts the bridge's, the root namespace's own.
+        let discovery_ip = |i: usize| -> Result<IpAddr> {
+            match &lab {
+                Some(lab) => Ok(IpAddr::V4(lab.gateway())),
+                None if i == 0 => Ok(net.host(1)),
+                None => Ok(net.host(250 + u8::try_from(i).context("at most 5 replicas")?)),
+            }
+        };
+        let ip = discovery_ip(0)?;
         let grpc = SocketAddr::new(ip, free_port(ip));
         let http = SocketAddr::new(ip, free_port(ip));
         let config = dir.join("discovery.toml");
@@ -251,7 +264,7 @@ impl Mesh {
         }
         let mut replicas = Vec::new();
         for i in 1..opts.replicas {
-            let ip = net.host(250 + u8::try_from(i).context("at most 5 replicas")?);
+            let ip = discovery_ip(i)?;
             let grpc = SocketAddr::new(ip, free_port(ip));
             let http = SocketAddr::new(ip, free_port(ip));
             let rdir = dir.join(format!("replica-{i}"));
@@ -297,6 +310,7 @@ impl Mesh {
             ca_file,
             config,
             agent_env: Vec::new(),
+            lab,
             _tmp: tmp,
         })
     }
@@ -322,7 +336,8 @@ impl Mesh {
         Ok(())
     }
 
-    /// Add simulated host `i` (its address is `net.host(i)`) running an agent for `node`.
+    /// Add simulated host `i` (its address is `net.host(i)`, or `10.213.N.(i+1)` in its own
+    /// namespace with [`MeshOptions::netns`]) running an agent for `node`.
     pub fn add_host(&mut self, node: &str, i: u8) -> Result<&Host> {
         self.add_host_with(node, i, "")
     }
@@ -344,13 +359,29 @@ impl Mesh {
         envoy_extra: &str,
         agent: &Path,
     ) -> Result<&Host> {
-        let ip = self.net.host(i);
         let dir = self.dir.join(node);
         fs::create_dir_all(&dir)?;
-        let outbound = SocketAddr::new(ip, free_port(ip));
-        let mesh_port = free_port(ip);
-        let admin = SocketAddr::new(ip, free_port(ip));
-        let health = SocketAddr::new(ip, free_port(ip));
+        let netns = match self.lab.as_mut() {
+            Some(lab) => Some(lab.add_host(i)?),
+            None => None,
+        };
+        let (ip, outbound, mesh_port, admin, health) = match &netns {
+            // A namespace of its own: the ports a real VM's agent would use.
+            Some(ns) => {
+                let ip = IpAddr::V4(ns.ip);
+                let outbound = SocketAddr::from(([127, 0, 0, 1], 15001));
+                let (admin, health) = (SocketAddr::new(ip, 15000), SocketAddr::new(ip, 15020));
+                (ip, outbound, 15006, admin, health)
+            }
+            None => {
+                let ip = self.net.host(i);
+                let outbound = SocketAddr::new(ip, free_port(ip));
+                let mesh_port = free_port(ip);
+                let admin = SocketAddr::new(ip, free_port(ip));
+                let health = SocketAddr::new(ip, free_port(ip));
+                (ip, outbound, mesh_port, admin, health)
+            }
+        };
         let config = dir.join("agent.toml");
         let security = if self.secure {
             let token = dir.join("token");
@@ -394,13 +425,22 @@ xds = "{xds}"
                 xds = self.xds,
             ),
         )?;
-        let agent = Process::spawn_env(
-            node,
-            agent,
-            &["--config", &config.display().to_string()],
-            dir.join("agent.log"),
-            &self.agent_env,
-        )?;
+        let log = dir.join("agent.log");
+        let agent = match &netns {
+            Some(ns) => ns
+                .command(agent)
+                .arg("--config")
+                .arg(&config)
+                .envs(&self.agent_env)
+                .spawn(node, log)?,
+            None => Process::spawn_env(
+                node,
+                agent,
+                &["--config", &config.display().to_string()],
+                log,
+                &self.agent_env,
+            )?,
+        };
         self.hosts.push(Host {
             node: node.to_string(),
             ip,
@@ -411,6 +451,7 @@ xds = "{xds}"
             config,
             dir,
             agent,
+            netns,
         });
         self.hosts.last().context("host just added")
     }
@@ -470,6 +511,37 @@ xds = "{xds}"
         let addr: SocketAddr = listen.parse()?;
         wait_port(addr, Duration::from_secs(10))?;
         Ok(port)
+    }
+
+    /// Start a sample app `name`/`version` inside `node`'s namespace ([`MeshOptions::netns`]),
+    /// listening on every address there (so on 127.0.0.1 and the host's address) at `port`;
+    /// returns once the test process reaches it at the host's address.
+    pub fn start_app_in(
+        &mut self,
+        node: &str,
+        name: &str,
+        version: &str,
+        port: u16,
+        extra: &[&str],
+    ) -> Result<()> {
+        let host = self.host(node);
+        let ns = host
+            .netns
+            .clone()
+            .with_context(|| format!("host {node} has no namespace (MeshOptions::netns)"))?;
+        let addr = SocketAddr::new(host.ip, port);
+        let app = ns
+            .command(binary("pilotfish-sample-app")?)
+            .args(["--listen", &format!("0.0.0.0:{port}")])
+            .args(["--name", name, "--version", version])
+            .args(extra.iter().copied())
+            .spawn(
+                &format!("{name}-{version}"),
+                self.dir
+                    .join(format!("app-{name}-{version}-{node}-{port}.log")),
+            )?;
+        self.apps.push(app);
+        wait_port(addr, Duration::from_secs(10))
     }
 
     /// Wait until every host's Envoy is ready; on timeout the error carries every log.

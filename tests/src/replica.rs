@@ -61,7 +61,7 @@ impl Replica {
     /// `state_dir = "state-<name>"`, and each `(from, to)` of `replace` applied to the text
     /// (its own intermediate's files, say). Returns once its gRPC port accepts connections.
     pub fn start(mesh: &Mesh, name: &str, replace: &[(&str, &str)]) -> Result<Replica> {
-        let ip = mesh.net.host(1);
+        let ip = mesh.grpc.ip();
         let grpc = SocketAddr::new(ip, free_port(ip));
         let http = SocketAddr::new(ip, free_port(ip));
         let config = mesh.path(&format!("discovery-{name}.toml"));
