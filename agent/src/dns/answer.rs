@@ -7,7 +7,7 @@ use hickory_proto::rr::rdata::{A, SOA};
 use hickory_proto::rr::{DNSClass, LowerName, Name, RData, Record, RecordType};
 use hickory_proto::ProtoError;
 
-use super::{Names, TTL};
+use super::{Names, NEGATIVE_TTL, TTL};
 
 /// What the mesh zone says about one question.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,9 +40,8 @@ impl Zone {
         let mut origin = Name::from_ascii(domain)?;
         origin.set_fqdn(true);
         let origin = origin.to_lowercase();
-        // An SOA whose MINIMUM and TTL are the VIP's TTL, so a resolver caches a missing name
-        // no longer than it would have cached the address: a new service resolves within 5 s
-        // even where a client asked for it too early.
+        // An SOA whose MINIMUM and TTL are short, so a resolver caches a missing name for at
+        // most 5 s: a new service resolves within seconds even where a client asked too early.
         let soa = SOA::new(
             origin.clone(),
             Name::from_ascii("hostmaster")?.append_domain(&origin)?,
@@ -50,10 +49,10 @@ impl Zone {
             3600,
             600,
             86400,
-            TTL,
+            NEGATIVE_TTL,
         );
         Ok(Zone {
-            soa: Record::from_rdata(origin.clone(), TTL, RData::SOA(soa)),
+            soa: Record::from_rdata(origin.clone(), NEGATIVE_TTL, RData::SOA(soa)),
             origin: LowerName::new(&origin),
             bare_names,
         })
@@ -246,11 +245,11 @@ mod tests {
         );
         let soa = zone.soa();
         assert_eq!(soa.name.to_string(), "svc.example.");
-        assert_eq!(soa.ttl, TTL);
+        assert_eq!(soa.ttl, NEGATIVE_TTL);
         let RData::SOA(soa) = &soa.data else {
             panic!("{soa:?}")
         };
-        assert_eq!(soa.minimum, TTL);
+        assert_eq!(soa.minimum, NEGATIVE_TTL);
         assert_eq!(soa.rname.to_string(), "hostmaster.svc.example.");
     }
 

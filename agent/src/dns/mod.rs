@@ -8,7 +8,7 @@
 //! and answers each question in one of three ways (`answer.rs` decides, without I/O):
 //!
 //! - `A <service>.<domain>.` (any letter case; `<service>.` as well with `bare_names`): the VIP,
-//!   TTL 5 s, authoritative. Any other type for a known name (`AAAA` above all): NOERROR with no
+//!   TTL 30 s, authoritative. Any other type for a known name (`AAAA` above all): NOERROR with no
 //!   answer (NODATA), so a resolver takes the `A` and does not go looking elsewhere.
 //! - Any other name under the domain: NXDOMAIN, never forwarded. Negative answers under the
 //!   domain carry the zone's SOA, whose 5 s minimum bounds how long a resolver remembers that a
@@ -57,9 +57,13 @@ pub use forward::{
 /// Service name -> VIP, as discovery allocates them (the table [`crate::intercept`] learns).
 pub use crate::intercept::Names;
 
-/// The TTL of every mesh answer, and the SOA minimum (how long a miss is remembered), in
-/// seconds: short, so a VIP change or a new service reaches apps within seconds.
-pub const TTL: u32 = 5;
+/// The TTL of every mesh address, in seconds. VIPs are stable (a function of the service
+/// names), so resolvers that cache (systemd-resolved, nscd) may keep them a while, and keep
+/// answering while the agent restarts.
+pub const TTL: u32 = 30;
+/// The SOA minimum, how long a missing name is remembered, in seconds: short, so a new
+/// service resolves within seconds even where a client asked for it too early.
+pub const NEGATIVE_TTL: u32 = 5;
 
 /// A TCP client that sends nothing for this long is dropped.
 const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
