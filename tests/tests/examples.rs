@@ -2,7 +2,7 @@
 
 use std::process::Command;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use pilotfish_tests::{binary, envoy_binary, workspace_root};
 
 fn path_with_envoy() -> Result<std::ffi::OsString> {
@@ -219,5 +219,28 @@ fn production_examples_parse() -> Result<()> {
         config.run_dir,
         std::path::Path::new(pilotfish_agent::config::DEFAULT_RUN_DIR)
     );
+    Ok(())
+}
+
+/// The interception example: interception both ways and mesh DNS on 127.0.0.153:53 (the
+/// interception e2e test runs the same tables).
+#[test]
+fn interception_example_parses() -> Result<()> {
+    let dir = workspace_root().join("examples/interception");
+    let agent = dir.join("agent.toml");
+    let text = std::fs::read_to_string(&agent)?;
+    let envoy = envoy_binary()?;
+    let path = envoy.parent().map(|p| p.as_os_str().to_owned());
+    let config = pilotfish_agent::config::parse(&agent, &text, &dir, path.as_deref())
+        .map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let interception = config.interception.context("[interception] is on")?;
+    assert!(interception.outbound && interception.inbound);
+    assert_eq!(interception.exclude_ports, [22]);
+    assert_eq!(interception.listener().to_string(), "127.0.0.1:15002");
+    let dns = config
+        .dns
+        .context("mesh DNS follows outbound interception")?;
+    assert_eq!(dns.listen.to_string(), "127.0.0.153:53");
+    assert_eq!(dns.domain, "mesh");
     Ok(())
 }

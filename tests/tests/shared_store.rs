@@ -166,22 +166,28 @@ async fn replicas_share_tokens_and_rules_through_consul_kv() -> Result<()> {
     // Revoking vm-c through A, under load from vm-a (A's certificates) to vm-b (B's): each
     // replica signs a CRL for its own certificates and serves the other's beside it, so vm-b,
     // which now holds CRLs, still accepts vm-a's certificate. Not one request fails.
-    let all_v1 = api(
-        mesh.http,
-        "GET",
-        "/v1/routes/reviews",
-        vec![],
-        String::new(),
-    )
-    .await?;
-    let version = all_v1.header("etag").unwrap_or_default().to_string();
-    let to_v1 = api(
-        mesh.http,
-        "PUT",
-        "/v1/routes/reviews",
-        vec![("If-Match", version)],
-        canary(0),
-    )
+    // A may not mirror the concurrent round's winner (on B or C) yet: read and write again
+    // on 409, as the API asks a client to.
+    let to_v1 = wait_for("the write to v1 on A", READY, || async {
+        let current = api(
+            mesh.http,
+            "GET",
+            "/v1/routes/reviews",
+            vec![],
+            String::new(),
+        )
+        .await?;
+        let version = current.header("etag").unwrap_or_default().to_string();
+        let r = api(
+            mesh.http,
+            "PUT",
+            "/v1/routes/reviews",
+            vec![("If-Match", version)],
+            canary(0),
+        )
+        .await?;
+        Ok((r.status != 409).then_some(r))
+    })
     .await?;
     assert_eq!(to_v1.status, 200, "{}", to_v1.body);
     wait_for("all traffic on v1 (vm-b)", READY, || async move {
