@@ -5,7 +5,8 @@
 //! - productpage: `[interception] outbound = true` (mesh DNS on by default, forwarding other
 //!   names to a dnsmasq upstream on the bridge);
 //! - reviews: `[interception] inbound = true`; it hosts `reviews` (HTTP, port 9080) and `db`
-//!   (TCP, clients dial port 5432, the app listens on 7000).
+//!   (TCP, clients dial port 5432, the app listens on 7000); later reviews-v2 (a canary host,
+//!   no interception) and ratings join.
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -259,7 +260,80 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     let reviews_ns = mesh.host("reviews").netns.clone().context("namespace")?;
     assert_eq!(pilotfish_tables(&reviews_ns)?, 1);
 
-    // 6. kill -9 of the agent and a restart, under continuous load through interception:
+    // 6. Config changes under continuous load through interception: a canary that moves all
+    // of reviews to v2 (new subset clusters, then the intercept listener's inline routes) and a
+    // new service (a new VIP: the listener's chains and metadata, then DNS). Nothing fails.
+    let vip = vip
+        .split_whitespace()
+        .next()
+        .context("an address")?
+        .to_string();
+    mesh.add_host("reviews-v2", 3)?;
+    mesh.start_app_in("reviews-v2", "reviews", "v2", 9080, &[])?;
+    mesh.start_app_in("reviews", "ratings", "v1", 9090, &[])?;
+    mesh.wait_all_ready(READY).await?;
+    let change_log = mesh.dir.join("load-change.log");
+    let mut load = load_loop(&client, &format!("http://{vip}:9080/"), change_log.clone())?;
+    let answered = |path: &std::path::Path| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == "ok")
+            .count()
+    };
+    wait_for("the load flowing", READY, || async {
+        Ok((answered(&change_log) >= 5).then_some(()))
+    })
+    .await?;
+    let mut changed = mesh.service_toml(
+        "productpage",
+        "upstreams = [\"reviews\", \"db\", \"ratings\"]",
+        &[("productpage", 9080, "")],
+    ) + &mesh.service_toml(
+        "reviews",
+        "",
+        &[
+            ("reviews", 9080, "version = \"v1\""),
+            ("reviews-v2", 9080, "version = \"v2\""),
+        ],
+    ) + &mesh.service_toml("ratings", "", &[("reviews", 9090, "")]);
+    changed.push_str(&registry[registry.find("[services.db]").context("db")?..]);
+    changed.push_str(
+        "\n[policies.reviews]\nsubsets = { v1 = { version = \"v1\" }, v2 = { version = \"v2\" } }\n\n\
+         [[routes.reviews.rules]]\nto = [{ subset = \"v2\", weight = 100 }]\n",
+    );
+    mesh.write_registry("services.toml", &changed)?;
+    until(
+        "reviews answered by v2 through its VIP",
+        client
+            .command("curl")
+            .args(["-s", "--max-time", "5", &format!("http://{vip}:9080/")])
+            .as_user(APP_UID),
+        |b| b.starts_with("reviews-v2 GET / "),
+        &mesh,
+    )
+    .await?;
+    until(
+        "curl http://ratings.mesh:9080/ (a new service)",
+        client
+            .command("curl")
+            .args(["-s", "--max-time", "5", "http://ratings.mesh:9080/"])
+            .as_user(APP_UID),
+        |b| b.starts_with("ratings-v1 GET / "),
+        &mesh,
+    )
+    .await?;
+    let seen = answered(&change_log);
+    wait_for("more answers after the changes", READY, || async {
+        Ok((answered(&change_log) >= seen + 10).then_some(()))
+    })
+    .await?;
+    load.terminate(Duration::from_secs(10));
+    let (ok, fail) = load_result(&load.log_text())?;
+    println!("through a canary and a new service: {ok} requests, {fail} failed");
+    assert_eq!(fail, 0, "{}", load.log_text());
+
+    // 7. kill -9 of the agent and a restart, under continuous load through interception:
     // no connection fails, and the host has exactly one table. The load dials the address the
     // name resolved to, as an app that resolved it before would: the agent itself answers DNS,
     // so a lookup made while it is down fails (a caching resolver such as systemd-resolved
@@ -272,17 +346,11 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         .to_string();
     let load_log = mesh.dir.join("load.log");
     let mut load = load_loop(&client, &format!("http://{vip}:9080/"), load_log.clone())?;
-    let answered = || {
-        std::fs::read_to_string(&load_log)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| *l == "ok")
-            .count()
-    };
     let flowing = |n: usize| {
-        wait_for("the load flowing", READY, move || async move {
-            let seen = answered();
-            Ok((seen >= n).then_some(seen))
+        let path = load_log.clone();
+        wait_for("the load flowing", READY, move || {
+            let seen = answered(&path);
+            async move { Ok((seen >= n).then_some(seen)) }
         })
     };
     let start = flowing(1).await?;
@@ -314,12 +382,12 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
             .command("curl")
             .args(["-s", "--max-time", "5", "http://reviews.mesh:9080/"])
             .as_user(APP_UID),
-        |b| b.starts_with("reviews-v1 GET / "),
+        |b| b.starts_with("reviews-v2 GET / "),
         &mesh,
     )
     .await?;
 
-    // 7. Stopping the agent removes its table: the host is not left redirecting to nothing.
+    // 8. Stopping the agent removes its table: the host is not left redirecting to nothing.
     let status = mesh
         .host_mut("productpage")
         .agent
