@@ -522,8 +522,8 @@ async fn services(
     if let Some(refused) = refused_read(&state, &headers) {
         return refused;
     }
-    let catalog = Arc::clone(&state.snapshots.borrow().shared.catalog);
-    let items = crate::service_list::entries(&catalog);
+    let snapshot = Arc::clone(&state.snapshots.borrow());
+    let items = crate::service_list::entries(&snapshot.shared.catalog, snapshot.shared.vips());
     Json(serde_json::json!({ "items": items })).into_response()
 }
 

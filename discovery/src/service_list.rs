@@ -16,6 +16,9 @@ pub struct ServiceEntry {
     pub port: u16,
     /// Where it is declared: `file:line`, or `consul://<datacenters>/<service>`.
     pub origin: String,
+    /// Its virtual IP (`vip_range`): what mesh DNS answers for `<service>.mesh` on hosts that
+    /// intercept; `None` when the range is full.
+    pub vip: Option<std::net::Ipv4Addr>,
     pub instances: Vec<InstanceEntry>,
 }
 
@@ -33,17 +36,25 @@ pub struct InstanceEntry {
     pub locality: Option<String>,
 }
 
-/// Every service of `catalog`, by name.
-pub fn entries(catalog: &Catalog) -> Vec<ServiceEntry> {
-    catalog.services.values().map(entry).collect()
+/// Every service of `catalog`, by name, with its VIP from `vips`.
+pub fn entries(
+    catalog: &Catalog,
+    vips: &std::collections::BTreeMap<String, std::net::Ipv4Addr>,
+) -> Vec<ServiceEntry> {
+    catalog
+        .services
+        .values()
+        .map(|s| entry(s, vips.get(&s.name).copied()))
+        .collect()
 }
 
-fn entry(service: &Service) -> ServiceEntry {
+fn entry(service: &Service, vip: Option<std::net::Ipv4Addr>) -> ServiceEntry {
     ServiceEntry {
         name: service.name.clone(),
         protocol: service.protocol.as_str(),
         port: service.port,
         origin: origin(&service.origin),
+        vip,
         instances: service
             .instances
             .iter()
@@ -123,8 +134,15 @@ mod tests {
             "api".into(),
             service("api", "consul://dc1,dc2/api", 0, Vec::new()),
         );
-        let json = serde_json::to_value(entries(&catalog)).expect("serializes");
+        let vips = [(
+            "reviews".to_string(),
+            std::net::Ipv4Addr::new(240, 240, 0, 7),
+        )]
+        .into();
+        let json = serde_json::to_value(entries(&catalog, &vips)).expect("serializes");
         assert_eq!(json[0]["name"], "api");
+        assert_eq!(json[0]["vip"], serde_json::Value::Null);
+        assert_eq!(json[1]["vip"], "240.240.0.7");
         assert_eq!(json[0]["origin"], "consul://dc1,dc2/api");
         let reviews = &json[1];
         assert_eq!(reviews["origin"], "/r/services.toml:12");

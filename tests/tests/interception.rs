@@ -86,6 +86,7 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     let mut mesh = Mesh::start_opts(MeshOptions {
         secure: true,
         netns: true,
+        discovery_extra: "[api]\ntoken_file = \"api-token\"\nread_requires_token = false\n".into(),
         ..MeshOptions::default()
     })?;
     let gw = mesh.lab.as_ref().context("a netns mesh")?.gateway();
@@ -170,6 +171,17 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         .as_user(APP_UID)
         .run()?;
     assert!(vip.starts_with("240.240."), "{vip}");
+    // The VIP discovery lists for the service.
+    let http = mesh.http;
+    let services = blocking(move || http_get(http, "discovery", "/v1/services")).await?;
+    let services: serde_json::Value = serde_json::from_str(&services.body)?;
+    let listed = services["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|s| s["name"] == "reviews"))
+        .and_then(|s| s["vip"].as_str())
+        .with_context(|| format!("reviews' vip in {services}"))?
+        .to_string();
+    assert_eq!(vip.split_whitespace().next(), Some(listed.as_str()));
 
     // 2. A raw TCP client to a TCP service by name; the callee's proxy saw productpage's
     // certificate.
@@ -205,6 +217,24 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         line.contains("\"peer\":\"spiffe://pilotfish.local/service/productpage\""),
         "{line}"
     );
+
+    // For the record: the agents' memory, with DNS (productpage) and without (reviews).
+    for node in ["productpage", "reviews"] {
+        let pid = mesh.host(node).agent.pid().context("agent runs")?;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("?").to_string())
+                .unwrap_or_default()
+        };
+        println!(
+            "{node}'s agent: VmRSS {} kB, RssAnon {} kB",
+            field("VmRSS:"),
+            field("RssAnon:")
+        );
+    }
 
     // 3. A name outside the mesh still resolves, through the host's resolver.
     let outside = client
