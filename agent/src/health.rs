@@ -124,6 +124,11 @@ impl Collector for AgentMetrics {
                  certificates).",
                 s.certificate_renewals(),
             ),
+            (
+                "interception_failures",
+                "Times nft could not run or refused the interception table ([interception]).",
+                s.interception_failures(),
+            ),
         ];
         for (name, help, value) in counters {
             let counter = ConstCounter::new(value);
@@ -157,10 +162,22 @@ impl Collector for AgentMetrics {
                 s.enrolled(),
             ),
         ];
-        for (name, help, value) in gauges {
+        let installed = (
+            "interception_installed",
+            "1 while the agent's nftables table (ip pilotfish) is in place.",
+            s.interception_installed(),
+        );
+        for (name, help, value) in gauges.into_iter().chain([installed]) {
             let gauge = ConstGauge::new(i64::from(value));
             gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)?;
         }
+        let names = ConstGauge::new(i64::try_from(s.mesh_names()).unwrap_or(i64::MAX));
+        names.encode(encoder.encode_descriptor(
+            "dns_mesh_names",
+            "Services whose <service>.<domain> name mesh DNS answers with a VIP.",
+            None,
+            names.metric_type(),
+        )?)?;
         let mut expiry = encoder.encode_descriptor(
             "certificate_expiry_seconds",
             "Seconds until each held certificate expires (negative: expired).",

@@ -41,6 +41,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::status::AgentStatus;
 use crate::xds::cache::LISTENER;
 use crate::xds::store::SharedCache;
 
@@ -294,6 +295,7 @@ pub struct Interceptor {
     names: watch::Sender<Arc<Names>>,
     /// What the table was last written from; `None`: no table.
     applied: Option<Learned>,
+    status: Arc<AgentStatus>,
 }
 
 impl Interceptor {
@@ -304,6 +306,7 @@ impl Interceptor {
         config: Option<InterceptionConfig>,
         host: Host,
         cache: SharedCache,
+        status: Arc<AgentStatus>,
     ) -> Result<Interceptor, InterceptError> {
         let mut me = Interceptor {
             config,
@@ -311,6 +314,7 @@ impl Interceptor {
             cache,
             names: watch::channel(Arc::new(Names::new())).0,
             applied: None,
+            status,
         };
         match (me.config.is_some(), me.learned()) {
             (true, Some(learned)) => me.apply(learned).await?,
@@ -341,7 +345,11 @@ impl Interceptor {
             return Ok(());
         };
         if self.applied.as_ref().map(|a| &a.inbound_ports) != Some(&learned.inbound_ports) {
-            nft(&ruleset(config, &self.host, &learned)).await?;
+            if let Err(e) = nft(&ruleset(config, &self.host, &learned)).await {
+                self.status.interception_failed();
+                return Err(e);
+            }
+            self.status.set_interception_installed(true);
             info!(
                 table = TABLE,
                 outbound = config.outbound,
@@ -351,6 +359,7 @@ impl Interceptor {
             );
         }
         if self.names.borrow().as_ref() != &learned.vips {
+            self.status.set_mesh_names(learned.vips.len());
             self.names.send_replace(Arc::new(learned.vips.clone()));
         }
         self.applied = Some(learned);
@@ -376,8 +385,14 @@ impl Interceptor {
         }
         if self.config.is_some() {
             match nft(&removal()).await {
-                Ok(()) => info!(table = TABLE, "interception rules removed"),
-                Err(e) => warn!(error = %e, "cannot remove the interception rules"),
+                Ok(()) => {
+                    self.status.set_interception_installed(false);
+                    info!(table = TABLE, "interception rules removed");
+                }
+                Err(e) => {
+                    self.status.interception_failed();
+                    warn!(error = %e, "cannot remove the interception rules");
+                }
             }
         }
     }

@@ -129,6 +129,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             mesh_port: config.mesh_port,
         },
         cache.clone(),
+        status.clone(),
     )
     .await?;
     let dns = match &config.dns {

@@ -20,6 +20,9 @@ pub struct AgentStatus {
     cache_streams: AtomicU64,
     enrolled: AtomicBool,
     certificate_renewals: AtomicU64,
+    interception_installed: AtomicBool,
+    interception_failures: AtomicU64,
+    mesh_names: AtomicU64,
     /// SPIFFE ID -> not_after of each certificate the agent holds.
     certificates: Mutex<BTreeMap<String, SystemTime>>,
 }
@@ -91,6 +94,34 @@ impl AgentStatus {
 
     pub fn certificate_renewed(&self) {
         self.certificate_renewals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether the agent's nftables table is in place ([`crate::intercept`]).
+    pub fn set_interception_installed(&self, installed: bool) {
+        self.interception_installed
+            .store(installed, Ordering::Relaxed);
+    }
+
+    pub fn interception_installed(&self) -> bool {
+        self.interception_installed.load(Ordering::Relaxed)
+    }
+
+    /// `nft` could not run or refused the table.
+    pub fn interception_failed(&self) {
+        self.interception_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn interception_failures(&self) -> u64 {
+        self.interception_failures.load(Ordering::Relaxed)
+    }
+
+    /// How many `<service>.mesh` names mesh DNS answers.
+    pub fn set_mesh_names(&self, n: usize) {
+        self.mesh_names.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn mesh_names(&self) -> u64 {
+        self.mesh_names.load(Ordering::Relaxed)
     }
 
     pub fn certificate_renewals(&self) -> u64 {

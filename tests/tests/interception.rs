@@ -218,6 +218,19 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         "{line}"
     );
 
+    // The agent's metrics say so.
+    let health = mesh.host("productpage").health;
+    let metrics = blocking(move || http_get(health, "agent", "/metrics"))
+        .await?
+        .body;
+    for line in [
+        "pilotfish_agent_interception_installed 1",
+        "pilotfish_agent_dns_mesh_names 2",
+        "pilotfish_agent_interception_failures_total 0",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in:\n{metrics}");
+    }
+
     // For the record: the agents' memory, with DNS (productpage) and without (reviews).
     for node in ["productpage", "reviews"] {
         let pid = mesh.host(node).agent.pid().context("agent runs")?;
