@@ -323,6 +323,28 @@ pub fn check_enrolment(config: &AgentConfig, file: &Path) -> Vec<Problem> {
     vec![Problem::whole_file(file, "token_file", message)]
 }
 
+/// For `--check`: with `[interception]`, `nft` must be on `path_env` (the agent runs it to write
+/// its table). `file` is the config file, for the problem.
+pub fn check_interception(
+    config: &AgentConfig,
+    file: &Path,
+    path_env: Option<&OsStr>,
+) -> Vec<Problem> {
+    if config.interception.is_none() {
+        return Vec::new();
+    }
+    let path_env = path_env.map(OsString::from).unwrap_or_default();
+    if std::env::split_paths(&path_env).any(|dir| is_executable(&dir.join("nft"))) {
+        return Vec::new();
+    }
+    vec![Problem::whole_file(
+        file,
+        "interception",
+        "needs nft on PATH (Debian's nftables package), and CAP_NET_ADMIN to run it (the \
+         interception drop-in, /usr/share/doc/pilotfish-agent/interception.conf)",
+    )]
+}
+
 /// Parses and validates config text read from `path` (for messages); no I/O except checking
 /// that the Envoy binary exists. `base` resolves relative paths; `path_env` is the `PATH`
 /// searched for a bare binary name. `Err` lists every problem.
@@ -1288,6 +1310,38 @@ admin = "127.0.0.1:15000"
         assert!(dns_enabled(None, true));
         assert!(dns_enabled(Some(true), false));
         assert!(!dns_enabled(Some(false), true));
+    }
+
+    #[test]
+    fn check_wants_nft_on_path_only_with_interception() {
+        let bin = fake_path();
+        let text = "node = \"a\"\naddress = \"127.0.0.2\"\ndiscovery = [\"127.0.0.1:1\"]\n\
+                    insecure = true\n[interception]\noutbound = true\n";
+        let file = Path::new("agent.toml");
+        let path = Some(bin.path().as_os_str());
+        let config = parse(file, text, Path::new("/etc/pilotfish"), path).unwrap();
+        let problems = check_interception(&config, file, path);
+        assert_eq!(problems.len(), 1);
+        assert!(
+            problems[0]
+                .to_string()
+                .starts_with("agent.toml: interception: needs nft on PATH"),
+            "{problems:?}"
+        );
+        // With nft beside the fake envoy.
+        let nft = bin.path().join("nft");
+        std::fs::copy(bin.path().join("envoy"), &nft).unwrap();
+        assert!(check_interception(&config, file, path).is_empty());
+        // Without interception nothing is needed.
+        let off = parse(
+            file,
+            &text.replace("outbound = true", ""),
+            Path::new("/"),
+            path,
+        )
+        .unwrap();
+        std::fs::remove_file(&nft).unwrap();
+        assert!(check_interception(&off, file, path).is_empty());
     }
 
     #[test]

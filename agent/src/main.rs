@@ -63,7 +63,12 @@ fn main() -> ExitCode {
         }
     };
     if args.check {
-        let problems = pilotfish_agent::config::check_enrolment(&config, &args.config);
+        let mut problems = pilotfish_agent::config::check_enrolment(&config, &args.config);
+        problems.extend(pilotfish_agent::config::check_interception(
+            &config,
+            &args.config,
+            std::env::var_os("PATH").as_deref(),
+        ));
         if !problems.is_empty() {
             eprintln!(
                 "{}",
