@@ -48,9 +48,14 @@ impl Health {
     }
 
     /// Ready for traffic: an Envoy runs and its admin `/ready` answers 200 (it has its first
-    /// config). `/healthz/ready` and systemd's `READY=1` both mean this.
+    /// config), and with `[interception]` the agent's table is in place (so `<service>.mesh`
+    /// answers and captured connections reach Envoy). `/healthz/ready` and systemd's `READY=1`
+    /// both mean this.
     pub async fn is_ready(&self) -> bool {
-        self.status.envoy_up() && self.status.envoy_started() && self.admin.ready().await
+        self.status.envoy_up()
+            && self.status.envoy_started()
+            && self.status.interception_ready()
+            && self.admin.ready().await
     }
 }
 

@@ -316,6 +316,7 @@ impl Interceptor {
             applied: None,
             status,
         };
+        me.status.set_interception_wanted(me.config.is_some());
         match (me.config.is_some(), me.learned()) {
             (true, Some(learned)) => me.apply(learned).await?,
             (true, None) => nft(&removal()).await?,

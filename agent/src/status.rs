@@ -20,6 +20,7 @@ pub struct AgentStatus {
     cache_streams: AtomicU64,
     enrolled: AtomicBool,
     certificate_renewals: AtomicU64,
+    interception_wanted: AtomicBool,
     interception_installed: AtomicBool,
     interception_failures: AtomicU64,
     mesh_names: AtomicU64,
@@ -100,6 +101,16 @@ impl AgentStatus {
     pub fn set_interception_installed(&self, installed: bool) {
         self.interception_installed
             .store(installed, Ordering::Relaxed);
+    }
+
+    /// `[interception]` is on: readiness waits for the table.
+    pub fn set_interception_wanted(&self, wanted: bool) {
+        self.interception_wanted.store(wanted, Ordering::Relaxed);
+    }
+
+    /// Off, or the table is in place.
+    pub fn interception_ready(&self) -> bool {
+        !self.interception_wanted.load(Ordering::Relaxed) || self.interception_installed()
     }
 
     pub fn interception_installed(&self) -> bool {

@@ -145,6 +145,14 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         .netns
         .clone()
         .context("namespace")?;
+    // The agent is ready only once its table is in place.
+    let health = mesh.host("productpage").health;
+    wait_for("productpage's agent ready", READY, || async move {
+        let r = blocking(move || http_get(health, "agent", "/healthz/ready")).await;
+        Ok(r.ok().filter(|r| r.status == 200).map(|_| ()))
+    })
+    .await?;
+    assert_eq!(pilotfish_tables(&client)?, 1, "ready before its table");
     client.set_resolv_conf("nameserver 127.0.0.153\n")?;
     let admin = mesh.host("productpage").admin;
 
@@ -219,7 +227,6 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     );
 
     // The agent's metrics say so.
-    let health = mesh.host("productpage").health;
     let metrics = blocking(move || http_get(health, "agent", "/metrics"))
         .await?
         .body;
