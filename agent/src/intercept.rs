@@ -10,7 +10,7 @@
 //!   do not loop), loopback destinations (Envoy's admin, the mesh DNS, local databases),
 //!   `exclude_cidrs`, `exclude_ports`, and, when `include_cidrs` is set, everything outside it.
 //! - `prerouting` (nat, inbound = true): connections from other hosts to this host's address
-//!   on a port of one of its mesh services (learned from discovery) are sent to the mesh port,
+//!   on a port of one of its mesh services (its `inbound|<svc>` clusters) are sent to the mesh port,
 //!   so a service cannot be reached around the mesh (with mTLS, plaintext then finds no filter
 //!   chain and is closed). `exclude_ports` apply here too.
 //!
@@ -22,9 +22,11 @@
 //! refuse connections). On stop, once Envoy is gone, the table is deleted. A crash of the agent
 //! alone leaves it: Envoy keeps serving (`KillMode=process`) and the next agent adopts both.
 //!
-//! The `intercept` listener's metadata (`pilotfish.intercept`, see discovery's
-//! `translate/intercept.rs`) also carries the services' VIPs, which mesh DNS answers with:
-//! [`Interceptor::names`].
+//! The `intercept` listener's filter chains (`intercept|<svc>` matching the service's VIP, see
+//! discovery's `translate/intercept.rs`) say which VIPs mesh DNS answers with:
+//! [`Interceptor::names`]. The inbound ports are those of the `inbound|<svc>` clusters Envoy
+//! accepted (the local apps). Both come from the xDS cache, so they always match what Envoy
+//! runs, also when the host boots from the cache.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -33,8 +35,9 @@ use std::process::Stdio;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::google::protobuf::{value::Kind, Struct};
 use prost::Message;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
@@ -42,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::status::AgentStatus;
-use crate::xds::cache::LISTENER;
+use crate::xds::cache::{XdsCache, CLUSTER, LISTENER};
 use crate::xds::store::SharedCache;
 
 /// The nftables table (family `ip`) the agent owns.
@@ -51,7 +54,10 @@ pub const TABLE: &str = "pilotfish";
 pub const DEFAULT_PORT: u16 = 15002;
 /// The listener discovery builds for intercepting proxies, and its metadata key.
 const LISTENER_NAME: &str = "intercept";
-const METADATA_KEY: &str = "pilotfish.intercept";
+/// Its filter chains, one per service: `intercept|<svc>`.
+const CHAIN_PREFIX: &str = "intercept|";
+/// The clusters of this node's own services: their endpoints are the local apps' ports.
+const INBOUND_PREFIX: &str = "inbound|";
 
 /// Service name -> virtual IP, as mesh DNS answers.
 pub type Names = BTreeMap<String, Ipv4Addr>;
@@ -117,7 +123,7 @@ impl InterceptionConfig {
     }
 }
 
-/// What discovery told this proxy, from the `intercept` listener Envoy accepted.
+/// What discovery told this proxy, from the config Envoy accepted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Learned {
     pub vips: Names,
@@ -126,34 +132,18 @@ pub struct Learned {
 }
 
 impl Learned {
-    /// Reads the `intercept` listener's metadata; `None` when it has none we understand.
-    pub fn from_listener(bytes: &[u8]) -> Option<Learned> {
-        let listener = Listener::decode(bytes).ok()?;
-        let any = listener
-            .metadata?
-            .typed_filter_metadata
-            .remove(METADATA_KEY)?;
-        let meta = Struct::decode(any.value.as_slice()).ok()?;
-        let list = |key: &str| match meta.fields.get(key).and_then(|v| v.kind.as_ref()) {
-            Some(Kind::ListValue(l)) => l.values.clone(),
-            _ => Vec::new(),
-        };
-        let vips = list("vips")
+    /// What the cache holds: the VIPs from the `intercept` listener's chains, the inbound
+    /// ports from the `inbound|<svc>` clusters (STATIC, at the local apps' ports). `None` until
+    /// Envoy has accepted an `intercept` listener.
+    pub fn from_cache(cache: &XdsCache) -> Option<Learned> {
+        let listener = cache.resources(LISTENER)?.get(LISTENER_NAME)?;
+        let vips = vips_of(&listener.resource.value)?;
+        let mut inbound_ports: Vec<u16> = cache
+            .resources(CLUSTER)
             .into_iter()
-            .filter_map(|v| match v.kind {
-                Some(Kind::StringValue(s)) => {
-                    let (name, ip) = s.split_once('=')?;
-                    Some((name.to_string(), ip.parse().ok()?))
-                }
-                _ => None,
-            })
-            .collect();
-        let mut inbound_ports: Vec<u16> = list("inbound_ports")
-            .into_iter()
-            .filter_map(|v| match v.kind {
-                Some(Kind::NumberValue(n)) if (1.0..=65535.0).contains(&n) => Some(n as u16),
-                _ => None,
-            })
+            .flat_map(|clusters| clusters.range(INBOUND_PREFIX.to_string()..))
+            .take_while(|(name, _)| name.starts_with(INBOUND_PREFIX))
+            .flat_map(|(_, c)| ports_of(&c.resource.value))
             .collect();
         inbound_ports.sort_unstable();
         inbound_ports.dedup();
@@ -162,6 +152,53 @@ impl Learned {
             inbound_ports,
         })
     }
+}
+
+/// The VIPs of the `intercept` listener: each chain `intercept|<svc>` matches its service's VIP
+/// (one /32 prefix range). `None` when the bytes are not a listener.
+fn vips_of(listener: &[u8]) -> Option<Names> {
+    let listener = Listener::decode(listener).ok()?;
+    Some(
+        listener
+            .filter_chains
+            .iter()
+            .filter_map(|chain| {
+                let service = chain.name.strip_prefix(CHAIN_PREFIX)?;
+                let range = match chain.filter_chain_match.as_ref()?.prefix_ranges.as_slice() {
+                    [one] => one,
+                    _ => return None,
+                };
+                if range.prefix_len.as_ref().map(|l| l.value) != Some(32) {
+                    return None;
+                }
+                Some((service.to_string(), range.address_prefix.parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+/// The ports of a cluster's inline endpoints (an `inbound|<svc>` cluster: the local apps).
+fn ports_of(cluster: &[u8]) -> Vec<u16> {
+    use envoy_types::pb::envoy::config::core::v3::{address, socket_address::PortSpecifier};
+    let Ok(cluster) = Cluster::decode(cluster) else {
+        return Vec::new();
+    };
+    cluster
+        .load_assignment
+        .into_iter()
+        .flat_map(|la| la.endpoints)
+        .flat_map(|locality| locality.lb_endpoints)
+        .filter_map(|lb| match lb.host_identifier? {
+            lb_endpoint::HostIdentifier::Endpoint(e) => match e.address?.address? {
+                address::Address::SocketAddress(s) => match s.port_specifier? {
+                    PortSpecifier::PortValue(p) => u16::try_from(p).ok().filter(|p| *p != 0),
+                    PortSpecifier::NamedPort(_) => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
 }
 
 /// Who and where this host is, as the rules need it.
@@ -337,8 +374,7 @@ impl Interceptor {
     }
 
     fn learned(&self) -> Option<Learned> {
-        let cached = self.cache.resource(LISTENER, LISTENER_NAME)?;
-        Learned::from_listener(&cached.resource.value)
+        self.cache.read(Learned::from_cache)
     }
 
     async fn apply(&mut self, learned: Learned) -> Result<(), InterceptError> {
@@ -491,59 +527,103 @@ table ip pilotfish {
         assert!(s.contains("chain prerouting") && !s.contains("dnat"), "{s}");
     }
 
+    /// An `inbound|<svc>` cluster with the local app at `port`, as discovery sends it.
+    fn inbound_cluster(service: &str, ports: &[u32]) -> envoy_types::pb::google::protobuf::Any {
+        use envoy_types::pb::envoy::config::core::v3::{
+            address, socket_address::PortSpecifier, Address, SocketAddress,
+        };
+        use envoy_types::pb::envoy::config::endpoint::v3::{
+            ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+        };
+        let lb_endpoints = ports
+            .iter()
+            .map(|p| LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                    address: Some(Address {
+                        address: Some(address::Address::SocketAddress(SocketAddress {
+                            address: "10.0.0.12".into(),
+                            port_specifier: Some(PortSpecifier::PortValue(*p)),
+                            ..Default::default()
+                        })),
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            })
+            .collect();
+        envoy_types::pb::google::protobuf::Any {
+            type_url: CLUSTER.into(),
+            value: Cluster {
+                name: format!("inbound|{service}"),
+                load_assignment: Some(ClusterLoadAssignment {
+                    endpoints: vec![LocalityLbEndpoints {
+                        lb_endpoints,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        }
+    }
+
     #[test]
-    fn learned_reads_the_listener_metadata() {
-        use envoy_types::pb::envoy::config::core::v3::Metadata;
-        use envoy_types::pb::google::protobuf::{Any, ListValue, Value};
-        let list = |values: Vec<Kind>| Value {
-            kind: Some(Kind::ListValue(ListValue {
-                values: values
-                    .into_iter()
-                    .map(|k| Value { kind: Some(k) })
+    fn learned_reads_the_listener_chains_and_the_inbound_clusters() {
+        use crate::xds::cache::tests::{cluster, sotw};
+        use envoy_types::pb::envoy::config::core::v3::CidrRange;
+        use envoy_types::pb::envoy::config::listener::v3::{FilterChain, FilterChainMatch};
+        use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+        let chain = |name: &str, ranges: &[(&str, u32)]| FilterChain {
+            name: name.into(),
+            filter_chain_match: Some(FilterChainMatch {
+                prefix_ranges: ranges
+                    .iter()
+                    .map(|(ip, len)| CidrRange {
+                        address_prefix: ip.to_string(),
+                        prefix_len: Some(UInt32Value { value: *len }),
+                    })
                     .collect(),
-            })),
-        };
-        let meta = Struct {
-            fields: [
-                (
-                    "vips".to_string(),
-                    list(vec![
-                        Kind::StringValue("reviews=240.240.0.7".into()),
-                        Kind::StringValue("broken".into()),
-                    ]),
-                ),
-                (
-                    "inbound_ports".to_string(),
-                    list(vec![Kind::NumberValue(9080.0), Kind::NumberValue(0.0)]),
-                ),
-            ]
-            .into(),
-        };
-        let listener = Listener {
-            name: LISTENER_NAME.into(),
-            metadata: Some(Metadata {
-                typed_filter_metadata: [(
-                    METADATA_KEY.to_string(),
-                    Any {
-                        type_url: "type.googleapis.com/google.protobuf.Struct".into(),
-                        value: meta.encode_to_vec(),
-                    },
-                )]
-                .into(),
                 ..Default::default()
             }),
             ..Default::default()
         };
-        let learned = Learned::from_listener(&listener.encode_to_vec()).unwrap();
+        let listener = Listener {
+            name: LISTENER_NAME.into(),
+            filter_chains: vec![
+                chain("intercept|reviews", &[("240.240.0.7", 32)]),
+                chain("intercept|wide", &[("240.240.0.0", 16)]),
+                chain("intercept|two", &[("240.240.0.8", 32), ("240.240.0.9", 32)]),
+                chain("other", &[("240.240.0.10", 32)]),
+            ],
+            ..Default::default()
+        };
+        let mut cache = XdsCache::default();
+        cache.apply_sotw(&sotw(
+            CLUSTER,
+            "1",
+            vec![
+                inbound_cluster("reviews", &[9080, 9081]),
+                inbound_cluster("db", &[5432, 0]),
+                cluster("outbound|ratings"),
+            ],
+        ));
+        // No intercept listener yet: nothing learned.
+        assert_eq!(Learned::from_cache(&cache), None);
+        cache.apply_sotw(&sotw(
+            LISTENER,
+            "1",
+            vec![Any {
+                type_url: LISTENER.into(),
+                value: listener.encode_to_vec(),
+            }],
+        ));
+        let learned = Learned::from_cache(&cache).unwrap();
         assert_eq!(
             learned.vips,
             Names::from([("reviews".to_string(), Ipv4Addr::new(240, 240, 0, 7))])
         );
-        assert_eq!(learned.inbound_ports, [9080]);
-        assert_eq!(
-            Learned::from_listener(&Listener::default().encode_to_vec()),
-            None
-        );
+        assert_eq!(learned.inbound_ports, [5432, 9080, 9081]);
     }
 
     /// Every shape of the table passes nft's own check (`nft -c`: parsed and validated by the

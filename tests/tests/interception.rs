@@ -54,8 +54,9 @@ fn load_loop(
 ) -> Result<Process> {
     let script = format!(
         "ok=0; fail=0; trap 'echo \"ok=$ok fail=$fail\"; exit 0' TERM; \
-         while :; do if curl -sf -o /dev/null --max-time 3 {url}; then ok=$((ok+1)); echo ok; \
-         else fail=$((fail+1)); echo \"failed at $(date +%T.%N)\"; fi; done"
+         while :; do out=$(curl -sSf -o /dev/null --max-time 3 {url} 2>&1); rc=$?; \
+         if [ $rc -eq 0 ]; then ok=$((ok+1)); echo ok; \
+         else fail=$((fail+1)); echo \"failed at $(date +%T.%N): curl $rc $out\"; fi; done"
     );
     ns.command("sh")
         .args(["-c", &script])
@@ -108,11 +109,13 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         ],
         mesh.dir.join("dnsmasq.log"),
     )?;
+    let productpage_log = mesh.dir.join("productpage-access.log");
     mesh.add_host_with(
         "productpage",
         1,
         &format!(
-            "access_log = \"off\"\n\n[interception]\noutbound = true\n\n[dns]\nupstreams = [\"{gw}\"]\n"
+            "access_log = \"{}\"\n\n[interception]\noutbound = true\n\n[dns]\nupstreams = [\"{gw}\"]\n",
+            productpage_log.display()
         ),
     )?;
     let reviews_log = mesh.dir.join("reviews-access.log");
@@ -348,9 +351,28 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         ],
     ) + &mesh.service_toml("ratings", "", &[("reviews", 9090, "")]);
     changed.push_str(&registry[registry.find("[services.db]").context("db")?..]);
+    // As an operator rolls out a canary: v2 deployed at weight 0, then all traffic moved once
+    // its host serves (a host's inbound listener warms until its new certificate arrives).
     changed.push_str(
         "\n[policies.reviews]\nsubsets = { v1 = { version = \"v1\" }, v2 = { version = \"v2\" } }\n\n\
-         [[routes.reviews.rules]]\nto = [{ subset = \"v2\", weight = 100 }]\n",
+         [[routes.reviews.rules]]\nto = [{ subset = \"v1\", weight = 100 }, { subset = \"v2\", weight = 0 }]\n",
+    );
+    mesh.write_registry("services.toml", &changed)?;
+    let v2_admin = mesh.host("reviews-v2").admin;
+    wait_for(
+        "reviews-v2 serving reviews on its mesh port",
+        READY,
+        || async move {
+            let listeners =
+                blocking(move || pilotfish_tests::admin_get(v2_admin, "/listeners")).await?;
+            let warming = envoy_stat(v2_admin, "listener_manager.total_listeners_warming")?;
+            Ok((listeners.contains("inbound::") && warming == Some(0)).then_some(()))
+        },
+    )
+    .await?;
+    let changed = changed.replace(
+        "to = [{ subset = \"v1\", weight = 100 }, { subset = \"v2\", weight = 0 }]",
+        "to = [{ subset = \"v2\", weight = 100 }]",
     );
     mesh.write_registry("services.toml", &changed)?;
     until(
@@ -381,7 +403,14 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     load.terminate(Duration::from_secs(10));
     let (ok, fail) = load_result(&load.log_text())?;
     println!("through a canary and a new service: {ok} requests, {fail} failed");
-    assert_eq!(fail, 0, "{}", load.log_text());
+    assert_eq!(
+        fail,
+        0,
+        "{}\nproductpage's access log:\n{}\n{}",
+        load.log_text(),
+        std::fs::read_to_string(&productpage_log).unwrap_or_default(),
+        mesh.logs()
+    );
 
     // 7. kill -9 of the agent and a restart, under continuous load through interception:
     // no connection fails, and the host has exactly one table. The load dials the address the

@@ -43,10 +43,9 @@ impl SharedCache {
         self.changed.subscribe()
     }
 
-    /// One resource as Envoy last accepted it.
-    pub fn resource(&self, type_url: &str, name: &str) -> Option<super::cache::CachedResource> {
-        let guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        guard.resources(type_url)?.get(name).cloned()
+    /// Reads the cache as Envoy last accepted it, without copying it.
+    pub fn read<R>(&self, f: impl FnOnce(&XdsCache) -> R) -> R {
+        f(&self.inner.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Runs `f` on the cache; when it reports a change the persister is woken.

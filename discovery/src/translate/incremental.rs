@@ -210,6 +210,8 @@ impl Shared {
             proxies: std::sync::Mutex::new(proxies),
             settings: self.settings.clone(),
             vips: self.vips.clone(),
+            // Inline routes and TCP proxies name clusters, never endpoints.
+            intercepts: std::sync::Mutex::new(lock(&self.intercepts).clone()),
             // Cluster content is unchanged (same mesh mix), whatever the client identity.
             client_clusters: std::sync::Mutex::new(lock(&self.client_clusters).clone()),
         }

@@ -14,10 +14,14 @@
 //!   through the `ORIGINAL_DST` cluster `passthrough` (Envoy's own connections are never
 //!   captured, so this does not loop).
 //!
-//! The listener's metadata (`pilotfish.intercept`, a `Struct`) tells the agent what it needs
-//! for DNS and for inbound capture: `vips`, a list of `"<service>=<ip>"` in name order, and
-//! `inbound_ports`, the ports of the services this node hosts. Both are lists inside
-//! single-entry structs, so the encoding is deterministic (see the translate module comment).
+//! The agent reads what mesh DNS answers from the chains themselves: the service in the name
+//! (`intercept|<svc>`), its VIP in the one prefix range. Nothing at the listener level ever
+//! changes (address, listener filter, default chain), so every change is one Envoy applies to
+//! the filter chains in place: unchanged chains keep their connections, and no listen socket is
+//! replaced (a full listener update would, resetting connections still in its accept queue).
+//! Nothing in the listener is the node's own (the agent takes its inbound ports from its
+//! `inbound|<svc>` clusters), so proxies with the same scope, access log, tracing and port share
+//! one listener.
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -27,18 +31,15 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     cluster::{ClusterDiscoveryType, DiscoveryType, LbPolicy},
     Cluster,
 };
-use envoy_types::pb::envoy::config::core::v3::{CidrRange, Metadata, TrafficDirection};
+use envoy_types::pb::envoy::config::core::v3::{CidrRange, TrafficDirection};
 use envoy_types::pb::envoy::config::listener::v3::{
     listener_filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
 };
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::RouteSpecifier;
-use envoy_types::pb::google::protobuf::{
-    value::Kind, Any, ListValue, Struct, UInt32Value, Value,
-};
+use envoy_types::pb::google::protobuf::UInt32Value;
 use pilotfish_registries::model::{Catalog, Protocol};
-use prost::Message;
 
 use super::access_log::{self, Direction};
 use super::endpoints::socket_address;
@@ -46,9 +47,8 @@ use super::{any, duration, listeners, trace};
 use crate::proxy::Proxy;
 use crate::resources::Resource;
 
-/// The listener's name, and its metadata key.
+/// The listener's name, and its chains' prefix (`intercept|<svc>`).
 pub const INTERCEPT: &str = "intercept";
-pub const METADATA_KEY: &str = "pilotfish.intercept";
 /// The cluster that connects to where the app dialled.
 pub const PASSTHROUGH: &str = "passthrough";
 const ORIGINAL_DST: &str = "envoy.filters.listener.original_dst";
@@ -62,14 +62,12 @@ pub(super) struct Target<'a> {
     pub vhost: Option<&'a VirtualHost>,
 }
 
-/// The `intercept` listener on `addr` (see the module comment). `targets` in name order;
-/// `inbound_ports` are the ports of the node's own services.
+/// The `intercept` listener on `addr` (see the module comment). `targets` in name order.
 pub(super) fn listener(
     catalog: &Catalog,
     proxy: &Proxy,
     addr: SocketAddr,
     targets: &[Target<'_>],
-    inbound_ports: &[u16],
     mtls: bool,
 ) -> Arc<Resource> {
     let mut chains = Vec::with_capacity(targets.len());
@@ -130,49 +128,9 @@ pub(super) fn listener(
         }],
         filter_chains: chains,
         default_filter_chain: Some(passthrough),
-        metadata: Some(metadata(targets, inbound_ports)),
         ..Default::default()
     };
     Resource::encode(INTERCEPT, &listener)
-}
-
-fn metadata(targets: &[Target<'_>], inbound_ports: &[u16]) -> Metadata {
-    let list = |values: Vec<Kind>| Value {
-        kind: Some(Kind::ListValue(ListValue {
-            values: values
-                .into_iter()
-                .map(|k| Value { kind: Some(k) })
-                .collect(),
-        })),
-    };
-    let vips = targets
-        .iter()
-        .map(|t| Kind::StringValue(format!("{}={}", t.name, t.vip)))
-        .collect();
-    let ports = inbound_ports
-        .iter()
-        .map(|p| Kind::NumberValue(f64::from(*p)))
-        .collect();
-    // Two single-entry structs, concatenated: one `Struct` with both fields, in this order.
-    let mut value = Vec::new();
-    for (key, v) in [("vips", list(vips)), ("inbound_ports", list(ports))] {
-        Struct {
-            fields: [(key.to_string(), v)].into(),
-        }
-        .encode(&mut value)
-        .unwrap_or_default();
-    }
-    Metadata {
-        typed_filter_metadata: [(
-            METADATA_KEY.to_string(),
-            Any {
-                type_url: <Struct as prost::Name>::type_url(),
-                value,
-            },
-        )]
-        .into(),
-        ..Default::default()
-    }
 }
 
 /// `passthrough`: connects to the original destination of the downstream connection.

@@ -2,7 +2,6 @@
 //! traffic (`pilotfish.intercept`).
 
 use envoy_types::pb::envoy::config::listener::v3::FilterChain;
-use envoy_types::pb::google::protobuf::Value;
 
 use super::*;
 
@@ -13,31 +12,19 @@ fn intercepting(node: &str, address: &str) -> Proxy {
     }
 }
 
-/// The listener's metadata, as the agent reads it: (vips, inbound ports).
-fn intercept_meta(l: &Listener) -> (Vec<String>, Vec<u16>) {
-    let meta = l.metadata.as_ref().unwrap();
-    let s: Struct = unpack(&meta.typed_filter_metadata["pilotfish.intercept"]);
-    let list = |key: &str| -> Vec<Value> {
-        match &s.fields[key].kind {
-            Some(Kind::ListValue(l)) => l.values.clone(),
-            other => panic!("{key}: {other:?}"),
-        }
-    };
-    let vips = list("vips")
-        .into_iter()
-        .map(|v| match v.kind {
-            Some(Kind::StringValue(s)) => s,
-            other => panic!("{other:?}"),
+/// What the agent reads: `<svc>=<vip>` per chain, from the chain's name and prefix range.
+fn intercept_meta(l: &Listener) -> Vec<String> {
+    assert!(
+        l.metadata.is_none(),
+        "nothing at the listener level changes"
+    );
+    l.filter_chains
+        .iter()
+        .map(|c| {
+            let svc = c.name.strip_prefix("intercept|").unwrap();
+            format!("{svc}={}", chain_vip(c))
         })
-        .collect();
-    let ports = list("inbound_ports")
-        .into_iter()
-        .map(|v| match v.kind {
-            Some(Kind::NumberValue(n)) => n as u16,
-            other => panic!("{other:?}"),
-        })
-        .collect();
-    (vips, ports)
+        .collect()
 }
 
 fn chain<'a>(l: &'a Listener, name: &str) -> &'a FilterChain {
@@ -113,10 +100,8 @@ fn intercept_maps_each_vip_in_scope_to_its_service_and_passes_the_rest_through()
         ))
     );
     assert_eq!(c.lb_policy, LbPolicy::ClusterProvided as i32);
-    // The agent's view: the VIPs in scope, and the ports of productpage's instance here.
-    let (meta_vips, ports) = intercept_meta(&l);
-    assert_eq!(meta_vips, [format!("reviews={}", vips["reviews"])]);
-    assert_eq!(ports, [9081]);
+    // The agent's view: the VIPs in scope.
+    assert_eq!(intercept_meta(&l), [format!("reviews={}", vips["reviews"])]);
 }
 
 #[test]
@@ -148,13 +133,12 @@ fn tcp_services_get_their_tcp_proxy_and_unscoped_proxies_see_every_service() {
         tcp.cluster_specifier,
         Some(tcp_proxy::ClusterSpecifier::Cluster("outbound|db".into()))
     );
-    let (vips, ports) = intercept_meta(&l);
-    assert_eq!(vips.len(), 4);
-    assert!(ports.is_empty());
-    // vm-b hosts reviews (9080) and db (5432).
+    assert_eq!(intercept_meta(&l).len(), 4);
+    // The agent learns vm-b's inbound ports from its inbound clusters: reviews and db.
     let res = shared.for_proxy(&intercepting("vm-b", "10.0.0.12"));
-    let (_, ports) = intercept_meta(&decode(&res.listeners, INTERCEPT));
-    assert_eq!(ports, [5432, 9080]);
+    assert!(
+        res.clusters.contains_key("inbound|reviews") && res.clusters.contains_key("inbound|db")
+    );
 }
 
 #[test]
@@ -179,4 +163,36 @@ fn vips_are_the_same_for_the_same_services_and_follow_the_range() {
         a.for_proxy(&p).listeners[INTERCEPT].version,
         b.for_proxy(&p).listeners[INTERCEPT].version
     );
+}
+
+#[test]
+fn proxies_with_the_same_scope_share_one_intercept_listener() {
+    let shared = Shared::build_with(Arc::new(demo_with_db()), mtls_settings());
+    // vm-x and vm-y host nothing: the same scope (everything), different nodes and addresses.
+    let x = shared.for_proxy(&intercepting("vm-x", "10.0.0.98"));
+    let y = shared.for_proxy(&intercepting("vm-y", "10.0.0.99"));
+    assert!(Arc::ptr_eq(
+        &x.listeners[INTERCEPT],
+        &y.listeners[INTERCEPT]
+    ));
+    // Another port is another listener.
+    let z = shared.for_proxy(&Proxy {
+        intercept: Some("127.0.0.1:15003".parse().unwrap()),
+        ..proxy("vm-z", "10.0.0.97")
+    });
+    assert!(!Arc::ptr_eq(
+        &x.listeners[INTERCEPT],
+        &z.listeners[INTERCEPT]
+    ));
+    // An endpoint-only change keeps it.
+    let old = demo_with_db();
+    let mut new = old.clone();
+    new.services.get_mut("reviews").unwrap().instances[1].port = 9999;
+    let change = endpoint_change(&old, &new).unwrap();
+    let next = shared.with_endpoints(Arc::new(new), &change);
+    let x2 = next.for_proxy(&intercepting("vm-x", "10.0.0.98"));
+    assert!(Arc::ptr_eq(
+        &x.listeners[INTERCEPT],
+        &x2.listeners[INTERCEPT]
+    ));
 }

@@ -166,6 +166,8 @@ pub struct Shared {
     /// Every service's virtual IP ([`vips`]): a function of the service names, so an
     /// endpoint-only change carries it over.
     vips: Arc<BTreeMap<String, Ipv4Addr>>,
+    /// `intercept` listeners, by what they depend on besides the snapshot.
+    intercepts: Mutex<HashMap<InterceptKey, Arc<Resource>>>,
     /// With mTLS: a scope's outbound clusters as a client identity other than the node's
     /// presents itself (`services` holds them as [`NODE_SECRET`]), by (secret, scope).
     client_clusters: Mutex<HashMap<(String, ScopeKey), Arc<ResourceMap>>>,
@@ -223,6 +225,7 @@ impl Shared {
             proxies: Mutex::new(HashMap::new()),
             settings,
             vips,
+            intercepts: Mutex::new(HashMap::new()),
             client_clusters: Mutex::new(HashMap::new()),
         }
     }
@@ -397,8 +400,18 @@ impl Shared {
 }
 
 impl Shared {
-    /// The `intercept` listener of a proxy whose agent captures its apps' traffic.
+    /// The `intercept` listener of a proxy whose agent captures its apps' traffic, shared by
+    /// every proxy with the same scope, port, access log and tracing.
     fn intercept(&self, proxy: &Proxy, addr: SocketAddr, key: &ScopeKey) -> Arc<Resource> {
+        let memo_key = InterceptKey {
+            scope: key.clone(),
+            addr,
+            access_log: proxy.access_log.clone(),
+            tracing: proxy.tracing.clone(),
+        };
+        if let Some(found) = lock(&self.intercepts).get(&memo_key) {
+            return found.clone();
+        }
         let targets = intercept::targets(&self.vips, |name| {
             if key.as_ref().is_some_and(|names| !names.contains(name)) {
                 return None;
@@ -406,24 +419,22 @@ impl Shared {
             let svc = self.services.get(name)?;
             Some((svc.protocol, svc.vhost.as_ref()))
         });
-        let mut inbound_ports: Vec<u16> = self
-            .catalog
-            .services_on_node(&proxy.node)
-            .flat_map(|s| s.instances.iter())
-            .filter(|i| i.node.as_deref() == Some(proxy.node.as_str()))
-            .map(|i| i.port)
-            .collect();
-        inbound_ports.sort_unstable();
-        inbound_ports.dedup();
-        intercept::listener(
-            &self.catalog,
-            proxy,
-            addr,
-            &targets,
-            &inbound_ports,
-            self.settings.mtls,
-        )
+        let built = intercept::listener(&self.catalog, proxy, addr, &targets, self.settings.mtls);
+        // Built outside the lock, like scopes.
+        lock(&self.intercepts)
+            .entry(memo_key)
+            .or_insert(built)
+            .clone()
     }
+}
+
+/// What an `intercept` listener depends on besides the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct InterceptKey {
+    scope: ScopeKey,
+    addr: SocketAddr,
+    access_log: crate::proxy::AccessLog,
+    tracing: Option<crate::proxy::Tracing>,
 }
 
 /// Records a listener address unless one already bound overlaps it (same port, and the same IP
