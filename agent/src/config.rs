@@ -932,6 +932,33 @@ admin = "127.0.0.1:15000"
 "#;
 
     /// A directory holding an executable named `envoy`, to stand in for PATH.
+    /// A minimal insecure agent.toml (four lines), then `tail`; `bin` is the PATH.
+    fn parse_tail(bin: &tempfile::TempDir, tail: &str) -> Result<AgentConfig, Vec<Problem>> {
+        let text = format!(
+            "node = \"a\"\naddress = \"127.0.0.2\"\ndiscovery = [\"127.0.0.1:1\"]\n\
+             insecure = true\n{tail}"
+        );
+        parse(
+            Path::new("agent.toml"),
+            &text,
+            Path::new("/etc/pilotfish"),
+            Some(bin.path().as_os_str()),
+        )
+    }
+
+    /// Each `(text, expected)`: exactly one problem, whose message starts with `expected`.
+    fn assert_one_problem_each(
+        parse: impl Fn(&str) -> Result<AgentConfig, Vec<Problem>>,
+        cases: &[(&str, &str)],
+    ) {
+        for (text, expected) in cases {
+            let err = parse(text).unwrap_err();
+            assert_eq!(err.len(), 1, "{text}: {err:?}");
+            let shown = err[0].to_string();
+            assert!(shown.starts_with(expected), "{text}: {shown}");
+        }
+    }
+
     fn fake_path() -> tempfile::TempDir {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
@@ -1037,18 +1064,7 @@ admin = "127.0.0.1:15000"
     #[test]
     fn tracing_is_off_unless_the_table_names_a_zipkin_collector() {
         let bin = fake_path();
-        let parse_with = |tracing: &str| {
-            let text = format!(
-                "node = \"a\"\naddress = \"127.0.0.2\"\ndiscovery = [\"127.0.0.1:1\"]\n\
-                 insecure = true\n{tracing}"
-            );
-            parse(
-                Path::new("agent.toml"),
-                &text,
-                Path::new("/etc/pilotfish"),
-                Some(bin.path().as_os_str()),
-            )
-        };
+        let parse_with = |tracing: &str| parse_tail(&bin, tracing);
         assert_eq!(parse_with("").unwrap().tracing, None);
         let on = parse_with("[tracing]\nzipkin = \"zipkin.internal:9411\"\n").unwrap();
         let on = on.tracing.unwrap();
@@ -1091,29 +1107,13 @@ admin = "127.0.0.1:15000"
                 "agent.toml:6:1: tracing.zipkn: unknown field `zipkn`",
             ),
         ];
-        for (tracing, expected) in cases {
-            let err = parse_with(tracing).unwrap_err();
-            assert_eq!(err.len(), 1, "{tracing}: {err:?}");
-            let shown = err[0].to_string();
-            assert!(shown.starts_with(expected), "{tracing}: {shown}");
-        }
+        assert_one_problem_each(parse_with, &cases);
     }
 
     #[test]
     fn interception_is_off_unless_a_direction_is_on_and_problems_name_their_key() {
         let bin = fake_path();
-        let parse_with = |table: &str| {
-            let text = format!(
-                "node = \"a\"\naddress = \"127.0.0.2\"\ndiscovery = [\"127.0.0.1:1\"]\n\
-                 insecure = true\n{table}"
-            );
-            parse(
-                Path::new("agent.toml"),
-                &text,
-                Path::new("/etc/pilotfish"),
-                Some(bin.path().as_os_str()),
-            )
-        };
+        let parse_with = |table: &str| parse_tail(&bin, table);
         assert_eq!(parse_with("").unwrap().interception, None);
         assert_eq!(
             parse_with("[interception]\nexclude_ports = [22]\n")
@@ -1155,29 +1155,13 @@ admin = "127.0.0.1:15000"
                 "agent.toml:6:1: interception.outbund: unknown field `outbund`",
             ),
         ];
-        for (table, expected) in cases {
-            let err = parse_with(table).unwrap_err();
-            assert_eq!(err.len(), 1, "{table}: {err:?}");
-            let shown = err[0].to_string();
-            assert!(shown.starts_with(expected), "{table}: {shown}");
-        }
+        assert_one_problem_each(parse_with, &cases);
     }
 
     #[test]
     fn dns_is_off_unless_enabled_and_every_key_is_checked() {
         let bin = fake_path();
-        let parse_plain = |dns: &str| {
-            let text = format!(
-                "node = \"a\"\naddress = \"127.0.0.2\"\ndiscovery = [\"127.0.0.1:1\"]\n\
-                 insecure = true\n{dns}"
-            );
-            parse(
-                Path::new("agent.toml"),
-                &text,
-                Path::new("/etc/pilotfish"),
-                Some(bin.path().as_os_str()),
-            )
-        };
+        let parse_plain = |dns: &str| parse_tail(&bin, dns);
         // With outbound interception (which turns DNS on unless `enabled = false`).
         let parse_with =
             |dns: &str| parse_plain(&format!("{dns}\n[interception]\noutbound = true\n"));
@@ -1296,12 +1280,7 @@ admin = "127.0.0.1:15000"
                 "agent.toml:6:1: dns.upstream: unknown field `upstream`",
             ),
         ];
-        for (dns, expected) in cases {
-            let err = parse_with(dns).unwrap_err();
-            assert_eq!(err.len(), 1, "{dns}: {err:?}");
-            let shown = err[0].to_string();
-            assert!(shown.starts_with(expected), "{dns}: {shown}");
-        }
+        assert_one_problem_each(parse_with, &cases);
     }
 
     #[test]

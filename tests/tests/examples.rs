@@ -190,6 +190,17 @@ fn check_warns_about_a_broken_registry_file_and_validate_fails() -> Result<()> {
     Ok(())
 }
 
+/// `dir/agent.toml`, parsed as the agent would (`binary = "envoy"` is looked up on a PATH that
+/// has the Envoy the tests use).
+fn example_agent(dir: &std::path::Path) -> Result<pilotfish_agent::config::AgentConfig> {
+    let agent = dir.join("agent.toml");
+    let text = std::fs::read_to_string(&agent)?;
+    let envoy = envoy_binary()?;
+    let path = envoy.parent().map(|p| p.as_os_str().to_owned());
+    pilotfish_agent::config::parse(&agent, &text, dir, path.as_deref())
+        .map_err(|p| anyhow::anyhow!("{p:?}"))
+}
+
 /// The configs the packages install as /etc/pilotfish/{agent,discovery}.toml parse as they are
 /// (the package test runs `--check` on the installed copies, with a root and a token in place).
 #[test]
@@ -204,13 +215,7 @@ fn production_examples_parse() -> Result<()> {
         std::path::Path::new(pilotfish_discovery::config::DEFAULT_STATE_DIR)
     );
 
-    let agent = dir.join("agent.toml");
-    let text = std::fs::read_to_string(&agent)?;
-    // `binary = "envoy"` is looked up on PATH.
-    let envoy = envoy_binary()?;
-    let path = envoy.parent().map(|p| p.as_os_str().to_owned());
-    let config = pilotfish_agent::config::parse(&agent, &text, &dir, path.as_deref())
-        .map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let config = example_agent(&dir)?;
     assert_eq!(
         config.state_dir,
         std::path::Path::new(pilotfish_agent::config::DEFAULT_STATE_DIR)
@@ -227,12 +232,7 @@ fn production_examples_parse() -> Result<()> {
 #[test]
 fn interception_example_parses() -> Result<()> {
     let dir = workspace_root().join("examples/interception");
-    let agent = dir.join("agent.toml");
-    let text = std::fs::read_to_string(&agent)?;
-    let envoy = envoy_binary()?;
-    let path = envoy.parent().map(|p| p.as_os_str().to_owned());
-    let config = pilotfish_agent::config::parse(&agent, &text, &dir, path.as_deref())
-        .map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let config = example_agent(&dir)?;
     let interception = config.interception.context("[interception] is on")?;
     assert!(interception.outbound && interception.inbound);
     assert_eq!(interception.exclude_ports, [22]);

@@ -22,6 +22,13 @@ const APP_UID: u32 = 65534;
 /// The `intercept` listener's connection count, in Envoy's stats.
 const INTERCEPTED: &str = "listener.127.0.0.1_15002.downstream_cx_total";
 
+/// `curl -s URL` inside a host, as an app runs it (another user than the agent).
+fn app_curl(ns: &pilotfish_tests::netns::NetnsHost, url: &str) -> NetnsCommand {
+    ns.command("curl")
+        .args(["-s", "--max-time", "5", url])
+        .as_user(APP_UID)
+}
+
 /// `nft list tables` inside a host: the `ip pilotfish` lines.
 fn pilotfish_tables(ns: &pilotfish_tests::netns::NetnsHost) -> Result<usize> {
     let out = ns.command("nft").args(["list", "tables"]).run()?;
@@ -160,10 +167,7 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     let admin = mesh.host("productpage").admin;
 
     // 1. An unmodified HTTP client, by name, over mTLS: the callee sees productpage.
-    let curl = client
-        .command("curl")
-        .args(["-s", "--max-time", "5", "http://reviews.mesh:9080/"])
-        .as_user(APP_UID);
+    let curl = app_curl(&client, "http://reviews.mesh:9080/");
     let answer = until(
         "curl http://reviews.mesh:9080/",
         curl,
@@ -377,20 +381,14 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     mesh.write_registry("services.toml", &changed)?;
     until(
         "reviews answered by v2 through its VIP",
-        client
-            .command("curl")
-            .args(["-s", "--max-time", "5", &format!("http://{vip}:9080/")])
-            .as_user(APP_UID),
+        app_curl(&client, &format!("http://{vip}:9080/")),
         |b| b.starts_with("reviews-v2 GET / "),
         &mesh,
     )
     .await?;
     until(
         "curl http://ratings.mesh:9080/ (a new service)",
-        client
-            .command("curl")
-            .args(["-s", "--max-time", "5", "http://ratings.mesh:9080/"])
-            .as_user(APP_UID),
+        app_curl(&client, "http://ratings.mesh:9080/"),
         |b| b.starts_with("ratings-v1 GET / "),
         &mesh,
     )
@@ -457,10 +455,7 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     // And the names still resolve, from the same (adopted) config.
     until(
         "curl after the restart",
-        client
-            .command("curl")
-            .args(["-s", "--max-time", "5", "http://reviews.mesh:9080/"])
-            .as_user(APP_UID),
+        app_curl(&client, "http://reviews.mesh:9080/"),
         |b| b.starts_with("reviews-v2 GET / "),
         &mesh,
     )
