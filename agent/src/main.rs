@@ -42,6 +42,8 @@ fn main() -> ExitCode {
         let code = pilotfish_agent::envoy::keep(program, &argv[3..]);
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
+    // While this is the only thread: mesh DNS's sockets from the image before a reload.
+    pilotfish_agent::dns::handover::take();
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
@@ -172,9 +174,14 @@ async fn reload(exe: &Path, config: &Path) {
     // does once Envoy serves again).
     pilotfish_agent::notify::reloading();
     info!("re-executing the agent; Envoy keeps serving and is taken over by a hot restart");
-    let e = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .exec();
+    let mut command = std::process::Command::new(exe);
+    command.args(std::env::args_os().skip(1));
+    // Mesh DNS's sockets go to the new image, so lookups wait rather than fail meanwhile.
+    if let Some(fds) = pilotfish_agent::dns::handover::prepare() {
+        command.env(pilotfish_agent::dns::handover::ENV, fds);
+    }
+    let e = command.exec();
+    pilotfish_agent::dns::handover::cancel();
     error!(binary = %exe.display(), error = %e, "cannot re-execute the agent; carrying on");
 }
 

@@ -461,7 +461,48 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     )
     .await?;
 
-    // 8. Stopping the agent removes its table: the host is not left redirecting to nothing.
+    // 8. A reload (SIGHUP: the agent re-executes itself, as on an upgrade) under load that
+    // resolves the name on every request: mesh DNS hands its sockets to the new image, so no
+    // lookup is refused meanwhile, and the table is replaced, never removed.
+    let reload_log = mesh.dir.join("load-reload.log");
+    let mut load = load_loop(&client, "http://reviews.mesh:9080/", reload_log.clone())?;
+    wait_for("the load flowing", READY, || async {
+        Ok((answered(&reload_log) >= 5).then_some(()))
+    })
+    .await?;
+    let host = mesh.host("productpage");
+    let envoys = host.envoy_pids();
+    host.agent.signal(libc::SIGHUP);
+    wait_for(
+        "the reloaded agent serving DNS on the old sockets",
+        READY,
+        || async {
+            Ok(host
+                .agent
+                .log_text()
+                .contains("mesh DNS: serving on the sockets of the previous image")
+                .then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| anyhow!("{e:#}\n{}", host.agent.log_text()))?;
+    wait_for("the new Envoy alone", READY, || async {
+        let now = host.envoy_pids();
+        Ok((now.len() == 1 && !envoys.contains(&now[0])).then_some(()))
+    })
+    .await?;
+    let seen = answered(&reload_log);
+    wait_for("more answers after the reload", READY, || async {
+        Ok((answered(&reload_log) >= seen + 10).then_some(()))
+    })
+    .await?;
+    load.terminate(Duration::from_secs(10));
+    let (ok, fail) = load_result(&load.log_text())?;
+    println!("resolving by name through a reload of the agent: {ok} requests, {fail} failed");
+    assert_eq!(fail, 0, "{}", load.log_text());
+    assert_eq!(pilotfish_tables(&client)?, 1);
+
+    // 9. Stopping the agent removes its table: the host is not left redirecting to nothing.
     let status = mesh
         .host_mut("productpage")
         .agent

@@ -27,6 +27,7 @@
 
 mod answer;
 mod forward;
+pub mod handover;
 #[cfg(test)]
 mod tests;
 
@@ -122,6 +123,9 @@ pub async fn bind(config: &DnsConfig) -> Result<Bound, DnsError> {
         domain: config.domain.clone(),
         message: e.to_string(),
     })?;
+    if let Some((udp, tcp)) = handover::claim(config.listen) {
+        return bound(config, zone, udp, tcp);
+    }
     let attempts = if config.listen.port() == 0 {
         EPHEMERAL_BIND_ATTEMPTS
     } else {
@@ -154,11 +158,22 @@ pub async fn bind(config: &DnsConfig) -> Result<Bound, DnsError> {
             }
         }
     };
+    bound(config, zone, udp, tcp)
+}
+
+/// The server on these sockets, whose duplicates are kept for a reload ([`handover`]).
+fn bound(
+    config: &DnsConfig,
+    zone: Zone,
+    udp: UdpSocket,
+    tcp: TcpListener,
+) -> Result<Bound, DnsError> {
     let local_addr = tcp.local_addr().map_err(|source| DnsError::Bind {
         addr: config.listen,
         transport: "TCP",
         source,
     })?;
+    handover::keep(&udp, &tcp);
     Ok(Bound {
         udp,
         tcp,
