@@ -56,6 +56,9 @@ pub const DEFAULT_PORT: u16 = 15002;
 const LISTENER_NAME: &str = "intercept";
 /// Its filter chains, one per service: `intercept|<svc>`.
 const CHAIN_PREFIX: &str = "intercept|";
+/// The protocol number of the routes the agent adds (`ip route ... proto 241`), so it finds and
+/// removes its own and nobody else's.
+const ROUTE_PROTO: &str = "241";
 /// The clusters of this node's own services: their endpoints are the local apps' ports.
 const INBOUND_PREFIX: &str = "inbound|";
 
@@ -315,6 +318,93 @@ pub async fn nft(script: &str) -> Result<(), InterceptError> {
     }
 }
 
+/// Runs `ip ARGS`; its stdout, or an error with its stderr.
+async fn ip(args: &[&str]) -> Result<String, InterceptError> {
+    let out = tokio::process::Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(InterceptError::Spawn)?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(InterceptError::Refused(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// The smallest range that holds every address of `vips` (`None` when there are none).
+pub fn covering(vips: impl IntoIterator<Item = Ipv4Addr>) -> Option<Ipv4Net> {
+    let (lo, hi) = vips
+        .into_iter()
+        .map(u32::from)
+        .fold(None, |acc, v| match acc {
+            None => Some((v, v)),
+            Some((lo, hi)) => Some((v.min(lo), v.max(hi))),
+        })?;
+    let prefix = (lo ^ hi).leading_zeros() as u8;
+    let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+    Some(Ipv4Net {
+        addr: Ipv4Addr::from(lo & mask),
+        prefix,
+    })
+}
+
+/// A connection to a VIP needs a route before nftables can redirect it. A host whose routes do
+/// not cover the VIPs (no default route) gets a `local` route for them, tagged [`ROUTE_PROTO`];
+/// a host that has one is left as it is.
+async fn ensure_route(vips: &Names) -> Result<(), InterceptError> {
+    let Some(first) = vips.values().next() else {
+        return Ok(());
+    };
+    if ip(&["-4", "route", "get", &first.to_string()])
+        .await
+        .is_ok()
+    {
+        return Ok(());
+    }
+    let Some(range) = covering(vips.values().copied()) else {
+        return Ok(());
+    };
+    let range = range.to_string();
+    ip(&[
+        "-4",
+        "route",
+        "replace",
+        "local",
+        &range,
+        "dev",
+        "lo",
+        "table",
+        "local",
+        "proto",
+        ROUTE_PROTO,
+    ])
+    .await?;
+    info!(%range, "no route covered the VIPs: added a local one");
+    Ok(())
+}
+
+/// Removes the routes [`ensure_route`] added (none: nothing happens).
+async fn remove_routes() -> Result<(), InterceptError> {
+    ip(&[
+        "-4",
+        "route",
+        "flush",
+        "table",
+        "local",
+        "proto",
+        ROUTE_PROTO,
+    ])
+    .await
+    .map(drop)
+}
+
 /// The uid this process runs as (the owner of `/proc/self`), without `unsafe`.
 pub fn own_uid() -> Result<u32, InterceptError> {
     use std::os::unix::fs::MetadataExt;
@@ -356,14 +446,20 @@ impl Interceptor {
         me.status.set_interception_wanted(me.config.is_some());
         match (me.config.is_some(), me.learned()) {
             (true, Some(learned)) => me.apply(learned).await?,
-            (true, None) => nft(&removal()).await?,
+            (true, None) => {
+                nft(&removal()).await?;
+                let _ = remove_routes().await;
+            }
             // Off: a table left by a configuration that had it on would now redirect to a
             // listener Envoy no longer has. Without nft or CAP_NET_ADMIN there is none to
             // remove, so failing is fine.
-            (false, _) => match nft(&removal()).await {
-                Ok(()) => debug!(table = TABLE, "interception off; no table left"),
-                Err(e) => debug!(error = %e, "interception off; no table removed"),
-            },
+            (false, _) => {
+                match nft(&removal()).await {
+                    Ok(()) => debug!(table = TABLE, "interception off; no table left"),
+                    Err(e) => debug!(error = %e, "interception off; no table removed"),
+                }
+                let _ = remove_routes().await;
+            }
         }
         Ok(me)
     }
@@ -396,6 +492,12 @@ impl Interceptor {
             );
         }
         if self.names.borrow().as_ref() != &learned.vips {
+            if config.outbound {
+                if let Err(e) = ensure_route(&learned.vips).await {
+                    self.status.interception_failed();
+                    warn!(error = %e, "cannot add a route for the VIPs");
+                }
+            }
             self.status.set_mesh_names(learned.vips.len());
             self.names.send_replace(Arc::new(learned.vips.clone()));
         }
@@ -421,6 +523,9 @@ impl Interceptor {
             }
         }
         if self.config.is_some() {
+            if let Err(e) = remove_routes().await {
+                warn!(error = %e, "cannot remove the VIPs' route");
+            }
             match nft(&removal()).await {
                 Ok(()) => {
                     self.status.set_interception_installed(false);
@@ -666,6 +771,28 @@ table ip pilotfish {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    #[test]
+    fn the_covering_range_holds_every_vip() {
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(covering([]), None);
+        assert_eq!(
+            covering([ip("240.240.0.7")]).unwrap().to_string(),
+            "240.240.0.7/32"
+        );
+        assert_eq!(
+            covering([ip("240.240.0.7"), ip("240.240.238.179"), ip("240.240.12.1")])
+                .unwrap()
+                .to_string(),
+            "240.240.0.0/16"
+        );
+        assert_eq!(
+            covering([ip("240.240.0.1"), ip("240.241.0.1")])
+                .unwrap()
+                .to_string(),
+            "240.240.0.0/15"
+        );
     }
 
     #[test]

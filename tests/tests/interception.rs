@@ -8,7 +8,7 @@
 //!   (TCP, clients dial port 5432, the app listens on 7000); later reviews-v2 (a canary host,
 //!   no interception) and ratings join.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -512,10 +512,46 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         "agent exit: {status:?}"
     );
     assert_eq!(pilotfish_tables(&client)?, 0);
-    let host_ip: IpAddr = mesh.host("reviews").ip;
-    println!(
-        "reviews at {host_ip}: tables {}",
-        pilotfish_tables(&reviews_ns)?
+
+    // 10. A host with no route that covers the VIPs (here: no default route; its peers are all
+    // on its own subnet): the agent adds a local route for them, and removes it on stop.
+    let our_routes = || {
+        client
+            .command("ip")
+            .args(["-4", "route", "show", "table", "local", "proto", "241"])
+            .run()
+    };
+    client
+        .command("ip")
+        .args(["route", "del", "default"])
+        .run()?;
+    let unroutable = app_curl(&client, &format!("http://{vip}:9080/")).output()?;
+    assert!(!unroutable.status.success(), "a VIP without a route");
+    assert_eq!(our_routes()?.trim(), "");
+    mesh.host_mut("productpage").agent.restart()?;
+    until(
+        "curl http://reviews.mesh:9080/ without a default route",
+        app_curl(&client, "http://reviews.mesh:9080/"),
+        |b| b.starts_with("reviews-v2 GET / "),
+        &mesh,
+    )
+    .await?;
+    let added = our_routes()?;
+    assert!(added.starts_with("local 240.240."), "{added}");
+    let status = mesh
+        .host_mut("productpage")
+        .agent
+        .terminate(Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "agent exit: {status:?}"
+    );
+    assert_eq!(our_routes()?.trim(), "");
+    assert_eq!(pilotfish_tables(&client)?, 0);
+    assert_eq!(
+        pilotfish_tables(&reviews_ns)?,
+        1,
+        "reviews' agent still runs"
     );
     Ok(())
 }
