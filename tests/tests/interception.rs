@@ -555,3 +555,41 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     );
     Ok(())
 }
+
+/// With the interception drop-in the agent holds CAP_NET_ADMIN and CAP_NET_BIND_SERVICE as
+/// ambient capabilities (its `nft` runs need them); Envoy, started through the keeper, gets
+/// none. Run as the unit runs it: a non-root user with those ambient capabilities.
+#[test]
+fn envoy_never_inherits_the_agents_capabilities() -> Result<()> {
+    let caps = |keeper: bool| -> Result<String> {
+        let agent = pilotfish_tests::binary("pilotfish-agent")?;
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=+net_admin,+net_bind_service",
+            "--ambient-caps=+net_admin,+net_bind_service",
+            "--",
+        ]);
+        if keeper {
+            cmd.arg(&agent).arg(pilotfish_agent::envoy::KEEPER_ARG);
+        }
+        let out = cmd
+            .args(["/bin/sh", "-c", "grep -E '^Cap(Eff|Amb)' /proc/self/status"])
+            .output()?;
+        anyhow::ensure!(out.status.success(), "{out:?}");
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let agent_like = caps(false)?;
+    assert!(
+        agent_like.contains("CapAmb:\t0000000000001400"),
+        "the agent's own capabilities: {agent_like}"
+    );
+    let envoy_like = caps(true)?;
+    assert_eq!(
+        envoy_like,
+        "CapEff:\t0000000000000000\nCapAmb:\t0000000000000000\n"
+    );
+    Ok(())
+}

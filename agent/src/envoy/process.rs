@@ -100,12 +100,23 @@ pub fn keep(program: &std::ffi::OsStr, args: &[std::ffi::OsString]) -> i32 {
     let mut cmd = std::process::Command::new(program);
     cmd.args(args);
     // SAFETY: runs between fork and exec and calls only async-signal-safe functions
-    // (sigemptyset, pthread_sigmask) on a local set: Envoy starts with no signal blocked.
+    // (sigemptyset, pthread_sigmask, prctl) on a local set: Envoy starts with no signal
+    // blocked, and with no ambient capability. The agent may hold CAP_NET_ADMIN and
+    // CAP_NET_BIND_SERVICE as ambient capabilities ([interception], mesh DNS); Envoy needs
+    // neither, and would otherwise inherit them. (An older kernel without ambient capabilities
+    // fails the call with EINVAL, and then there is nothing to clear.)
     unsafe {
         cmd.pre_exec(|| {
             let mut none: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut none);
             libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+                0 as libc::c_ulong,
+            );
             Ok(())
         });
     }
