@@ -323,25 +323,33 @@ pub fn check_enrolment(config: &AgentConfig, file: &Path) -> Vec<Problem> {
     vec![Problem::whole_file(file, "token_file", message)]
 }
 
-/// For `--check`: with `[interception]`, `nft` must be on `path_env` (the agent runs it to write
-/// its table). `file` is the config file, for the problem.
+/// For `--check`: with `[interception]`, `nft` must be on `path_env` or in an sbin directory
+/// (the agent runs it to write its table). `file` is the config file, for the problem.
 pub fn check_interception(
     config: &AgentConfig,
     file: &Path,
     path_env: Option<&OsStr>,
 ) -> Vec<Problem> {
-    if config.interception.is_none() {
-        return Vec::new();
-    }
-    let path_env = path_env.map(OsString::from).unwrap_or_default();
-    if std::env::split_paths(&path_env).any(|dir| is_executable(&dir.join("nft"))) {
+    interception_problems(config, file, path_env, &crate::intercept::SBIN)
+}
+
+fn interception_problems(
+    config: &AgentConfig,
+    file: &Path,
+    path_env: Option<&OsStr>,
+    fallback: &[&str],
+) -> Vec<Problem> {
+    if config.interception.is_none()
+        || crate::intercept::find_tool("nft", path_env, fallback).is_some()
+    {
         return Vec::new();
     }
     vec![Problem::whole_file(
         file,
         "interception",
-        "needs nft on PATH (Debian's nftables package), and CAP_NET_ADMIN to run it (the \
-         interception drop-in, /usr/share/doc/pilotfish-agent/interception.conf)",
+        "needs nft (Debian's nftables package: not on PATH, /usr/sbin or /sbin), and \
+         CAP_NET_ADMIN to run it (the interception drop-in, \
+         /usr/share/doc/pilotfish-agent/interception.conf)",
     )]
 }
 
@@ -903,7 +911,7 @@ fn resolve_binary(base: &Path, name: &str, path_env: Option<&OsStr>) -> Result<P
         })
 }
 
-fn is_executable(p: &Path) -> bool {
+pub(crate) fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
@@ -1299,18 +1307,23 @@ admin = "127.0.0.1:15000"
         let file = Path::new("agent.toml");
         let path = Some(bin.path().as_os_str());
         let config = parse(file, text, Path::new("/etc/pilotfish"), path).unwrap();
-        let problems = check_interception(&config, file, path);
+        let problems = interception_problems(&config, file, path, &[]);
         assert_eq!(problems.len(), 1);
         assert!(
             problems[0]
                 .to_string()
-                .starts_with("agent.toml: interception: needs nft on PATH"),
+                .starts_with("agent.toml: interception: needs nft (Debian's nftables package"),
             "{problems:?}"
         );
-        // With nft beside the fake envoy.
+        // In a fallback directory (a PATH without /usr/sbin), or on PATH.
+        let sbin = tempfile::tempdir().unwrap();
+        let in_sbin = sbin.path().join("nft");
+        std::fs::copy(bin.path().join("envoy"), &in_sbin).unwrap();
+        let fallback = [sbin.path().to_str().unwrap()];
+        assert!(interception_problems(&config, file, path, &fallback).is_empty());
         let nft = bin.path().join("nft");
         std::fs::copy(bin.path().join("envoy"), &nft).unwrap();
-        assert!(check_interception(&config, file, path).is_empty());
+        assert!(interception_problems(&config, file, path, &[]).is_empty());
         // Without interception nothing is needed.
         let off = parse(
             file,
@@ -1320,7 +1333,7 @@ admin = "127.0.0.1:15000"
         )
         .unwrap();
         std::fs::remove_file(&nft).unwrap();
-        assert!(check_interception(&off, file, path).is_empty());
+        assert!(interception_problems(&off, file, path, &[]).is_empty());
     }
 
     #[test]

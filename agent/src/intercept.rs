@@ -289,9 +289,35 @@ pub enum InterceptError {
     Uid(std::io::Error),
 }
 
+/// Where Debian installs `nft` and `ip`, for a `PATH` without the sbin directories (a
+/// non-root user's).
+pub const SBIN: [&str; 3] = ["/usr/sbin", "/sbin", "/usr/bin"];
+
+/// `name` on `path_env`, else in one of `fallback`; `None` when it is nowhere.
+pub fn find_tool(
+    name: &str,
+    path_env: Option<&std::ffi::OsStr>,
+    fallback: &[&str],
+) -> Option<std::path::PathBuf> {
+    let on_path = path_env
+        .map(|p| std::env::split_paths(p).collect::<Vec<_>>())
+        .unwrap_or_default();
+    on_path
+        .into_iter()
+        .chain(fallback.iter().map(std::path::PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|p| crate::config::is_executable(p))
+}
+
+/// `name` as [`find_tool`] finds it on this process's `PATH`, or the bare name (then the spawn
+/// error says it is missing).
+fn tool(name: &str) -> std::path::PathBuf {
+    find_tool(name, std::env::var_os("PATH").as_deref(), &SBIN).unwrap_or_else(|| name.into())
+}
+
 /// Runs one `nft -f -` transaction.
 pub async fn nft(script: &str) -> Result<(), InterceptError> {
-    let mut child = tokio::process::Command::new("nft")
+    let mut child = tokio::process::Command::new(tool("nft"))
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
@@ -320,7 +346,7 @@ pub async fn nft(script: &str) -> Result<(), InterceptError> {
 
 /// Runs `ip ARGS`; its stdout, or an error with its stderr.
 async fn ip(args: &[&str]) -> Result<String, InterceptError> {
-    let out = tokio::process::Command::new("ip")
+    let out = tokio::process::Command::new(tool("ip"))
         .args(args)
         .stdin(Stdio::null())
         .kill_on_drop(true)
