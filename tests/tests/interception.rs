@@ -116,6 +116,7 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         ],
         mesh.dir.join("dnsmasq.log"),
     )?;
+    pilotfish_tests::mesh::wait_port(SocketAddr::new(gw.into(), 53), READY)?;
     let productpage_log = mesh.dir.join("productpage-access.log");
     mesh.add_host_with(
         "productpage",
