@@ -52,37 +52,73 @@ async fn until(what: &str, cmd: NetnsCommand, ok: fn(&str) -> bool, mesh: &Mesh)
     .map_err(|e| anyhow!("{e:#}\n{}", mesh.logs()))
 }
 
-/// A shell loop of `curl`s (new connections, as the app's user) until SIGTERM: a line `ok`
-/// per answer, `failed at ...` per failure, and `ok=N fail=M` at the end.
-fn load_loop(
-    ns: &pilotfish_tests::netns::NetnsHost,
-    url: &str,
+/// A load through the mesh, from inside a host: a shell loop of `curl`s (a new connection
+/// each, as the app's user) until SIGTERM, writing `ok` per answer, `failed at ...` per failure
+/// and `ok=N fail=M` at the end.
+struct Load {
+    process: Process,
     log: std::path::PathBuf,
-) -> Result<Process> {
-    let script = format!(
-        "ok=0; fail=0; trap 'echo \"ok=$ok fail=$fail\"; exit 0' TERM; \
-         while :; do out=$(curl -sSf -o /dev/null --max-time 3 {url} 2>&1); rc=$?; \
-         if [ $rc -eq 0 ]; then ok=$((ok+1)); echo ok; \
-         else fail=$((fail+1)); echo \"failed at $(date +%T.%N): curl $rc $out\"; fi; done"
-    );
-    ns.command("sh")
-        .args(["-c", &script])
-        .as_user(APP_UID)
-        .spawn("load", log)
 }
 
-fn load_result(log: &str) -> Result<(u64, u64)> {
-    let last = log
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("ok="))
-        .with_context(|| format!("no result in the load's log:\n{log}"))?;
-    let mut nums = last
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('=')?.1.parse::<u64>().ok());
-    match (nums.next(), nums.next()) {
-        (Some(ok), Some(fail)) => Ok((ok, fail)),
-        _ => bail!("bad load result {last:?}"),
+impl Load {
+    /// Starts it and waits until it gets answers.
+    async fn start(
+        ns: &pilotfish_tests::netns::NetnsHost,
+        url: &str,
+        log: std::path::PathBuf,
+    ) -> Result<Load> {
+        let script = format!(
+            "ok=0; fail=0; trap 'echo \"ok=$ok fail=$fail\"; exit 0' TERM; \
+             while :; do out=$(curl -sSf -o /dev/null --max-time 3 {url} 2>&1); rc=$?; \
+             if [ $rc -eq 0 ]; then ok=$((ok+1)); echo ok; \
+             else fail=$((fail+1)); echo \"failed at $(date +%T.%N): curl $rc $out\"; fi; done"
+        );
+        let process = ns
+            .command("sh")
+            .args(["-c", &script])
+            .as_user(APP_UID)
+            .spawn("load", log.clone())?;
+        let load = Load { process, log };
+        load.more(5).await?;
+        Ok(load)
+    }
+
+    fn answered(&self) -> usize {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| *l == "ok")
+            .count()
+    }
+
+    /// Waits until `n` more requests were answered.
+    async fn more(&self, n: usize) -> Result<()> {
+        let target = self.answered() + n;
+        wait_for("the load flowing", READY, || async {
+            Ok((self.answered() >= target).then_some(()))
+        })
+        .await
+    }
+
+    /// Stops it; asserts that no request failed (`context` goes into the message); the number
+    /// answered.
+    fn finish(mut self, what: &str, context: impl FnOnce() -> String) -> Result<u64> {
+        self.process.terminate(Duration::from_secs(10));
+        let log = self.process.log_text();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("ok="))
+            .with_context(|| format!("no result in the load's log:\n{log}"))?;
+        let mut nums = last
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('=')?.1.parse::<u64>().ok());
+        let (Some(ok), Some(fail)) = (nums.next(), nums.next()) else {
+            bail!("bad load result {last:?}");
+        };
+        println!("{what}: {ok} requests, {fail} failed");
+        assert_eq!(fail, 0, "{what}:\n{log}\n{}", context());
+        Ok(ok)
     }
 }
 
@@ -330,18 +366,11 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     mesh.start_app_in("reviews-v2", "reviews", "v2", 9080, &[])?;
     mesh.start_app_in("reviews", "ratings", "v1", 9090, &[])?;
     mesh.wait_all_ready(READY).await?;
-    let change_log = mesh.dir.join("load-change.log");
-    let mut load = load_loop(&client, &format!("http://{vip}:9080/"), change_log.clone())?;
-    let answered = |path: &std::path::Path| {
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| *l == "ok")
-            .count()
-    };
-    wait_for("the load flowing", READY, || async {
-        Ok((answered(&change_log) >= 5).then_some(()))
-    })
+    let load = Load::start(
+        &client,
+        &format!("http://{vip}:9080/"),
+        mesh.dir.join("load-change.log"),
+    )
     .await?;
     let mut changed = mesh.service_toml(
         "productpage",
@@ -394,22 +423,14 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         &mesh,
     )
     .await?;
-    let seen = answered(&change_log);
-    wait_for("more answers after the changes", READY, || async {
-        Ok((answered(&change_log) >= seen + 10).then_some(()))
-    })
-    .await?;
-    load.terminate(Duration::from_secs(10));
-    let (ok, fail) = load_result(&load.log_text())?;
-    println!("through a canary and a new service: {ok} requests, {fail} failed");
-    assert_eq!(
-        fail,
-        0,
-        "{}\nproductpage's access log:\n{}\n{}",
-        load.log_text(),
-        std::fs::read_to_string(&productpage_log).unwrap_or_default(),
-        mesh.logs()
-    );
+    load.more(10).await?;
+    load.finish("through a canary and a new service", || {
+        format!(
+            "productpage's access log:\n{}\n{}",
+            std::fs::read_to_string(&productpage_log).unwrap_or_default(),
+            mesh.logs()
+        )
+    })?;
 
     // 7. kill -9 of the agent and a restart, under continuous load through interception:
     // no connection fails, and the host has exactly one table. The load dials the address the
@@ -417,21 +438,12 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     // so a lookup made while it is down fails (a caching resolver such as systemd-resolved
     // bridges that with the 30 s TTL).
     assert_eq!(pilotfish_tables(&client)?, 1);
-    let vip = vip
-        .split_whitespace()
-        .next()
-        .context("an address")?
-        .to_string();
-    let load_log = mesh.dir.join("load.log");
-    let mut load = load_loop(&client, &format!("http://{vip}:9080/"), load_log.clone())?;
-    let flowing = |n: usize| {
-        let path = load_log.clone();
-        wait_for("the load flowing", READY, move || {
-            let seen = answered(&path);
-            async move { Ok((seen >= n).then_some(seen)) }
-        })
-    };
-    let start = flowing(1).await?;
+    let load = Load::start(
+        &client,
+        &format!("http://{vip}:9080/"),
+        mesh.dir.join("load.log"),
+    )
+    .await?;
     mesh.host_mut("productpage").restart_agent()?;
     let host = mesh.host("productpage");
     host.wait_ready(READY).await?;
@@ -446,12 +458,8 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     })
     .await
     .map_err(|e| anyhow!("{e:#}\n{}", host.agent.log_text()))?;
-    flowing(start + 20).await?;
-    load.terminate(Duration::from_secs(10));
-    let (ok, fail) = load_result(&load.log_text())?;
-    println!("through kill -9 and restart of the agent: {ok} requests, {fail} failed");
-    assert_eq!(fail, 0, "{}", load.log_text());
-    assert!(ok >= 20, "{ok}");
+    load.more(20).await?;
+    load.finish("through kill -9 and restart of the agent", String::new)?;
     assert_eq!(pilotfish_tables(&client)?, 1);
     // And the names still resolve, from the same (adopted) config.
     until(
@@ -465,11 +473,11 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
     // 8. A reload (SIGHUP: the agent re-executes itself, as on an upgrade) under load that
     // resolves the name on every request: mesh DNS hands its sockets to the new image, so no
     // lookup is refused meanwhile, and the table is replaced, never removed.
-    let reload_log = mesh.dir.join("load-reload.log");
-    let mut load = load_loop(&client, "http://reviews.mesh:9080/", reload_log.clone())?;
-    wait_for("the load flowing", READY, || async {
-        Ok((answered(&reload_log) >= 5).then_some(()))
-    })
+    let load = Load::start(
+        &client,
+        "http://reviews.mesh:9080/",
+        mesh.dir.join("load-reload.log"),
+    )
     .await?;
     let host = mesh.host("productpage");
     let envoys = host.envoy_pids();
@@ -492,15 +500,11 @@ async fn unmodified_apps_reach_mesh_services_by_name_and_nothing_else_changes() 
         Ok((now.len() == 1 && !envoys.contains(&now[0])).then_some(()))
     })
     .await?;
-    let seen = answered(&reload_log);
-    wait_for("more answers after the reload", READY, || async {
-        Ok((answered(&reload_log) >= seen + 10).then_some(()))
-    })
-    .await?;
-    load.terminate(Duration::from_secs(10));
-    let (ok, fail) = load_result(&load.log_text())?;
-    println!("resolving by name through a reload of the agent: {ok} requests, {fail} failed");
-    assert_eq!(fail, 0, "{}", load.log_text());
+    load.more(10).await?;
+    load.finish(
+        "resolving by name through a reload of the agent",
+        String::new,
+    )?;
     assert_eq!(pilotfish_tables(&client)?, 1);
 
     // 9. Stopping the agent removes its table: the host is not left redirecting to nothing.
