@@ -45,7 +45,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::status::AgentStatus;
-use crate::xds::cache::{XdsCache, CLUSTER, LISTENER};
+use crate::xds::cache::{CachedResource, XdsCache, CLUSTER, LISTENER};
 use crate::xds::store::SharedCache;
 
 /// The nftables table (family `ip`) the agent owns.
@@ -139,14 +139,15 @@ impl Learned {
     /// ports from the `inbound|<svc>` clusters (STATIC, at the local apps' ports). `None` until
     /// Envoy has accepted an `intercept` listener.
     pub fn from_cache(cache: &XdsCache) -> Option<Learned> {
-        let listener = cache.resources(LISTENER)?.get(LISTENER_NAME)?;
-        let vips = vips_of(&listener.resource.value)?;
-        let mut inbound_ports: Vec<u16> = cache
-            .resources(CLUSTER)
-            .into_iter()
-            .flat_map(|clusters| clusters.range(INBOUND_PREFIX.to_string()..))
-            .take_while(|(name, _)| name.starts_with(INBOUND_PREFIX))
-            .flat_map(|(_, c)| ports_of(&c.resource.value))
+        Learned::decode(&Sources::of(cache))
+    }
+
+    fn decode(sources: &Sources) -> Option<Learned> {
+        let vips = vips_of(&sources.listener.as_ref()?.resource.value)?;
+        let mut inbound_ports: Vec<u16> = sources
+            .inbound
+            .iter()
+            .flat_map(|c| ports_of(&c.resource.value))
             .collect();
         inbound_ports.sort_unstable();
         inbound_ports.dedup();
@@ -155,6 +156,46 @@ impl Learned {
             inbound_ports,
         })
     }
+}
+
+/// What [`Learned`] is decoded from: the `intercept` listener and the `inbound|<svc>` clusters
+/// as Envoy accepted them.
+struct Sources {
+    listener: Option<CachedResource>,
+    inbound: Vec<CachedResource>,
+}
+
+impl Sources {
+    fn of(cache: &XdsCache) -> Sources {
+        Sources {
+            listener: cache
+                .resources(LISTENER)
+                .and_then(|l| l.get(LISTENER_NAME))
+                .cloned(),
+            inbound: inbound_clusters(cache).map(|(_, c)| c.clone()).collect(),
+        }
+    }
+
+    /// Their names and versions: cheap to compare on every change of the cache (most are
+    /// endpoint updates, which leave them alone), so they are decoded only when they changed.
+    fn versions(cache: &XdsCache) -> Vec<(String, String)> {
+        let listener = cache
+            .resources(LISTENER)
+            .and_then(|l| l.get(LISTENER_NAME))
+            .map(|c| (LISTENER_NAME.to_string(), c.version.clone()));
+        listener
+            .into_iter()
+            .chain(inbound_clusters(cache).map(|(n, c)| (n.clone(), c.version.clone())))
+            .collect()
+    }
+}
+
+fn inbound_clusters(cache: &XdsCache) -> impl Iterator<Item = (&String, &CachedResource)> {
+    cache
+        .resources(CLUSTER)
+        .into_iter()
+        .flat_map(|clusters| clusters.range(INBOUND_PREFIX.to_string()..))
+        .take_while(|(name, _)| name.starts_with(INBOUND_PREFIX))
 }
 
 /// The VIPs of the `intercept` listener: each chain `intercept|<svc>` matches its service's VIP
@@ -495,8 +536,9 @@ impl Interceptor {
         self.names.subscribe()
     }
 
+    /// Copied out under the cache's lock, decoded outside it.
     fn learned(&self) -> Option<Learned> {
-        self.cache.read(Learned::from_cache)
+        Learned::decode(&self.cache.read(Sources::of))
     }
 
     async fn apply(&mut self, learned: Learned) -> Result<(), InterceptError> {
@@ -535,12 +577,20 @@ impl Interceptor {
     /// is gone). A failed update is logged and retried on the next change.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut changes = self.cache.changes();
+        // What the last successful pass read; a failed one is tried again on the next change.
+        let mut seen = None;
         loop {
-            if let Some(learned) = self.learned() {
-                if self.applied.as_ref() != Some(&learned) {
-                    if let Err(e) = self.apply(learned).await {
-                        warn!(error = %e, "cannot update the interception rules");
+            let versions = self.cache.read(Sources::versions);
+            if seen.as_ref() != Some(&versions) {
+                let applied = match self.learned() {
+                    Some(learned) if self.applied.as_ref() != Some(&learned) => {
+                        self.apply(learned).await
                     }
+                    _ => Ok(()),
+                };
+                match applied {
+                    Ok(()) => seen = Some(versions),
+                    Err(e) => warn!(error = %e, "cannot update the interception rules"),
                 }
             }
             tokio::select! {
